@@ -1,0 +1,424 @@
+"""The referee: JAX's automatic differentiation and finite differences, against the hand-derived path.
+
+This is the only library module that calls ``jax.grad``/``jax.vjp``: everything else in mnet is hand-derived.
+
+Three comparisons, from coarse to fine:
+
+* :func:`compare_gradients`: the hand-derived gradient of a loss against ``jax.value_and_grad``, leaf by leaf,
+  and optionally against central finite differences computed in float64;
+* its layer-by-layer part: each layer's ``backward`` against ``jax.vjp`` of its ``apply`` at the activations
+  and cotangents of the actual input, so a wrong rule is pinned to one layer and one leaf;
+* :func:`compare_cost`: the compiled hand-derived and autodiff gradient functions, by XLA's cost analysis and
+  by measured time, side by side in one process.
+
+Tolerances are relative to the reference leaf's largest entry (:func:`relative_error`) and scale with the
+dtype's machine epsilon (:func:`tolerance`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnet.combinators import Serial
+from mnet.layers import Array, Layer, Params
+from mnet.losses import Loss
+
+#: Tolerance for either gradient against float64 central differences. The step h = eps^(1/3) ~ 6e-6 leaves a
+#: truncation error ~ h^2 |f'''| and a rounding error ~ eps |f| / h ~ 4e-11 |f|; 1e-6 of the gradient's scale
+#: sits well above both for smooth networks.
+FINITE_DIFFERENCE_TOLERANCE = 1e-6
+#: Leaves up to this size get every coordinate differenced; larger ones a seeded sample plus directions.
+FULL_DIFFERENCE_SIZE = 64
+SAMPLED_COORDINATES = 24
+RANDOM_DIRECTIONS = 4
+
+
+def autodiff_value_and_grad(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
+    """The reference: ``jax.value_and_grad`` of ``loss.value(net.apply(params, x), targets)``.
+
+    Same signature as :func:`mnet.value_and_grad`, so either plugs into the same training or checking code.
+    """
+
+    def objective(params: Params, x: Array, targets: Array) -> Array:
+        return loss.value(net.apply(params, x), targets)
+
+    return jax.value_and_grad(objective)
+
+
+def tolerance(dtype) -> float:
+    """Relative tolerance for hand-derived vs autodiff in ``dtype``, as a multiple of its machine epsilon.
+
+    The two paths evaluate the same formulas in different orders, so they differ by rounding alone:
+    a few hundred epsilons covers accumulation over wide layers and deep chains (float64: 2.2e-16 * 450
+    = 1e-13; float32: 1.2e-7 * 450 = 5.4e-5; bfloat16 and float16: capped at 5e-2).
+    """
+    return min(450 * float(jnp.finfo(dtype).eps), 5e-2)
+
+
+def relative_error(value: Array, reference: Array) -> float:
+    """``max |value - reference| / max |reference|``: the error relative to the reference's largest entry
+    (entrywise ratios blow up at entries that are zero in exact arithmetic); 0 for two all-zero arrays."""
+    value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+    error = float(np.max(np.abs(value - reference), initial=0.0))
+    scale = float(np.max(np.abs(reference), initial=0.0))
+    return error / scale if scale > 0 else error
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.dot(a.ravel(), b.ravel()) / norms) if norms > 0 else float(np.array_equal(a, b))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely ``value`` matches ``reference``: errors, cosine similarity and norms, and the verdict."""
+
+    max_abs_error: float
+    max_rel_error: float
+    cosine: float
+    norm: float
+    reference_norm: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.max_rel_error) and self.max_rel_error <= self.tolerance)
+
+    @classmethod
+    def of(cls, value, reference, tol: float) -> Agreement:
+        value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+        return cls(
+            max_abs_error=float(np.max(np.abs(value - reference), initial=0.0)),
+            max_rel_error=relative_error(value, reference),
+            cosine=_cosine(value, reference),
+            norm=float(np.linalg.norm(value)),
+            reference_norm=float(np.linalg.norm(reference)),
+            tolerance=tol,
+        )
+
+
+@dataclass(frozen=True)
+class LeafRow:
+    """One parameter leaf: hand-derived vs autodiff, and each vs finite differences when computed."""
+
+    path: str
+    shape: tuple[int, ...]
+    autodiff: Agreement
+    finite_differences: Agreement | None = None
+    autodiff_vs_finite_differences: Agreement | None = None
+    differenced: str = ""
+
+    @property
+    def ok(self) -> bool:
+        checks = (self.autodiff, self.finite_differences, self.autodiff_vs_finite_differences)
+        return all(check.ok for check in checks if check is not None)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer's ``backward`` against ``jax.vjp`` of its ``apply`` at the actual activations and cotangent."""
+
+    position: str
+    layer: str
+    parts: dict[str, Agreement]
+
+    @property
+    def ok(self) -> bool:
+        return all(part.ok for part in self.parts.values())
+
+    @property
+    def wrong_parts(self) -> list[str]:
+        return [name for name, part in self.parts.items() if not part.ok]
+
+
+@dataclass(frozen=True)
+class GradientReport:
+    """The outcome of :func:`compare_gradients`.
+
+    Attributes:
+        rows: one :class:`LeafRow` per parameter leaf, named by its path (``[2]['W']``).
+        layers: one :class:`LayerRow` per layer (nested ``serial`` blocks are walked into).
+        value, reference_value: the loss by the hand-derived path and by autodiff.
+        dtype: the dtype of the parameters.
+        ok: every row and every layer within tolerance.
+    """
+
+    rows: tuple[LeafRow, ...]
+    layers: tuple[LayerRow, ...]
+    value: float
+    reference_value: float
+    dtype: str
+    finite_differences: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows) and all(layer.ok for layer in self.layers)
+
+    @property
+    def first_wrong_layer(self) -> LayerRow | None:
+        """The first layer (in forward order) whose own rule disagrees with ``jax.vjp``, or None."""
+        return next((layer for layer in self.layers if not layer.ok), None)
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-serialisable): every row and layer with its numbers and verdicts."""
+
+        def agreement(a: Agreement | None):
+            return None if a is None else {**asdict(a), "ok": a.ok}
+
+        return {
+            "ok": self.ok,
+            "dtype": self.dtype,
+            "value": self.value,
+            "reference_value": self.reference_value,
+            "finite_differences": self.finite_differences,
+            "leaves": [
+                {
+                    "path": row.path,
+                    "shape": list(row.shape),
+                    "ok": row.ok,
+                    "autodiff": agreement(row.autodiff),
+                    "finite_differences": agreement(row.finite_differences),
+                    "autodiff_vs_finite_differences": agreement(row.autodiff_vs_finite_differences),
+                    "differenced": row.differenced,
+                }
+                for row in self.rows
+            ],
+            "layers": [
+                {"position": layer.position, "layer": layer.layer, "ok": layer.ok,
+                 "parts": {name: agreement(part) for name, part in layer.parts.items()}}
+                for layer in self.layers
+            ],
+            "first_wrong_layer": None if self.first_wrong_layer is None else self.first_wrong_layer.position,
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        header = ["leaf", "shape", "max abs err", "max rel err", "cosine", "|hand|", "|autodiff|"]
+        if self.finite_differences:
+            header += ["rel err vs FD", "autodiff vs FD"]
+        header.append("")
+        table = [header]
+        for row in self.rows:
+            a = row.autodiff
+            line = [row.path, "x".join(map(str, row.shape)) or "()", f"{a.max_abs_error:.2e}",
+                    f"{a.max_rel_error:.2e}", f"{a.cosine:.9f}", f"{a.norm:.4e}", f"{a.reference_norm:.4e}"]
+            if self.finite_differences:
+                line += [f"{row.finite_differences.max_rel_error:.2e}",
+                         f"{row.autodiff_vs_finite_differences.max_rel_error:.2e}"]
+            line.append("ok" if row.ok else "MISMATCH")
+            table.append(line)
+        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+                 .rstrip() for line in table]
+        lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+        first = self.rows[0].autodiff.tolerance if self.rows else tolerance(self.dtype)
+        summary = [f"loss {self.value:.10g} (autodiff {self.reference_value:.10g}); dtype {self.dtype}; "
+                   f"tolerance {first:.1e} relative to each leaf's largest entry"
+                   + (f", {FINITE_DIFFERENCE_TOLERANCE:.0e} against float64 finite differences"
+                      if self.finite_differences else "")]
+        wrong = [layer for layer in self.layers if not layer.ok]
+        for layer in wrong:
+            summary.append(f"layer {layer.position} {layer.layer}: its backward disagrees with jax.vjp in "
+                           + ", ".join(f"{name} (rel err {layer.parts[name].max_rel_error:.2e})"
+                                       for name in layer.wrong_parts))
+        summary.extend(self.notes)
+        summary.append("gradients agree" if self.ok else
+                       (f"gradients DISAGREE; the first wrong layer is {wrong[0].position} {wrong[0].layer}"
+                        if wrong else "gradients DISAGREE"))
+        return "\n".join(lines + [""] + summary)
+
+
+def _leaf_layers(net: Layer, position: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], Layer]]:
+    """The layers that hold the rules, with their positions: serial blocks are opened, the rest are units."""
+    if isinstance(net, Serial):
+        for index, layer in enumerate(net.layers):
+            yield from _leaf_layers(layer, position + (index,))
+    else:
+        yield position, net
+
+
+def _get(tree, position: tuple[int, ...]):
+    for index in position:
+        tree = tree[index]
+    return tree
+
+
+def _layer_rows(net: Layer, loss: Loss, params: Params, x: Array, targets: Array) -> tuple[LayerRow, ...]:
+    """Run the network forward layer by layer, then backward with the hand rules; at every layer compare its
+    ``backward`` with ``jax.vjp`` of its ``apply`` at the same input, parameters and incoming cotangent."""
+    units = list(_leaf_layers(net))
+    inputs, caches = [], []
+    activation = x
+    for position, layer in units:
+        inputs.append(activation)
+        activation, cache = layer.forward(_get(params, position), activation)
+        caches.append(cache)
+    cotangent = loss.grad(activation, targets)
+    rows = []
+    for (position, layer), layer_input, cache in reversed(list(zip(units, inputs, caches))):
+        layer_params = _get(params, position)
+        dparams, dx = layer.backward(layer_params, cache, cotangent)
+        _, vjp = jax.vjp(layer.apply, layer_params, layer_input)
+        dparams_ref, dx_ref = vjp(cotangent)
+        tol = tolerance(jnp.asarray(layer_input).dtype)
+        parts = {
+            f"d{jax.tree_util.keystr(path) or 'params'}": Agreement.of(mine, ref, tol)
+            for (path, mine), ref in zip(jax.tree_util.tree_leaves_with_path(dparams), jax.tree_util.tree_leaves(dparams_ref))
+        }
+        parts["dx"] = Agreement.of(dx, dx_ref, tol)
+        rows.append(LayerRow("".join(f"[{i}]" for i in position) or "[]", repr(layer), parts))
+        cotangent = dx
+    return tuple(reversed(rows))
+
+
+def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed):
+    """Central differences of the loss in float64, per leaf: every coordinate of a small leaf; a seeded sample
+    of coordinates plus random unit directions for a large one. Returns (hand vs FD, autodiff vs FD, label)."""
+    rng = np.random.default_rng(seed)
+    with jax.enable_x64(True):
+        params64 = jax.tree_util.tree_map(lambda p: jnp.asarray(np.asarray(p, np.float64)), params)
+        x64 = jnp.asarray(np.asarray(x, np.float64))
+        targets64 = jnp.asarray(np.asarray(targets, np.float64)) if jnp.issubdtype(jnp.asarray(targets).dtype, jnp.floating) else jnp.asarray(targets)
+        leaves, treedef = jax.tree_util.tree_flatten(params64)
+        step = float(np.finfo(np.float64).eps) ** (1 / 3)
+        results = []
+        for index, (leaf, hand, ref) in enumerate(zip(leaves, jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref))):
+            size = leaf.size
+            if size <= FULL_DIFFERENCE_SIZE:
+                directions = np.eye(size)
+                label = f"all {size}"
+            else:
+                picked = rng.choice(size, SAMPLED_COORDINATES, replace=False)
+                random = rng.normal(size=(RANDOM_DIRECTIONS, size))
+                directions = np.concatenate([np.eye(size)[picked], random / np.linalg.norm(random, axis=1, keepdims=True)])
+                label = f"{SAMPLED_COORDINATES} of {size} + {RANDOM_DIRECTIONS} dirs"
+            # One step scaled to the leaf's magnitude, the same for every direction so the batch stays one call.
+            h = step * max(1.0, float(jnp.max(jnp.abs(leaf))))
+
+            def loss_at(flat_leaf, index=index, shape=leaf.shape):
+                moved = list(leaves)
+                moved[index] = flat_leaf.reshape(shape)
+                return loss.value(net.apply(jax.tree_util.tree_unflatten(treedef, moved), x64), targets64)
+
+            evaluate = jax.jit(jax.vmap(loss_at))
+            base = leaf.ravel()
+            d = jnp.asarray(directions)
+            slopes = np.asarray((evaluate(base + h * d) - evaluate(base - h * d)) / (2 * h))
+            hand_dirs = directions @ np.asarray(hand, np.float64).ravel()
+            ref_dirs = directions @ np.asarray(ref, np.float64).ravel()
+            tol = max(FINITE_DIFFERENCE_TOLERANCE, tolerance(jnp.asarray(hand).dtype))
+            results.append((Agreement.of(hand_dirs, slopes, tol), Agreement.of(ref_dirs, slopes, tol), label))
+    return results
+
+
+def compare_gradients(
+    net: Layer,
+    loss: Loss,
+    params: Params,
+    x: Array,
+    targets: Array,
+    *,
+    finite_differences: bool = False,
+    layer_by_layer: bool = True,
+    seed: int = 0,
+) -> GradientReport:
+    """Compare the hand-derived gradient with ``jax.grad`` (and with finite differences when asked).
+
+    Arguments:
+        net, loss: the network and loss whose gradient is checked.
+        params, x, targets: where it is checked; comparisons run in the dtype of ``params``.
+        finite_differences: also compare both gradients against central differences computed in float64
+            (every coordinate of leaves up to 64 entries; for larger leaves 24 seeded coordinates and 4 random
+            unit directions), tolerance :data:`FINITE_DIFFERENCE_TOLERANCE`.
+        layer_by_layer: also check every layer's ``backward`` against ``jax.vjp`` of its ``apply`` at the
+            actual activations, which names the layer where a disagreement starts.
+        seed: seeds the sampled coordinates and directions of the finite differences.
+
+    Returns:
+        A :class:`GradientReport`; ``report.ok`` is the verdict, ``str(report)`` a table, ``report.to_dict()``
+        plain data.
+    """
+    value, grads = jax.jit(_hand_value_and_grad(net, loss))(params, x, targets)
+    reference_value, grads_ref = jax.jit(autodiff_value_and_grad(net, loss))(params, x, targets)
+    dtype = str(jax.tree_util.tree_leaves(grads)[0].dtype) if jax.tree_util.tree_leaves(grads) else str(jnp.asarray(x).dtype)
+    differences = (_finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed)
+                   if finite_differences else None)
+    rows = []
+    for index, ((path, hand), ref) in enumerate(zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_ref))):
+        agreement = Agreement.of(hand, ref, tolerance(hand.dtype))
+        if differences is None:
+            rows.append(LeafRow(jax.tree_util.keystr(path), tuple(hand.shape), agreement))
+        else:
+            fd_hand, fd_ref, label = differences[index]
+            rows.append(LeafRow(jax.tree_util.keystr(path), tuple(hand.shape), agreement, fd_hand, fd_ref, label))
+    notes = ()
+    if not np.isclose(float(value), float(reference_value), rtol=tolerance(dtype), atol=0):
+        notes = (f"the loss values differ: {float(value)!r} vs {float(reference_value)!r}",)
+    return GradientReport(
+        rows=tuple(rows),
+        layers=_layer_rows(net, loss, params, x, targets) if layer_by_layer else (),
+        value=float(value),
+        reference_value=float(reference_value),
+        dtype=dtype,
+        finite_differences=finite_differences,
+        notes=notes,
+    )
+
+
+def _hand_value_and_grad(net, loss):
+    from mnet.backprop import value_and_grad  # backprop sits below check in the layering
+
+    return value_and_grad(net, loss)
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Array, *, repeats: int = 50) -> dict:
+    """The compiled hand-derived and autodiff gradient functions side by side in this process.
+
+    Returns a dict with, for ``"hand"`` and ``"autodiff"``: XLA's cost analysis (``flops``,
+    ``bytes_accessed``), ``compile_seconds``, and ``seconds`` (median of ``repeats`` timed calls after a
+    warm-up, the two contenders interleaved so that machine noise hits both alike); and ``time_ratio``
+    (hand / autodiff; below 1 means the hand-derived path is faster).
+    """
+    contenders = {"hand": _hand_value_and_grad(net, loss), "autodiff": autodiff_value_and_grad(net, loss)}
+    result = {}
+    compiled = {}
+    for name, fn in contenders.items():
+        start = time.perf_counter()
+        compiled[name] = jax.jit(fn).lower(params, x, targets).compile()
+        compile_seconds = time.perf_counter() - start
+        cost = compiled[name].cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+        result[name] = {"flops": float(cost.get("flops", math.nan)),
+                        "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
+                        "compile_seconds": compile_seconds}
+        jax.block_until_ready(compiled[name](params, x, targets))
+    samples = {name: [] for name in contenders}
+    for _ in range(max(repeats // 5, 1)):
+        for name in contenders:
+            samples[name].append(_median_seconds(lambda: compiled[name](params, x, targets), 5))
+    for name in contenders:
+        result[name]["seconds"] = statistics.median(samples[name])
+    result["time_ratio"] = result["hand"]["seconds"] / result["autodiff"]["seconds"]
+    return result

@@ -1,0 +1,349 @@
+"""Layers: hyperparameters in an immutable object, forward and hand-derived backward side by side.
+
+Conventions (rows are examples): ``x`` has shape ``(batch, *example_shape)``. Every layer has
+
+* ``init(key, input_shape, dtype=None) -> (output_shape, params)``, shapes without the batch axis;
+* ``forward(params, x) -> (y, cache)``;
+* ``backward(params, cache, dy) -> (dparams, dx)``, the vector-Jacobian product derived by hand;
+* ``apply(params, x) -> y``.
+
+A cache is a pytree of arrays only (so that it can cross ``jax.jit`` and ``jax.custom_vjp`` boundaries).
+Layers check shapes where they enter and raise :class:`mnet.errors.LayerError` naming themselves and the
+shapes; ``serial`` adds the position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mnet import activations, initializers
+from mnet.errors import LayerError
+
+Array = jax.Array
+Params = Any
+Cache = Any
+Shape = tuple[int, ...]
+
+
+def default_float_dtype() -> jnp.dtype:
+    """float64 when JAX x64 is on, float32 otherwise."""
+    return jnp.zeros(()).dtype
+
+
+class Layer:
+    """Base class of every layer. Subclasses are frozen dataclasses (immutable and hashable) and define
+    ``init``, ``forward`` and ``backward``; ``apply`` follows from ``forward``."""
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        raise NotImplementedError
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        raise NotImplementedError
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        raise NotImplementedError
+
+    def apply(self, params: Params, x: Array, **kwargs) -> Array:
+        """The output alone: ``forward(params, x)[0]``."""
+        return self.forward(params, x, **kwargs)[0]
+
+    # Helpers for the checks every layer makes at its boundary.
+    def _fail(self, detail: str) -> LayerError:
+        return LayerError(self, detail)
+
+    def _check_input(self, x: Array, min_rank: int = 2) -> None:
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise self._fail(f"expects an array input, got {type(x).__name__}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise self._fail(f"expects a floating-point input, got dtype {x.dtype} with shape {tuple(x.shape)}")
+        if x.ndim < min_rank:
+            raise self._fail(
+                f"expects input of rank >= {min_rank} (batch, ...), got shape {tuple(x.shape)}; "
+                "add a leading batch axis (x[None]) for a single example"
+            )
+
+    def _check_input_shape(self, input_shape: Shape, min_rank: int = 1) -> Shape:
+        try:
+            shape = tuple(int(d) for d in input_shape)
+        except TypeError:
+            raise self._fail(f"input_shape must be a tuple of ints, got {input_shape!r}") from None
+        if len(shape) < min_rank or any(d <= 0 for d in shape):
+            raise self._fail(
+                f"expects an example shape of rank >= {min_rank} with positive sizes (no batch axis), got {shape}"
+            )
+        return shape
+
+    def _check_no_params(self, params: Params) -> None:
+        if params != ():
+            raise self._fail(f"has no parameters and expects (), got {_describe(params)}")
+
+
+def _describe(tree: Any) -> str:
+    """A short structural description of a pytree: arrays as their shapes, cut at 240 characters."""
+    text = str(jax.tree_util.tree_map(lambda leaf: tuple(getattr(leaf, "shape", ())) or type(leaf).__name__, tree))
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+@dataclass(frozen=True, repr=False)
+class Dense(Layer):
+    """Fully connected layer ``z = x @ W + b`` over the last axis.
+
+    Forward, for ``x`` of shape ``(batch, n_in)`` (any leading axes are flattened into the batch)::
+
+        z = x W + b                W: (n_in, n_out), b: (n_out,)
+
+    Backward, from ``dz = dL/dz``. Each ``z_bj = sum_i x_bi W_ij + b_j`` so::
+
+        dW = x^T dz                (sums the outer products x_b dz_b^T over the batch)
+        db = sum_b dz_b            (dz.sum(0))
+        dx = dz W^T
+
+    In the column-vector notation of the derivation document (``z = W' x + b`` with ``W' = W^T``) these
+    are ``dW' = dz x^T`` and ``dx = W'^T dz``; mnet keeps rows as examples throughout.
+
+    Arguments:
+        out_dim: number of output units ``n_out``.
+        W_init: initializer name or callable for ``W`` (default ``"lecun_normal"``; see
+            :mod:`mnet.initializers` for Glorot/Xavier, He/Kaiming, LeCun and normal).
+        b_init: initializer for ``b`` (default zeros).
+        use_bias: ``False`` drops ``b``; params are then ``{"W": W}``.
+    """
+
+    out_dim: int
+    W_init: Any = "lecun_normal"
+    b_init: Any = "zeros"
+    use_bias: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.out_dim, int) or isinstance(self.out_dim, bool) or self.out_dim <= 0:
+            raise ValueError(f"Dense: out_dim must be a positive int, got {self.out_dim!r}")
+        initializers.get(self.W_init), initializers.get(self.b_init)
+
+    def __repr__(self) -> str:
+        return f"Dense({self.out_dim})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        dtype = default_float_dtype() if dtype is None else dtype
+        key_W, key_b = jax.random.split(key)
+        params = {"W": initializers.get(self.W_init)(key_W, (shape[-1], self.out_dim), dtype)}
+        if self.use_bias:
+            params["b"] = initializers.get(self.b_init)(key_b, (self.out_dim,), dtype)
+        return shape[:-1] + (self.out_dim,), params
+
+    def _check_params(self, params: Params, x: Array) -> None:
+        expected = {"W", "b"} if self.use_bias else {"W"}
+        if not isinstance(params, dict) or set(params) != expected:
+            raise self._fail(f"expects params with keys {sorted(expected)}, got {_describe(params)}")
+        W = params["W"]
+        if W.ndim != 2 or W.shape[1] != self.out_dim:
+            raise self._fail(f"expects W of shape (n_in, {self.out_dim}), got {tuple(W.shape)}")
+        if self.use_bias and tuple(params["b"].shape) != (self.out_dim,):
+            raise self._fail(f"expects b of shape ({self.out_dim},), got {tuple(params['b'].shape)}")
+        if x.shape[-1] != W.shape[0]:
+            raise self._fail(
+                f"expects input width {W.shape[0]} (W is {tuple(W.shape)}), got input of shape {tuple(x.shape)}"
+            )
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        self._check_params(params, x)
+        z = x @ params["W"]
+        if self.use_bias:
+            z = z + params["b"]
+        return z, x
+
+    def backward(self, params: Params, x: Cache, dz: Array) -> tuple[Params, Array]:
+        n_in = x.shape[-1]
+        x_rows, dz_rows = x.reshape(-1, n_in), dz.reshape(-1, self.out_dim)
+        grads = {"W": x_rows.T @ dz_rows}
+        if self.use_bias:
+            grads["b"] = dz_rows.sum(axis=0)
+        return grads, dz @ params["W"].T
+
+
+class Elementwise(Layer):
+    """A parameterless layer ``a = phi(z)`` applied entry by entry; ``da -> dz = da * phi'(z)``.
+
+    Subclasses define ``activate(z) -> (a, cache)`` and ``activate_backward(cache, da) -> dz`` from the pairs
+    in :mod:`mnet.activations`.
+    """
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        return self._check_input_shape(input_shape), ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x, min_rank=1)
+        self._check_no_params(params)
+        return self.activate(x)
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        return (), self.activate_backward(cache, dy)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@dataclass(frozen=True, repr=False)
+class Identity(Elementwise):
+    """``a = z``; ``dz = da``."""
+
+    def activate(self, z):
+        return activations.identity(z)
+
+    def activate_backward(self, cache, da):
+        return activations.identity_backward(cache, da)
+
+
+@dataclass(frozen=True, repr=False)
+class Relu(Elementwise):
+    """``a = max(z, 0)``; ``dz = da * [z > 0]`` (caches the mask)."""
+
+    def activate(self, z):
+        return activations.relu(z)
+
+    def activate_backward(self, mask, da):
+        return activations.relu_backward(mask, da)
+
+
+@dataclass(frozen=True, repr=False)
+class LeakyRelu(Elementwise):
+    """``a = z`` if ``z >= 0`` else ``slope * z``; ``dz = da`` or ``slope * da`` (caches the mask)."""
+
+    slope: float = 0.01
+
+    def __repr__(self) -> str:
+        return f"LeakyRelu(slope={self.slope})"
+
+    def activate(self, z):
+        return activations.leaky_relu(z, self.slope)
+
+    def activate_backward(self, mask, da):
+        return activations.leaky_relu_backward(mask, da, self.slope)
+
+
+@dataclass(frozen=True, repr=False)
+class Elu(Elementwise):
+    """``a = z`` if ``z > 0`` else ``alpha (e^z - 1)``; ``dz = da`` or ``da * alpha e^z`` (caches ``z``)."""
+
+    alpha: float = 1.0
+
+    def __repr__(self) -> str:
+        return f"Elu(alpha={self.alpha})"
+
+    def activate(self, z):
+        return activations.elu(z, self.alpha)
+
+    def activate_backward(self, z, da):
+        return activations.elu_backward(z, da, self.alpha)
+
+
+@dataclass(frozen=True, repr=False)
+class Sigmoid(Elementwise):
+    """``a = 1 / (1 + e^-z)``; ``dz = da * a (1 - a)`` (caches ``a``)."""
+
+    def activate(self, z):
+        return activations.sigmoid(z)
+
+    def activate_backward(self, a, da):
+        return activations.sigmoid_backward(a, da)
+
+
+@dataclass(frozen=True, repr=False)
+class Tanh(Elementwise):
+    """``a = tanh z``; ``dz = da * (1 - a^2)`` (caches ``a``)."""
+
+    def activate(self, z):
+        return activations.tanh(z)
+
+    def activate_backward(self, a, da):
+        return activations.tanh_backward(a, da)
+
+
+@dataclass(frozen=True, repr=False)
+class Softplus(Elementwise):
+    """``a = log(1 + e^z)``; ``dz = da * sigmoid(z)`` (caches ``z``)."""
+
+    def activate(self, z):
+        return activations.softplus(z)
+
+    def activate_backward(self, z, da):
+        return activations.softplus_backward(z, da)
+
+
+@dataclass(frozen=True, repr=False)
+class Gelu(Elementwise):
+    """``a = z Phi(z)``; ``dz = da * (Phi(z) + z phi(z))`` (caches ``z``).
+
+    ``approximate=False`` (default) is the exact erf form, as PyTorch's default; note that
+    ``jax.nn.gelu`` defaults to the tanh approximation, which ``Gelu(approximate=True)`` gives.
+    """
+
+    approximate: bool = False
+
+    def __repr__(self) -> str:
+        return f"Gelu(approximate={self.approximate})" if self.approximate else "Gelu()"
+
+    def activate(self, z):
+        return activations.gelu(z, self.approximate)
+
+    def activate_backward(self, z, da):
+        return activations.gelu_backward(z, da, self.approximate)
+
+
+@dataclass(frozen=True, repr=False)
+class Softmax(Elementwise):
+    """``p = softmax(z)`` over the last axis; ``dz = p * (dp - sum(dp * p))`` (caches ``p``).
+
+    Not elementwise in the strict sense (each output depends on the whole row), but parameterless and
+    shape-preserving alike; its backward is the Jacobian-vector product of ``diag(p) - p p^T`` computed in
+    O(n) without building the Jacobian. To train a classifier, prefer a linear last layer with
+    ``losses.softmax_cross_entropy``, which fuses the two and is stable for any logits.
+    """
+
+    def activate(self, z):
+        return activations.softmax(z)
+
+    def activate_backward(self, p, dp):
+        return activations.softmax_backward(p, dp)
+
+
+@dataclass(frozen=True, repr=False)
+class Flatten(Layer):
+    """``(batch, d1, ..., dk) -> (batch, d1 * ... * dk)``; ``dx = dy`` reshaped back.
+
+    The cache is a zero-size array of shape ``(0, d1, ..., dk)``: it records the example shape as data that
+    crosses ``jit`` and ``custom_vjp`` boundaries while costing no memory.
+    """
+
+    def __repr__(self) -> str:
+        return "Flatten()"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        return (math.prod(shape),), ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        self._check_no_params(params)
+        return x.reshape(x.shape[0], -1), jnp.zeros((0,) + x.shape[1:], x.dtype)
+
+    def backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
+        return (), dy.reshape((dy.shape[0],) + shape_record.shape[1:])
+
+
+ACTIVATIONS_BY_NAME: dict[str, type[Elementwise]] = {
+    "relu": Relu,
+    "leaky_relu": LeakyRelu,
+    "elu": Elu,
+    "gelu": Gelu,
+    "sigmoid": Sigmoid,
+    "tanh": Tanh,
+    "softplus": Softplus,
+    "identity": Identity,
+}

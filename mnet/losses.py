@@ -1,0 +1,145 @@
+"""Losses: the per-example loss, its batch mean, and the hand-derived gradient of the mean.
+
+Each loss object has
+
+* ``per_example(outputs, targets) -> (batch,)``;
+* ``value(outputs, targets)``: the mean over the batch of ``per_example``;
+* ``grad(outputs, targets)``: ``d value / d outputs``, shape of ``outputs``, derived by hand.
+
+Both cross-entropies take logits (not probabilities) and use forms that stay finite for logits of any size:
+log-sum-exp with the maximum subtracted, and ``softplus(z) = max(z, 0) + log1p(exp(-|z|))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from mnet import activations
+from mnet.errors import LossError
+
+Array = jax.Array
+
+
+def _units(outputs: Array) -> int:
+    """Number of output units per example (all non-batch axes)."""
+    return math.prod(outputs.shape[1:])
+
+
+class Loss:
+    """Base class: subclasses define ``per_example`` and ``grad``; ``value`` is the batch mean."""
+
+    name = "loss"
+
+    def value(self, outputs: Array, targets: Array) -> Array:
+        """The mean over the batch of the per-example losses (a scalar)."""
+        return jnp.mean(self.per_example(outputs, targets))
+
+    def per_example(self, outputs: Array, targets: Array) -> Array:
+        raise NotImplementedError
+
+    def grad(self, outputs: Array, targets: Array) -> Array:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"losses.{self.name}"
+
+    def _check_same_shape(self, outputs: Array, targets: Array) -> None:
+        if outputs.ndim < 1 or tuple(outputs.shape) != tuple(targets.shape):
+            raise LossError(
+                f"{self.name}: targets must have the shape of the outputs, "
+                f"got outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}"
+            )
+
+
+@dataclass(frozen=True, repr=False)
+class MeanSquaredError(Loss):
+    """``l_b = mean_j (o_bj - t_bj)^2`` per example; ``d value / d o = 2 (o - t) / (batch * units)``."""
+
+    name = "mse"
+
+    def per_example(self, outputs: Array, targets: Array) -> Array:
+        self._check_same_shape(outputs, targets)
+        residual = (outputs - targets).reshape(outputs.shape[0], -1)
+        return jnp.mean(residual * residual, axis=1)
+
+    def grad(self, outputs: Array, targets: Array) -> Array:
+        self._check_same_shape(outputs, targets)
+        return (2 / (outputs.shape[0] * _units(outputs))) * (outputs - targets)
+
+
+@dataclass(frozen=True, repr=False)
+class SoftmaxCrossEntropy(Loss):
+    """Softmax fused with cross-entropy, on logits ``z`` of shape ``(batch, classes)`` and integer labels.
+
+    Per example ``l_b = logsumexp(z_b) - z_b[y_b]``, with the row maximum subtracted inside the log-sum-exp.
+    Its gradient is the classic fused form: ``d l_b / d z_b = softmax(z_b) - onehot(y_b)``, so
+    ``d value / d z = (softmax(z) - onehot(y)) / batch``, bounded for any logits.
+    """
+
+    name = "softmax_cross_entropy"
+
+    def _check(self, logits: Array, labels: Array) -> None:
+        if logits.ndim != 2:
+            raise LossError(f"{self.name}: expects logits of shape (batch, classes), got {tuple(logits.shape)}")
+        if labels.shape != (logits.shape[0],):
+            raise LossError(
+                f"{self.name}: expects integer labels of shape ({logits.shape[0]},), got {tuple(labels.shape)}"
+            )
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise LossError(f"{self.name}: expects integer class ids, got labels of dtype {labels.dtype}")
+
+    def per_example(self, logits: Array, labels: Array) -> Array:
+        self._check(logits, labels)
+        shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
+        log_normaliser = jnp.log(jnp.sum(jnp.exp(shifted), axis=1))
+        picked = jnp.take_along_axis(shifted, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+        return log_normaliser - picked
+
+    def grad(self, logits: Array, labels: Array) -> Array:
+        self._check(logits, labels)
+        probabilities, _ = activations.softmax(logits)
+        onehot = jax.nn.one_hot(labels, logits.shape[1], dtype=logits.dtype)
+        return (probabilities - onehot) / logits.shape[0]
+
+
+@dataclass(frozen=True, repr=False)
+class SigmoidBinaryCrossEntropy(Loss):
+    """Sigmoid fused with binary cross-entropy, on logits ``z`` and targets ``t`` in [0, 1] of the same shape.
+
+    Elementwise ``-t log s(z) - (1 - t) log(1 - s(z)) = softplus(z) - t z``, averaged over the output units
+    per example. Since ``softplus' = sigmoid``, ``d value / d z = (sigmoid(z) - t) / (batch * units)``.
+    """
+
+    name = "sigmoid_binary_cross_entropy"
+
+    def per_example(self, logits: Array, targets: Array) -> Array:
+        self._check_same_shape(logits, targets)
+        elementwise = activations.softplus(logits)[0] - targets * logits
+        return jnp.mean(elementwise.reshape(logits.shape[0], -1), axis=1)
+
+    def grad(self, logits: Array, targets: Array) -> Array:
+        self._check_same_shape(logits, targets)
+        return (jax.nn.sigmoid(logits) - targets) / (logits.shape[0] * _units(logits))
+
+
+mse = MeanSquaredError()
+softmax_cross_entropy = SoftmaxCrossEntropy()
+sigmoid_binary_cross_entropy = SigmoidBinaryCrossEntropy()
+
+BY_NAME: dict[str, Loss] = {loss.name: loss for loss in (mse, softmax_cross_entropy, sigmoid_binary_cross_entropy)}
+BY_NAME.update({"cross_entropy": softmax_cross_entropy, "bce": sigmoid_binary_cross_entropy})
+
+
+def get(name: str | Loss) -> Loss:
+    """Resolve a loss by name (``mse``, ``softmax_cross_entropy``/``cross_entropy``,
+    ``sigmoid_binary_cross_entropy``/``bce``) or return a loss object unchanged."""
+    if isinstance(name, Loss):
+        return name
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(BY_NAME))}") from None

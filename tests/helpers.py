@@ -1,0 +1,125 @@
+"""Shared test machinery: random networks, tree comparisons, and the guard that forbids autodiff."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+from jax._src.interpreters import ad
+
+import mnet
+from mnet.check import relative_error, tolerance
+
+ACTIVATIONS = [
+    mnet.Relu(),
+    mnet.Sigmoid(),
+    mnet.Tanh(),
+    mnet.LeakyRelu(0.1),
+    mnet.Elu(),
+    mnet.Elu(alpha=0.5),
+    mnet.Gelu(),
+    mnet.Gelu(approximate=True),
+    mnet.Softplus(),
+    mnet.Identity(),
+    mnet.Softmax(),
+]
+LOSSES = [mnet.losses.mse, mnet.losses.softmax_cross_entropy, mnet.losses.sigmoid_binary_cross_entropy]
+
+
+def random_targets(rng, loss, outputs_shape, dtype):
+    """Targets that ``loss`` accepts for outputs of ``outputs_shape``."""
+    if loss is mnet.losses.softmax_cross_entropy:
+        return jnp.asarray(rng.integers(0, outputs_shape[1], outputs_shape[:1]))
+    if loss is mnet.losses.sigmoid_binary_cross_entropy:
+        return jnp.asarray(rng.uniform(size=outputs_shape), dtype)
+    return jnp.asarray(rng.normal(size=outputs_shape), dtype)
+
+
+def abstract_init(net, example_shape, dtype):
+    """``(output_shape, params as ShapeDtypeStructs)`` of ``net.init`` without computing anything."""
+    found = {}
+
+    def init():
+        found["shape"], params = net.init(jax.random.key(0), example_shape, dtype)
+        return params
+
+    params = jax.eval_shape(init)
+    return found["shape"], params
+
+
+def random_params(net, example_shape, dtype, rng):
+    """Params of ``net`` with fresh values: weights N(0, 1/fan_in), every other leaf (biases) N(0, 0.1^2).
+
+    The structure comes from ``jax.eval_shape`` and the values from NumPy, so no XLA computation is compiled
+    per drawn shape; non-zero biases keep a wrong bias rule from hiding behind zeros."""
+    _, shapes = abstract_init(net, example_shape, dtype)
+
+    def draw(leaf):
+        scale = 1 / np.sqrt(leaf.shape[0]) if leaf.ndim >= 2 else 0.1
+        return jnp.asarray(scale * rng.normal(size=leaf.shape), dtype)
+
+    return jax.tree_util.tree_map(draw, shapes)
+
+
+# Sizes come from small pools: eager JAX compiles each primitive once per shape, so a bounded set of shapes
+# keeps many random architectures affordable while depth, order, activations and values stay random.
+WIDTHS = st.sampled_from([1, 3, 8])
+BATCHES = st.sampled_from([1, 4])
+
+
+@st.composite
+def mlp_problems(draw, dtype=jnp.float64, losses=tuple(LOSSES)):
+    """A random MLP (0 to 4 hidden layers, random widths and activations), its params, a batch and targets."""
+    depth = draw(st.integers(0, 4))
+    hidden = [(draw(WIDTHS), draw(st.sampled_from(ACTIVATIONS))) for _ in range(depth)]
+    loss = draw(st.sampled_from(list(losses)))
+    out_dim = draw(st.sampled_from([2, 5] if loss is mnet.losses.softmax_cross_entropy else [1, 2, 5]))
+    in_dim, batch, seed = draw(WIDTHS), draw(BATCHES), draw(st.integers(0, 2**30))
+    layers = [layer for width, activation in hidden for layer in (mnet.Dense(width), activation)]
+    net = mnet.serial(*layers, mnet.Dense(out_dim))
+    rng = np.random.default_rng(seed)
+    params = random_params(net, (in_dim,), dtype, rng)
+    x = jnp.asarray(rng.normal(size=(batch, in_dim)), dtype)
+    targets = random_targets(rng, loss, (batch, out_dim), dtype)
+    return net, loss, params, x, targets
+
+
+def assert_trees_close(actual, expected, rtol=None):
+    """Same structure, same dtypes, and every leaf within ``rtol`` relative to the reference leaf's largest entry
+    (default: :func:`mnet.check.tolerance` of the leaf's dtype)."""
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
+        a, b = jnp.asarray(a), jnp.asarray(b)
+        assert a.shape == b.shape, f"{jax.tree_util.keystr(path)}: shape {a.shape} != {b.shape}"
+        assert a.dtype == b.dtype, f"{jax.tree_util.keystr(path)}: dtype {a.dtype} != {b.dtype}"
+        limit = tolerance(b.dtype) if rtol is None else rtol
+        error = relative_error(a, b)
+        assert np.isfinite(error) and error <= limit, f"{jax.tree_util.keystr(path)}: relative error {error:.3g} > {limit:.3g}"
+
+
+class AutodiffUsed(AssertionError):
+    """Raised when JAX differentiation runs inside :func:`no_autodiff`."""
+
+
+@contextlib.contextmanager
+def no_autodiff():
+    """Make JAX's differentiation machinery unusable: every primitive processed by a JVP or linearize trace
+    raises, which is what ``jax.grad``, ``vjp``, ``jvp``, ``linearize``, ``jacrev``, ``jacfwd`` and ``hessian``
+    all go through. Caches are cleared so that nothing compiled earlier hides a trace."""
+
+    def refuse(*args, **kwargs):
+        raise AutodiffUsed("JAX autodiff was used inside the hand-derived path")
+
+    saved = {cls: cls.process_primitive for cls in (ad.JVPTrace, ad.LinearizeTrace)}
+    jax.clear_caches()
+    try:
+        for cls in saved:
+            cls.process_primitive = refuse
+        yield
+    finally:
+        for cls, method in saved.items():
+            cls.process_primitive = method
+        jax.clear_caches()

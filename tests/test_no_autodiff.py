@@ -1,0 +1,55 @@
+"""The hand-derived path never calls JAX autodiff: with the differentiation machinery made unusable, it still
+runs and still agrees with the reference computed outside the guard."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import mnet
+from tests.helpers import ACTIVATIONS, AutodiffUsed, assert_trees_close, no_autodiff
+
+NET = mnet.serial(
+    mnet.Flatten(),
+    *[layer for activation in ACTIVATIONS for layer in (mnet.Dense(6), activation)],
+    mnet.Dense(4),
+)
+
+
+def problem(loss):
+    _, params = NET.init(jax.random.key(0), (2, 3))
+    x = jax.random.normal(jax.random.key(1), (5, 2, 3))
+    targets = {
+        mnet.losses.softmax_cross_entropy: jnp.array([0, 1, 2, 3, 0]),
+        mnet.losses.mse: jnp.ones((5, 4)),
+        mnet.losses.sigmoid_binary_cross_entropy: jnp.full((5, 4), 0.25),
+    }[loss]
+    return params, x, targets
+
+
+def test_the_guard_really_stops_autodiff():
+    with no_autodiff():
+        for attempt in (
+            lambda: jax.grad(jnp.sin)(1.0),
+            lambda: jax.vjp(jnp.sin, 1.0),
+            lambda: jax.jvp(jnp.sin, (1.0,), (1.0,)),
+            lambda: jax.linearize(jnp.sin, 1.0),
+            lambda: jax.jacrev(jnp.tanh)(jnp.ones(2)),
+            lambda: jax.jacfwd(jnp.tanh)(jnp.ones(2)),
+            lambda: jax.hessian(jnp.sin)(1.0),
+            lambda: jax.jit(jax.grad(jnp.cos))(1.0),
+        ):
+            with pytest.raises(AutodiffUsed):
+                attempt()
+
+
+@pytest.mark.parametrize("loss", [mnet.losses.mse, mnet.losses.softmax_cross_entropy, mnet.losses.sigmoid_binary_cross_entropy])
+@pytest.mark.parametrize("jit", [False, True])
+def test_value_and_grad_runs_without_autodiff(loss, jit):
+    params, x, targets = problem(loss)
+    expected = mnet.autodiff_value_and_grad(NET, loss)(params, x, targets)
+    hand = mnet.value_and_grad(NET, loss)
+    with no_autodiff():
+        value, grads = (jax.jit(hand) if jit else hand)(params, x, targets)
+        grads_only = mnet.grad(NET, loss)(params, x, targets)
+    assert_trees_close((value, grads), expected, 1e-10)
+    assert_trees_close(grads_only, expected[1], 1e-10)

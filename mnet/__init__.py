@@ -1,8 +1,10 @@
 """mnet: neural networks as pure functions over parameter pytrees, forward in explicit matrix algebra, backward
 derived by hand beside it and checked against ``jax.grad``."""
 
-from mnet import activations, errors, initializers, losses
+from mnet import activations, data, errors, initializers, losses, train
+from mnet.train import fit
 from mnet.backprop import grad, value_and_grad, with_manual_backward
+from mnet.checkpoint import load_params, save_params
 from mnet.check import GradientReport, autodiff_value_and_grad, compare_cost, compare_gradients
 from mnet.combinators import Serial, mlp, serial
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
@@ -50,12 +52,17 @@ __all__ = [
     "autodiff_value_and_grad",
     "compare_cost",
     "compare_gradients",
+    "data",
     "errors",
+    "fit",
     "grad",
     "initializers",
+    "load_params",
     "losses",
     "mlp",
+    "save_params",
     "serial",
+    "train",
     "value_and_grad",
     "with_manual_backward",
 ]

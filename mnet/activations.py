@@ -56,15 +56,17 @@ def leaky_relu_backward(mask: Array, da: Array, slope: float) -> Array:
 def elu(z: Array, alpha: float) -> tuple[Array, Array]:
     """``a = z`` for ``z > 0``, ``alpha * (exp(z) - 1)`` otherwise; caches ``z``.
 
-    ``expm1`` runs on ``min(z, 0)`` so that a large positive ``z`` never overflows in the branch not taken.
+    ``expm1`` runs on ``where(z > 0, 0, z)`` so that a large positive ``z`` never overflows in the branch not
+    taken. (Not ``min(z, 0)``: autodiff splits ``min``'s tie at 0 in half, and the reference would then claim
+    ``phi'(0) = alpha / 2``.)
     """
-    negative = alpha * jnp.expm1(jnp.minimum(z, 0))
+    negative = alpha * jnp.expm1(jnp.where(z > 0, jnp.zeros_like(z), z))
     return jnp.where(z > 0, z, negative), z
 
 
 def elu_backward(z: Array, da: Array, alpha: float) -> Array:
     """``phi'(z) = 1`` for ``z > 0``, ``alpha * exp(z)`` otherwise."""
-    return da * jnp.where(z > 0, jnp.ones_like(z), alpha * jnp.exp(jnp.minimum(z, 0)))
+    return da * jnp.where(z > 0, jnp.ones_like(z), alpha * jnp.exp(jnp.where(z > 0, jnp.zeros_like(z), z)))
 
 
 def sigmoid(z: Array) -> tuple[Array, Array]:
@@ -90,8 +92,13 @@ def tanh_backward(a: Array, da: Array) -> Array:
 
 
 def softplus(z: Array) -> tuple[Array, Array]:
-    """``a = log(1 + exp(z)) = max(z, 0) + log1p(exp(-|z|))``, finite for any ``z``; caches ``z``."""
-    return jnp.maximum(z, 0) + jnp.log1p(jnp.exp(-jnp.abs(z))), z
+    """``a = log(1 + exp(z)) = logaddexp(z, 0)``, finite for any ``z``; caches ``z``.
+
+    ``logaddexp`` rather than the equivalent ``max(z, 0) + log1p(exp(-|z|))``: at exactly ``z = 0`` autodiff
+    of that form takes ``d|z|/dz = 1`` and ``d max(z, 0)/dz = 1/2`` and returns 0 instead of
+    ``sigmoid(0) = 1/2``, which would make the referee, not the hand rule, wrong there.
+    """
+    return jnp.logaddexp(z, jnp.zeros_like(z)), z
 
 
 def softplus_backward(z: Array, da: Array) -> Array:

@@ -7,7 +7,7 @@ Each loss object has
 * ``grad(outputs, targets)``: ``d value / d outputs``, shape of ``outputs``, derived by hand.
 
 Both cross-entropies take logits (not probabilities) and use forms that stay finite for logits of any size:
-log-sum-exp with the maximum subtracted, and ``softplus(z) = max(z, 0) + log1p(exp(-|z|))``.
+log-sum-exp with the maximum subtracted, and ``softplus(z) = logaddexp(z, 0)``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,226 @@
+"""Training: any network, any loss, any optax optimizer, with hand-derived or autodiff gradients.
+
+One epoch is one jitted call: the training set is shuffled by a permutation drawn from ``fold_in(seed, epoch)``
+and cut into minibatches that ``jax.lax.scan`` steps through, with the parameters and optimizer state donated
+to the call (updated in place where the backend allows). Because the permutation depends only on the seed
+and the epoch number, a run resumed from a checkpoint follows exactly the path of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mnet import checkpoint, losses
+from mnet.backprop import value_and_grad
+from mnet.check import autodiff_value_and_grad
+from mnet.data import Dataset
+from mnet.errors import CheckpointError, DivergenceError
+from mnet.layers import Layer, Params
+
+GRADIENT_MODES = ("manual", "autodiff")
+
+
+@dataclass
+class History:
+    """Per-epoch records; ``train_loss`` is the mean minibatch loss the optimizer saw during the epoch."""
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def append(self, **record) -> None:
+        for name, value in record.items():
+            getattr(self, name).append(value)
+
+    def last(self) -> dict:
+        return {name: values[-1] for name, values in self.to_dict().items() if values}
+
+    def to_dict(self) -> dict:
+        return {name: list(values) for name, values in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> History:
+        return cls(**{name: list(data.get(name, [])) for name in vars(cls())})
+
+
+@dataclass
+class FitResult:
+    params: Params
+    opt_state: Any
+    history: History
+
+
+def gradient_function(net: Layer, loss: losses.Loss, grad: str):
+    """``value_and_grad`` by hand (``"manual"``) or the autodiff reference (``"autodiff"``), same signature."""
+    if grad == "manual":
+        return value_and_grad(net, loss)
+    if grad == "autodiff":
+        return autodiff_value_and_grad(net, loss)
+    raise ValueError(f"grad must be one of {GRADIENT_MODES}, got {grad!r}")
+
+
+def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransformation, batch_size: int,
+               grad: str = "manual") -> Callable:
+    """The jitted epoch ``(params, opt_state, x, y, key) -> (params, opt_state, mean loss)``.
+
+    ``len(x) // batch_size`` minibatches per epoch (the few examples left over change with every epoch's
+    permutation); params and optimizer state are donated.
+    """
+    value_and_grad_fn = gradient_function(net, loss, grad)
+
+    def epoch(params, opt_state, x, y, key):
+        steps = x.shape[0] // batch_size
+        order = jax.random.permutation(key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
+
+        def step(carry, batch):
+            params, opt_state = carry
+            value, grads = value_and_grad_fn(params, x[batch], y[batch])
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), value
+
+        (params, opt_state), values = jax.lax.scan(step, (params, opt_state), order)
+        return params, opt_state, jnp.mean(values)
+
+    return jax.jit(epoch, donate_argnums=(0, 1))
+
+
+def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
+    """Jitted ``(params, x, y) -> (loss, accuracy)``; accuracy is NaN for losses that are not classifiers."""
+
+    def evaluate(params, x, y):
+        outputs = net.apply(params, x)
+        if loss is losses.softmax_cross_entropy:
+            accuracy = jnp.mean(jnp.argmax(outputs, axis=-1) == y)
+        elif loss is losses.sigmoid_binary_cross_entropy:
+            accuracy = jnp.mean((outputs > 0) == (y > 0.5))
+        else:
+            accuracy = jnp.nan
+        return loss.value(outputs, y), accuracy
+
+    return jax.jit(evaluate)
+
+
+def epoch_key(seed: int, epoch: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), epoch)
+
+
+def fit(
+    net: Layer,
+    loss: losses.Loss,
+    params: Params,
+    data: Dataset,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    epochs: int = 10,
+    batch_size: int = 32,
+    seed: int = 0,
+    grad: str = "manual",
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    config: dict | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> FitResult:
+    """Train ``net`` on ``data``; named after Keras's ``fit`` since it is the same job: epochs over a dataset.
+
+    Arguments:
+        net, loss: the network and the loss to minimise.
+        params: initial parameters (copied, never consumed: the donated buffers are fit's own).
+        data: a :class:`mnet.data.Dataset` (features and integer labels).
+        optimizer: any optax transformation (default ``optax.adam(1e-3)``).
+        epochs: total number of epochs (a resumed run continues up to this number).
+        batch_size: minibatch size; must not exceed the number of training examples.
+        seed: seeds every epoch's shuffle (``fold_in(seed, epoch)``).
+        grad: ``"manual"`` (hand-derived, the default) or ``"autodiff"`` (``jax.value_and_grad``), through the
+            same loop.
+        checkpoint_path: if given, a training checkpoint (params, optimizer state, epoch, seed, history,
+            ``config``) is written atomically after every epoch whose loss is finite.
+        resume: continue from ``checkpoint_path`` if it exists (it must match the parameters and optimizer).
+        config: JSON-serialisable description stored in the checkpoint; resuming refuses a different one.
+        on_epoch: called as ``on_epoch(epoch, record)`` after every epoch, for progress display.
+
+    Returns:
+        :class:`FitResult` with the final params, optimizer state and :class:`History`.
+
+    Raises:
+        DivergenceError: the training loss became NaN or infinite; names the epoch, and the checkpoint (if any)
+            still holds the last good epoch.
+    """
+    optimizer = optimizer or optax.adam(1e-3)
+    if grad not in GRADIENT_MODES:
+        raise ValueError(f"grad must be one of {GRADIENT_MODES}, got {grad!r}")
+    if not 0 < batch_size <= len(data.x_train):
+        raise ValueError(f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}")
+    params = jax.tree_util.tree_map(jnp.array, params)  # a private copy, since the epoch donates its buffers
+    opt_state = optimizer.init(params)
+    history, start = History(), 0
+    config = dict(config or {}, seed=seed, batch_size=batch_size)
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        (params, opt_state), meta = checkpoint.read_tree(checkpoint_path, (params, opt_state))
+        if meta.get("config") != config:
+            raise CheckpointError(f"{checkpoint_path}: written by a different configuration "
+                                  f"({meta.get('config')}), cannot resume with {config}")
+        history, start = History.from_dict(meta["history"]), int(meta["epoch"])
+
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    x_train, y_train = jnp.asarray(data.x_train, dtype), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test, dtype), jnp.asarray(data.y_test)
+    run_epoch = make_epoch(net, loss, optimizer, batch_size, grad)
+    evaluate = make_evaluate(net, loss)
+
+    for epoch in range(start + 1, epochs + 1):
+        began = time.perf_counter()
+        new_params, new_opt_state, train_loss = run_epoch(params, opt_state, x_train, y_train, epoch_key(seed, epoch))
+        train_loss = float(train_loss)
+        if not math.isfinite(train_loss):
+            kept = f"; {checkpoint_path} still holds epoch {epoch - 1}" if checkpoint_path and epoch > 1 else ""
+            raise DivergenceError(f"training diverged at epoch {epoch}: the training loss is {train_loss}{kept}")
+        params, opt_state = new_params, new_opt_state
+        _, train_accuracy = evaluate(params, x_train, y_train)
+        test_loss, test_accuracy = evaluate(params, x_test, y_test) if len(data.x_test) else (np.nan, np.nan)
+        record = dict(epoch=epoch, train_loss=train_loss, train_accuracy=float(train_accuracy),
+                      test_loss=float(test_loss), test_accuracy=float(test_accuracy),
+                      seconds=time.perf_counter() - began)
+        history.append(**record)
+        if checkpoint_path is not None:
+            checkpoint.save_tree(checkpoint_path, (params, opt_state),
+                                 {"epoch": epoch, "config": config, "history": history.to_dict()})
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+    return FitResult(params, opt_state, history)
+
+
+def plot_history(history: History, path: str | Path, title: str = "") -> None:
+    """Loss and accuracy curves (train and test) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(history.epoch, history.train_loss, label="train")
+    left.plot(history.epoch, history.test_loss, label="test")
+    left.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    right.plot(history.epoch, history.train_accuracy, label="train")
+    right.plot(history.epoch, history.test_accuracy, label="test")
+    right.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for axis in (left, right):
+        axis.legend()
+        axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    checkpoint.atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=110))
+    plt.close(figure)

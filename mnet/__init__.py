@@ -7,6 +7,14 @@ from mnet.backprop import grad, value_and_grad, with_manual_backward
 from mnet.checkpoint import load_params, save_params
 from mnet.check import GradientReport, autodiff_value_and_grad, compare_cost, compare_gradients
 from mnet.combinators import Serial, mlp, serial
+from mnet.derivatives import (
+    clipped_value_and_grad,
+    dp_noise,
+    jacobian,
+    ntk,
+    per_example_grad_norms,
+    per_example_grads,
+)
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
 from mnet.layers import (
     Dense,
@@ -17,6 +25,7 @@ from mnet.layers import (
     Identity,
     Layer,
     LeakyRelu,
+    Policy,
     Relu,
     Sigmoid,
     Softmax,
@@ -42,6 +51,7 @@ __all__ = [
     "LeakyRelu",
     "LossError",
     "MnetError",
+    "Policy",
     "Relu",
     "Serial",
     "Sigmoid",
@@ -50,6 +60,8 @@ __all__ = [
     "Tanh",
     "activations",
     "autodiff_value_and_grad",
+    "clipped_value_and_grad",
+    "dp_noise",
     "compare_cost",
     "compare_gradients",
     "data",
@@ -57,9 +69,13 @@ __all__ = [
     "fit",
     "grad",
     "initializers",
+    "jacobian",
     "load_params",
     "losses",
     "mlp",
+    "ntk",
+    "per_example_grad_norms",
+    "per_example_grads",
     "save_params",
     "serial",
     "train",

@@ -134,7 +134,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.batch_size > len(dataset.x_train):
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
     layers = ([mnet.Flatten()] if len(dataset.example_shape) > 1 else []) + list(
-        mnet.mlp(args.layers + [dataset.num_classes], args.activation).layers)
+        mnet.mlp(args.layers + [dataset.num_classes], args.activation, args.compute_dtype).layers)
     net = mnet.serial(*layers)
     loss = mnet.losses.softmax_cross_entropy
     _, params = net.init(jax.random.key(args.seed), dataset.example_shape)
@@ -170,11 +170,13 @@ def run_train(args: argparse.Namespace) -> int:
             say(line)
 
     config = {"data": str(args.data), "layers": args.layers, "activation": args.activation,
+              "compute_dtype": args.compute_dtype,
               "optimizer": args.optimizer, "lr": args.lr, "grad": args.grad}
     try:
         result = train.fit(net, loss, params, dataset, optimizer=make_optimizer(args.optimizer, args.lr),
                            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, grad=args.grad,
-                           checkpoint_path=args.checkpoint, resume=args.resume, config=config, on_epoch=on_epoch)
+                           checkpoint_path=args.checkpoint, resume=args.resume, config=config, on_epoch=on_epoch,
+                           devices=args.devices)
     finally:
         if progress is not None:
             progress.close()
@@ -196,6 +198,18 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         print(f"done: test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}, "
               f"{summary['seconds']:.2f}s of training")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from mnet import bench
+
+    rows = set(args.rows.split(",")) if args.rows else None
+    result = bench.run(quick=args.quick, only=rows, large=args.large)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(bench.format_table(result))
     return 0
 
 
@@ -246,8 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     train.add_argument("--save-params", default=None, metavar="PATH", help="write the final parameters here")
     train.add_argument("--plot", default=None, metavar="PATH", help="loss and accuracy curves (PNG)")
+    train.add_argument("--compute-dtype", choices=["bfloat16", "float16"], default=None,
+                       help="mixed precision: products in this dtype, float32 parameters and accumulation")
+    train.add_argument("--devices", type=int, default=None, metavar="N",
+                       help="data-parallel over N devices (0: all available); default: one device")
     train.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     train.set_defaults(run=run_train)
+
+    bench = commands.add_parser("bench", help="hand-derived vs autodiff benchmarks, side by side")
+    bench.add_argument("--quick", action="store_true", help="small sizes, few repetitions: seconds, for a smoke test")
+    bench.add_argument("--rows", default=None, help="comma-separated subset, e.g. W1,D1 (default: all)")
+    bench.add_argument("--large", action="store_true", help="add the width-4096 batch-4096 rows (for accelerators)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(run=run_bench)
     return parser
 
 

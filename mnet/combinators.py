@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mnet.errors import LayerError
-from mnet.layers import ACTIVATIONS_BY_NAME, Array, Cache, Dense, Layer, Params, Shape, _describe
+from mnet.layers import ACTIVATIONS_BY_NAME, Array, Cache, Dense, Layer, Params, Policy, Shape, _describe
 
 
 def _located(index: int, error: LayerError) -> LayerError:
@@ -77,6 +78,32 @@ class Serial(Layer):
             grads[index], dy = self.layers[index].backward(params[index], caches[index], dy)
         return tuple(grads), dy
 
+    def per_example_backward(self, params: Params, caches: Cache, dy: Array) -> tuple[Params, Array]:
+        grads: list[Any] = [None] * len(self.layers)
+        for index in reversed(range(len(self.layers))):
+            grads[index], dy = self.layers[index].per_example_backward(params[index], caches[index], dy)
+        return tuple(grads), dy
+
+    def per_example_sq_norms(self, params: Params, caches: Cache, dy: Array) -> tuple[Array, Array]:
+        """The squared norm over all leaves is the sum of the layers' squared norms."""
+        total = jnp.zeros((dy.shape[0],), dy.dtype)
+        for index in reversed(range(len(self.layers))):
+            sq, dy = self.layers[index].per_example_sq_norms(params[index], caches[index], dy)
+            total = total + sq
+        return total, dy
+
+    def ntk_contribution(self, params: Params, caches1: Cache, caches2: Cache, dys1: Array, dys2: Array) -> Array:
+        """The kernel is a sum over parameters, so over layers: each layer adds its share at the cotangents
+        that reach it, then the cotangents (one per network output) move one layer down."""
+        total = jnp.zeros((dys1.shape[1], dys2.shape[1]), dys1.dtype)
+        for index in reversed(range(len(self.layers))):
+            layer, layer_params = self.layers[index], params[index]
+            total = total + layer.ntk_contribution(layer_params, caches1[index], caches2[index], dys1, dys2)
+            if index:
+                dys1 = jax.vmap(lambda dy, c=caches1[index]: layer.backward(layer_params, c, dy)[1])(dys1)
+                dys2 = jax.vmap(lambda dy, c=caches2[index]: layer.backward(layer_params, c, dy)[1])(dys2)
+        return total
+
 
 def serial(*layers: Layer) -> Serial:
     """Compose layers in sequence (``mnet.serial(Dense(64), Relu(), Dense(10))``).
@@ -93,7 +120,7 @@ def serial(*layers: Layer) -> Serial:
     return Serial(tuple(layers))
 
 
-def mlp(widths: Sequence[int], activation: str | Layer = "relu") -> Serial:
+def mlp(widths: Sequence[int], activation: str | Layer = "relu", compute_dtype: str | None = None) -> Serial:
     """A multilayer perceptron: ``Dense(w)`` then ``activation`` for every width but the last, which is linear.
 
     ``mlp([128, 64, 10])`` is ``serial(Dense(128), Relu(), Dense(64), Relu(), Dense(10))``.
@@ -101,6 +128,8 @@ def mlp(widths: Sequence[int], activation: str | Layer = "relu") -> Serial:
     Arguments:
         widths: output widths of the dense layers, the last being the network's output width.
         activation: a layer instance or a name from ``mnet.layers.ACTIVATIONS_BY_NAME``.
+        compute_dtype: mixed precision (``"bfloat16"``/``"float16"``): every dense layer computes in it with
+            float32 accumulation, and the last one returns float32 so the loss is computed exactly.
     """
     if isinstance(activation, str):
         try:
@@ -110,7 +139,9 @@ def mlp(widths: Sequence[int], activation: str | Layer = "relu") -> Serial:
             raise ValueError(f"unknown activation {activation!r}; known: {known}") from None
     if not widths:
         raise ValueError("mlp needs at least one width (the output width)")
+    hidden = None if compute_dtype is None else Policy(compute_dtype)
+    last = None if compute_dtype is None else Policy(compute_dtype, output_dtype="float32")
     layers: list[Layer] = []
     for width in widths[:-1]:
-        layers += [Dense(width), activation]
-    return serial(*layers, Dense(widths[-1]))
+        layers += [Dense(width, policy=hidden), activation]
+    return serial(*layers, Dense(widths[-1], policy=last))

@@ -52,6 +52,31 @@ class Layer:
         """The output alone: ``forward(params, x)[0]``."""
         return self.forward(params, x, **kwargs)[0]
 
+    # Derivatives beyond the gradient (used by mnet.derivatives). A layer with structure overrides them; the
+    # defaults derive each from the one before, and a layer with no per-example rule at all makes
+    # mnet.derivatives run the network one example at a time under jax.vmap instead.
+    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        """Like ``backward`` for a ``dy`` whose rows are separate examples' cotangents, but every leaf of
+        ``dparams`` keeps a leading batch axis: row ``b`` is example ``b``'s own parameter gradient."""
+        raise NotImplementedError(f"{self!r} has no per-example backward rule")
+
+    def per_example_sq_norms(self, params: Params, cache: Cache, dy: Array) -> tuple[Array, Array]:
+        """``(sq, dx)``: ``sq[b]`` is the squared L2 norm of example ``b``'s parameter gradient (over all of this
+        layer's leaves). Default: from :meth:`per_example_backward`."""
+        grads, dx = self.per_example_backward(params, cache, dy)
+        return batch_sq_norms(grads, dy.shape[0], dy.dtype), dx
+
+    def ntk_contribution(self, params: Params, cache1: Cache, cache2: Cache, dys1: Array, dys2: Array) -> Array:
+        """This layer's share of the empirical NTK, ``sum_k sum_p J1[a, k, p] J2[c, k, p]`` over its own
+        parameters ``p``, as ``(batch1, batch2)``. ``dys1``/``dys2`` are ``(K, batch, *output)``: for each network
+        output ``k``, the cotangent that reaches this layer's output. Default: contract per-example gradients."""
+        per1 = jax.vmap(lambda dy: self.per_example_backward(params, cache1, dy)[0])(dys1)
+        per2 = jax.vmap(lambda dy: self.per_example_backward(params, cache2, dy)[0])(dys2)
+        total = jnp.zeros((dys1.shape[1], dys2.shape[1]), dys1.dtype)
+        for g1, g2 in zip(jax.tree_util.tree_leaves(per1), jax.tree_util.tree_leaves(per2)):
+            total = total + jnp.einsum("kap,kcp->ac", g1.reshape(g1.shape[:2] + (-1,)), g2.reshape(g2.shape[:2] + (-1,)))
+        return total
+
     # Helpers for the checks every layer makes at its boundary.
     def _fail(self, detail: str) -> LayerError:
         return LayerError(self, detail)
@@ -83,10 +108,39 @@ class Layer:
             raise self._fail(f"has no parameters and expects (), got {_describe(params)}")
 
 
+def batch_sq_norms(per_example: Params, batch: int, dtype) -> Array:
+    """``(batch,)`` sums of squares over every leaf of a per-example pytree (leaves have a leading batch axis)."""
+    total = jnp.zeros((batch,), dtype)
+    for leaf in jax.tree_util.tree_leaves(per_example):
+        total = total + jnp.sum(leaf.reshape(batch, -1) ** 2, axis=1)
+    return total
+
+
 def _describe(tree: Any) -> str:
     """A short structural description of a pytree: arrays as their shapes, cut at 240 characters."""
     text = str(jax.tree_util.tree_map(lambda leaf: tuple(getattr(leaf, "shape", ())) or type(leaf).__name__, tree))
     return text if len(text) <= 240 else text[:237] + "..."
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Mixed precision for a layer: parameters stay in their own dtype (float32), the products run in
+    ``compute_dtype`` (``"bfloat16"`` or ``"float16"``) and accumulate in float32 (``preferred_element_type``);
+    outputs are ``output_dtype`` (default: the compute dtype; float32 for the last layer so the loss is exact).
+    Gradients come back in the parameters' dtype. Hashable, so layers holding it stay static arguments."""
+
+    compute_dtype: str = "bfloat16"
+    output_dtype: str | None = None
+
+    def __post_init__(self):
+        for name in (self.compute_dtype, self.output_dtype):
+            if name is not None and not jnp.issubdtype(jnp.dtype(name), jnp.floating):
+                raise ValueError(f"Policy dtypes must be floating, got {name!r}")
+
+
+def _matmul(a: Array, b: Array, contract: tuple[int, int], accumulate) -> Array:
+    """``a`` and ``b`` contracted over one axis each, accumulated in ``accumulate`` (``None``: the inputs' dtype)."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=accumulate)
 
 
 @dataclass(frozen=True, repr=False)
@@ -112,12 +166,14 @@ class Dense(Layer):
             :mod:`mnet.initializers` for Glorot/Xavier, He/Kaiming, LeCun and normal).
         b_init: initializer for ``b`` (default zeros).
         use_bias: ``False`` drops ``b``; params are then ``{"W": W}``.
+        policy: a :class:`Policy` for mixed precision (default: compute in the inputs' dtype).
     """
 
     out_dim: int
     W_init: Any = "lecun_normal"
     b_init: Any = "zeros"
     use_bias: bool = True
+    policy: Policy | None = None
 
     def __post_init__(self):
         if not isinstance(self.out_dim, int) or isinstance(self.out_dim, bool) or self.out_dim <= 0:
@@ -153,18 +209,72 @@ class Dense(Layer):
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
         self._check_input(x)
         self._check_params(params, x)
-        z = x @ params["W"]
+        if self.policy is None:
+            z = x @ params["W"]
+            return (z + params["b"] if self.use_bias else z), x
+        compute, param_dtype = jnp.dtype(self.policy.compute_dtype), params["W"].dtype
+        x = x.astype(compute)  # cached in the compute dtype: half the memory
+        z = _matmul(x, params["W"].astype(compute), (x.ndim - 1, 0), param_dtype)
         if self.use_bias:
             z = z + params["b"]
-        return z, x
+        return z.astype(self.policy.output_dtype or compute), x
 
     def backward(self, params: Params, x: Cache, dz: Array) -> tuple[Params, Array]:
         n_in = x.shape[-1]
+        W = params["W"]
+        if self.policy is not None:
+            accumulate, compute = W.dtype, jnp.dtype(self.policy.compute_dtype)
+            W, dz = W.astype(compute), dz.astype(compute)
+        else:
+            accumulate = None
         x_rows, dz_rows = x.reshape(-1, n_in), dz.reshape(-1, self.out_dim)
-        grads = {"W": x_rows.T @ dz_rows}
+        grads = {"W": _matmul(x_rows, dz_rows, (0, 0), accumulate)}
         if self.use_bias:
-            grads["b"] = dz_rows.sum(axis=0)
+            grads["b"] = dz_rows.sum(axis=0, dtype=accumulate)
+        dx = _matmul(dz, W, (dz.ndim - 1, 1), accumulate)
+        return grads, dx if accumulate is None else dx.astype(x.dtype)
+
+    def per_example_backward(self, params: Params, x: Cache, dz: Array) -> tuple[Params, Array]:
+        """``dW_b = x_b dz_b^T`` (an outer product per example, all in one batched product) and ``db_b = dz_b``.
+        With extra axes (a sequence), example ``b``'s gradient sums its positions: ``dW_b = X_b^T dZ_b``."""
+        batch = x.shape[0]
+        xs, dzs = x.reshape(batch, -1, x.shape[-1]), dz.reshape(batch, -1, self.out_dim)
+        grads = {"W": jnp.einsum("bsi,bsj->bij", xs, dzs)}
+        if self.use_bias:
+            grads["b"] = dzs.sum(axis=1)
         return grads, dz @ params["W"].T
+
+    def per_example_sq_norms(self, params: Params, x: Cache, dz: Array) -> tuple[Array, Array]:
+        """Without building ``dW_b``: ``||x_b dz_b^T||_F^2 = ||x_b||^2 ||dz_b||^2`` and ``||db_b||^2 = ||dz_b||^2``
+        (Goodfellow's trick). With a sequence axis, ``||X_b^T dZ_b||_F^2 = <X_b X_b^T, dZ_b dZ_b^T>_F``."""
+        batch = x.shape[0]
+        if x.ndim == 2:
+            dz_sq = jnp.sum(dz * dz, axis=1)
+            sq = jnp.sum(x * x, axis=1) * dz_sq
+            if self.use_bias:
+                sq = sq + dz_sq
+        else:
+            xs, dzs = x.reshape(batch, -1, x.shape[-1]), dz.reshape(batch, -1, self.out_dim)
+            gram_x, gram_dz = jnp.einsum("bsi,bti->bst", xs, xs), jnp.einsum("bsj,btj->bst", dzs, dzs)
+            sq = jnp.sum(gram_x * gram_dz, axis=(1, 2))
+            if self.use_bias:
+                sq = sq + jnp.sum(dzs.sum(axis=1) ** 2, axis=1)
+        return sq, dz @ params["W"].T
+
+    def ntk_contribution(self, params: Params, x1: Cache, x2: Cache, dzs1: Array, dzs2: Array) -> Array:
+        """With ``D_k`` the cotangent at ``z`` for network output ``k``, example ``a``'s Jacobian of output ``k``
+        is ``x_a D_k[a]^T`` for ``W`` and ``D_k[a]`` for ``b``, so the kernel is
+        ``(x1 x2^T + 1) * sum_k D1_k D2_k^T``: no Jacobian is ever built. Sequences sum over positions."""
+        if x1.ndim == 2:
+            g = jnp.einsum("kao,kco->ac", dzs1, dzs2)
+            inputs = x1 @ x2.T
+            return (inputs + 1) * g if self.use_bias else inputs * g
+        b1, b2 = x1.shape[0], x2.shape[0]
+        x1s, x2s = x1.reshape(b1, -1, x1.shape[-1]), x2.reshape(b2, -1, x2.shape[-1])
+        d1s, d2s = dzs1.reshape(-1, b1, x1s.shape[1], self.out_dim), dzs2.reshape(-1, b2, x2s.shape[1], self.out_dim)
+        g = jnp.einsum("kaso,kcto->acst", d1s, d2s)
+        inputs = jnp.einsum("asi,cti->acst", x1s, x2s)
+        return jnp.sum((inputs + 1) * g if self.use_bias else inputs * g, axis=(2, 3))
 
 
 class Elementwise(Layer):
@@ -184,6 +294,9 @@ class Elementwise(Layer):
 
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         return (), self.activate_backward(cache, dy)
+
+    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        return self.backward(params, cache, dy)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -335,6 +448,9 @@ class Flatten(Layer):
 
     def backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
         return (), dy.reshape((dy.shape[0],) + shape_record.shape[1:])
+
+    def per_example_backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
+        return self.backward(params, shape_record, dy)
 
 
 ACTIVATIONS_BY_NAME: dict[str, type[Elementwise]] = {

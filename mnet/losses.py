@@ -2,9 +2,10 @@
 
 Each loss object has
 
-* ``per_example(outputs, targets) -> (batch,)``;
-* ``value(outputs, targets)``: the mean over the batch of ``per_example``;
-* ``grad(outputs, targets)``: ``d value / d outputs``, shape of ``outputs``, derived by hand.
+* ``per_example(outputs, targets) -> (batch,)``: the losses ``l_b``;
+* ``value(outputs, targets)``: their mean over the batch;
+* ``per_example_grad(outputs, targets)``: row ``b`` is ``d l_b / d outputs_b``, derived by hand;
+* ``grad(outputs, targets)``: ``d value / d outputs = per_example_grad / batch``, shape of ``outputs``.
 
 Both cross-entropies take logits (not probabilities) and use forms that stay finite for logits of any size:
 log-sum-exp with the maximum subtracted, and ``softplus(z) = logaddexp(z, 0)``.
@@ -41,8 +42,12 @@ class Loss:
     def per_example(self, outputs: Array, targets: Array) -> Array:
         raise NotImplementedError
 
-    def grad(self, outputs: Array, targets: Array) -> Array:
+    def per_example_grad(self, outputs: Array, targets: Array) -> Array:
         raise NotImplementedError
+
+    def grad(self, outputs: Array, targets: Array) -> Array:
+        """``d value / d outputs``: each example's own gradient, divided by the batch size (the mean's weight)."""
+        return self.per_example_grad(outputs, targets) / outputs.shape[0]
 
     def __repr__(self) -> str:
         return f"losses.{self.name}"
@@ -57,7 +62,7 @@ class Loss:
 
 @dataclass(frozen=True, repr=False)
 class MeanSquaredError(Loss):
-    """``l_b = mean_j (o_bj - t_bj)^2`` per example; ``d value / d o = 2 (o - t) / (batch * units)``."""
+    """``l_b = mean_j (o_bj - t_bj)^2`` per example; ``d l_b / d o_b = 2 (o_b - t_b) / units``."""
 
     name = "mse"
 
@@ -66,9 +71,9 @@ class MeanSquaredError(Loss):
         residual = (outputs - targets).reshape(outputs.shape[0], -1)
         return jnp.mean(residual * residual, axis=1)
 
-    def grad(self, outputs: Array, targets: Array) -> Array:
+    def per_example_grad(self, outputs: Array, targets: Array) -> Array:
         self._check_same_shape(outputs, targets)
-        return (2 / (outputs.shape[0] * _units(outputs))) * (outputs - targets)
+        return (2 / _units(outputs)) * (outputs - targets)
 
 
 @dataclass(frozen=True, repr=False)
@@ -99,11 +104,10 @@ class SoftmaxCrossEntropy(Loss):
         picked = jnp.take_along_axis(shifted, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
         return log_normaliser - picked
 
-    def grad(self, logits: Array, labels: Array) -> Array:
+    def per_example_grad(self, logits: Array, labels: Array) -> Array:
         self._check(logits, labels)
         probabilities, _ = activations.softmax(logits)
-        onehot = jax.nn.one_hot(labels, logits.shape[1], dtype=logits.dtype)
-        return (probabilities - onehot) / logits.shape[0]
+        return probabilities - jax.nn.one_hot(labels, logits.shape[1], dtype=logits.dtype)
 
 
 @dataclass(frozen=True, repr=False)
@@ -111,7 +115,7 @@ class SigmoidBinaryCrossEntropy(Loss):
     """Sigmoid fused with binary cross-entropy, on logits ``z`` and targets ``t`` in [0, 1] of the same shape.
 
     Elementwise ``-t log s(z) - (1 - t) log(1 - s(z)) = softplus(z) - t z``, averaged over the output units
-    per example. Since ``softplus' = sigmoid``, ``d value / d z = (sigmoid(z) - t) / (batch * units)``.
+    per example. Since ``softplus' = sigmoid``, ``d l_b / d z_b = (sigmoid(z_b) - t_b) / units``.
     """
 
     name = "sigmoid_binary_cross_entropy"
@@ -121,9 +125,9 @@ class SigmoidBinaryCrossEntropy(Loss):
         elementwise = activations.softplus(logits)[0] - targets * logits
         return jnp.mean(elementwise.reshape(logits.shape[0], -1), axis=1)
 
-    def grad(self, logits: Array, targets: Array) -> Array:
+    def per_example_grad(self, logits: Array, targets: Array) -> Array:
         self._check_same_shape(logits, targets)
-        return (jax.nn.sigmoid(logits) - targets) / (logits.shape[0] * _units(logits))
+        return (jax.nn.sigmoid(logits) - targets) / _units(logits)
 
 
 mse = MeanSquaredError()

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnet import checkpoint, losses
 from mnet.backprop import value_and_grad
@@ -63,8 +64,11 @@ class FitResult:
     history: History
 
 
-def gradient_function(net: Layer, loss: losses.Loss, grad: str):
-    """``value_and_grad`` by hand (``"manual"``) or the autodiff reference (``"autodiff"``), same signature."""
+def gradient_function(net: Layer, loss: losses.Loss, grad: str | Callable):
+    """``value_and_grad`` by hand (``"manual"``), the autodiff reference (``"autodiff"``), or any function with
+    their signature ``(params, x, targets) -> (value, grads)`` (e.g. :func:`mnet.clipped_value_and_grad`)."""
+    if callable(grad):
+        return grad
     if grad == "manual":
         return value_and_grad(net, loss)
     if grad == "autodiff":
@@ -72,14 +76,34 @@ def gradient_function(net: Layer, loss: losses.Loss, grad: str):
     raise ValueError(f"grad must be one of {GRADIENT_MODES}, got {grad!r}")
 
 
+def data_parallel_mesh(devices: int | None) -> Mesh | None:
+    """A one-axis ``Mesh`` named ``"data"`` over the first ``devices`` devices (all of them for 0), or None for
+    plain single-device training. For several hosts, call ``jax.distributed.initialize()`` first: ``jax.devices()``
+    then lists every host's devices and the same mesh spans them."""
+    if devices is None or devices == 1:
+        return None
+    available = jax.devices()
+    count = len(available) if devices == 0 else devices
+    if not 1 <= count <= len(available):
+        raise ValueError(f"asked for {devices} devices but only {len(available)} are available "
+                         f"({available[0].platform}); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N adds more")
+    return Mesh(np.array(available[:count]), ("data",))
+
+
 def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransformation, batch_size: int,
-               grad: str = "manual") -> Callable:
+               grad: str | Callable = "manual", mesh: Mesh | None = None) -> Callable:
     """The jitted epoch ``(params, opt_state, x, y, key) -> (params, opt_state, mean loss)``.
 
     ``len(x) // batch_size`` minibatches per epoch (the few examples left over change with every epoch's
-    permutation); params and optimizer state are donated.
+    permutation); params and optimizer state are donated. With a ``mesh``, every minibatch is sharded along
+    its batch axis over the mesh's ``"data"`` axis while parameters stay replicated; XLA partitions the step and
+    inserts the all-reduce that sums the gradient, so the update is the single-device one.
     """
     value_and_grad_fn = gradient_function(net, loss, grad)
+    if mesh is not None and batch_size % mesh.size:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {mesh.size} devices")
+    shard = (lambda a: a) if mesh is None else (
+        lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
 
     def epoch(params, opt_state, x, y, key):
         steps = x.shape[0] // batch_size
@@ -87,14 +111,17 @@ def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransform
 
         def step(carry, batch):
             params, opt_state = carry
-            value, grads = value_and_grad_fn(params, x[batch], y[batch])
+            value, grads = value_and_grad_fn(params, shard(x[batch]), shard(y[batch]))
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), value
 
         (params, opt_state), values = jax.lax.scan(step, (params, opt_state), order)
         return params, opt_state, jnp.mean(values)
 
-    return jax.jit(epoch, donate_argnums=(0, 1))
+    if mesh is None:
+        return jax.jit(epoch, donate_argnums=(0, 1))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(epoch, donate_argnums=(0, 1), in_shardings=replicated, out_shardings=replicated)
 
 
 def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
@@ -132,6 +159,7 @@ def fit(
     resume: bool = False,
     config: dict | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    devices: int | None = None,
 ) -> FitResult:
     """Train ``net`` on ``data``; named after Keras's ``fit`` since it is the same job: epochs over a dataset.
 
@@ -144,12 +172,15 @@ def fit(
         batch_size: minibatch size; must not exceed the number of training examples.
         seed: seeds every epoch's shuffle (``fold_in(seed, epoch)``).
         grad: ``"manual"`` (hand-derived, the default) or ``"autodiff"`` (``jax.value_and_grad``), through the
-            same loop.
+            same loop; or a function ``(params, x, targets) -> (value, grads)`` such as
+            :func:`mnet.clipped_value_and_grad` for DP-SGD.
         checkpoint_path: if given, a training checkpoint (params, optimizer state, epoch, seed, history,
             ``config``) is written atomically after every epoch whose loss is finite.
         resume: continue from ``checkpoint_path`` if it exists (it must match the parameters and optimizer).
         config: JSON-serialisable description stored in the checkpoint; resuming refuses a different one.
         on_epoch: called as ``on_epoch(epoch, record)`` after every epoch, for progress display.
+        devices: data-parallel training over this many devices (0: all), batch sharded and parameters
+            replicated; None or 1 trains on the default device.
 
     Returns:
         :class:`FitResult` with the final params, optimizer state and :class:`History`.
@@ -159,8 +190,8 @@ def fit(
             still holds the last good epoch.
     """
     optimizer = optimizer or optax.adam(1e-3)
-    if grad not in GRADIENT_MODES:
-        raise ValueError(f"grad must be one of {GRADIENT_MODES}, got {grad!r}")
+    if not callable(grad) and grad not in GRADIENT_MODES:
+        raise ValueError(f"grad must be one of {GRADIENT_MODES} or a value_and_grad-like function, got {grad!r}")
     if not 0 < batch_size <= len(data.x_train):
         raise ValueError(f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}")
     params = jax.tree_util.tree_map(jnp.array, params)  # a private copy, since the epoch donates its buffers
@@ -177,7 +208,8 @@ def fit(
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     x_train, y_train = jnp.asarray(data.x_train, dtype), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test, dtype), jnp.asarray(data.y_test)
-    run_epoch = make_epoch(net, loss, optimizer, batch_size, grad)
+    mesh = data_parallel_mesh(devices)
+    run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, mesh)
     evaluate = make_evaluate(net, loss)
 
     for epoch in range(start + 1, epochs + 1):

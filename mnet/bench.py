@@ -1,0 +1,319 @@
+"""Benchmarks: hand-derived against autodiff (and optional other frameworks), side by side in one process.
+
+Method: every contender is compiled and warmed up first; then the contenders of a row are timed in turn,
+round after round (interleaved, so drift and noise hit all of them alike), and each reports the median of its
+rounds. Throughput is set against the machine's float32 matmul peak measured in the same run (a jitted
+2048 x 2048 x 2048 product). Like :mod:`mnet.check`, this module calls ``jax.grad``: autodiff is a contender.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mnet import derivatives
+from mnet.backprop import value_and_grad
+from mnet.check import autodiff_value_and_grad
+from mnet.combinators import mlp
+from mnet.layers import Layer
+from mnet.losses import softmax_cross_entropy
+
+
+@dataclass
+class Row:
+    """One workload: its contenders' median seconds per call, and derived figures."""
+
+    name: str
+    description: str
+    seconds: dict[str, float]
+    baseline: str
+    extra: dict = field(default_factory=dict)
+
+    def ratios(self) -> dict[str, float]:
+        """Each contender's speed-up over the baseline (baseline time / contender time)."""
+        base = self.seconds[self.baseline]
+        return {name: base / s for name, s in self.seconds.items()}
+
+
+def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int, number: int = 1) -> dict[str, float]:
+    """Median seconds per call of each contender; ``number`` calls per timing, contenders interleaved per round."""
+    for fn in contenders.values():  # compile and warm up
+        jax.block_until_ready(fn())
+        jax.block_until_ready(fn())
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            for _ in range(number):
+                out = fn()
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - start) / number)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def matmul_peak_gflops(n: int = 2048, rounds: int = 10, dtype=jnp.float32) -> float:
+    """Measured GFLOP/s of a jitted ``n x n x n`` product (``2 n^3`` flops)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    product = jax.jit(lambda a, b: a @ b)
+    seconds = interleaved_medians({"matmul": lambda: product(a, b)}, rounds)["matmul"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def _mlp_problem(widths: list[int], batch: int, seed: int = 0, dtype=jnp.float32, compute_dtype: str | None = None):
+    net = mlp(widths[1:], compute_dtype=compute_dtype)
+    _, params = net.init(jax.random.key(seed), (widths[0],), dtype)
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, widths[0]), dtype)
+    labels = jax.random.randint(jax.random.key(seed + 2), (batch,), 0, widths[-1])
+    return net, params, x, labels
+
+
+def _weights(widths: list[int]) -> int:
+    return sum(a * b for a, b in zip(widths, widths[1:]))
+
+
+def _train_step(net: Layer, grad_fn, lr: float = 1e-2):
+    optimizer = optax.sgd(lr)
+
+    def step(params, opt_state, x, y):
+        value, grads = grad_fn(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return optimizer, step
+
+
+def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype: str | None = None,
+                      name: str = "W1") -> Row:
+    """One SGD training step (forward, backward, update), hand-derived vs ``jax.grad``; float32 parameters,
+    products in ``compute_dtype`` (mixed precision) when given."""
+    net, params, x, y = _mlp_problem(widths, batch, compute_dtype=compute_dtype)
+    loss = softmax_cross_entropy
+    contenders = {}
+    for label, grad_fn in (("hand", value_and_grad(net, loss)), ("jax.grad", autodiff_value_and_grad(net, loss))):
+        optimizer, step = _train_step(net, grad_fn)
+        jitted = jax.jit(step)
+        state = optimizer.init(params)
+        contenders[label] = lambda jitted=jitted, state=state: jitted(params, state, x, y)
+    seconds = interleaved_medians(contenders, rounds, number=3)
+    flops = 6 * batch * _weights(widths)
+    precision = f"{compute_dtype} compute, float32 params" if compute_dtype else "float32"
+    extra = {"gflops_per_s": {k: flops / s / 1e9 for k, s in seconds.items()}, "flops_per_step": flops,
+             "precision": precision}
+    return Row(name, f"training step, MLP {'-'.join(map(str, widths))}, batch {batch}, {precision}",
+               seconds, "jax.grad", extra)
+
+
+def row_fused_training(widths: list[int], batch: int, steps: int, rounds: int) -> Row:
+    """``steps`` SGD steps: fused in one ``lax.scan`` (hand and autodiff) vs a Python loop of jitted steps."""
+    net, params, x, y = _mlp_problem(widths, batch)
+    loss = softmax_cross_entropy
+    contenders = {}
+    for label, grad_fn in (("hand scan", value_and_grad(net, loss)), ("jax.grad scan", autodiff_value_and_grad(net, loss))):
+        optimizer, step = _train_step(net, grad_fn)
+
+        def run(params, state, step=step):
+            def body(carry, _):
+                p, s, _ = step(*carry, x, y)
+                return (p, s), None
+
+            (params, state), _ = jax.lax.scan(body, (params, state), None, length=steps)
+            return params
+
+        jitted = jax.jit(run)
+        state = optimizer.init(params)
+        contenders[label] = lambda jitted=jitted, state=state: jitted(params, state)
+    optimizer, step = _train_step(net, value_and_grad(net, loss))
+    jitted_step = jax.jit(step)
+
+    def python_loop():
+        p, s = params, optimizer.init(params)
+        for _ in range(steps):
+            p, s, _ = jitted_step(p, s, x, y)
+        return p
+
+    contenders["hand python loop"] = python_loop
+    torch_loop = _torch_training_loop(widths, batch, steps)
+    if torch_loop is not None:
+        contenders["pytorch eager loop"] = torch_loop
+    seconds = interleaved_medians(contenders, rounds)
+    extra = {"steps_per_s": {k: steps / s for k, s in seconds.items()}}
+    return Row("W2", f"{steps} training steps, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds,
+               "hand python loop", extra)
+
+
+def _torch_training_loop(widths: list[int], batch: int, steps: int):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(batch, widths[0])
+    y = torch.randint(0, widths[-1], (batch,))
+
+    def loop():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return jnp.zeros(())
+
+    return loop
+
+
+def row_compile_time(widths: list[int], batch: int, rounds: int) -> Row:
+    """Seconds to lower and compile the jitted training step (fresh each round, caches cleared)."""
+    net, params, x, y = _mlp_problem(widths, batch)
+    loss = softmax_cross_entropy
+    samples: dict[str, list[float]] = {"hand": [], "jax.grad": []}
+    for _ in range(rounds):
+        for label, grad_fn in (("hand", value_and_grad(net, loss)), ("jax.grad", autodiff_value_and_grad(net, loss))):
+            optimizer, step = _train_step(net, grad_fn)
+            jax.clear_caches()
+            start = time.perf_counter()
+            jax.jit(step).lower(params, optimizer.init(params), x, y).compile()
+            samples[label].append(time.perf_counter() - start)
+    seconds = {k: statistics.median(v) for k, v in samples.items()}
+    return Row("W3", f"compile the training step, MLP {'-'.join(map(str, widths))}", seconds, "jax.grad")
+
+
+def row_per_example_norms(widths: list[int], batch: int, rounds: int) -> Row:
+    net, params, x, y = _mlp_problem(widths, batch)
+    loss = softmax_cross_entropy
+    hand = jax.jit(derivatives.per_example_grad_norms(net, loss))
+    one = lambda p, xb, yb: loss.value(net.apply(p, xb[None]), yb[None])  # noqa: E731
+
+    def vmapped(params, x, y):
+        grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+        return jnp.sqrt(sum(jnp.sum(g.reshape(batch, -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(grads)))
+
+    auto = jax.jit(vmapped)
+    seconds = interleaved_medians({"hand": lambda: hand(params, x, y), "vmap(jax.grad)": lambda: auto(params, x, y)}, rounds)
+    return Row("D1", f"per-example gradient norms, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds,
+               "vmap(jax.grad)")
+
+
+def row_per_example_grads(widths: list[int], batch: int, rounds: int) -> Row:
+    net, params, x, y = _mlp_problem(widths, batch)
+    loss = softmax_cross_entropy
+    hand = jax.jit(derivatives.per_example_grads(net, loss))
+    one = lambda p, xb, yb: loss.value(net.apply(p, xb[None]), yb[None])  # noqa: E731
+    auto = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))
+    seconds = interleaved_medians({"hand": lambda: hand(params, x, y), "vmap(jax.grad)": lambda: auto(params, x, y)}, rounds)
+    return Row("D2", f"per-example gradients, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds,
+               "vmap(jax.grad)")
+
+
+def _contract(j1, j2, b1, b2):
+    return sum(jnp.einsum("ap,cp->ac", a.reshape(b1, -1), b.reshape(b2, -1))
+               for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2)))
+
+
+def row_ntk(widths: list[int], batch: int, rounds: int, name: str, forward_mode: bool = True) -> Row:
+    """The kernel by the layer-structured formula vs contracting autodiff Jacobians. ``forward_mode`` adds
+    ``jax.jacfwd`` (one tangent per parameter: minutes at width 512, so left out there)."""
+    net, params, x, _ = _mlp_problem(widths, batch)
+    x2 = x[::-1] + 0.1
+    hand = jax.jit(derivatives.ntk(net))
+    via_jacrev = jax.jit(lambda p, a, b: _contract(jax.jacrev(net.apply)(p, a), jax.jacrev(net.apply)(p, b), batch, batch))
+    contenders = {"hand": lambda: hand(params, x, x2), "jacrev contraction": lambda: via_jacrev(params, x, x2)}
+    if forward_mode:
+        via_jacfwd = jax.jit(lambda p, a, b: _contract(jax.jacfwd(net.apply)(p, a), jax.jacfwd(net.apply)(p, b), batch, batch))
+        contenders["jacfwd contraction"] = lambda: via_jacfwd(params, x, x2)
+    seconds = interleaved_medians(contenders, rounds)
+    return Row(name, f"empirical NTK, MLP {'-'.join(map(str, widths))}, batch {batch} x {batch}", seconds,
+               "jacrev contraction")
+
+
+def row_jacobian(widths: list[int], batch: int, rounds: int, forward_mode: bool = True) -> Row:
+    net, params, x, _ = _mlp_problem(widths, batch)
+    hand = jax.jit(derivatives.jacobian(net))
+    rev = jax.jit(jax.jacrev(net.apply))
+    contenders = {"hand": lambda: hand(params, x), "jax.jacrev": lambda: rev(params, x)}
+    if forward_mode:
+        fwd = jax.jit(jax.jacfwd(net.apply))
+        contenders["jax.jacfwd"] = lambda: fwd(params, x)
+    seconds = interleaved_medians(contenders, rounds)
+    return Row("D4", f"output-parameter Jacobian, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds, "jax.jacrev")
+
+
+def machine() -> dict:
+    devices = jax.devices()
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__,
+            "backend": jax.default_backend(), "devices": [d.device_kind for d in devices]}
+
+
+def run(quick: bool = False, only: set[str] | None = None, large: bool = False) -> dict:
+    """Run the suite. ``quick`` shrinks sizes and repetitions so that it finishes in seconds (a smoke test);
+    ``large`` adds the accelerator-sized training step (MLP 4096-4096-4096-4096, batch 4096, float32 and bfloat16)."""
+    r = 3 if quick else 30
+    plans: dict[str, Callable[[], Row]] = {
+        "W1": lambda: row_training_step([784, 128, 128, 10] if quick else [784, 1024, 1024, 10], 64 if quick else 256, r),
+        "W1bf16": lambda: row_training_step([784, 128, 128, 10] if quick else [784, 1024, 1024, 10],
+                                            64 if quick else 256, r, "bfloat16", "W1bf16"),
+        "W2": lambda: row_fused_training([64, 32, 10], 64, 50 if quick else 1000, r if quick else 15),
+        "W3": lambda: row_compile_time([784, 128, 10] if quick else [784, 1024, 1024, 10], 32, 2 if quick else 5),
+        "D1": lambda: row_per_example_norms([784, 64, 10] if quick else [784, 512, 512, 10], 32 if quick else 256, r),
+        "D2": lambda: row_per_example_grads([784, 64, 10] if quick else [784, 512, 512, 10], 32 if quick else 256, r),
+        "D3": lambda: row_ntk([32, 64, 64, 8], 16, r, "D3", forward_mode=not quick),
+        "D3w": lambda: row_ntk([32, 128, 128, 8] if quick else [32, 512, 512, 8], 16, 3 if quick else 7, "D3w",
+                               forward_mode=False),
+        "D4": lambda: row_jacobian([32, 64, 64, 8], 16, r, forward_mode=not quick),
+    }
+    if large:
+        plans["L1"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, None, "L1")
+        plans["L1bf16"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, "bfloat16", "L1bf16")
+    unknown = sorted((only or set()) - set(plans))
+    if unknown:
+        raise ValueError(f"unknown benchmark row(s) {', '.join(unknown)}; known: {', '.join(plans)}")
+    rows = [plan() for name, plan in plans.items() if only is None or name in only]
+    return {"machine": machine(), "matmul_peak_gflops": matmul_peak_gflops(512 if quick else 2048, 3 if quick else 10),
+            "quick": quick, "rows": [{**asdict(row), "ratios": row.ratios()} for row in rows]}
+
+
+def format_table(result: dict) -> str:
+    peak = result["matmul_peak_gflops"]
+    lines = [f"machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
+             f"backend {result['machine']['backend']}, jax {result['machine']['jax']}; "
+             f"measured float32 matmul peak {peak:.1f} GFLOP/s", ""]
+    header = f"{'row':<5}{'contender':<22}{'median':>12}{'speed-up':>10}  notes"
+    lines += [header, "-" * len(header)]
+    for row in result["rows"]:
+        lines.append(f"{row['name']:<5}{row['description']}")
+        for name, seconds in row["seconds"].items():
+            note = ""
+            if "gflops_per_s" in row["extra"]:
+                g = row["extra"]["gflops_per_s"][name]
+                note = f"{g:.1f} GFLOP/s = {g / peak:.0%} of peak"
+            if "steps_per_s" in row["extra"]:
+                note = f"{row['extra']['steps_per_s'][name]:,.0f} steps/s"
+            time_text = f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"
+            lines.append(f"{'':<5}{name:<22}{time_text:>12}{row['ratios'][name]:>9.2f}x  {note}".rstrip())
+    return "\n".join(lines)
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def all_positive(result: dict) -> bool:
+    return all(_finite(s) for row in result["rows"] for s in row["seconds"].values())
+
+
+__all__ = ["Row", "all_positive", "format_table", "interleaved_medians", "matmul_peak_gflops", "run"]
+_ = np  # numpy is used by optional contenders

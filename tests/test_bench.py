@@ -1,0 +1,24 @@
+"""`mnet bench --quick --json` runs in seconds and reports every row with positive times."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_quick_json():
+    result = subprocess.run([sys.executable, "-m", "mnet", "bench", "--quick", "--json"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["matmul_peak_gflops"] > 0 and data["machine"]["backend"]
+    names = {row["name"] for row in data["rows"]}
+    assert {"W1", "W1bf16", "W2", "W3", "D1", "D2", "D3", "D3w", "D4"} <= names
+    for row in data["rows"]:
+        assert row["seconds"] and all(s > 0 for s in row["seconds"].values()), row
+        assert row["ratios"][row["baseline"]] == 1.0
+
+
+def test_bench_bad_row_name_is_one_line():
+    result = subprocess.run([sys.executable, "-m", "mnet", "bench", "--quick", "--rows", "W9"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "W9" in result.stderr

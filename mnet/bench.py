@@ -1,8 +1,9 @@
 """Benchmarks: hand-derived against autodiff (and optional other frameworks), side by side in one process.
 
 Method: every contender is compiled and warmed up first; then the contenders of a row are timed in turn,
-round after round (interleaved, so drift and noise hit all of them alike), and each reports the median of its
-rounds. Throughput is set against the machine's float32 matmul peak measured in the same run (a jitted
+round after round (interleaved, so drift and noise hit all of them alike), each sample preceded by one untimed
+call and long enough (calibrated number of calls) that dispatch overhead does not dominate, and each reports
+the median of its rounds. Throughput is set against the machine's float32 matmul peak measured in the same run (a jitted
 2048 x 2048 x 2048 product). Like :mod:`mnet.check`, this module calls ``jax.grad``: autodiff is a contender.
 """
 
@@ -17,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mnet import derivatives
@@ -44,19 +44,35 @@ class Row:
         return {name: base / s for name, s in self.seconds.items()}
 
 
-def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int, number: int = 1) -> dict[str, float]:
-    """Median seconds per call of each contender; ``number`` calls per timing, contenders interleaved per round."""
-    for fn in contenders.values():  # compile and warm up
+#: Each timing sample lasts at least this long (as timeit's autorange): a single call of a millisecond-scale
+#: function is dominated by dispatch and synchronisation, which once inflated a 2.7 ms function to 6 ms.
+SAMPLE_SECONDS = 0.02
+
+
+def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int, number: int | None = None) -> dict[str, float]:
+    """Median seconds per call of each contender, the contenders interleaved round by round.
+
+    Each sample times ``number`` back-to-back calls; by default ``number`` is calibrated per contender so that
+    a sample lasts at least :data:`SAMPLE_SECONDS`.
+    """
+    numbers = {}
+    for name, fn in contenders.items():  # compile, warm up, calibrate
         jax.block_until_ready(fn())
+        start = time.perf_counter()
         jax.block_until_ready(fn())
+        once = time.perf_counter() - start
+        numbers[name] = number or max(1, min(1000, math.ceil(SAMPLE_SECONDS / max(once, 1e-6))))
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            # One untimed call first: the contender before may have left caches and the allocator in a state
+            # (a vmap(jax.grad) writing 690 MB of per-example gradients once nearly doubled the next one's time).
+            jax.block_until_ready(fn())
             start = time.perf_counter()
-            for _ in range(number):
+            for _ in range(numbers[name]):
                 out = fn()
             jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - start) / number)
+            samples[name].append((time.perf_counter() - start) / numbers[name])
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -104,7 +120,7 @@ def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype:
         jitted = jax.jit(step)
         state = optimizer.init(params)
         contenders[label] = lambda jitted=jitted, state=state: jitted(params, state, x, y)
-    seconds = interleaved_medians(contenders, rounds, number=3)
+    seconds = interleaved_medians(contenders, rounds)
     flops = 6 * batch * _weights(widths)
     precision = f"{compute_dtype} compute, float32 params" if compute_dtype else "float32"
     extra = {"gflops_per_s": {k: flops / s / 1e9 for k, s in seconds.items()}, "flops_per_step": flops,
@@ -218,21 +234,17 @@ def row_per_example_grads(widths: list[int], batch: int, rounds: int) -> Row:
                "vmap(jax.grad)")
 
 
-def _contract(j1, j2, b1, b2):
-    return sum(jnp.einsum("ap,cp->ac", a.reshape(b1, -1), b.reshape(b2, -1))
-               for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2)))
-
-
 def row_ntk(widths: list[int], batch: int, rounds: int, name: str, forward_mode: bool = True) -> Row:
     """The kernel by the layer-structured formula vs contracting autodiff Jacobians. ``forward_mode`` adds
     ``jax.jacfwd`` (one tangent per parameter: minutes at width 512, so left out there)."""
     net, params, x, _ = _mlp_problem(widths, batch)
     x2 = x[::-1] + 0.1
     hand = jax.jit(derivatives.ntk(net))
-    via_jacrev = jax.jit(lambda p, a, b: _contract(jax.jacrev(net.apply)(p, a), jax.jacrev(net.apply)(p, b), batch, batch))
+    contract = derivatives.contract_jacobians
+    via_jacrev = jax.jit(lambda p, a, b: contract(jax.jacrev(net.apply)(p, a), jax.jacrev(net.apply)(p, b)))
     contenders = {"hand": lambda: hand(params, x, x2), "jacrev contraction": lambda: via_jacrev(params, x, x2)}
     if forward_mode:
-        via_jacfwd = jax.jit(lambda p, a, b: _contract(jax.jacfwd(net.apply)(p, a), jax.jacfwd(net.apply)(p, b), batch, batch))
+        via_jacfwd = jax.jit(lambda p, a, b: contract(jax.jacfwd(net.apply)(p, a), jax.jacfwd(net.apply)(p, b)))
         contenders["jacfwd contraction"] = lambda: via_jacfwd(params, x, x2)
     seconds = interleaved_medians(contenders, rounds)
     return Row(name, f"empirical NTK, MLP {'-'.join(map(str, widths))}, batch {batch} x {batch}", seconds,
@@ -306,14 +318,3 @@ def format_table(result: dict) -> str:
             lines.append(f"{'':<5}{name:<22}{time_text:>12}{row['ratios'][name]:>9.2f}x  {note}".rstrip())
     return "\n".join(lines)
 
-
-def _finite(value: float) -> bool:
-    return math.isfinite(value) and value > 0
-
-
-def all_positive(result: dict) -> bool:
-    return all(_finite(s) for row in result["rows"] for s in row["seconds"].values())
-
-
-__all__ = ["Row", "all_positive", "format_table", "interleaved_medians", "matmul_peak_gflops", "run"]
-_ = np  # numpy is used by optional contenders

@@ -179,10 +179,16 @@ def ntk(net: Layer) -> Callable[[Params, Array, Array], Array]:
             return net.ntk_contribution(params, cache1, cache2, _output_basis(y1), _output_basis(y2))
         except NotImplementedError:
             jac = jacobian(net)
-            j1, j2 = jac(params, x1), jac(params, x2)
-            total = jnp.zeros((x1.shape[0], x2.shape[0]), y1.dtype)
-            for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2)):
-                total = total + jnp.einsum("ap,cp->ac", a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
-            return total
+            return contract_jacobians(jac(params, x1), jac(params, x2))
 
     return ntk_fn
+
+
+def contract_jacobians(jacobian1: Params, jacobian2: Params) -> Array:
+    """The NTK from two materialised Jacobians (leaves ``(batch, *output_shape, *leaf.shape)``): the inner product
+    of example ``a``'s and example ``c``'s Jacobians over outputs and parameters, summed over the leaves."""
+    leaves1, leaves2 = jax.tree_util.tree_leaves(jacobian1), jax.tree_util.tree_leaves(jacobian2)
+    total = jnp.zeros((leaves1[0].shape[0], leaves2[0].shape[0]), leaves1[0].dtype)
+    for a, b in zip(leaves1, leaves2):
+        total = total + jnp.einsum("ap,cp->ac", a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+    return total

@@ -6,7 +6,7 @@ from mnet.train import fit
 from mnet.backprop import grad, value_and_grad, with_manual_backward
 from mnet.checkpoint import load_params, save_params
 from mnet.check import GradientReport, autodiff_value_and_grad, compare_cost, compare_gradients
-from mnet.combinators import Serial, mlp, serial
+from mnet.combinators import Parallel, Residual, Serial, mlp, parallel, residual, serial
 from mnet.derivatives import (
     clipped_value_and_grad,
     dp_noise,
@@ -18,12 +18,14 @@ from mnet.derivatives import (
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
 from mnet.layers import (
     Dense,
+    Dropout,
     Elementwise,
     Elu,
     Flatten,
     Gelu,
     Identity,
     Layer,
+    LayerNorm,
     LeakyRelu,
     Policy,
     Relu,
@@ -39,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "Dense",
+    "Dropout",
     "DivergenceError",
     "Elementwise",
     "Elu",
@@ -48,11 +51,14 @@ __all__ = [
     "Identity",
     "Layer",
     "LayerError",
+    "LayerNorm",
     "LeakyRelu",
     "LossError",
     "MnetError",
+    "Parallel",
     "Policy",
     "Relu",
+    "Residual",
     "Serial",
     "Sigmoid",
     "Softmax",
@@ -74,8 +80,10 @@ __all__ = [
     "losses",
     "mlp",
     "ntk",
+    "parallel",
     "per_example_grad_norms",
     "per_example_grads",
+    "residual",
     "save_params",
     "serial",
     "train",

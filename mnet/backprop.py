@@ -27,23 +27,30 @@ def value_and_grad(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], t
 
     Returns:
         A pure function, to be wrapped in ``jax.jit`` as usual; the same signature as
-        :func:`mnet.autodiff_value_and_grad`, its reference.
+        :func:`mnet.autodiff_value_and_grad`, its reference. For a network with dropout, pass
+        ``key=...`` and ``train=True`` to draw (and differentiate through) a training-mode mask.
     """
 
-    def value_and_grad_fn(params: Params, x: Array, targets: Array) -> tuple[Array, Params]:
-        outputs, cache = net.forward(params, x)
+    def value_and_grad_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None,
+                          train: bool = False) -> tuple[Array, Params]:
+        outputs, cache = forward(net, params, x, key, train)
         grads, _ = net.backward(params, cache, loss.grad(outputs, targets))
         return loss.value(outputs, targets), grads
 
     return value_and_grad_fn
 
 
+def forward(net: Layer, params: Params, x: Array, key: Array | None = None, train: bool = False):
+    """``net.forward`` with the key and train flag passed only to a network that has randomness."""
+    return net.forward(params, x, key=key, train=train) if net.stochastic else net.forward(params, x)
+
+
 def grad(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], Params]:
-    """Hand-derived gradient alone: ``f(params, x, targets) -> grads``."""
+    """Hand-derived gradient alone: ``f(params, x, targets, *, key=None, train=False) -> grads``."""
     value_and_grad_fn = value_and_grad(net, loss)
 
-    def grad_fn(params: Params, x: Array, targets: Array) -> Params:
-        return value_and_grad_fn(params, x, targets)[1]
+    def grad_fn(params: Params, x: Array, targets: Array, **kwargs) -> Params:
+        return value_and_grad_fn(params, x, targets, **kwargs)[1]
 
     return grad_fn
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnet.backprop import forward, value_and_grad
 from mnet.combinators import Serial
 from mnet.layers import Array, Layer, Params
 from mnet.losses import Loss
@@ -48,8 +49,8 @@ def autodiff_value_and_grad(net: Layer, loss: Loss) -> Callable[[Params, Array, 
     Same signature as :func:`mnet.value_and_grad`, so either plugs into the same training or checking code.
     """
 
-    def objective(params: Params, x: Array, targets: Array) -> Array:
-        return loss.value(net.apply(params, x), targets)
+    def objective(params: Params, x: Array, targets: Array, *, key=None, train: bool = False) -> Array:
+        return loss.value(forward(net, params, x, key, train)[0], targets)
 
     return jax.value_and_grad(objective)
 
@@ -351,7 +352,7 @@ def compare_gradients(
         A :class:`GradientReport`; ``report.ok`` is the verdict, ``str(report)`` a table, ``report.to_dict()``
         plain data.
     """
-    value, grads = jax.jit(_hand_value_and_grad(net, loss))(params, x, targets)
+    value, grads = jax.jit(value_and_grad(net, loss))(params, x, targets)
     reference_value, grads_ref = jax.jit(autodiff_value_and_grad(net, loss))(params, x, targets)
     dtype = str(jax.tree_util.tree_leaves(grads)[0].dtype) if jax.tree_util.tree_leaves(grads) else str(jnp.asarray(x).dtype)
     differences = (_finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed)
@@ -378,12 +379,6 @@ def compare_gradients(
     )
 
 
-def _hand_value_and_grad(net, loss):
-    from mnet.backprop import value_and_grad  # backprop sits below check in the layering
-
-    return value_and_grad(net, loss)
-
-
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -401,7 +396,7 @@ def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Arra
     warm-up, the two contenders interleaved so that machine noise hits both alike); and ``time_ratio``
     (hand / autodiff; below 1 means the hand-derived path is faster).
     """
-    contenders = {"hand": _hand_value_and_grad(net, loss), "autodiff": autodiff_value_and_grad(net, loss)}
+    contenders = {"hand": value_and_grad(net, loss), "autodiff": autodiff_value_and_grad(net, loss)}
     result = {}
     compiled = {}
     for name, fn in contenders.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,16 @@ import jax.numpy as jnp
 
 from mnet.errors import LayerError
 from mnet.layers import ACTIVATIONS_BY_NAME, Array, Cache, Dense, Layer, Params, Policy, Shape, _describe
+
+
+def _split(key: Array | None, count: int) -> list:
+    """One key per child (or None for each when no key was given)."""
+    return [None] * count if key is None else list(jax.random.split(key, count))
+
+
+def _forward(layer: Layer, params: Params, x: Array, key: Array | None, train: bool):
+    """Call a child's forward, with the key and train flag only if the child has randomness."""
+    return layer.forward(params, x, key=key, train=train) if layer.stochastic else layer.forward(params, x)
 
 
 def _located(index: int, error: LayerError) -> LayerError:
@@ -38,6 +49,10 @@ class Serial(Layer):
     def __len__(self) -> int:
         return len(self.layers)
 
+    @property
+    def stochastic(self) -> bool:
+        return any(layer.stochastic for layer in self.layers)
+
     def __getitem__(self, index):
         return self.layers[index]
 
@@ -61,12 +76,13 @@ class Serial(Layer):
                 f"expects a tuple of {len(self.layers)} parameter entries (one per layer), got {_describe(params)}",
             )
 
-    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
         self._check_params(params)
+        keys = _split(key, len(self.layers))
         caches = []
         for index, (layer, layer_params) in enumerate(zip(self.layers, params)):
             try:
-                x, cache = layer.forward(layer_params, x)
+                x, cache = _forward(layer, layer_params, x, keys[index], train)
             except LayerError as error:
                 raise _located(index, error) from None
             caches.append(cache)
@@ -103,6 +119,169 @@ class Serial(Layer):
                 dys1 = jax.vmap(lambda dy, c=caches1[index]: layer.backward(layer_params, c, dy)[1])(dys1)
                 dys2 = jax.vmap(lambda dy, c=caches2[index]: layer.backward(layer_params, c, dy)[1])(dys2)
         return total
+
+
+@dataclass(frozen=True, repr=False)
+class Residual(Layer):
+    """``y = x + block(x)``: a skip connection around any block whose output has its input's shape.
+
+    Backward: the skip passes ``dy`` straight through and the block adds its own input gradient,
+    ``dx = dy + block.backward(params, cache, dy).dx``; the block's parameter gradients are the residual's.
+    Params are the block's params.
+    """
+
+    block: Layer
+
+    def __repr__(self) -> str:
+        return f"residual({self.block!r})"
+
+    @property
+    def stochastic(self) -> bool:
+        return self.block.stochastic
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        try:
+            output_shape, params = self.block.init(key, input_shape, dtype)
+        except LayerError as error:
+            raise _located(0, error) from None
+        if tuple(output_shape) != tuple(input_shape):
+            raise LayerError(self, f"the block maps shape {tuple(input_shape)} to {tuple(output_shape)}; "
+                                   "a residual block must keep the shape")
+        return tuple(input_shape), params
+
+    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+        try:
+            y, cache = _forward(self.block, params, x, key, train)
+        except LayerError as error:
+            raise _located(0, error) from None
+        if y.shape != x.shape:
+            raise LayerError(self, f"the block maps shape {tuple(x.shape)} to {tuple(y.shape)}; it must keep the shape")
+        return x + y, cache
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        grads, dx = self.block.backward(params, cache, dy)
+        return grads, dy + dx
+
+    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        grads, dx = self.block.per_example_backward(params, cache, dy)
+        return grads, dy + dx
+
+    def per_example_sq_norms(self, params: Params, cache: Cache, dy: Array) -> tuple[Array, Array]:
+        sq, dx = self.block.per_example_sq_norms(params, cache, dy)
+        return sq, dy + dx
+
+    def ntk_contribution(self, params: Params, cache1: Cache, cache2: Cache, dys1: Array, dys2: Array) -> Array:
+        """The skip has no parameters: the block receives the residual's own output cotangents."""
+        return self.block.ntk_contribution(params, cache1, cache2, dys1, dys2)
+
+
+@dataclass(frozen=True, repr=False)
+class Parallel(Layer):
+    """Fan-out: every block sees the same input; outputs are summed (``combine="sum"``) or concatenated along
+    the last axis (``combine="concat"``).
+
+    Backward: each block receives its share of ``dy`` (all of it for a sum, its slice for a concatenation) and the
+    input gradient is the sum of the blocks' input gradients, since ``x`` feeds every block. Params are a tuple
+    with one entry per block.
+    """
+
+    blocks: tuple[Layer, ...]
+    combine: str = "concat"
+
+    def __post_init__(self):
+        if self.combine not in ("sum", "concat"):
+            raise ValueError(f"parallel: combine must be 'sum' or 'concat', got {self.combine!r}")
+        if not self.blocks:
+            raise ValueError("parallel needs at least one block")
+
+    def __repr__(self) -> str:
+        return f"parallel({', '.join(map(repr, self.blocks))}, combine={self.combine!r})"
+
+    @property
+    def stochastic(self) -> bool:
+        return any(block.stochastic for block in self.blocks)
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shapes, params = [], []
+        for index, (block, block_key) in enumerate(zip(self.blocks, jax.random.split(key, len(self.blocks)))):
+            try:
+                shape, block_params = block.init(block_key, input_shape, dtype)
+            except LayerError as error:
+                raise _located(index, error) from None
+            shapes.append(tuple(shape))
+            params.append(block_params)
+        if self.combine == "sum" and len(set(shapes)) > 1:
+            raise LayerError(self, f"combine='sum' needs equal block output shapes, got {shapes}")
+        if self.combine == "concat" and len({shape[:-1] for shape in shapes}) > 1:
+            raise LayerError(self, f"combine='concat' needs block outputs equal but for the last axis, got {shapes}")
+        out = shapes[0] if self.combine == "sum" else shapes[0][:-1] + (sum(shape[-1] for shape in shapes),)
+        return out, tuple(params)
+
+    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+        if not isinstance(params, tuple) or len(params) != len(self.blocks):
+            raise LayerError(self, f"expects a tuple of {len(self.blocks)} parameter entries, got {_describe(params)}")
+        outputs, caches = [], []
+        for index, (block, block_params, block_key) in enumerate(zip(self.blocks, params, _split(key, len(self.blocks)))):
+            try:
+                y, cache = _forward(block, block_params, x, block_key, train)
+            except LayerError as error:
+                raise _located(index, error) from None
+            outputs.append(y)
+            caches.append(cache)
+        if self.combine == "sum":
+            return sum(outputs[1:], outputs[0]), tuple(caches)
+        # The widths are recorded as zero-size arrays so that backward can split dy (see Flatten).
+        widths = tuple(jnp.zeros((0, y.shape[-1]), y.dtype) for y in outputs)
+        return jnp.concatenate(outputs, axis=-1), (tuple(caches), widths)
+
+    def _shares(self, caches: Cache, dy: Array) -> tuple[tuple, list[Array]]:
+        """Each block's cache and its part of the output cotangent(s) (works on a leading stack axis too)."""
+        if self.combine == "sum":
+            return caches, [dy] * len(self.blocks)
+        caches, widths = caches
+        bounds = list(itertools.accumulate(w.shape[1] for w in widths))[:-1]  # static: the widths are shapes
+        return caches, jnp.split(dy, bounds, axis=-1)
+
+    def _combined(self, method: str, params: Params, caches: Cache, dy: Array):
+        caches, shares = self._shares(caches, dy)
+        results = [getattr(block, method)(p, c, d) for block, p, c, d in zip(self.blocks, params, caches, shares)]
+        return results, sum((dx for _, dx in results[1:]), results[0][1])
+
+    def backward(self, params: Params, caches: Cache, dy: Array) -> tuple[Params, Array]:
+        results, dx = self._combined("backward", params, caches, dy)
+        return tuple(grads for grads, _ in results), dx
+
+    def per_example_backward(self, params: Params, caches: Cache, dy: Array) -> tuple[Params, Array]:
+        results, dx = self._combined("per_example_backward", params, caches, dy)
+        return tuple(grads for grads, _ in results), dx
+
+    def per_example_sq_norms(self, params: Params, caches: Cache, dy: Array) -> tuple[Array, Array]:
+        results, dx = self._combined("per_example_sq_norms", params, caches, dy)
+        return sum((sq for sq, _ in results[1:]), results[0][0]), dx
+
+    def ntk_contribution(self, params: Params, caches1: Cache, caches2: Cache, dys1: Array, dys2: Array) -> Array:
+        caches1, shares1 = self._shares(caches1, dys1)
+        caches2, shares2 = self._shares(caches2, dys2)
+        parts = [block.ntk_contribution(p, c1, c2, d1, d2)
+                 for block, p, c1, c2, d1, d2 in zip(self.blocks, params, caches1, caches2, shares1, shares2)]
+        return sum(parts[1:], parts[0])
+
+
+def residual(block: Layer) -> Residual:
+    """``x + block(x)``; ``mnet.residual(mnet.serial(mnet.Dense(64), mnet.Relu(), mnet.Dense(64)))`` is a
+    ResNet-style block in one line."""
+    if not isinstance(block, Layer):
+        raise TypeError(f"residual: {block!r} is not a layer")
+    return Residual(block)
+
+
+def parallel(*blocks: Layer, combine: str = "concat") -> Parallel:
+    """Fan-out to ``blocks`` on the same input, outputs summed (``combine="sum"``) or concatenated on the last
+    axis (``"concat"``, the default)."""
+    for index, block in enumerate(blocks):
+        if not isinstance(block, Layer):
+            raise TypeError(f"parallel: argument {index} is {block!r}, not a layer")
+    return Parallel(tuple(blocks), combine)
 
 
 def serial(*layers: Layer) -> Serial:

@@ -37,7 +37,13 @@ def default_float_dtype() -> jnp.dtype:
 
 class Layer:
     """Base class of every layer. Subclasses are frozen dataclasses (immutable and hashable) and define
-    ``init``, ``forward`` and ``backward``; ``apply`` follows from ``forward``."""
+    ``init``, ``forward`` and ``backward``; ``apply`` follows from ``forward``.
+
+    A layer with randomness (dropout) sets ``stochastic = True`` and takes
+    ``forward(params, x, *, key=None, train=False)``; combinators pass a key and the train flag only to
+    stochastic children, so the deterministic call ``forward(params, x)`` works for every network."""
+
+    stochastic = False
 
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         raise NotImplementedError
@@ -463,3 +469,108 @@ ACTIVATIONS_BY_NAME: dict[str, type[Elementwise]] = {
     "softplus": Softplus,
     "identity": Identity,
 }
+
+
+@dataclass(frozen=True, repr=False)
+class LayerNorm(Layer):
+    """Normalise each example over its last axis, then scale and shift: ``y = gamma * xhat + beta``.
+
+    Forward, per row of ``n`` features::
+
+        mu = mean(x),  var = mean((x - mu)^2),  r = 1 / sqrt(var + eps),  xhat = (x - mu) r
+
+    Backward: ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)`` over every row; with ``g = dy * gamma`` the
+    closed form of the normalisation's Jacobian-vector product is ::
+
+        dx = r * (g - mean(g) - xhat * mean(g * xhat))
+
+    (the two means remove the components along the directions that normalisation itself removed: the constant
+    vector and ``xhat``). Cache: ``xhat`` and ``r``.
+
+    Arguments:
+        eps: added to the variance (default 1e-5, as PyTorch).
+    """
+
+    eps: float = 1e-5
+
+    def __repr__(self) -> str:
+        return "LayerNorm()" if self.eps == 1e-5 else f"LayerNorm(eps={self.eps})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        dtype = default_float_dtype() if dtype is None else dtype
+        return shape, {"gamma": jnp.ones(shape[-1:], dtype), "beta": jnp.zeros(shape[-1:], dtype)}
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        if not isinstance(params, dict) or set(params) != {"gamma", "beta"}:
+            raise self._fail(f"expects params with keys ['beta', 'gamma'], got {_describe(params)}")
+        if params["gamma"].shape != x.shape[-1:]:
+            raise self._fail(f"expects input width {params['gamma'].shape[0]}, got input of shape {tuple(x.shape)}")
+        centred = x - jnp.mean(x, axis=-1, keepdims=True)
+        rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        xhat = centred * rstd
+        return params["gamma"] * xhat + params["beta"], (xhat, rstd)
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        xhat, rstd = cache
+        n = xhat.shape[-1]
+        grads = {"gamma": jnp.sum((dy * xhat).reshape(-1, n), axis=0), "beta": jnp.sum(dy.reshape(-1, n), axis=0)}
+        return grads, self._dx(params, xhat, rstd, dy)
+
+    def _dx(self, params: Params, xhat: Array, rstd: Array, dy: Array) -> Array:
+        g = dy * params["gamma"]
+        return rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+
+    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        """Example ``b``'s own ``dgamma_b = sum(dy_b * xhat_b)``, ``dbeta_b = sum(dy_b)`` over its positions."""
+        xhat, rstd = cache
+        batch, n = dy.shape[0], xhat.shape[-1]
+        grads = {"gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1),
+                 "beta": jnp.sum(dy.reshape(batch, -1, n), axis=1)}
+        return grads, self._dx(params, xhat, rstd, dy)
+
+
+@dataclass(frozen=True, repr=False)
+class Dropout(Layer):
+    """Inverted dropout: while training, each entry is zeroed with probability ``rate`` and the survivors are
+    scaled by ``1 / (1 - rate)`` so that the expected output equals the input; at evaluation it is the identity.
+
+    ``rate`` is the probability of DROPPING an entry (as PyTorch's ``p`` and Keras's ``rate``), not of keeping
+    it: ``Dropout(0.1)`` keeps 90%. (Some libraries' ``keep_prob`` or a reversed ``rate`` have confused this.)
+
+    Forward ``y = x * m`` with ``m = bernoulli(1 - rate) / (1 - rate)``; backward ``dx = dy * m``: the same
+    mask, which is the cache (the scalar 1 when not training).
+
+    Randomness is explicit: ``forward(params, x, key=key, train=True)``; training without a key is an error.
+    """
+
+    rate: float = 0.5
+    stochastic = True
+
+    def __post_init__(self):
+        if not 0 <= self.rate < 1:
+            raise ValueError(f"Dropout: rate is the probability of dropping and must be in [0, 1), got {self.rate!r}")
+
+    def __repr__(self) -> str:
+        return f"Dropout({self.rate})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        return self._check_input_shape(input_shape), ()
+
+    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+        self._check_input(x, min_rank=1)
+        self._check_no_params(params)
+        if not train or self.rate == 0:
+            return x, jnp.ones((), x.dtype)
+        if key is None:
+            raise self._fail("training (train=True) needs an explicit key=jax.random.key(...)")
+        keep = jax.random.bernoulli(key, 1 - self.rate, x.shape)
+        mask = keep.astype(x.dtype) / (1 - self.rate)
+        return x * mask, mask
+
+    def backward(self, params: Params, mask: Cache, dy: Array) -> tuple[Params, Array]:
+        return (), dy * mask
+
+    def per_example_backward(self, params: Params, mask: Cache, dy: Array) -> tuple[Params, Array]:
+        return self.backward(params, mask, dy)

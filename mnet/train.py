@@ -1,6 +1,7 @@
 """Training: any network, any loss, any optax optimizer, with hand-derived or autodiff gradients.
 
 One epoch is one jitted call: the training set is shuffled by a permutation drawn from ``fold_in(seed, epoch)``
+(which also seeds the dropout masks of a network that has dropout)
 and cut into minibatches that ``jax.lax.scan`` steps through, with the parameters and optimizer state donated
 to the call (updated in place where the backend allows). Because the permutation depends only on the seed
 and the epoch number, a run resumed from a checkpoint follows exactly the path of an uninterrupted one.
@@ -107,15 +108,20 @@ def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransform
 
     def epoch(params, opt_state, x, y, key):
         steps = x.shape[0] // batch_size
-        order = jax.random.permutation(key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
+        shuffle_key, dropout_key = jax.random.split(key)
+        order = jax.random.permutation(shuffle_key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
+        step_keys = jax.random.split(dropout_key, steps)
 
-        def step(carry, batch):
+        def step(carry, batch_and_key):
             params, opt_state = carry
-            value, grads = value_and_grad_fn(params, shard(x[batch]), shard(y[batch]))
+            batch, step_key = batch_and_key
+            # A network with randomness (dropout) trains in training mode with a fresh key every step.
+            extra = {"key": step_key, "train": True} if net.stochastic else {}
+            value, grads = value_and_grad_fn(params, shard(x[batch]), shard(y[batch]), **extra)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), value
 
-        (params, opt_state), values = jax.lax.scan(step, (params, opt_state), order)
+        (params, opt_state), values = jax.lax.scan(step, (params, opt_state), (order, step_keys))
         return params, opt_state, jnp.mean(values)
 
     if mesh is None:

@@ -18,6 +18,11 @@ LAYER_CASES = [
     mnet.Flatten(),
     mnet.serial(mnet.Dense(4), mnet.Tanh(), mnet.Dense(2)),
     mnet.serial(),
+    mnet.LayerNorm(),
+    mnet.Dropout(0.3),  # deterministic call: the identity, whose backward must be too
+    mnet.residual(mnet.serial(mnet.LayerNorm(), mnet.Tanh())),  # shape-preserving for any example shape
+    mnet.parallel(mnet.Dense(2), mnet.serial(mnet.Dense(3), mnet.Sigmoid()), mnet.Identity()),
+    mnet.parallel(mnet.Dense(4), mnet.serial(mnet.LayerNorm(), mnet.Dense(4)), combine="sum"),
 ]
 
 

@@ -13,6 +13,8 @@ import datetime
 import json
 from pathlib import Path
 
+from mnet.bench import contender_figures
+
 
 def markdown(result: dict) -> str:
     m = result["machine"]
@@ -23,14 +25,8 @@ def markdown(result: dict) -> str:
              "| row | workload | contender | median | speed-up vs baseline | throughput |",
              "|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        for index, (name, seconds) in enumerate(row["seconds"].items()):
-            note = ""
-            if "gflops_per_s" in row["extra"]:
-                g = row["extra"]["gflops_per_s"][name]
-                note = f"{g:.1f} GFLOP/s ({g / peak:.0%} of peak)"
-            elif "steps_per_s" in row["extra"]:
-                note = f"{row['extra']['steps_per_s'][name]:,.0f} steps/s"
-            time_text = f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
+        for index, name in enumerate(row["seconds"]):
+            time_text, note = contender_figures(row, name, peak)
             baseline = " (baseline)" if name == row["baseline"] else ""
             lines.append(f"| {row['name'] if index == 0 else ''} | {row['description'] if index == 0 else ''} | "
                          f"{name}{baseline} | {time_text} | {row['ratios'][name]:.2f}x | {note} |")
@@ -47,9 +43,9 @@ def main() -> None:
     if args.from_json:
         result = json.loads(args.from_json.read_text())
     else:
-        from mnet import bench
+        from mnet.bench import run
 
-        result = bench.run(quick=args.quick, large=args.large)
+        result = run(quick=args.quick, large=args.large)
     if args.save_json:
         args.save_json.write_text(json.dumps(result))
     print(f"Measured {datetime.date.today().isoformat()}.\n")

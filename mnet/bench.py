@@ -298,6 +298,18 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False) 
             "quick": quick, "rows": [{**asdict(row), "ratios": row.ratios()} for row in rows]}
 
 
+def contender_figures(row: dict, name: str, peak: float) -> tuple[str, str]:
+    """``(median time, throughput note)`` of one contender of a result row, as both renderings show them."""
+    seconds = row["seconds"][name]
+    note = ""
+    if "gflops_per_s" in row["extra"]:
+        g = row["extra"]["gflops_per_s"][name]
+        note = f"{g:.1f} GFLOP/s = {g / peak:.0%} of peak"
+    elif "steps_per_s" in row["extra"]:
+        note = f"{row['extra']['steps_per_s'][name]:,.0f} steps/s"
+    return (f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"), note
+
+
 def format_table(result: dict) -> str:
     peak = result["matmul_peak_gflops"]
     lines = [f"machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
@@ -306,15 +318,8 @@ def format_table(result: dict) -> str:
     header = f"{'row':<5}{'contender':<22}{'median':>12}{'speed-up':>10}  notes"
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
-        lines.append(f"{row['name']:<5}{row['description']}")
-        for name, seconds in row["seconds"].items():
-            note = ""
-            if "gflops_per_s" in row["extra"]:
-                g = row["extra"]["gflops_per_s"][name]
-                note = f"{g:.1f} GFLOP/s = {g / peak:.0%} of peak"
-            if "steps_per_s" in row["extra"]:
-                note = f"{row['extra']['steps_per_s'][name]:,.0f} steps/s"
-            time_text = f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"
+        lines.append(f"{row['name']:<6}{row['description']}")
+        for name in row["seconds"]:
+            time_text, note = contender_figures(row, name, peak)
             lines.append(f"{'':<5}{name:<22}{time_text:>12}{row['ratios'][name]:>9.2f}x  {note}".rstrip())
     return "\n".join(lines)
-

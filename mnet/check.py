@@ -1,6 +1,7 @@
 """The referee: JAX's automatic differentiation and finite differences, against the hand-derived path.
 
-This is the only library module that calls ``jax.grad``/``jax.vjp``: everything else in mnet is hand-derived.
+With :mod:`mnet.bench` (where autodiff is a benchmark contender), this is the only library module that calls
+``jax.grad``/``jax.vjp``: everything else in mnet is hand-derived.
 
 Three comparisons, from coarse to fine:
 

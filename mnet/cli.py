@@ -155,9 +155,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     progress = None
     if sys.stderr.isatty() and not args.json:
+        import shutil
+
         from tqdm import tqdm
 
-        progress = tqdm(total=args.epochs, unit="epoch", file=sys.stderr)
+        # A terminal that reports a 0 x 0 size (some pseudo-terminals do) makes tqdm hide its bar; shutil falls
+        # back to 80 x 24 there.
+        columns, rows = shutil.get_terminal_size()
+        progress = tqdm(total=args.epochs, unit="epoch", file=sys.stderr, ncols=columns, nrows=rows)
 
     def on_epoch(epoch: int, record: dict) -> None:
         line = (f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.4f}  train acc "
@@ -283,15 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except UsageError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except DivergenceError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_DISAGREE
-    except (MnetError, ValueError, OSError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    except (UsageError, MnetError, ValueError, OSError) as error:
+        # One line whatever the message holds (JAX's own messages often span several).
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_DISAGREE if isinstance(error, DivergenceError) else EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -48,7 +48,7 @@ def check_all(problem, rtol, jit):
     assert_trees_close(wrap(mnet.ntk(net))(params, x, x2), reference_ntk(net, params, x, x2), rtol)
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(mlp_problems(jnp.float64))
 def test_random_networks_float64_jitted(problem):
     check_all(problem, 1e-9, jit=True)

@@ -24,8 +24,9 @@ from mnet import derivatives
 from mnet.backprop import value_and_grad
 from mnet.check import autodiff_value_and_grad
 from mnet.combinators import mlp
-from mnet.layers import Layer
+from mnet.layers import Layer, batch_sq_norms
 from mnet.losses import softmax_cross_entropy
+from mnet.train import make_step
 
 
 @dataclass
@@ -97,15 +98,21 @@ def _weights(widths: list[int]) -> int:
     return sum(a * b for a, b in zip(widths, widths[1:]))
 
 
-def _train_step(net: Layer, grad_fn, lr: float = 1e-2):
+def _train_step(grad_fn, lr: float = 1e-2):
     optimizer = optax.sgd(lr)
+    return optimizer, make_step(grad_fn, optimizer)
 
-    def step(params, opt_state, x, y):
-        value, grads = grad_fn(params, x, y)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
 
-    return optimizer, step
+def _hand_and_autodiff(net: Layer) -> dict[str, Callable]:
+    """The two gradient functions every training row compares, by their contender names."""
+    return {"hand": value_and_grad(net, softmax_cross_entropy),
+            "jax.grad": autodiff_value_and_grad(net, softmax_cross_entropy)}
+
+
+def _vmapped_autodiff_grads(net: Layer):
+    """The reference for per-example work: ``jax.grad`` of each example's loss, vmapped over the batch."""
+    one = lambda p, xb, yb: softmax_cross_entropy.value(net.apply(p, xb[None]), yb[None])  # noqa: E731
+    return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))
 
 
 def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype: str | None = None,
@@ -113,10 +120,9 @@ def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype:
     """One SGD training step (forward, backward, update), hand-derived vs ``jax.grad``; float32 parameters,
     products in ``compute_dtype`` (mixed precision) when given."""
     net, params, x, y = _mlp_problem(widths, batch, compute_dtype=compute_dtype)
-    loss = softmax_cross_entropy
     contenders = {}
-    for label, grad_fn in (("hand", value_and_grad(net, loss)), ("jax.grad", autodiff_value_and_grad(net, loss))):
-        optimizer, step = _train_step(net, grad_fn)
+    for label, grad_fn in _hand_and_autodiff(net).items():
+        optimizer, step = _train_step(grad_fn)
         jitted = jax.jit(step)
         state = optimizer.init(params)
         contenders[label] = lambda jitted=jitted, state=state: jitted(params, state, x, y)
@@ -132,10 +138,10 @@ def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype:
 def row_fused_training(widths: list[int], batch: int, steps: int, rounds: int) -> Row:
     """``steps`` SGD steps: fused in one ``lax.scan`` (hand and autodiff) vs a Python loop of jitted steps."""
     net, params, x, y = _mlp_problem(widths, batch)
-    loss = softmax_cross_entropy
+    pair = _hand_and_autodiff(net)
     contenders = {}
-    for label, grad_fn in (("hand scan", value_and_grad(net, loss)), ("jax.grad scan", autodiff_value_and_grad(net, loss))):
-        optimizer, step = _train_step(net, grad_fn)
+    for label, grad_fn in pair.items():
+        optimizer, step = _train_step(grad_fn)
 
         def run(params, state, step=step):
             def body(carry, _):
@@ -147,8 +153,8 @@ def row_fused_training(widths: list[int], batch: int, steps: int, rounds: int) -
 
         jitted = jax.jit(run)
         state = optimizer.init(params)
-        contenders[label] = lambda jitted=jitted, state=state: jitted(params, state)
-    optimizer, step = _train_step(net, value_and_grad(net, loss))
+        contenders[f"{label} scan"] = lambda jitted=jitted, state=state: jitted(params, state)
+    optimizer, step = _train_step(pair["hand"])
     jitted_step = jax.jit(step)
 
     def python_loop():
@@ -194,11 +200,10 @@ def _torch_training_loop(widths: list[int], batch: int, steps: int):
 def row_compile_time(widths: list[int], batch: int, rounds: int) -> Row:
     """Seconds to lower and compile the jitted training step (fresh each round, caches cleared)."""
     net, params, x, y = _mlp_problem(widths, batch)
-    loss = softmax_cross_entropy
     samples: dict[str, list[float]] = {"hand": [], "jax.grad": []}
     for _ in range(rounds):
-        for label, grad_fn in (("hand", value_and_grad(net, loss)), ("jax.grad", autodiff_value_and_grad(net, loss))):
-            optimizer, step = _train_step(net, grad_fn)
+        for label, grad_fn in _hand_and_autodiff(net).items():
+            optimizer, step = _train_step(grad_fn)
             jax.clear_caches()
             start = time.perf_counter()
             jax.jit(step).lower(params, optimizer.init(params), x, y).compile()
@@ -209,15 +214,9 @@ def row_compile_time(widths: list[int], batch: int, rounds: int) -> Row:
 
 def row_per_example_norms(widths: list[int], batch: int, rounds: int) -> Row:
     net, params, x, y = _mlp_problem(widths, batch)
-    loss = softmax_cross_entropy
-    hand = jax.jit(derivatives.per_example_grad_norms(net, loss))
-    one = lambda p, xb, yb: loss.value(net.apply(p, xb[None]), yb[None])  # noqa: E731
-
-    def vmapped(params, x, y):
-        grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
-        return jnp.sqrt(sum(jnp.sum(g.reshape(batch, -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(grads)))
-
-    auto = jax.jit(vmapped)
+    hand = jax.jit(derivatives.per_example_grad_norms(net, softmax_cross_entropy))
+    reference = _vmapped_autodiff_grads(net)
+    auto = jax.jit(lambda p, x, y: jnp.sqrt(batch_sq_norms(reference(p, x, y), batch, x.dtype)))
     seconds = interleaved_medians({"hand": lambda: hand(params, x, y), "vmap(jax.grad)": lambda: auto(params, x, y)}, rounds)
     return Row("D1", f"per-example gradient norms, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds,
                "vmap(jax.grad)")
@@ -225,10 +224,8 @@ def row_per_example_norms(widths: list[int], batch: int, rounds: int) -> Row:
 
 def row_per_example_grads(widths: list[int], batch: int, rounds: int) -> Row:
     net, params, x, y = _mlp_problem(widths, batch)
-    loss = softmax_cross_entropy
-    hand = jax.jit(derivatives.per_example_grads(net, loss))
-    one = lambda p, xb, yb: loss.value(net.apply(p, xb[None]), yb[None])  # noqa: E731
-    auto = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))
+    hand = jax.jit(derivatives.per_example_grads(net, softmax_cross_entropy))
+    auto = jax.jit(_vmapped_autodiff_grads(net))
     seconds = interleaved_medians({"hand": lambda: hand(params, x, y), "vmap(jax.grad)": lambda: auto(params, x, y)}, rounds)
     return Row("D2", f"per-example gradients, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds,
                "vmap(jax.grad)")

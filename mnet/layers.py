@@ -63,8 +63,13 @@ class Layer:
     # mnet.derivatives run the network one example at a time under jax.vmap instead.
     def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         """Like ``backward`` for a ``dy`` whose rows are separate examples' cotangents, but every leaf of
-        ``dparams`` keeps a leading batch axis: row ``b`` is example ``b``'s own parameter gradient."""
-        raise NotImplementedError(f"{self!r} has no per-example backward rule")
+        ``dparams`` keeps a leading batch axis: row ``b`` is example ``b``'s own parameter gradient.
+
+        Default: a layer without parameters has nothing per-example to add, so its ``backward`` serves as is;
+        a layer with parameters must supply its own rule (or be handled by mnet.derivatives' generic path)."""
+        if params != ():
+            raise NotImplementedError(f"{self!r} has no per-example backward rule")
+        return self.backward(params, cache, dy)
 
     def per_example_sq_norms(self, params: Params, cache: Cache, dy: Array) -> tuple[Array, Array]:
         """``(sq, dx)``: ``sq[b]`` is the squared L2 norm of example ``b``'s parameter gradient (over all of this
@@ -301,9 +306,6 @@ class Elementwise(Layer):
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         return (), self.activate_backward(cache, dy)
 
-    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
-        return self.backward(params, cache, dy)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -455,8 +457,7 @@ class Flatten(Layer):
     def backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
         return (), dy.reshape((dy.shape[0],) + shape_record.shape[1:])
 
-    def per_example_backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
-        return self.backward(params, shape_record, dy)
+
 
 
 ACTIVATIONS_BY_NAME: dict[str, type[Elementwise]] = {
@@ -571,6 +572,3 @@ class Dropout(Layer):
 
     def backward(self, params: Params, mask: Cache, dy: Array) -> tuple[Params, Array]:
         return (), dy * mask
-
-    def per_example_backward(self, params: Params, mask: Cache, dy: Array) -> tuple[Params, Array]:
-        return self.backward(params, mask, dy)

@@ -77,6 +77,18 @@ def gradient_function(net: Layer, loss: losses.Loss, grad: str | Callable):
     raise ValueError(f"grad must be one of {GRADIENT_MODES}, got {grad!r}")
 
 
+def make_step(value_and_grad_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """One optimizer step ``(params, opt_state, x, y, **kwargs) -> (params, opt_state, loss value)``; keyword
+    arguments (a dropout key, ``train=True``) go to the gradient function."""
+
+    def step(params, opt_state, x, y, **kwargs):
+        value, grads = value_and_grad_fn(params, x, y, **kwargs)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
 def data_parallel_mesh(devices: int | None) -> Mesh | None:
     """A one-axis ``Mesh`` named ``"data"`` over the first ``devices`` devices (all of them for 0), or None for
     plain single-device training. For several hosts, call ``jax.distributed.initialize()`` first: ``jax.devices()``
@@ -100,7 +112,7 @@ def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransform
     its batch axis over the mesh's ``"data"`` axis while parameters stay replicated; XLA partitions the step and
     inserts the all-reduce that sums the gradient, so the update is the single-device one.
     """
-    value_and_grad_fn = gradient_function(net, loss, grad)
+    update = make_step(gradient_function(net, loss, grad), optimizer)
     if mesh is not None and batch_size % mesh.size:
         raise ValueError(f"batch_size {batch_size} must be divisible by the {mesh.size} devices")
     shard = (lambda a: a) if mesh is None else (
@@ -117,9 +129,8 @@ def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransform
             batch, step_key = batch_and_key
             # A network with randomness (dropout) trains in training mode with a fresh key every step.
             extra = {"key": step_key, "train": True} if net.stochastic else {}
-            value, grads = value_and_grad_fn(params, shard(x[batch]), shard(y[batch]), **extra)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), value
+            params, opt_state, value = update(params, opt_state, shard(x[batch]), shard(y[batch]), **extra)
+            return (params, opt_state), value
 
         (params, opt_state), values = jax.lax.scan(step, (params, opt_state), (order, step_keys))
         return params, opt_state, jnp.mean(values)

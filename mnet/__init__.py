@@ -1,11 +1,15 @@
 """mnet: neural networks as pure functions over parameter pytrees, forward in explicit matrix algebra, backward
 derived by hand beside it and checked against ``jax.grad``."""
 
-from mnet import activations, data, errors, initializers, losses, train
+from mnet import activations, data, errors, initializers, losses, models, train
 from mnet.train import fit
 from mnet.backprop import grad, value_and_grad, with_manual_backward
 from mnet.checkpoint import load_params, save_params
 from mnet.check import GradientReport, autodiff_value_and_grad, compare_cost, compare_gradients
+from mnet.attention import AttentionCore, MultiHeadSelfAttention
+from mnet.convolution import Conv2D
+from mnet.embedding import Embedding
+from mnet.pooling import AvgPool2D, MaxPool2D
 from mnet.combinators import Parallel, Residual, Serial, mlp, parallel, residual, serial
 from mnet.derivatives import (
     clipped_value_and_grad,
@@ -29,6 +33,7 @@ from mnet.layers import (
     LeakyRelu,
     Policy,
     Relu,
+    Reshape,
     Sigmoid,
     Softmax,
     Softplus,
@@ -38,26 +43,33 @@ from mnet.layers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionCore",
+    "AvgPool2D",
     "CheckpointError",
+    "Conv2D",
     "DataError",
     "Dense",
-    "Dropout",
     "DivergenceError",
+    "Dropout",
     "Elementwise",
     "Elu",
+    "Embedding",
     "Flatten",
-    "GradientReport",
     "Gelu",
+    "GradientReport",
     "Identity",
     "Layer",
     "LayerError",
     "LayerNorm",
     "LeakyRelu",
     "LossError",
+    "MaxPool2D",
     "MnetError",
+    "MultiHeadSelfAttention",
     "Parallel",
     "Policy",
     "Relu",
+    "Reshape",
     "Residual",
     "Serial",
     "Sigmoid",
@@ -67,10 +79,10 @@ __all__ = [
     "activations",
     "autodiff_value_and_grad",
     "clipped_value_and_grad",
-    "dp_noise",
     "compare_cost",
     "compare_gradients",
     "data",
+    "dp_noise",
     "errors",
     "fit",
     "grad",
@@ -78,6 +90,7 @@ __all__ = [
     "jacobian",
     "load_params",
     "losses",
+    "models",
     "mlp",
     "ntk",
     "parallel",

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mnet import derivatives
+from mnet import derivatives, models
 from mnet.backprop import value_and_grad
 from mnet.check import autodiff_value_and_grad
 from mnet.combinators import mlp
@@ -115,18 +115,44 @@ def _vmapped_autodiff_grads(net: Layer):
     return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))
 
 
-def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype: str | None = None,
-                      name: str = "W1") -> Row:
-    """One SGD training step (forward, backward, update), hand-derived vs ``jax.grad``; float32 parameters,
-    products in ``compute_dtype`` (mixed precision) when given."""
-    net, params, x, y = _mlp_problem(widths, batch, compute_dtype=compute_dtype)
+def step_seconds(net: Layer, params, x, y, rounds: int) -> dict[str, float]:
+    """Median seconds of one jitted SGD training step of ``net`` on ``(x, y)`` (softmax cross-entropy),
+    hand-derived vs ``jax.grad``, interleaved."""
     contenders = {}
     for label, grad_fn in _hand_and_autodiff(net).items():
         optimizer, step = _train_step(grad_fn)
         jitted = jax.jit(step)
         state = optimizer.init(params)
         contenders[label] = lambda jitted=jitted, state=state: jitted(params, state, x, y)
-    seconds = interleaved_medians(contenders, rounds)
+    return interleaved_medians(contenders, rounds)
+
+
+def row_cnn_step(batch: int, rounds: int) -> Row:
+    """One training step of :func:`mnet.models.digits_cnn` on a batch of 8x8 images."""
+    net = models.digits_cnn()
+    _, params = net.init(jax.random.key(0), (64,), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (batch, 64), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    return Row("C1", f"training step, digits CNN (2 conv + 2 max-pool + 2 dense), batch {batch}, float32",
+               step_seconds(net, params, x, y, rounds), "jax.grad", {})
+
+
+def row_transformer_step(batch: int, length: int, rounds: int) -> Row:
+    """One training step of :func:`mnet.models.transformer_classifier` (one block, width 32, 4 heads)."""
+    net = models.transformer_classifier(vocab=16, classes=16)
+    _, params = net.init(jax.random.key(0), (length,), jnp.float32)
+    ids = jax.random.randint(jax.random.key(1), (batch, length), 0, 16)
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 16)
+    return Row("T1", f"training step, transformer block (width 32, 4 heads), batch {batch}, length {length}, float32",
+               step_seconds(net, params, ids, y, rounds), "jax.grad", {})
+
+
+def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype: str | None = None,
+                      name: str = "W1") -> Row:
+    """One SGD training step (forward, backward, update), hand-derived vs ``jax.grad``; float32 parameters,
+    products in ``compute_dtype`` (mixed precision) when given."""
+    net, params, x, y = _mlp_problem(widths, batch, compute_dtype=compute_dtype)
+    seconds = step_seconds(net, params, x, y, rounds)
     flops = 6 * batch * _weights(widths)
     precision = f"{compute_dtype} compute, float32 params" if compute_dtype else "float32"
     extra = {"gflops_per_s": {k: flops / s / 1e9 for k, s in seconds.items()}, "flops_per_step": flops,
@@ -283,6 +309,8 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False) 
         "D3w": lambda: row_ntk([32, 128, 128, 8] if quick else [32, 512, 512, 8], 16, 3 if quick else 7, "D3w",
                                forward_mode=False),
         "D4": lambda: row_jacobian([32, 64, 64, 8], 16, r, forward_mode=not quick),
+        "C1": lambda: row_cnn_step(16 if quick else 128, r),
+        "T1": lambda: row_transformer_step(16 if quick else 128, 9, r),
     }
     if large:
         plans["L1"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, None, "L1")

@@ -22,7 +22,8 @@ TEST_FRACTION = 0.2
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test splits. ``x_*`` are float32 arrays ``(n, *example_shape)``, ``y_*`` int32 labels ``(n,)``."""
+    """Train and test splits. ``x_*`` are arrays ``(n, *example_shape)``: float32 features (from the loaders), or
+    integer token ids for a network that starts with an :class:`mnet.Embedding`; ``y_*`` int32 labels ``(n,)``."""
 
     x_train: np.ndarray
     y_train: np.ndarray

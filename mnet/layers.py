@@ -257,32 +257,46 @@ class Dense(Layer):
 
     def per_example_sq_norms(self, params: Params, x: Cache, dz: Array) -> tuple[Array, Array]:
         """Without building ``dW_b``: ``||x_b dz_b^T||_F^2 = ||x_b||^2 ||dz_b||^2`` and ``||db_b||^2 = ||dz_b||^2``
-        (Goodfellow's trick). With a sequence axis, ``||X_b^T dZ_b||_F^2 = <X_b X_b^T, dZ_b dZ_b^T>_F``."""
-        batch = x.shape[0]
-        if x.ndim == 2:
-            dz_sq = jnp.sum(dz * dz, axis=1)
-            sq = jnp.sum(x * x, axis=1) * dz_sq
-            if self.use_bias:
-                sq = sq + dz_sq
-        else:
-            xs, dzs = x.reshape(batch, -1, x.shape[-1]), dz.reshape(batch, -1, self.out_dim)
+        (Goodfellow's trick). With ``s`` positions per example (a sequence, or a convolution's windows),
+        ``||X_b^T dZ_b||_F^2 = <X_b X_b^T, dZ_b dZ_b^T>_F`` costs ``s^2 (n_in + n_out)`` against ``s n_in n_out``
+        for building ``dW_b``; the cheaper of the two is used."""
+        batch, n_in = x.shape[0], x.shape[-1]
+        xs, dzs = x.reshape(batch, -1, n_in), dz.reshape(batch, -1, self.out_dim)
+        positions = xs.shape[1]
+        if positions == 1:
+            dz_sq = jnp.sum(dzs[:, 0] ** 2, axis=1)
+            sq = jnp.sum(xs[:, 0] ** 2, axis=1) * dz_sq
+        elif positions * (n_in + self.out_dim) < n_in * self.out_dim:
             gram_x, gram_dz = jnp.einsum("bsi,bti->bst", xs, xs), jnp.einsum("bsj,btj->bst", dzs, dzs)
             sq = jnp.sum(gram_x * gram_dz, axis=(1, 2))
-            if self.use_bias:
-                sq = sq + jnp.sum(dzs.sum(axis=1) ** 2, axis=1)
+        else:
+            sq = jnp.sum(jnp.einsum("bsi,bsj->bij", xs, dzs) ** 2, axis=(1, 2))
+        if self.use_bias:
+            sq = sq + jnp.sum(dzs.sum(axis=1) ** 2, axis=1)
         return sq, dz @ params["W"].T
 
     def ntk_contribution(self, params: Params, x1: Cache, x2: Cache, dzs1: Array, dzs2: Array) -> Array:
         """With ``D_k`` the cotangent at ``z`` for network output ``k``, example ``a``'s Jacobian of output ``k``
         is ``x_a D_k[a]^T`` for ``W`` and ``D_k[a]`` for ``b``, so the kernel is
-        ``(x1 x2^T + 1) * sum_k D1_k D2_k^T``: no Jacobian is ever built. Sequences sum over positions."""
+        ``(x1 x2^T + 1) * sum_k D1_k D2_k^T``: no Jacobian is ever built. With positions (sequences, windows)
+        the same sum runs over every pair of positions ``(s, t)``, unless the per-output Jacobians
+        ``X_a^T D_k[a]`` are the smaller object, in which case they are built and contracted."""
         if x1.ndim == 2:
             g = jnp.einsum("kao,kco->ac", dzs1, dzs2)
             inputs = x1 @ x2.T
             return (inputs + 1) * g if self.use_bias else inputs * g
-        b1, b2 = x1.shape[0], x2.shape[0]
-        x1s, x2s = x1.reshape(b1, -1, x1.shape[-1]), x2.reshape(b2, -1, x2.shape[-1])
+        b1, b2, n_in = x1.shape[0], x2.shape[0], x1.shape[-1]
+        x1s, x2s = x1.reshape(b1, -1, n_in), x2.reshape(b2, -1, n_in)
         d1s, d2s = dzs1.reshape(-1, b1, x1s.shape[1], self.out_dim), dzs2.reshape(-1, b2, x2s.shape[1], self.out_dim)
+        outputs, s, t = d1s.shape[0], x1s.shape[1], x2s.shape[1]
+        pairwise_cost = b1 * b2 * s * t * (n_in + outputs * self.out_dim)
+        jacobian_cost = outputs * n_in * self.out_dim * (b1 * s + b2 * t + b1 * b2)
+        if pairwise_cost > jacobian_cost:
+            j1, j2 = jnp.einsum("asi,kaso->kaio", x1s, d1s), jnp.einsum("csi,kcso->kcio", x2s, d2s)
+            total = jnp.einsum("kaio,kcio->ac", j1, j2)
+            if self.use_bias:
+                total = total + jnp.einsum("kao,kco->ac", d1s.sum(axis=2), d2s.sum(axis=2))
+            return total
         g = jnp.einsum("kaso,kcto->acst", d1s, d2s)
         inputs = jnp.einsum("asi,cti->acst", x1s, x2s)
         return jnp.sum((inputs + 1) * g if self.use_bias else inputs * g, axis=(2, 3))
@@ -453,6 +467,44 @@ class Flatten(Layer):
         self._check_input(x)
         self._check_no_params(params)
         return x.reshape(x.shape[0], -1), jnp.zeros((0,) + x.shape[1:], x.dtype)
+
+    def backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
+        return (), dy.reshape((dy.shape[0],) + shape_record.shape[1:])
+
+
+@dataclass(frozen=True, repr=False)
+class Reshape(Layer):
+    """``(batch, *in_shape) -> (batch, *shape)`` with the same entries in the same (row-major) order; ``dx = dy``
+    reshaped back. ``Reshape((8, 8, 1))`` turns the 64 flat digit features into an NHWC image.
+
+    Arguments:
+        shape: the example shape to produce; its size must equal the input's.
+    """
+
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else None
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ValueError(f"Reshape: shape must be a tuple of positive ints, got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+
+    def __repr__(self) -> str:
+        return f"Reshape({self.shape})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        if math.prod(shape) != math.prod(self.shape):
+            raise self._fail(f"cannot reshape examples of shape {shape} ({math.prod(shape)} entries) to {self.shape} "
+                             f"({math.prod(self.shape)} entries)")
+        return self.shape, ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        self._check_no_params(params)
+        if math.prod(x.shape[1:]) != math.prod(self.shape):
+            raise self._fail(f"cannot reshape input of shape {tuple(x.shape)} to (batch, {', '.join(map(str, self.shape))})")
+        return x.reshape((x.shape[0],) + self.shape), jnp.zeros((0,) + x.shape[1:], x.dtype)
 
     def backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
         return (), dy.reshape((dy.shape[0],) + shape_record.shape[1:])

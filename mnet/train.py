@@ -223,8 +223,10 @@ def fit(
         history, start = History.from_dict(meta["history"]), int(meta["epoch"])
 
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    x_train, y_train = jnp.asarray(data.x_train, dtype), jnp.asarray(data.y_train)
-    x_test, y_test = jnp.asarray(data.x_test, dtype), jnp.asarray(data.y_test)
+    # Features follow the parameters' dtype; integer features (token ids for an Embedding) stay integers.
+    feature_dtype = None if np.issubdtype(np.asarray(data.x_train).dtype, np.integer) else dtype
+    x_train, y_train = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test, feature_dtype), jnp.asarray(data.y_test)
     mesh = data_parallel_mesh(devices)
     run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, mesh)
     evaluate = make_evaluate(net, loss)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jax._src.interpreters import ad
 
 import mnet
-from mnet.check import relative_error, tolerance
+from mnet.check import Agreement, largest_entry, tolerance
 
 ACTIVATIONS = [
     mnet.Relu(),
@@ -87,17 +87,24 @@ def mlp_problems(draw, dtype=jnp.float64, losses=tuple(LOSSES)):
     return net, loss, params, x, targets
 
 
-def assert_trees_close(actual, expected, rtol=None):
+def assert_trees_close(actual, expected, rtol=None, tree_scale=False):
     """Same structure, same dtypes, and every leaf within ``rtol`` relative to the reference leaf's largest entry
-    (default: :func:`mnet.check.tolerance` of the leaf's dtype)."""
+    (default: :func:`mnet.check.tolerance` of the leaf's dtype). With ``tree_scale``, a leaf may instead be within
+    ``rtol`` of the whole reference tree's largest entry: for leaves that are zero in exact arithmetic (see
+    :attr:`mnet.check.Agreement.ok`). ``float0`` leaves (no gradient for integer inputs) must match in shape."""
     assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+    scale = largest_entry(expected) if tree_scale else 0.0
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
+        if getattr(b, "dtype", None) == jax.dtypes.float0:
+            assert a.dtype == b.dtype and a.shape == b.shape, f"{jax.tree_util.keystr(path)}: {a.dtype}{a.shape}"
+            continue
         a, b = jnp.asarray(a), jnp.asarray(b)
         assert a.shape == b.shape, f"{jax.tree_util.keystr(path)}: shape {a.shape} != {b.shape}"
         assert a.dtype == b.dtype, f"{jax.tree_util.keystr(path)}: dtype {a.dtype} != {b.dtype}"
         limit = tolerance(b.dtype) if rtol is None else rtol
-        error = relative_error(a, b)
-        assert np.isfinite(error) and error <= limit, f"{jax.tree_util.keystr(path)}: relative error {error:.3g} > {limit:.3g}"
+        agreement = Agreement.of(a, b, limit, scale)
+        assert agreement.ok, (f"{jax.tree_util.keystr(path)}: relative error {agreement.max_rel_error:.3g} > {limit:.3g}"
+                              f" (absolute {agreement.max_abs_error:.3g}, tree scale {scale:.3g})")
 
 
 class AutodiffUsed(AssertionError):
@@ -123,3 +130,15 @@ def no_autodiff():
         for cls, method in saved.items():
             cls.process_primitive = method
         jax.clear_caches()
+
+
+def check_value_and_grad(net, loss, params, x, targets, rtol, tree_scale=False, **kwargs):
+    """Hand-derived ``value_and_grad`` (jitted) against ``jax.value_and_grad``'s, then again with autodiff made
+    unusable (the guard clears the compilation caches, so the hand path is traced afresh under it). ``kwargs``:
+    ``key``/``train`` for networks with dropout."""
+    hand = jax.jit(mnet.value_and_grad(net, loss), static_argnames="train")
+    expected = jax.jit(mnet.autodiff_value_and_grad(net, loss), static_argnames="train")(params, x, targets, **kwargs)
+    assert_trees_close(hand(params, x, targets, **kwargs), expected, rtol, tree_scale)
+    with no_autodiff():
+        guarded = hand(params, x, targets, **kwargs)
+    assert_trees_close(guarded, expected, rtol, tree_scale)

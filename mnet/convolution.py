@@ -1,0 +1,150 @@
+"""2-D convolution as im2col followed by one matrix product, with its backward beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mnet import initializers
+from mnet.layers import Array, Cache, Dense, Layer, Params, Policy, Shape, _describe, default_float_dtype
+from mnet.windows import Geometry, check_padding, col2im, im2col, pair
+
+
+def check_image_input(layer: Layer, x: Array) -> None:
+    """An NHWC batch: ``(batch, height, width, channels)``, floating point."""
+    layer._check_input(x, min_rank=1)
+    if x.ndim != 4:
+        raise layer._fail(f"expects NHWC input (batch, height, width, channels), got shape {tuple(x.shape)}")
+
+
+def image_geometry(layer: Layer, input_shape: Shape, kernel, stride, padding) -> Geometry:
+    """The window geometry for one example of shape ``(height, width, channels)``, or a clear error."""
+    shape = layer._check_input_shape(input_shape)
+    if len(shape) != 3:
+        raise layer._fail(f"expects examples of shape (height, width, channels), got {shape}; "
+                          "mnet.Reshape((h, w, c)) turns flat features into images")
+    geometry = Geometry.of(shape[:2], kernel, stride, padding)
+    problem = geometry.problem()
+    if problem:
+        raise layer._fail(f"{problem}; input shape {shape}")
+    return geometry
+
+
+@dataclass(frozen=True, repr=False)
+class Conv2D(Layer):
+    """2-D convolution (cross-correlation, as in every deep learning library) over NHWC inputs.
+
+    Forward, for ``x`` of shape ``(batch, H, W, c_in)``: lay every ``kh x kw`` window out as a row, then one product::
+
+        cols = im2col(x)           (batch * out_h * out_w, kh * kw * c_in)
+        Z    = cols W + b          W: (kh * kw * c_in, c_out), b: (c_out,)
+
+    and ``Z`` reshaped to ``(batch, out_h, out_w, c_out)``. Every output position is a dense layer applied to its
+    window, with the same ``W`` everywhere, so the backward is the dense layer's summed over positions::
+
+        dW   = cols^T dZ           (one product; sums every position of every example)
+        db   = sum of dZ over batch and positions
+        dX   = col2im(dZ W^T)      (each window's input gradient added back where the window was read)
+
+    Parameter layout: ``{"W": (kh * kw * c_in, c_out), "b": (c_out,)}``, rows ordered (kernel row, kernel column,
+    input channel), so ``W.reshape(kh, kw, c_in, c_out)`` is the HWIO kernel that
+    ``jax.lax.conv_general_dilated(x, kernel, stride, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))`` takes.
+
+    Per-example gradients, their norms and the NTK reuse the dense layer's rules with the windows as positions:
+    ``dW_b = cols_b^T dZ_b``, and ``||dW_b||^2 = <cols_b cols_b^T, dZ_b dZ_b^T>`` when that Gram form is cheaper.
+
+    Arguments:
+        out_channels: ``c_out``.
+        kernel_size: ``k`` or ``(kh, kw)``.
+        stride: ``s`` or ``(sh, sw)`` (default 1).
+        padding: ``"VALID"`` (default: no padding), ``"SAME"`` (``out = ceil(in / stride)``, as TensorFlow and
+            ``jax.lax``), an int ``p`` (``p`` zeros on every side) or ``((top, bottom), (left, right))``.
+        W_init, b_init: initializers (default LeCun normal with fan-in ``kh * kw * c_in``, zero bias).
+        use_bias: ``False`` drops ``b``.
+        policy: a :class:`mnet.Policy` for mixed precision, as for :class:`mnet.Dense`.
+    """
+
+    out_channels: int
+    kernel_size: Any = 3
+    stride: Any = 1
+    padding: Any = "VALID"
+    W_init: Any = "lecun_normal"
+    b_init: Any = "zeros"
+    use_bias: bool = True
+    policy: Policy | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.out_channels, int) or isinstance(self.out_channels, bool) or self.out_channels <= 0:
+            raise ValueError(f"Conv2D: out_channels must be a positive int, got {self.out_channels!r}")
+        object.__setattr__(self, "kernel_size", pair(self.kernel_size, "kernel_size", "Conv2D"))
+        object.__setattr__(self, "stride", pair(self.stride, "stride", "Conv2D"))
+        object.__setattr__(self, "padding", check_padding(self.padding, "Conv2D"))
+        initializers.get(self.W_init), initializers.get(self.b_init)
+
+    def __repr__(self) -> str:
+        options = "" if self.stride == (1, 1) else f", stride={self.stride}"
+        options += "" if self.padding == "VALID" else f", padding={self.padding!r}"
+        return f"Conv2D({self.out_channels}, {self.kernel_size}{options})"
+
+    @property
+    def _dense(self) -> Dense:
+        """The product each window goes through; its rules are the convolution's, summed over positions."""
+        return Dense(self.out_channels, self.W_init, self.b_init, self.use_bias, self.policy)
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        geometry = image_geometry(self, input_shape, self.kernel_size, self.stride, self.padding)
+        dtype = default_float_dtype() if dtype is None else dtype
+        (kh, kw), c_in = self.kernel_size, input_shape[-1]
+        key_W, key_b = jax.random.split(key)
+        # Initialised as the HWIO kernel so that fan-in and fan-out count the receptive field, as frameworks do.
+        kernel = initializers.get(self.W_init)(key_W, (kh, kw, c_in, self.out_channels), dtype)
+        params = {"W": kernel.reshape(kh * kw * c_in, self.out_channels)}
+        if self.use_bias:
+            params["b"] = initializers.get(self.b_init)(key_b, (self.out_channels,), dtype)
+        return geometry.out + (self.out_channels,), params
+
+    def _geometry(self, x: Array, params: Params) -> Geometry:
+        check_image_input(self, x)
+        expected = {"W", "b"} if self.use_bias else {"W"}
+        if not isinstance(params, dict) or set(params) != expected:
+            raise self._fail(f"expects params with keys {sorted(expected)}, got {_describe(params)}")
+        rows = self.kernel_size[0] * self.kernel_size[1] * x.shape[-1]
+        if tuple(params["W"].shape) != (rows, self.out_channels):
+            raise self._fail(f"expects W of shape (kh * kw * c_in, c_out) = ({rows}, {self.out_channels}) for input "
+                             f"{tuple(x.shape)}, got {tuple(params['W'].shape)}")
+        if self.use_bias and tuple(params["b"].shape) != (self.out_channels,):
+            raise self._fail(f"expects b of shape ({self.out_channels},), got {tuple(params['b'].shape)}")
+        return image_geometry(self, x.shape[1:], self.kernel_size, self.stride, self.padding)
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        geometry = self._geometry(x, params)
+        patches = im2col(x, geometry)
+        cols = patches.reshape(patches.shape[:3] + (-1,))
+        z, cols = self._dense.forward(params, cols)
+        # The zero-size array records the input's shape for col2im (see Flatten).
+        return z, (cols, jnp.zeros((0,) + x.shape[1:], x.dtype))
+
+    def _input_gradient(self, dcols: Array, shape_record: Array) -> Array:
+        geometry = Geometry.of(shape_record.shape[1:3], self.kernel_size, self.stride, self.padding)
+        return col2im(dcols.reshape(dcols.shape[:3] + (geometry.window_size, -1)), geometry)
+
+    def backward(self, params: Params, cache: Cache, dz: Array) -> tuple[Params, Array]:
+        cols, shape_record = cache
+        grads, dcols = self._dense.backward(params, cols, dz)
+        return grads, self._input_gradient(dcols, shape_record)
+
+    def per_example_backward(self, params: Params, cache: Cache, dz: Array) -> tuple[Params, Array]:
+        cols, shape_record = cache
+        grads, dcols = self._dense.per_example_backward(params, cols, dz)
+        return grads, self._input_gradient(dcols, shape_record)
+
+    def per_example_sq_norms(self, params: Params, cache: Cache, dz: Array) -> tuple[Array, Array]:
+        cols, shape_record = cache
+        sq, dcols = self._dense.per_example_sq_norms(params, cols, dz)
+        return sq, self._input_gradient(dcols, shape_record)
+
+    def ntk_contribution(self, params: Params, cache1: Cache, cache2: Cache, dzs1: Array, dzs2: Array) -> Array:
+        return self._dense.ntk_contribution(params, cache1[0], cache2[0], dzs1, dzs2)

@@ -1,0 +1,108 @@
+"""Token embedding: a table lookup forward, a scatter-add backward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnet import initializers
+from mnet.layers import Array, Cache, Layer, Params, Shape, _describe, default_float_dtype
+
+
+@dataclass(frozen=True, repr=False)
+class Embedding(Layer):
+    """Integer ids ``(batch, *positions)`` to vectors ``(batch, *positions, dim)`` by looking up rows of a table.
+
+    Forward: ``y[b, s] = W[ids[b, s]]``, ``W: (vocab, dim)``. In matrix form this is a dense layer without bias
+    on one-hot inputs, ``Y = onehot(ids) W``, computed as a gather instead of a product with a mostly-zero matrix.
+
+    Backward: ``dW = onehot(ids)^T dY``: every row ``dY[b, s]`` is added into row ``ids[b, s]`` of a zero table,
+    a scatter-add (ids that repeat accumulate). The ids are integers, so there is no input gradient: ``dx`` is
+    an array of ``jax.dtypes.float0`` zeros, what ``jax.vjp`` gives for integer inputs too.
+
+    Per example: ``dW_b`` scatters only example ``b``'s rows; its squared norm without building it is
+    ``||dW_b||^2 = sum_{s,t} [ids_bs = ids_bt] <dY_bs, dY_bt>`` (the one-hot Gram matrix is the equality
+    pattern of the ids), used when the positions are few compared with the vocabulary. The NTK term is likewise
+    ``sum_k sum_{s,t} [ids1_as = ids2_ct] <D1_k[a, s], D2_k[c, t]>``.
+
+    Ids outside ``[0, vocab)`` are an error when the ids are concrete; inside ``jit`` they look up NaN rows (and
+    their gradient is dropped), so that they cannot pass silently.
+
+    Arguments:
+        vocab: number of distinct ids.
+        dim: width of each embedding vector.
+        W_init: initializer for the table (default ``normal(1.0)``: unit-variance entries).
+    """
+
+    vocab: int
+    dim: int
+    W_init: Any = initializers.Normal(1.0)
+
+    def __post_init__(self):
+        for name in ("vocab", "dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Embedding: {name} must be a positive int, got {value!r}")
+        initializers.get(self.W_init)
+
+    def __repr__(self) -> str:
+        return f"Embedding({self.vocab}, {self.dim})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape, min_rank=0)
+        dtype = default_float_dtype() if dtype is None else dtype
+        return shape + (self.dim,), {"W": initializers.get(self.W_init)(key, (self.vocab, self.dim), dtype)}
+
+    def _check(self, params: Params, ids: Array) -> None:
+        if not hasattr(ids, "dtype") or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise self._fail(f"expects integer ids, got {getattr(ids, 'dtype', type(ids).__name__)} "
+                             f"with shape {tuple(getattr(ids, 'shape', ()))}")
+        if ids.ndim < 1:
+            raise self._fail("expects ids of shape (batch, ...), got a scalar")
+        if not isinstance(params, dict) or set(params) != {"W"}:
+            raise self._fail(f"expects params with key ['W'], got {_describe(params)}")
+        if tuple(params["W"].shape) != (self.vocab, self.dim):
+            raise self._fail(f"expects W of shape ({self.vocab}, {self.dim}), got {tuple(params['W'].shape)}")
+        if not isinstance(ids, jax.core.Tracer) and ids.size:
+            concrete = np.asarray(ids)  # host-side, so that the check also works on a constant inside jit
+            low, high = int(concrete.min()), int(concrete.max())
+            if low < 0 or high >= self.vocab:
+                raise self._fail(f"ids must lie in [0, {self.vocab}), found {low if low < 0 else high} "
+                                 f"in ids of shape {tuple(ids.shape)}")
+
+    def forward(self, params: Params, ids: Array) -> tuple[Array, Cache]:
+        self._check(params, ids)
+        return jnp.take(params["W"], ids, axis=0, mode="fill", fill_value=jnp.nan), ids
+
+    def backward(self, params: Params, ids: Cache, dy: Array) -> tuple[Params, Array]:
+        table = jnp.zeros((self.vocab, self.dim), dy.dtype)
+        dW = table.at[ids.reshape(-1)].add(dy.reshape(-1, self.dim), mode="drop")
+        return {"W": dW}, np.zeros(ids.shape, jax.dtypes.float0)
+
+    def per_example_backward(self, params: Params, ids: Cache, dy: Array) -> tuple[Params, Array]:
+        batch = ids.shape[0]
+        rows = ids.reshape(batch, -1)
+        examples = jnp.broadcast_to(jnp.arange(batch)[:, None], rows.shape)
+        table = jnp.zeros((batch, self.vocab, self.dim), dy.dtype)
+        dW = table.at[examples, rows].add(dy.reshape(batch, -1, self.dim), mode="drop")
+        return {"W": dW}, np.zeros(ids.shape, jax.dtypes.float0)
+
+    def per_example_sq_norms(self, params: Params, ids: Cache, dy: Array) -> tuple[Array, Array]:
+        batch = ids.shape[0]
+        rows, dys = ids.reshape(batch, -1), dy.reshape(batch, -1, self.dim)
+        if rows.shape[1] ** 2 > self.vocab:
+            return super().per_example_sq_norms(params, ids, dy)
+        same = rows[:, :, None] == rows[:, None, :]
+        sq = jnp.sum(jnp.where(same, jnp.einsum("bsd,btd->bst", dys, dys), 0), axis=(1, 2))
+        return sq, np.zeros(ids.shape, jax.dtypes.float0)
+
+    def ntk_contribution(self, params: Params, ids1: Cache, ids2: Cache, dys1: Array, dys2: Array) -> Array:
+        b1, b2 = ids1.shape[0], ids2.shape[0]
+        rows1, rows2 = ids1.reshape(b1, -1), ids2.reshape(b2, -1)
+        d1, d2 = dys1.reshape(-1, b1, rows1.shape[1], self.dim), dys2.reshape(-1, b2, rows2.shape[1], self.dim)
+        same = rows1[:, None, :, None] == rows2[None, :, None, :]
+        return jnp.sum(jnp.where(same, jnp.einsum("kasd,kctd->acst", d1, d2), 0), axis=(2, 3))

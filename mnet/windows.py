@@ -1,0 +1,129 @@
+"""Sliding windows over NHWC images: the geometry (kernel, stride, padding, output size), ``im2col`` which lays
+every window out as a row, and its adjoint ``col2im`` which adds rows back onto the image.
+
+Convolution and pooling are both "gather the windows, then do something per window", so both are built on
+these two functions: a convolution is ``im2col`` followed by one matrix product, and every backward pass ends
+with ``col2im`` of the per-window input gradient. ``col2im`` is the exact transpose of ``im2col`` (a window
+entry that several windows share receives the sum of their gradients), which is all the chain rule asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Pair = tuple[int, int]
+
+
+def pair(value, name: str, owner: str) -> Pair:
+    """``3 -> (3, 3)``; ``(3, 2)`` stays; anything else (or a non-positive size) is a ``ValueError``."""
+    values = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(values, tuple) or len(values) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+        raise ValueError(f"{owner}: {name} must be a positive int or a pair of them, got {value!r}")
+    return values
+
+
+def check_padding(padding, owner: str):
+    """``"VALID"``, ``"SAME"``, a non-negative int (each side), or ``((top, bottom), (left, right))``."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("VALID", "SAME"):
+            raise ValueError(f"{owner}: padding must be 'VALID', 'SAME', an int or ((top, bottom), (left, right)), "
+                             f"got {padding!r}")
+        return padding.upper()
+    if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
+        return ((padding, padding), (padding, padding))
+    if (isinstance(padding, tuple) and len(padding) == 2
+            and all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p)
+                    for p in padding)):
+        return padding
+    raise ValueError(f"{owner}: padding must be 'VALID', 'SAME', a non-negative int or ((top, bottom), (left, right)), "
+                     f"got {padding!r}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the windows of one layer fall on an ``(height, width)`` image.
+
+    ``pads`` are ``((top, bottom), (left, right))``; ``out`` is the number of window positions per axis,
+    ``(in + pad_before + pad_after - kernel) // stride + 1``. "SAME" follows TensorFlow and
+    ``jax.lax.conv_general_dilated``: ``out = ceil(in / stride)`` with the extra row or column at the bottom/right.
+    """
+
+    image: Pair
+    kernel: Pair
+    stride: Pair
+    pads: tuple[Pair, Pair]
+
+    @classmethod
+    def of(cls, image: Pair, kernel: Pair, stride: Pair, padding) -> Geometry:
+        if padding == "VALID":
+            pads = ((0, 0), (0, 0))
+        elif padding == "SAME":
+            def same(size, k, s):
+                total = max((-(-size // s) - 1) * s + k - size, 0)
+                return (total // 2, total - total // 2)
+
+            pads = tuple(same(n, k, s) for n, k, s in zip(image, kernel, stride))
+        else:
+            pads = padding
+        return cls(tuple(image), kernel, stride, pads)
+
+    @property
+    def padded(self) -> Pair:
+        return tuple(n + lo + hi for n, (lo, hi) in zip(self.image, self.pads))
+
+    @property
+    def out(self) -> Pair:
+        return tuple((p - k) // s + 1 for p, k, s in zip(self.padded, self.kernel, self.stride))
+
+    @property
+    def window_size(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def problem(self) -> str | None:
+        """Why no window fits (the kernel is larger than the padded image), or None."""
+        if any(k > p for k, p in zip(self.kernel, self.padded)):
+            return (f"kernel {self.kernel} is larger than the padded input {self.padded} "
+                    f"(input {self.image}, padding {self.pads})")
+        return None
+
+
+def im2col(x: Array, g: Geometry, fill: float = 0.0) -> Array:
+    """``(batch, H, W, C) -> (batch, out_h, out_w, kh * kw, C)``: entry ``[b, i, j, u * kw + v, c]`` is
+    ``x_padded[b, i * sh + u, j * sw + v, c]``. Padding takes the value ``fill`` (0 for a convolution,
+    -inf for max pooling). One strided slice per kernel offset ``(u, v)``: kh * kw slices, no gather."""
+    batch, channels = x.shape[0], x.shape[-1]
+    (out_h, out_w), (sh, sw) = g.out, g.stride
+    padded = jnp.pad(x, ((0, 0), g.pads[0], g.pads[1], (0, 0)), constant_values=fill)
+    offsets = [
+        jax.lax.slice(padded, (0, u, v, 0), (batch, u + sh * (out_h - 1) + 1, v + sw * (out_w - 1) + 1, channels),
+                      (1, sh, sw, 1))
+        for u in range(g.kernel[0]) for v in range(g.kernel[1])
+    ]
+    return jnp.stack(offsets, axis=3)
+
+
+def col2im(cols: Array, g: Geometry) -> Array:
+    """The transpose of :func:`im2col`: ``(batch, out_h, out_w, kh * kw, C) -> (batch, H, W, C)``, every window
+    entry added back at the image position it was read from (padding positions are dropped).
+
+    Each kernel offset ``(u, v)`` contributes one strided grid of positions; ``lax.pad`` with interior padding
+    ``stride - 1`` places that grid on the padded image without a scatter, and the grids are summed."""
+    (sh, sw), (ph, pw) = g.stride, g.padded
+    (out_h, out_w) = g.out
+    total = None
+    for index in range(g.window_size):
+        u, v = divmod(index, g.kernel[1])
+        placed = jax.lax.pad(cols[:, :, :, index, :], jnp.zeros((), cols.dtype), (
+            (0, 0, 0),
+            (u, ph - u - (sh * (out_h - 1) + 1), sh - 1),
+            (v, pw - v - (sw * (out_w - 1) + 1), sw - 1),
+            (0, 0, 0),
+        ))
+        total = placed if total is None else total + placed
+    (top, _), (left, _) = g.pads
+    return total[:, top:top + g.image[0], left:left + g.image[1], :]

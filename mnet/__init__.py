@@ -6,7 +6,7 @@ from mnet.train import fit
 from mnet.backprop import grad, value_and_grad, with_manual_backward
 from mnet.checkpoint import load_params, save_params
 from mnet.check import GradientReport, autodiff_value_and_grad, compare_cost, compare_gradients
-from mnet.attention import AttentionCore, MultiHeadSelfAttention
+from mnet.attention import MultiHeadSelfAttention
 from mnet.convolution import Conv2D
 from mnet.embedding import Embedding
 from mnet.pooling import AvgPool2D, MaxPool2D
@@ -43,7 +43,6 @@ from mnet.layers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionCore",
     "AvgPool2D",
     "CheckpointError",
     "Conv2D",

@@ -58,3 +58,17 @@ def test_bfloat16_trains_digits_to_the_float32_accuracy():
 def test_bad_policy():
     with pytest.raises(ValueError, match="floating"):
         mnet.Policy("int8")
+
+
+def test_conv2d_honours_the_policy():
+    """Conv2D runs its product through Dense's policy path: bf16 products, float32 accumulation and gradients."""
+    layer = mnet.Conv2D(4, 3, padding="SAME", policy=mnet.Policy("bfloat16", output_dtype="float32"))
+    exact = mnet.Conv2D(4, 3, padding="SAME")
+    _, params = layer.init(jax.random.key(0), (6, 6, 2), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (3, 6, 6, 2), jnp.float32)
+    y, cache = layer.forward(params, x)
+    grads, dx = layer.backward(params, cache, jnp.ones_like(y))
+    y_exact, cache_exact = exact.forward(params, x)
+    grads_exact, _ = exact.backward(params, cache_exact, jnp.ones_like(y_exact))
+    assert y.dtype == grads["W"].dtype == grads["b"].dtype == jnp.float32 and dx.dtype == jnp.bfloat16
+    assert_trees_close((y, grads), (y_exact, grads_exact), 2e-2)  # bf16 inputs: 8 mantissa bits

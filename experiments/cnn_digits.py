@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import mnet
-from mnet.bench import step_seconds
+from mnet.bench import describe_step_seconds, step_seconds
 
 
 def main() -> None:
@@ -42,10 +42,7 @@ def main() -> None:
 
     x = jnp.asarray(dataset.x_train[: args.batch])
     y = jnp.asarray(dataset.y_train[: args.batch])
-    seconds = step_seconds(net, params, x, y, rounds=30)
-    print(f"time per SGD step, batch {args.batch} (median of 30 interleaved samples on {jax.devices()[0].device_kind}): "
-          + ", ".join(f"{name} {s * 1e3:.3f} ms" for name, s in seconds.items())
-          + f"; hand / jax.grad = {seconds['hand'] / seconds['jax.grad']:.2f}")
+    print(describe_step_seconds(step_seconds(net, params, x, y, rounds=30), args.batch, 30))
     args.out.mkdir(parents=True, exist_ok=True)
     mnet.train.plot_history(runs["manual"].history, args.out / "cnn_digits.png", "digits CNN, hand-derived gradients")
 

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import mnet
-from mnet.bench import step_seconds
+from mnet.bench import describe_step_seconds, step_seconds
 
 
 def odd_one_out(count: int, vocab: int, pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +62,7 @@ def main() -> None:
           f"hand-derived training reached {result.history.test_accuracy[-1]:.4f}")
 
     seconds = step_seconds(net, params, jnp.asarray(x_train[: args.batch]), jnp.asarray(y_train[: args.batch]), rounds=30)
-    print(f"time per SGD step, batch {args.batch} (median of 30 interleaved samples on {jax.devices()[0].device_kind}): "
-          + ", ".join(f"{name} {s * 1e3:.3f} ms" for name, s in seconds.items())
-          + f"; hand / jax.grad = {seconds['hand'] / seconds['jax.grad']:.2f}")
+    print(describe_step_seconds(seconds, args.batch, 30))
     args.out.mkdir(parents=True, exist_ok=True)
     mnet.train.plot_history(result.history, args.out / "transformer_sequence.png", "odd one out, tiny transformer")
 

@@ -188,9 +188,11 @@ class MultiHeadSelfAttention(Layer):
             raise LayerError(self, error.detail) from None
         return y, (projections_cache, core_cache, output_cache)
 
+    def _parts_of(self, cache: Cache) -> Serial:
+        return self._parts(cache[0][0][0].shape[-1])  # the projections' caches are x itself
+
     def _composed(self, method: str, params: Params, cache: Cache, dy: Array):
-        parts = self._parts(cache[0][0][0].shape[-1])  # the projections' cache is x
-        return getattr(parts, method)(self._as_tuple(params), cache, dy)
+        return getattr(self._parts_of(cache), method)(self._as_tuple(params), cache, dy)
 
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         grads, dx = self._composed("backward", params, cache, dy)
@@ -204,5 +206,4 @@ class MultiHeadSelfAttention(Layer):
         return self._composed("per_example_sq_norms", params, cache, dy)
 
     def ntk_contribution(self, params: Params, cache1: Cache, cache2: Cache, dys1: Array, dys2: Array) -> Array:
-        parts = self._parts(cache1[0][0][0].shape[-1])
-        return parts.ntk_contribution(self._as_tuple(params), cache1, cache2, dys1, dys2)
+        return self._parts_of(cache1).ntk_contribution(self._as_tuple(params), cache1, cache2, dys1, dys2)

@@ -127,6 +127,13 @@ def step_seconds(net: Layer, params, x, y, rounds: int) -> dict[str, float]:
     return interleaved_medians(contenders, rounds)
 
 
+def describe_step_seconds(seconds: dict[str, float], batch: int, rounds: int) -> str:
+    """One line for the experiments: the :func:`step_seconds` of both contenders and their ratio."""
+    return (f"time per SGD step, batch {batch} (median of {rounds} interleaved samples on {jax.devices()[0].device_kind}): "
+            + ", ".join(f"{name} {s * 1e3:.3f} ms" for name, s in seconds.items())
+            + f"; hand / jax.grad = {seconds['hand'] / seconds['jax.grad']:.2f}")
+
+
 def row_cnn_step(batch: int, rounds: int) -> Row:
     """One training step of :func:`mnet.models.digits_cnn` on a batch of 8x8 images."""
     net = models.digits_cnn()

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from mnet import initializers
-from mnet.layers import Array, Cache, Dense, Layer, Params, Policy, Shape, _describe, default_float_dtype
+from mnet.layers import Array, Cache, Dense, Layer, Params, Policy, Shape, _describe, default_float_dtype, shape_record
 from mnet.windows import Geometry, check_padding, col2im, im2col, pair
 
 
@@ -124,27 +123,26 @@ class Conv2D(Layer):
         patches = im2col(x, geometry)
         cols = patches.reshape(patches.shape[:3] + (-1,))
         z, cols = self._dense.forward(params, cols)
-        # The zero-size array records the input's shape for col2im (see Flatten).
-        return z, (cols, jnp.zeros((0,) + x.shape[1:], x.dtype))
+        return z, (cols, shape_record(x))  # col2im needs the input's shape
 
-    def _input_gradient(self, dcols: Array, shape_record: Array) -> Array:
-        geometry = Geometry.of(shape_record.shape[1:3], self.kernel_size, self.stride, self.padding)
+    def _input_gradient(self, dcols: Array, record: Array) -> Array:
+        geometry = Geometry.of(record.shape[1:3], self.kernel_size, self.stride, self.padding)
         return col2im(dcols.reshape(dcols.shape[:3] + (geometry.window_size, -1)), geometry)
 
     def backward(self, params: Params, cache: Cache, dz: Array) -> tuple[Params, Array]:
-        cols, shape_record = cache
+        cols, record = cache
         grads, dcols = self._dense.backward(params, cols, dz)
-        return grads, self._input_gradient(dcols, shape_record)
+        return grads, self._input_gradient(dcols, record)
 
     def per_example_backward(self, params: Params, cache: Cache, dz: Array) -> tuple[Params, Array]:
-        cols, shape_record = cache
+        cols, record = cache
         grads, dcols = self._dense.per_example_backward(params, cols, dz)
-        return grads, self._input_gradient(dcols, shape_record)
+        return grads, self._input_gradient(dcols, record)
 
     def per_example_sq_norms(self, params: Params, cache: Cache, dz: Array) -> tuple[Array, Array]:
-        cols, shape_record = cache
+        cols, record = cache
         sq, dcols = self._dense.per_example_sq_norms(params, cols, dz)
-        return sq, self._input_gradient(dcols, shape_record)
+        return sq, self._input_gradient(dcols, record)
 
     def ntk_contribution(self, params: Params, cache1: Cache, cache2: Cache, dzs1: Array, dzs2: Array) -> Array:
         return self._dense.ntk_contribution(params, cache1[0], cache2[0], dzs1, dzs2)

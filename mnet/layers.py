@@ -127,6 +127,12 @@ def batch_sq_norms(per_example: Params, batch: int, dtype) -> Array:
     return total
 
 
+def shape_record(x: Array) -> Array:
+    """A zero-size array of shape ``(0, *example_shape)``: it records ``x``'s example shape in a cache as data that
+    crosses ``jit`` and ``custom_vjp`` boundaries, at no memory cost."""
+    return jnp.zeros((0,) + x.shape[1:], x.dtype)
+
+
 def _describe(tree: Any) -> str:
     """A short structural description of a pytree: arrays as their shapes, cut at 240 characters."""
     text = str(jax.tree_util.tree_map(lambda leaf: tuple(getattr(leaf, "shape", ())) or type(leaf).__name__, tree))
@@ -452,8 +458,7 @@ class Softmax(Elementwise):
 class Flatten(Layer):
     """``(batch, d1, ..., dk) -> (batch, d1 * ... * dk)``; ``dx = dy`` reshaped back.
 
-    The cache is a zero-size array of shape ``(0, d1, ..., dk)``: it records the example shape as data that
-    crosses ``jit`` and ``custom_vjp`` boundaries while costing no memory.
+    The cache is the input's :func:`shape_record`.
     """
 
     def __repr__(self) -> str:
@@ -466,10 +471,10 @@ class Flatten(Layer):
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
         self._check_input(x)
         self._check_no_params(params)
-        return x.reshape(x.shape[0], -1), jnp.zeros((0,) + x.shape[1:], x.dtype)
+        return x.reshape(x.shape[0], -1), shape_record(x)
 
-    def backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
-        return (), dy.reshape((dy.shape[0],) + shape_record.shape[1:])
+    def backward(self, params: Params, record: Cache, dy: Array) -> tuple[Params, Array]:
+        return (), dy.reshape((dy.shape[0],) + record.shape[1:])
 
 
 @dataclass(frozen=True, repr=False)
@@ -504,10 +509,9 @@ class Reshape(Layer):
         self._check_no_params(params)
         if math.prod(x.shape[1:]) != math.prod(self.shape):
             raise self._fail(f"cannot reshape input of shape {tuple(x.shape)} to (batch, {', '.join(map(str, self.shape))})")
-        return x.reshape((x.shape[0],) + self.shape), jnp.zeros((0,) + x.shape[1:], x.dtype)
+        return x.reshape((x.shape[0],) + self.shape), shape_record(x)
 
-    def backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
-        return (), dy.reshape((dy.shape[0],) + shape_record.shape[1:])
+    backward = Flatten.backward  # the same rule: dy reshaped back to the recorded example shape
 
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from mnet.convolution import check_image_input, image_geometry
-from mnet.layers import Array, Cache, Layer, Params, Shape
+from mnet.layers import Array, Cache, Layer, Params, Shape, shape_record
 from mnet.windows import Geometry, check_padding, col2im, im2col, pair
 
 
@@ -44,8 +44,8 @@ class _Pool2D(Layer):
         self._check_no_params(params)
         return image_geometry(self, x.shape[1:], self.window, self.stride, self.padding)
 
-    def _from_record(self, shape_record: Array) -> Geometry:
-        return Geometry.of(shape_record.shape[1:3], self.window, self.stride, self.padding)
+    def _from_record(self, record: Array) -> Geometry:
+        return Geometry.of(record.shape[1:3], self.window, self.stride, self.padding)
 
 
 @dataclass(frozen=True, repr=False)
@@ -76,11 +76,11 @@ class MaxPool2D(_Pool2D):
         patches = im2col(x, geometry, fill=-jnp.inf)
         winner = jnp.argmax(patches, axis=3)
         y = jnp.take_along_axis(patches, winner[:, :, :, None, :], axis=3)[:, :, :, 0, :]
-        return y, (winner, jnp.zeros((0,) + x.shape[1:], x.dtype))
+        return y, (winner, shape_record(x))
 
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
-        winner, shape_record = cache
-        geometry = self._from_record(shape_record)
+        winner, record = cache
+        geometry = self._from_record(record)
         positions = jnp.arange(geometry.window_size)[:, None]
         dpatches = jnp.where(positions == winner[:, :, :, None, :], dy[:, :, :, None, :], jnp.zeros((), dy.dtype))
         return (), col2im(dpatches, geometry)
@@ -114,10 +114,10 @@ class AvgPool2D(_Pool2D):
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
         geometry = self._geometry(x, params)
         y = jnp.sum(im2col(x, geometry) / self._counts(geometry, x.dtype), axis=3)
-        return y, jnp.zeros((0,) + x.shape[1:], x.dtype)
+        return y, shape_record(x)
 
-    def backward(self, params: Params, shape_record: Cache, dy: Array) -> tuple[Params, Array]:
-        geometry = self._from_record(shape_record)
+    def backward(self, params: Params, record: Cache, dy: Array) -> tuple[Params, Array]:
+        geometry = self._from_record(record)
         counts = self._counts(geometry, dy.dtype)
         dpatches = jnp.broadcast_to(dy[:, :, :, None, :] / counts,
                                     dy.shape[:3] + (geometry.window_size,) + dy.shape[3:])

@@ -86,7 +86,9 @@ def matmul_peak_gflops(n: int = 2048, rounds: int = 10, dtype=jnp.float32) -> fl
     return 2 * n**3 / seconds / 1e9
 
 
-def _mlp_problem(widths: list[int], batch: int, seed: int = 0, dtype=jnp.float32, compute_dtype: str | None = None):
+def mlp_problem(widths: list[int], batch: int, seed: int = 0, dtype=jnp.float32, compute_dtype: str | None = None):
+    """An MLP of ``widths`` (ReLU between layers) with its parameters, a random normal batch and integer labels;
+    products in ``compute_dtype`` when given (mixed precision)."""
     net = mlp(widths[1:], compute_dtype=compute_dtype)
     _, params = net.init(jax.random.key(seed), (widths[0],), dtype)
     x = jax.random.normal(jax.random.key(seed + 1), (batch, widths[0]), dtype)
@@ -115,16 +117,21 @@ def _vmapped_autodiff_grads(net: Layer):
     return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))
 
 
-def step_seconds(net: Layer, params, x, y, rounds: int) -> dict[str, float]:
-    """Median seconds of one jitted SGD training step of ``net`` on ``(x, y)`` (softmax cross-entropy),
-    hand-derived vs ``jax.grad``, interleaved."""
+def step_contenders(net: Layer, params, x, y) -> dict[str, Callable[[], object]]:
+    """One jitted SGD training step of ``net`` on ``(x, y)`` (softmax cross-entropy) per gradient path,
+    hand-derived and ``jax.grad``, each as a call with no arguments (compiled on first call)."""
     contenders = {}
     for label, grad_fn in _hand_and_autodiff(net).items():
         optimizer, step = _train_step(grad_fn)
         jitted = jax.jit(step)
         state = optimizer.init(params)
         contenders[label] = lambda jitted=jitted, state=state: jitted(params, state, x, y)
-    return interleaved_medians(contenders, rounds)
+    return contenders
+
+
+def step_seconds(net: Layer, params, x, y, rounds: int) -> dict[str, float]:
+    """Median seconds of :func:`step_contenders`, interleaved."""
+    return interleaved_medians(step_contenders(net, params, x, y), rounds)
 
 
 def describe_step_seconds(seconds: dict[str, float], batch: int, rounds: int) -> str:
@@ -134,31 +141,42 @@ def describe_step_seconds(seconds: dict[str, float], batch: int, rounds: int) ->
             + f"; hand / jax.grad = {seconds['hand'] / seconds['jax.grad']:.2f}")
 
 
-def row_cnn_step(batch: int, rounds: int) -> Row:
-    """One training step of :func:`mnet.models.digits_cnn` on a batch of 8x8 images."""
+def cnn_problem(batch: int):
+    """:func:`mnet.models.digits_cnn` with its parameters, a random batch of flat 8x8 images and labels."""
     net = models.digits_cnn()
     _, params = net.init(jax.random.key(0), (64,), jnp.float32)
     x = jax.random.normal(jax.random.key(1), (batch, 64), jnp.float32)
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
-    return Row("C1", f"training step, digits CNN (2 conv + 2 max-pool + 2 dense), batch {batch}, float32",
-               step_seconds(net, params, x, y, rounds), "jax.grad", {})
+    return net, params, x, y
 
 
-def row_transformer_step(batch: int, length: int, rounds: int) -> Row:
-    """One training step of :func:`mnet.models.transformer_classifier` (one block, width 32, 4 heads)."""
+def transformer_problem(batch: int, length: int):
+    """:func:`mnet.models.transformer_classifier` (one block, width 32, 4 heads, 16 tokens and classes) with its
+    parameters, random token ids and labels."""
     net = models.transformer_classifier(vocab=16, classes=16)
     _, params = net.init(jax.random.key(0), (length,), jnp.float32)
     ids = jax.random.randint(jax.random.key(1), (batch, length), 0, 16)
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 16)
+    return net, params, ids, y
+
+
+def row_cnn_step(batch: int, rounds: int) -> Row:
+    """One training step of :func:`mnet.models.digits_cnn` on a batch of 8x8 images."""
+    return Row("C1", f"training step, digits CNN (2 conv + 2 max-pool + 2 dense), batch {batch}, float32",
+               step_seconds(*cnn_problem(batch), rounds), "jax.grad", {})
+
+
+def row_transformer_step(batch: int, length: int, rounds: int) -> Row:
+    """One training step of :func:`mnet.models.transformer_classifier` (one block, width 32, 4 heads)."""
     return Row("T1", f"training step, transformer block (width 32, 4 heads), batch {batch}, length {length}, float32",
-               step_seconds(net, params, ids, y, rounds), "jax.grad", {})
+               step_seconds(*transformer_problem(batch, length), rounds), "jax.grad", {})
 
 
 def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype: str | None = None,
                       name: str = "W1") -> Row:
     """One SGD training step (forward, backward, update), hand-derived vs ``jax.grad``; float32 parameters,
     products in ``compute_dtype`` (mixed precision) when given."""
-    net, params, x, y = _mlp_problem(widths, batch, compute_dtype=compute_dtype)
+    net, params, x, y = mlp_problem(widths, batch, compute_dtype=compute_dtype)
     seconds = step_seconds(net, params, x, y, rounds)
     flops = 6 * batch * _weights(widths)
     precision = f"{compute_dtype} compute, float32 params" if compute_dtype else "float32"
@@ -170,7 +188,7 @@ def row_training_step(widths: list[int], batch: int, rounds: int, compute_dtype:
 
 def row_fused_training(widths: list[int], batch: int, steps: int, rounds: int) -> Row:
     """``steps`` SGD steps: fused in one ``lax.scan`` (hand and autodiff) vs a Python loop of jitted steps."""
-    net, params, x, y = _mlp_problem(widths, batch)
+    net, params, x, y = mlp_problem(widths, batch)
     pair = _hand_and_autodiff(net)
     contenders = {}
     for label, grad_fn in pair.items():
@@ -232,7 +250,7 @@ def _torch_training_loop(widths: list[int], batch: int, steps: int):
 
 def row_compile_time(widths: list[int], batch: int, rounds: int) -> Row:
     """Seconds to lower and compile the jitted training step (fresh each round, caches cleared)."""
-    net, params, x, y = _mlp_problem(widths, batch)
+    net, params, x, y = mlp_problem(widths, batch)
     samples: dict[str, list[float]] = {"hand": [], "jax.grad": []}
     for _ in range(rounds):
         for label, grad_fn in _hand_and_autodiff(net).items():
@@ -246,7 +264,7 @@ def row_compile_time(widths: list[int], batch: int, rounds: int) -> Row:
 
 
 def row_per_example_norms(widths: list[int], batch: int, rounds: int) -> Row:
-    net, params, x, y = _mlp_problem(widths, batch)
+    net, params, x, y = mlp_problem(widths, batch)
     hand = jax.jit(derivatives.per_example_grad_norms(net, softmax_cross_entropy))
     reference = _vmapped_autodiff_grads(net)
     auto = jax.jit(lambda p, x, y: jnp.sqrt(batch_sq_norms(reference(p, x, y), batch, x.dtype)))
@@ -256,7 +274,7 @@ def row_per_example_norms(widths: list[int], batch: int, rounds: int) -> Row:
 
 
 def row_per_example_grads(widths: list[int], batch: int, rounds: int) -> Row:
-    net, params, x, y = _mlp_problem(widths, batch)
+    net, params, x, y = mlp_problem(widths, batch)
     hand = jax.jit(derivatives.per_example_grads(net, softmax_cross_entropy))
     auto = jax.jit(_vmapped_autodiff_grads(net))
     seconds = interleaved_medians({"hand": lambda: hand(params, x, y), "vmap(jax.grad)": lambda: auto(params, x, y)}, rounds)
@@ -267,7 +285,7 @@ def row_per_example_grads(widths: list[int], batch: int, rounds: int) -> Row:
 def row_ntk(widths: list[int], batch: int, rounds: int, name: str, forward_mode: bool = True) -> Row:
     """The kernel by the layer-structured formula vs contracting autodiff Jacobians. ``forward_mode`` adds
     ``jax.jacfwd`` (one tangent per parameter: minutes at width 512, so left out there)."""
-    net, params, x, _ = _mlp_problem(widths, batch)
+    net, params, x, _ = mlp_problem(widths, batch)
     x2 = x[::-1] + 0.1
     hand = jax.jit(derivatives.ntk(net))
     contract = derivatives.contract_jacobians
@@ -282,7 +300,7 @@ def row_ntk(widths: list[int], batch: int, rounds: int, name: str, forward_mode:
 
 
 def row_jacobian(widths: list[int], batch: int, rounds: int, forward_mode: bool = True) -> Row:
-    net, params, x, _ = _mlp_problem(widths, batch)
+    net, params, x, _ = mlp_problem(widths, batch)
     hand = jax.jit(derivatives.jacobian(net))
     rev = jax.jit(jax.jacrev(net.apply))
     contenders = {"hand": lambda: hand(params, x), "jax.jacrev": lambda: rev(params, x)}

@@ -58,7 +58,7 @@ def test_random_networks_float64_jitted(problem):
     check_all(problem, 1e-9, jit=True)
 
 
-@settings(max_examples=4)
+@settings(max_examples=2)  # eager is slow; the jitted twin above covers more architectures
 @given(mlp_problems(jnp.float64))
 def test_random_networks_float64_eager(problem):
     check_all(problem, 1e-9, jit=False)

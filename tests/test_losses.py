@@ -65,6 +65,20 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot_over_batch():
     np.testing.assert_allclose(CE.per_example(z, labels), [-np.log(p[2]), np.log(3)], rtol=1e-15)
 
 
+@pytest.mark.parametrize("label_dtype", [jnp.int8, jnp.uint8, jnp.int32, jnp.int64])
+def test_cross_entropy_gradient_for_any_integer_labels_under_jit(label_dtype):
+    """The label is subtracted by indexing (not a dense one-hot): every integer dtype, repeated and unused
+    classes, jitted, against jax.grad of optax's loss and against the plain softmax - onehot."""
+    rng = np.random.default_rng(7)
+    z = jnp.asarray(rng.normal(size=(9, 4)) * 2)
+    labels = jnp.asarray([3, 3, 0, 3, 1, 0, 3, 1, 1], label_dtype)  # class 2 unused, class 3 four times
+    hand = jax.jit(CE.grad)(z, labels)
+    reference = jax.grad(lambda o: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(o, labels)))(z)
+    assert_trees_close(hand, reference, 1e-12)
+    dense = (jax.nn.softmax(z) - jax.nn.one_hot(labels, 4, dtype=z.dtype)) / 9
+    assert_trees_close(jax.jit(CE.per_example_grad)(z, labels) / 9, dense, 1e-13)
+
+
 def test_bad_targets_are_refused():
     z = jnp.zeros((4, 3))
     with pytest.raises(LossError, match=r"integer class ids"):

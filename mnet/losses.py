@@ -107,10 +107,9 @@ class SoftmaxCrossEntropy(Loss):
     def per_example_grad(self, logits: Array, labels: Array) -> Array:
         self._check(logits, labels)
         probabilities, _ = activations.softmax(logits)
-        # The one-hot is subtracted as a scatter of -1 at (b, y_b), read from the labels exactly as
-        # ``per_example`` picks its logit; no dense one-hot is built. This also keeps the label indexing an
-        # operation of its own in the compiled step, which lets XLA's CPU runtime start the step on its worker
-        # threads (BENCHMARKS.md, "The W1 float32 gap").
+        # The one-hot is subtracted as a scatter of -1 at (b, y_b), so no dense one-hot is built. The label
+        # indexing then stays an operation of its own in the compiled step, which lets XLA's CPU runtime start
+        # the step on its worker threads (BENCHMARKS.md, "The W1 float32 gap").
         rows = jnp.arange(logits.shape[0])
         return probabilities.at[rows, labels.astype(jnp.int32)].add(-1)
 

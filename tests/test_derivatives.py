@@ -52,7 +52,7 @@ def check_all(problem, rtol, jit, tree_scale=False, x2=None):
     close(wrap(mnet.ntk(net))(params, x, x2), wrap(reference_ntk, static_argnums=0)(net, params, x, x2))
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(mlp_problems(jnp.float64))
 def test_random_networks_float64_jitted(problem):
     check_all(problem, 1e-9, jit=True)
@@ -64,7 +64,7 @@ def test_random_networks_float64_eager(problem):
     check_all(problem, 1e-9, jit=False)
 
 
-@settings(max_examples=5)
+@settings(max_examples=3)
 @given(mlp_problems(jnp.float32))
 def test_random_networks_float32(problem):
     check_all(problem, None, jit=True)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from mnet.combinators import Parallel, Serial
 from mnet.errors import LayerError
-from mnet.layers import Array, Cache, Dense, Layer, Params, Shape, _describe
+from mnet.layers import Array, Cache, Dense, Layer, Params, Shape, _describe, positive_int
 
 
 @dataclass(frozen=True, repr=False)
@@ -120,9 +120,8 @@ class MultiHeadSelfAttention(Layer):
     def __post_init__(self):
         for name in ("num_heads", "head_dim", "out_dim"):
             value = getattr(self, name)
-            if (value is not None or name == "num_heads") and (
-                    not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"MultiHeadSelfAttention: {name} must be a positive int, got {value!r}")
+            if value is not None or name == "num_heads":
+                positive_int(value, name, "MultiHeadSelfAttention")
 
     def __repr__(self) -> str:
         options = "" if self.head_dim is None else f", head_dim={self.head_dim}"

@@ -8,7 +8,8 @@ from typing import Any
 import jax
 
 from mnet import initializers
-from mnet.layers import Array, Cache, Dense, Layer, Params, Policy, Shape, _describe, default_float_dtype, shape_record
+from mnet.layers import (Array, Cache, Dense, Layer, Params, Policy, Shape, _describe, default_float_dtype,
+                         positive_int, shape_record)
 from mnet.windows import Geometry, check_padding, col2im, im2col, pair
 
 
@@ -76,8 +77,7 @@ class Conv2D(Layer):
     policy: Policy | None = None
 
     def __post_init__(self):
-        if not isinstance(self.out_channels, int) or isinstance(self.out_channels, bool) or self.out_channels <= 0:
-            raise ValueError(f"Conv2D: out_channels must be a positive int, got {self.out_channels!r}")
+        positive_int(self.out_channels, "out_channels", "Conv2D")
         object.__setattr__(self, "kernel_size", pair(self.kernel_size, "kernel_size", "Conv2D"))
         object.__setattr__(self, "stride", pair(self.stride, "stride", "Conv2D"))
         object.__setattr__(self, "padding", check_padding(self.padding, "Conv2D"))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet import initializers
-from mnet.layers import Array, Cache, Layer, Params, Shape, _describe, default_float_dtype
+from mnet.layers import Array, Cache, Layer, Params, Shape, _describe, default_float_dtype, positive_int
 
 
 @dataclass(frozen=True, repr=False)
@@ -44,9 +44,7 @@ class Embedding(Layer):
 
     def __post_init__(self):
         for name in ("vocab", "dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"Embedding: {name} must be a positive int, got {value!r}")
+            positive_int(getattr(self, name), name, "Embedding")
         initializers.get(self.W_init)
 
     def __repr__(self) -> str:

@@ -133,6 +133,12 @@ def shape_record(x: Array) -> Array:
     return jnp.zeros((0,) + x.shape[1:], x.dtype)
 
 
+def positive_int(value: Any, name: str, owner: str) -> None:
+    """Refuse a size that is not a positive ``int`` (``bool`` is not a size) with a ``ValueError`` naming the layer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
 def _describe(tree: Any) -> str:
     """A short structural description of a pytree: arrays as their shapes, cut at 240 characters."""
     text = str(jax.tree_util.tree_map(lambda leaf: tuple(getattr(leaf, "shape", ())) or type(leaf).__name__, tree))
@@ -193,8 +199,7 @@ class Dense(Layer):
     policy: Policy | None = None
 
     def __post_init__(self):
-        if not isinstance(self.out_dim, int) or isinstance(self.out_dim, bool) or self.out_dim <= 0:
-            raise ValueError(f"Dense: out_dim must be a positive int, got {self.out_dim!r}")
+        positive_int(self.out_dim, "out_dim", "Dense")
         initializers.get(self.W_init), initializers.get(self.b_init)
 
     def __repr__(self) -> str:

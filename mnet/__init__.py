@@ -1,16 +1,14 @@
 """mnet: neural networks as pure functions over parameter pytrees, forward in explicit matrix algebra, backward
 derived by hand beside it and checked against ``jax.grad``."""
 
-from mnet import activations, data, errors, initializers, losses, models, train
+from mnet import activations, data, errors, initializers, layers, losses, models, reference, train
 from mnet.train import fit
 from mnet.backprop import grad, value_and_grad, with_manual_backward
 from mnet.checkpoint import load_params, save_params
-from mnet.check import GradientReport, autodiff_value_and_grad, compare_cost, compare_gradients
-from mnet.attention import MultiHeadSelfAttention
-from mnet.convolution import Conv2D
-from mnet.embedding import Embedding
-from mnet.pooling import AvgPool2D, MaxPool2D
-from mnet.combinators import Parallel, Residual, Serial, mlp, parallel, residual, serial
+from mnet.check import GradientReport, compare_cost, compare_gradients
+from mnet.layer_check import LayerReport, check_layer
+from mnet.models import mlp
+from mnet.reference import autodiff_value_and_grad
 from mnet.derivatives import (
     clipped_value_and_grad,
     dp_noise,
@@ -21,6 +19,8 @@ from mnet.derivatives import (
 )
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
 from mnet.layers import (
+    AvgPool2D,
+    Conv2D,
     Dense,
     Dropout,
     Elementwise,
@@ -28,16 +28,26 @@ from mnet.layers import (
     Flatten,
     Gelu,
     Identity,
+    Embedding,
     Layer,
     LayerNorm,
+    LayerProtocol,
     LeakyRelu,
+    MaxPool2D,
+    MultiHeadSelfAttention,
+    Parallel,
     Policy,
     Relu,
     Reshape,
+    Residual,
+    Serial,
     Sigmoid,
     Softmax,
     Softplus,
     Tanh,
+    parallel,
+    residual,
+    serial,
 )
 
 __version__ = "0.1.0"
@@ -60,6 +70,8 @@ __all__ = [
     "Layer",
     "LayerError",
     "LayerNorm",
+    "LayerProtocol",
+    "LayerReport",
     "LeakyRelu",
     "LossError",
     "MaxPool2D",
@@ -77,6 +89,7 @@ __all__ = [
     "Tanh",
     "activations",
     "autodiff_value_and_grad",
+    "check_layer",
     "clipped_value_and_grad",
     "compare_cost",
     "compare_gradients",
@@ -87,6 +100,7 @@ __all__ = [
     "grad",
     "initializers",
     "jacobian",
+    "layers",
     "load_params",
     "losses",
     "models",
@@ -95,6 +109,7 @@ __all__ = [
     "parallel",
     "per_example_grad_norms",
     "per_example_grads",
+    "reference",
     "residual",
     "save_params",
     "serial",

@@ -11,18 +11,18 @@ from typing import Any
 
 import jax
 
-from mnet.layers import Array, Layer, Params
+from mnet.layers.base import Array, LayerProtocol, Params, apply_layer, call_forward
 from mnet.losses import Loss
 
 
-def value_and_grad(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
+def value_and_grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
     """Hand-derived backprop: ``f(params, x, targets) -> (loss value, grads)``.
 
     One forward pass keeps every layer's cache; the loss supplies ``dL/dy`` by its own formula; the net's
     ``backward`` carries it back to every parameter. ``grads`` has the structure of ``params``.
 
     Arguments:
-        net: any layer (usually a ``serial``).
+        net: any layer (usually a ``serial``; any object with ``init``, ``forward`` and ``backward``).
         loss: a loss from :mod:`mnet.losses` (or any object with ``value`` and ``grad``).
 
     Returns:
@@ -33,19 +33,14 @@ def value_and_grad(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], t
 
     def value_and_grad_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None,
                           train: bool = False) -> tuple[Array, Params]:
-        outputs, cache = forward(net, params, x, key, train)
+        outputs, cache = call_forward(net, params, x, key, train)
         grads, _ = net.backward(params, cache, loss.grad(outputs, targets))
         return loss.value(outputs, targets), grads
 
     return value_and_grad_fn
 
 
-def forward(net: Layer, params: Params, x: Array, key: Array | None = None, train: bool = False):
-    """``net.forward`` with the key and train flag passed only to a network that has randomness."""
-    return net.forward(params, x, key=key, train=train) if net.stochastic else net.forward(params, x)
-
-
-def grad(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], Params]:
+def grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Params]:
     """Hand-derived gradient alone: ``f(params, x, targets, *, key=None, train=False) -> grads``."""
     value_and_grad_fn = value_and_grad(net, loss)
 
@@ -55,7 +50,7 @@ def grad(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], Params]:
     return grad_fn
 
 
-def with_manual_backward(net: Layer) -> Callable[[Params, Array], Array]:
+def with_manual_backward(net: LayerProtocol) -> Callable[[Params, Array], Array]:
     """The network as ``f(params, x) -> y`` whose reverse-mode derivative is the hand-derived backward.
 
     A ``jax.custom_vjp``: the forward pass saves the layers' caches as residuals, and any ``jax.grad`` or
@@ -72,7 +67,7 @@ def with_manual_backward(net: Layer) -> Callable[[Params, Array], Array]:
 
     @jax.custom_vjp
     def apply(params: Params, x: Array) -> Array:
-        return net.apply(params, x)
+        return apply_layer(net, params, x)
 
     def apply_forward(params: Params, x: Array) -> tuple[Array, Any]:
         y, cache = net.forward(params, x)

@@ -22,10 +22,11 @@ import optax
 
 from mnet import derivatives, models
 from mnet.backprop import value_and_grad
-from mnet.check import autodiff_value_and_grad
-from mnet.combinators import mlp
-from mnet.layers import Layer, batch_sq_norms
+from mnet.layers.base import LayerProtocol as Layer
+from mnet.layers.base import batch_sq_norms
+from mnet.models import mlp
 from mnet.losses import softmax_cross_entropy
+from mnet.reference import autodiff_value_and_grad
 from mnet.train import make_step
 
 

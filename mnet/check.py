@@ -1,6 +1,7 @@
 """The referee: JAX's automatic differentiation and finite differences, against the hand-derived path.
 
-With :mod:`mnet.bench` (where autodiff is a benchmark contender), this is the only library module that calls
+The autodiff side of every comparison comes from :mod:`mnet.reference`; with :mod:`mnet.bench` (where autodiff is
+a benchmark contender) and :mod:`mnet.layer_check`, these are the only library modules that call
 ``jax.grad``/``jax.vjp``: everything else in mnet is hand-derived.
 
 Three comparisons, from coarse to fine:
@@ -30,10 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnet.backprop import forward, value_and_grad
-from mnet.combinators import Serial
-from mnet.layers import Array, Layer, Params
+from mnet.backprop import value_and_grad
+from mnet.layers.base import Array, LayerProtocol, Params
+from mnet.layers.combinators import Serial
 from mnet.losses import Loss
+from mnet.reference import autodiff_value_and_grad, layer_vjp
+
+Layer = LayerProtocol
 
 #: Tolerance for either gradient against float64 central differences. The step h = eps^(1/3) ~ 6e-6 leaves a
 #: truncation error ~ h^2 |f'''| and a rounding error ~ eps |f| / h ~ 4e-11 |f|; 1e-6 of the gradient's scale
@@ -43,18 +47,6 @@ FINITE_DIFFERENCE_TOLERANCE = 1e-6
 FULL_DIFFERENCE_SIZE = 64
 SAMPLED_COORDINATES = 24
 RANDOM_DIRECTIONS = 4
-
-
-def autodiff_value_and_grad(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
-    """The reference: ``jax.value_and_grad`` of ``loss.value(net.apply(params, x), targets)``.
-
-    Same signature as :func:`mnet.value_and_grad`, so either plugs into the same training or checking code.
-    """
-
-    def objective(params: Params, x: Array, targets: Array, *, key=None, train: bool = False) -> Array:
-        return loss.value(forward(net, params, x, key, train)[0], targets)
-
-    return jax.value_and_grad(objective)
 
 
 def tolerance(dtype) -> float:
@@ -284,7 +276,7 @@ def _jitted_forward(layer: Layer, params: Params, x: Array):
 def _backward_and_vjp(layer: Layer, params: Params, cache, x: Array, dy: Array):
     """One layer's hand backward and ``jax.vjp`` of its ``apply``, compiled together (eager JAX would compile
     every primitive on its own, which is most of the cost for small layers)."""
-    return layer.backward(params, cache, dy), jax.vjp(layer.apply, params, x)[1](dy)
+    return layer.backward(params, cache, dy), layer_vjp(layer, params, x, dy)
 
 
 def _layer_rows(net: Layer, loss: Loss, params: Params, x: Array, targets: Array) -> tuple[LayerRow, ...]:
@@ -343,7 +335,7 @@ def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, see
             def loss_at(flat_leaf, index=index, shape=leaf.shape):
                 moved = list(leaves)
                 moved[index] = flat_leaf.reshape(shape)
-                return loss.value(net.apply(jax.tree_util.tree_unflatten(treedef, moved), x64), targets64)
+                return loss.value(net.forward(jax.tree_util.tree_unflatten(treedef, moved), x64)[0], targets64)
 
             evaluate = jax.jit(jax.vmap(loss_at))
             base = leaf.ravel()

@@ -54,6 +54,88 @@ def _set_dtype(dtype: str) -> None:
     jax.config.update("jax_enable_x64", dtype == "float64")
 
 
+BUILT_IN_MODELS = ("mlp", "cnn", "transformer")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """``8,8,1`` -> ``(8, 8, 1)``: one example's shape, without the batch axis."""
+    return tuple(_widths(text))
+
+
+def load_object(spec: str):
+    """The object named ``MODULE:ATTR`` (``ATTR`` may be dotted), importing ``MODULE`` with the current directory on
+    the path, as ``python -m`` has it. A missing module or attribute is a :class:`UsageError`."""
+    import importlib
+    import os
+
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise UsageError(f"--model {spec!r}: expected one of {', '.join(BUILT_IN_MODELS)} or MODULE:ATTR "
+                         "(e.g. my_models:net)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as error:  # a user's module may fail in any way while importing
+        raise UsageError(f"--model {spec!r}: cannot import module {module_name!r} "
+                         f"({type(error).__name__}: {error})") from None
+    for name in attribute.split("."):
+        if not hasattr(target, name):
+            raise UsageError(f"--model {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, name)
+    return target
+
+
+def user_network(spec: str):
+    """``MODULE:ATTR`` naming a layer, or a function of no arguments that returns one."""
+    from mnet.layers.base import is_layer
+
+    candidate = load_object(spec)
+    if not is_layer(candidate) and callable(candidate):
+        try:
+            candidate = candidate()
+        except TypeError as error:
+            raise UsageError(f"--model {spec!r}: calling it with no arguments failed ({error})") from None
+    if not is_layer(candidate):
+        raise UsageError(f"--model {spec!r} is {type(candidate).__name__} {candidate!r:.80}, not a layer "
+                         "(an object with init, forward and backward, or a function of no arguments returning one)")
+    return candidate
+
+
+def check_problem(args: argparse.Namespace):
+    """``(net, example_shape, description)`` for ``mnet check``: an MLP from ``--layers``, a built-in model, or a
+    user's network with ``--input-shape``."""
+    import mnet
+
+    if args.model is None or args.model == "mlp":
+        if len(args.layers) < 2:
+            raise UsageError("--layers needs the input width and at least one layer width, e.g. 64,128,10")
+        return mnet.mlp(args.layers[1:], args.activation), (args.layers[0],), f"input width {args.layers[0]}"
+    if args.model == "cnn":
+        return mnet.models.digits_cnn(), args.input_shape or (64,), "the digits CNN"
+    if args.model == "transformer":
+        return mnet.models.transformer_classifier(16, 16), args.input_shape or (9,), "the transformer classifier"
+    if args.input_shape is None:
+        raise UsageError(f"--model {args.model}: give one example's shape with --input-shape, e.g. 8,8,1")
+    return user_network(args.model), args.input_shape, f"{args.model}"
+
+
+def random_targets(loss, outputs, key):
+    """Targets that ``loss`` accepts for ``outputs`` (an array or its ShapeDtypeStruct)."""
+    import jax
+
+    import mnet
+
+    if loss is mnet.losses.softmax_cross_entropy:
+        if len(outputs.shape) != 2 or outputs.shape[1] < 2:
+            raise UsageError(f"softmax_cross_entropy needs outputs of shape (batch, classes) with at least 2 output "
+                             f"classes, the network gives {tuple(outputs.shape)}")
+        return jax.random.randint(key, outputs.shape[:1], 0, outputs.shape[1])
+    if loss is mnet.losses.sigmoid_binary_cross_entropy:
+        return jax.random.uniform(key, outputs.shape, outputs.dtype)
+    return jax.random.normal(key, outputs.shape, outputs.dtype)
+
+
 def run_check(args: argparse.Namespace) -> int:
     _set_dtype(args.dtype)
     import jax
@@ -61,23 +143,15 @@ def run_check(args: argparse.Namespace) -> int:
 
     import mnet
 
-    if len(args.layers) < 2:
-        raise UsageError("--layers needs the input width and at least one layer width, e.g. 64,128,10")
     loss = mnet.losses.get(args.loss)
-    if loss is mnet.losses.softmax_cross_entropy and args.layers[-1] < 2:
-        raise UsageError("softmax_cross_entropy needs at least 2 output classes (last --layers entry)")
-    net = mnet.mlp(args.layers[1:], args.activation)
+    net, example_shape, source = check_problem(args)
     dtype = jnp.dtype(args.dtype)
     k_init, k_x, k_t = jax.random.split(jax.random.key(args.seed), 3)
-    _, params = net.init(k_init, (args.layers[0],), dtype)
-    x = jax.random.normal(k_x, (args.batch, args.layers[0]), dtype)
-    outputs = (args.batch, args.layers[-1])
-    if loss is mnet.losses.softmax_cross_entropy:
-        targets = jax.random.randint(k_t, (args.batch,), 0, args.layers[-1])
-    elif loss is mnet.losses.sigmoid_binary_cross_entropy:
-        targets = jax.random.uniform(k_t, outputs, dtype)
-    else:
-        targets = jax.random.normal(k_t, outputs, dtype)
+    _, params = mnet.layers.init_layer(net, k_init, example_shape, dtype)
+    vocab = getattr(net, "input_vocab", None)
+    x = (jax.random.randint(k_x, (args.batch, *example_shape), 0, vocab) if vocab is not None
+         else jax.random.normal(k_x, (args.batch, *example_shape), dtype))
+    targets = random_targets(loss, jax.eval_shape(lambda p, inputs: net.forward(p, inputs)[0], params, x), k_t)
     report = mnet.compare_gradients(net, loss, params, x, targets, finite_differences=args.finite_differences,
                                     seed=args.seed)
     result = report.to_dict()
@@ -87,7 +161,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"network {net!r}, input width {args.layers[0]}, loss {args.loss}, batch {args.batch}")
+        print(f"network {net!r}, {source}, loss {args.loss}, batch {args.batch}")
         print(report)
         if args.cost:
             print(_format_cost(result["cost"]))
@@ -122,87 +196,138 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def training_problem(args: argparse.Namespace):
+    """``(dataset, net)`` for ``mnet train``: the data (the digits, the odd-one-out sequences for the transformer,
+    or ``--data``) and the network ``--model`` names, its output width checked against the classes."""
+    import jax
+    import numpy as np
+
+    import mnet
+    from mnet import data
+
+    if args.model == "transformer" and args.data is None:
+        dataset = data.load_odd_one_out(args.seed)
+    else:
+        dataset = data.load(args.data, seed=args.seed, label_column=args.label_column)
+    if args.batch_size > len(dataset.x_train):
+        raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
+    classes = dataset.num_classes
+    if args.model == "mlp":
+        layers = ([mnet.Flatten()] if len(dataset.example_shape) > 1 else []) + list(
+            mnet.mlp(args.layers + [classes], args.activation, args.compute_dtype).layers)
+        net = mnet.serial(*layers)
+    elif args.model == "cnn":
+        net = mnet.models.digits_cnn(classes)
+    elif args.model == "transformer":
+        ids = np.asarray(dataset.x_train)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError("--model transformer needs token ids: a .npz whose x holds integers (see the README)")
+        net = mnet.models.transformer_classifier(int(ids.max()) + 1, classes)
+    else:
+        net = user_network(args.model)
+    output_shape = mnet.layers.init_layer(net, jax.random.key(0), dataset.example_shape)[0]  # shapes only
+    if tuple(output_shape) != (classes,):
+        raise UsageError(f"--model {args.model}: the network maps examples of shape {dataset.example_shape} to "
+                         f"{tuple(output_shape)}, but {dataset.name} has {classes} classes; its output must be ({classes},)")
+    return dataset, net
+
+
+def gradient_check(net, loss, params, dataset, batch: int, say) -> float:
+    """The hand-derived gradient against ``jax.grad`` on the first training batch; refuses to train if they
+    disagree. Returns the largest relative error."""
+    import jax.numpy as jnp
+
+    import mnet
+
+    report = mnet.compare_gradients(net, loss, params, jnp.asarray(dataset.x_train[:batch]),
+                                    jnp.asarray(dataset.y_train[:batch]), layer_by_layer=False)
+    worst = max((row.autodiff.max_rel_error for row in report.rows), default=0.0)
+    tolerance = report.rows[0].autodiff.tolerance if report.rows else 0.0
+    say(f"gradient check on one batch of {batch}: hand-derived vs jax.grad, largest relative error "
+        f"{worst:.2e} over {len(report.rows)} leaves (tolerance {tolerance:.1e}): " + ("agree" if report.ok else "DISAGREE"))
+    if not report.ok:
+        print(report, file=sys.stderr)
+        raise UsageError("hand-derived gradients disagree with jax.grad; not training")
+    return worst
+
+
+class EpochReporter:
+    """Shows each epoch: a tqdm bar on a terminal, else one line per epoch through ``say``."""
+
+    def __init__(self, epochs: int, say, quiet_bar: bool):
+        self.epochs, self.say, self.bar = epochs, say, None
+        if sys.stderr.isatty() and not quiet_bar:
+            import shutil
+
+            from tqdm import tqdm
+
+            # A terminal that reports a 0 x 0 size (some pseudo-terminals do) makes tqdm hide its bar; shutil falls
+            # back to 80 x 24 there.
+            columns, rows = shutil.get_terminal_size()
+            self.bar = tqdm(total=epochs, unit="epoch", file=sys.stderr, ncols=columns, nrows=rows)
+
+    def __call__(self, epoch: int, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.n = epoch
+            self.bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{record['test_accuracy']:.4f}")
+        else:
+            self.say(f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  train acc "
+                     f"{record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f}  test acc "
+                     f"{record['test_accuracy']:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def training_summary(args: argparse.Namespace, history, worst: float, say) -> dict:
+    """The run's last epoch as the summary ``--json`` prints (or one line without it)."""
+    final = history.last()
+    if not final:
+        say(f"nothing to do: the checkpoint already holds {args.epochs} epochs")
+    summary = {"test_accuracy": final.get("test_accuracy"), "train_loss": final.get("train_loss"),
+               "test_loss": final.get("test_loss"), "train_accuracy": final.get("train_accuracy"),
+               "epochs": args.epochs, "grad": args.grad, "model": args.model, "gradient_check_max_rel_error": worst,
+               "seconds": sum(history.seconds)}
+    if args.json:
+        print(json.dumps(summary))
+    elif final:
+        print(f"done: test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}, "
+              f"{summary['seconds']:.2f}s of training")
+    return summary
+
+
 def run_train(args: argparse.Namespace) -> int:
     import jax
 
     import mnet
-    from mnet import data, train
+    from mnet import train
 
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint PATH")
-    dataset = data.load(args.data, seed=args.seed, label_column=args.label_column)
-    if args.batch_size > len(dataset.x_train):
-        raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
-    layers = ([mnet.Flatten()] if len(dataset.example_shape) > 1 else []) + list(
-        mnet.mlp(args.layers + [dataset.num_classes], args.activation, args.compute_dtype).layers)
-    net = mnet.serial(*layers)
+    dataset, net = training_problem(args)
     loss = mnet.losses.softmax_cross_entropy
-    _, params = net.init(jax.random.key(args.seed), dataset.example_shape)
+    _, params = mnet.layers.init_layer(net, jax.random.key(args.seed), dataset.example_shape)
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     say(f"{dataset}")
     say(f"network {net!r}, {args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.grad} gradients")
+    worst = gradient_check(net, loss, params, dataset, min(args.batch_size, len(dataset.x_train)), say)
 
-    check_batch = min(args.batch_size, len(dataset.x_train))
-    report = mnet.compare_gradients(net, loss, params, jax.numpy.asarray(dataset.x_train[:check_batch]),
-                                    jax.numpy.asarray(dataset.y_train[:check_batch]), layer_by_layer=False)
-    worst = max(row.autodiff.max_rel_error for row in report.rows)
-    say(f"gradient check on one batch of {check_batch}: hand-derived vs jax.grad, largest relative error "
-        f"{worst:.2e} over {len(report.rows)} leaves (tolerance {report.rows[0].autodiff.tolerance:.1e}): "
-        + ("agree" if report.ok else "DISAGREE"))
-    if not report.ok:
-        print(report, file=sys.stderr)
-        raise UsageError("hand-derived gradients disagree with jax.grad; not training")
-
-    progress = None
-    if sys.stderr.isatty() and not args.json:
-        import shutil
-
-        from tqdm import tqdm
-
-        # A terminal that reports a 0 x 0 size (some pseudo-terminals do) makes tqdm hide its bar; shutil falls
-        # back to 80 x 24 there.
-        columns, rows = shutil.get_terminal_size()
-        progress = tqdm(total=args.epochs, unit="epoch", file=sys.stderr, ncols=columns, nrows=rows)
-
-    def on_epoch(epoch: int, record: dict) -> None:
-        line = (f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.4f}  train acc "
-                f"{record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f}  test acc "
-                f"{record['test_accuracy']:.4f}")
-        if progress is not None:
-            progress.n = epoch
-            progress.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{record['test_accuracy']:.4f}")
-        else:
-            say(line)
-
-    config = {"data": str(args.data), "layers": args.layers, "activation": args.activation,
-              "compute_dtype": args.compute_dtype,
-              "optimizer": args.optimizer, "lr": args.lr, "grad": args.grad}
+    config = {"data": str(args.data), "model": args.model, "layers": args.layers, "activation": args.activation,
+              "compute_dtype": args.compute_dtype, "optimizer": args.optimizer, "lr": args.lr, "grad": args.grad}
+    reporter = EpochReporter(args.epochs, say, quiet_bar=args.json)
     try:
         result = train.fit(net, loss, params, dataset, optimizer=make_optimizer(args.optimizer, args.lr),
                            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, grad=args.grad,
-                           checkpoint_path=args.checkpoint, resume=args.resume, config=config, on_epoch=on_epoch,
+                           checkpoint_path=args.checkpoint, resume=args.resume, config=config, on_epoch=reporter,
                            devices=args.devices)
     finally:
-        if progress is not None:
-            progress.close()
-    history = result.history
+        reporter.close()
     if args.plot:
-        train.plot_history(history, args.plot, f"{dataset.name}: {net!r}")
+        train.plot_history(result.history, args.plot, f"{dataset.name}: {net!r}")
     if args.save_params:
         mnet.save_params(args.save_params, result.params)
-    final = history.last()
-    if not final:
-        say(f"nothing to do: the checkpoint already holds {args.epochs} epochs")
-        final = {}
-    summary = {"test_accuracy": final.get("test_accuracy"), "train_loss": final.get("train_loss"),
-               "test_loss": final.get("test_loss"), "train_accuracy": final.get("train_accuracy"),
-               "epochs": args.epochs, "grad": args.grad, "gradient_check_max_rel_error": worst,
-               "seconds": sum(history.seconds)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"done: test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}, "
-              f"{summary['seconds']:.2f}s of training")
+    training_summary(args, result.history, worst, say)
     return 0
 
 
@@ -230,14 +355,19 @@ def _format_cost(cost: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from mnet import losses
-    from mnet.layers import ACTIVATIONS_BY_NAME
+    from mnet.layers.elementwise import ACTIVATIONS_BY_NAME
 
     parser = _Parser(prog="mnet", description="Hand-derived neural network gradients, checked against jax.grad.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    check = commands.add_parser("check", help="compare hand-derived and autodiff gradients on an MLP")
+    check = commands.add_parser("check", help="compare hand-derived and autodiff gradients of any network")
     check.add_argument("--layers", type=_widths, default=[64, 128, 64, 10],
-                       help="input width then layer widths (default 64,128,64,10)")
+                       help="for the MLP: input width then layer widths (default 64,128,64,10)")
+    check.add_argument("--model", "--net", dest="model", default=None, metavar="NAME|MODULE:ATTR",
+                       help="mlp (default, from --layers), cnn, transformer, or a user's network MODULE:ATTR "
+                            "(a layer, or a function of no arguments returning one)")
+    check.add_argument("--input-shape", type=_shape, default=None, metavar="D1,D2,...",
+                       help="one example's shape for --model MODULE:ATTR, e.g. 8,8,1")
     check.add_argument("--activation", choices=sorted(ACTIVATIONS_BY_NAME), default="relu")
     check.add_argument("--loss", choices=sorted(losses.BY_NAME), default="softmax_cross_entropy")
     check.add_argument("--batch", type=_positive_int, default=32)
@@ -248,9 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(run=run_check)
 
-    train = commands.add_parser("train", help="train an MLP classifier (default: the bundled digits)")
+    train = commands.add_parser("train", help="train a classifier (default: an MLP on the bundled digits)")
+    train.add_argument("--model", default="mlp", metavar="NAME|MODULE:ATTR",
+                       help="mlp (default; --layers, --activation), cnn (the digits CNN), transformer (the "
+                            "odd-one-out sequence task by default), or a user's network MODULE:ATTR")
     train.add_argument("--data", default=None, metavar="PATH",
-                       help=".npz (x, y[, x_test, y_test]), .csv, or MNIST-style IDX file/directory; default digits")
+                       help=".npz (x, y[, x_test, y_test]; integer x = token ids), .csv, or MNIST-style IDX "
+                            "file/directory; default digits (odd-one-out sequences for --model transformer)")
     train.add_argument("--label-column", default=None, help="CSV label column (name or 0-based index)")
     train.add_argument("--layers", type=_hidden_widths, default=[256],
                        help="hidden widths, e.g. 256,128 (the output width is the number of classes; default 256)")

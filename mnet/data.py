@@ -1,7 +1,9 @@
-"""Datasets: the bundled handwritten digits by default, or user files (.npz, MNIST-style IDX, CSV).
+"""Datasets: the bundled handwritten digits by default, a generated sequence task, or user files (.npz,
+MNIST-style IDX, CSV).
 
 Every loader returns a :class:`Dataset` with float features (standardised with the training split's mean and
-standard deviation) and integer labels ``0 .. K-1``. A file that is missing, malformed or inconsistent raises
+standard deviation) and integer labels ``0 .. K-1``; a ``.npz`` whose ``x`` holds integers keeps them as token
+ids (for a network that starts with :class:`mnet.Embedding`), unstandardised. A file that is missing, malformed or inconsistent raises
 :class:`mnet.errors.DataError` with one line naming the file and the problem.
 """
 
@@ -84,7 +86,9 @@ def _features(x: np.ndarray, where: str) -> np.ndarray:
 
 
 def make_dataset(x, y, name: str, seed: int, x_test=None, y_test=None) -> Dataset:
-    """Validate, split (when no test arrays are given) and standardise arrays into a :class:`Dataset`."""
+    """Validate, split (when no test arrays are given) and standardise arrays into a :class:`Dataset`; integer
+    features are token ids and stay as they are (int32)."""
+    token_ids = np.issubdtype(np.asarray(x).dtype, np.integer)
     x, y = _features(x, name), _labels(y, name)
     if len(x) != len(y):
         raise DataError(f"{name}: {len(x)} examples but {len(y)} labels")
@@ -105,7 +109,10 @@ def make_dataset(x, y, name: str, seed: int, x_test=None, y_test=None) -> Datase
     num_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
     if num_classes < 2:
         raise DataError(f"{name}: labels must cover at least 2 classes, found only {sorted(set(y.tolist()))}")
-    x, x_test = standardise(x, x_test)
+    if token_ids:
+        x, x_test = x.astype(np.int32), x_test.astype(np.int32)
+    else:
+        x, x_test = standardise(x, x_test)
     return Dataset(x, y, x_test, y_test.astype(np.int32), num_classes, name)
 
 
@@ -237,6 +244,26 @@ def _load_csv(path: Path, seed: int, label_column: str | None) -> Dataset:
     if width < 2:
         raise DataError(f"{path}: need at least one feature column besides the label")
     return make_dataset(np.delete(values, column, axis=1), values[:, column], str(path), seed)
+
+
+def odd_one_out(count: int, vocab: int, pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The "odd one out" sequence task: ``count`` sequences of length ``2 * pairs + 1`` holding ``pairs`` distinct
+    tokens twice each and one more token once, shuffled; the label is the token that appears once. Each position
+    must compare itself with every other, which is what attention does; a model that sees tokens one at a time
+    cannot beat guessing among the tokens present (about 1 in ``pairs + 1``)."""
+    tokens = np.argsort(rng.random((count, vocab)), axis=1)[:, : pairs + 1]  # distinct tokens per sequence
+    sequences = np.concatenate([tokens[:, :pairs], tokens], axis=1)
+    order = np.argsort(rng.random(sequences.shape), axis=1)
+    return np.take_along_axis(sequences, order, axis=1).astype(np.int32), tokens[:, pairs].astype(np.int32)
+
+
+def load_odd_one_out(seed: int = 0, train: int = 30000, test: int = 2000, vocab: int = 16, pairs: int = 4) -> Dataset:
+    """:func:`odd_one_out` as a :class:`Dataset` of token ids (``vocab`` tokens and classes), generated from
+    ``seed``: the sequence task of the transformer experiment and of ``mnet train --model transformer``."""
+    rng = np.random.default_rng(seed)
+    x_train, y_train = odd_one_out(train, vocab, pairs, rng)
+    x_test, y_test = odd_one_out(test, vocab, pairs, rng)
+    return Dataset(x_train, y_train, x_test, y_test, vocab, "odd one out")
 
 
 def load(path: str | Path | None = None, seed: int = 0, label_column: str | None = None) -> Dataset:

@@ -1,10 +1,12 @@
 """Derivatives beyond the gradient, all hand-derived (no JAX autodiff): per-example gradients and their norms,
 DP-SGD clipping, the output-parameter Jacobian, and the empirical neural tangent kernel.
 
-Each function runs one forward pass and then the layers' structured rules (``per_example_backward``,
-``per_example_sq_norms``, ``ntk_contribution``; see :class:`mnet.layers.Layer`). A network containing a layer
-without such a rule is handled by the generic path instead: the hand-derived backward run one example at a
-time under ``jax.vmap`` (vectorisation, not differentiation), which is correct for every layer, only slower.
+Each function is a driver: one forward pass, then one walk of the network (:func:`mnet.layers.walk`) carrying
+the loss's per-example cotangents (or one cotangent per output) down, every layer applying its own rule for the
+quantity (``per_example_backward``, ``per_example_sq_norms``, ``ntk_contribution``) or the rule's default. A
+network holding a layer with parameters but no per-example rule (a user's layer that defines ``backward``
+only) is handled by the generic path instead: the hand-derived backward run one example at a time under
+``jax.vmap`` (vectorisation, not differentiation), which is correct for every layer, only slower.
 
 Notation: ``l_b`` is example ``b``'s loss (``loss.per_example``), ``g_b = d l_b / d params`` its gradient,
 ``y`` the network output with ``K`` entries per example.
@@ -21,17 +23,18 @@ import jax.numpy as jnp
 import optax
 
 from mnet.backprop import value_and_grad
-from mnet.layers import Array, Layer, Params, batch_sq_norms
+from mnet.layers.base import (NTK, PER_EXAMPLE_BACKWARD, PER_EXAMPLE_SQ_NORMS, Array, LayerProtocol, MissingRule,
+                              Params, batch_sq_norms)
 from mnet.losses import Loss
 
 
-def _one_at_a_time(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], Params]:
+def _one_at_a_time(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Params]:
     """Per-example gradients for any layer: the batch-of-one gradient (whose mean is ``l_b`` itself) vmapped."""
     single = value_and_grad(net, loss)
     return jax.vmap(lambda params, x, t: single(params, x[None], t[None])[1], in_axes=(None, 0, 0))
 
 
-def per_example_grads(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], Params]:
+def per_example_grads(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Params]:
     """``f(params, x, targets)``: every example's gradient of its own loss ``l_b``.
 
     One forward pass over the batch; the loss's per-example cotangents ``d l_b / d y_b``; then each layer's
@@ -44,21 +47,21 @@ def per_example_grads(net: Layer, loss: Loss) -> Callable[[Params, Array, Array]
     def per_example_grads_fn(params: Params, x: Array, targets: Array) -> Params:
         outputs, cache = net.forward(params, x)
         try:
-            return net.per_example_backward(params, cache, loss.per_example_grad(outputs, targets))[0]
-        except NotImplementedError:
+            return PER_EXAMPLE_BACKWARD.run(net, params, cache, loss.per_example_grad(outputs, targets))[0]
+        except MissingRule:
             return _one_at_a_time(net, loss)(params, x, targets)
 
     return per_example_grads_fn
 
 
-def _sq_norms(net: Layer, loss: Loss, params: Params, cache: Any, x: Array, targets: Array, outputs: Array) -> Array:
+def _sq_norms(net: LayerProtocol, loss: Loss, params: Params, cache: Any, x: Array, targets: Array, outputs: Array) -> Array:
     try:
-        return net.per_example_sq_norms(params, cache, loss.per_example_grad(outputs, targets))[0]
-    except NotImplementedError:
+        return PER_EXAMPLE_SQ_NORMS.run(net, params, cache, loss.per_example_grad(outputs, targets))[0]
+    except MissingRule:
         return batch_sq_norms(_one_at_a_time(net, loss)(params, x, targets), x.shape[0], outputs.dtype)
 
 
-def per_example_grad_norms(net: Layer, loss: Loss) -> Callable[[Params, Array, Array], Array]:
+def per_example_grad_norms(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Array]:
     """``f(params, x, targets) -> (batch,)``: the L2 norm over all leaves of each example's gradient ``g_b``.
 
     Dense layers never build ``g_b``: ``||dW_b||^2 = ||a_b||^2 ||dz_b||^2`` and ``||db_b||^2 = ||dz_b||^2``, so the
@@ -72,7 +75,7 @@ def per_example_grad_norms(net: Layer, loss: Loss) -> Callable[[Params, Array, A
     return norms_fn
 
 
-def clipped_value_and_grad(net: Layer, loss: Loss, clip_norm: float) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
+def clipped_value_and_grad(net: LayerProtocol, loss: Loss, clip_norm: float) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
     """DP-SGD's clipped gradient: ``f(params, x, targets) -> (loss value, mean_b g_b * min(1, C / ||g_b||))``.
 
     Computed without per-example gradients: one forward pass, the per-example norms from the cotangents, then
@@ -135,7 +138,7 @@ def _output_basis(outputs: Array) -> Array:
     return jnp.broadcast_to(basis, (units, batch) + output_shape)
 
 
-def jacobian(net: Layer) -> Callable[[Params, Array], Params]:
+def jacobian(net: LayerProtocol) -> Callable[[Params, Array], Params]:
     """``f(params, x)``: the derivative of every output with respect to every parameter, a pytree like ``params``
     whose leaves have shape ``(batch, *output_shape, *leaf.shape)``; equal to ``jax.jacrev(net.apply)(params, x)``.
 
@@ -150,8 +153,8 @@ def jacobian(net: Layer) -> Callable[[Params, Array], Params]:
         outputs, cache = net.forward(params, x)
         basis = _output_basis(outputs)
         try:
-            per_output = jax.vmap(lambda e: net.per_example_backward(params, cache, e)[0])(basis)
-        except NotImplementedError:
+            per_output = jax.vmap(lambda e: PER_EXAMPLE_BACKWARD.run(net, params, cache, e)[0])(basis)
+        except MissingRule:
             def one_example(x_b):
                 y_b, c_b = net.forward(params, x_b[None])
                 return jax.vmap(lambda e: net.backward(params, c_b, e)[0])(_output_basis(y_b)[:, :1])
@@ -163,7 +166,7 @@ def jacobian(net: Layer) -> Callable[[Params, Array], Params]:
     return jacobian_fn
 
 
-def ntk(net: Layer) -> Callable[[Params, Array, Array], Array]:
+def ntk(net: LayerProtocol) -> Callable[[Params, Array, Array], Array]:
     """``f(params, x1, x2) -> (batch1, batch2)``: the empirical neural tangent kernel traced over the outputs,
     ``Theta[a, c] = sum_k sum_p (dy_k(x1_a)/dp) (dy_k(x2_c)/dp)``.
 
@@ -176,8 +179,8 @@ def ntk(net: Layer) -> Callable[[Params, Array, Array], Array]:
         y1, cache1 = net.forward(params, x1)
         y2, cache2 = net.forward(params, x2)
         try:
-            return net.ntk_contribution(params, cache1, cache2, _output_basis(y1), _output_basis(y2))
-        except NotImplementedError:
+            return NTK.run_pair(net, params, (cache1, cache2), (_output_basis(y1), _output_basis(y2)))
+        except MissingRule:
             jac = jacobian(net)
             return contract_jacobians(jac(params, x1), jac(params, x2))
 

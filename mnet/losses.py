@@ -9,6 +9,11 @@ Each loss object has
 
 Both cross-entropies take logits (not probabilities) and use forms that stay finite for logits of any size:
 log-sum-exp with the maximum subtracted, and ``softplus(z) = logaddexp(z, 0)``.
+
+Class labels outside ``[0, classes)`` are refused with a :class:`mnet.errors.LossError` naming the label when the
+labels are concrete arrays. Under ``jax.jit`` values cannot be checked, so such an example's loss and its gradient
+row are NaN instead (never a wrapped-around or silently dropped label): a training run then stops at once with
+:class:`mnet.errors.DivergenceError`, and :func:`mnet.fit` checks its data's labels before it starts.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mnet import activations
 from mnet.errors import LossError
@@ -96,13 +102,15 @@ class SoftmaxCrossEntropy(Loss):
             )
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise LossError(f"{self.name}: expects integer class ids, got labels of dtype {labels.dtype}")
+        if not isinstance(labels, jax.core.Tracer):
+            check_labels(labels, logits.shape[1], self.name)
 
     def per_example(self, logits: Array, labels: Array) -> Array:
         self._check(logits, labels)
         shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
         log_normaliser = jnp.log(jnp.sum(jnp.exp(shifted), axis=1))
         picked = jnp.take_along_axis(shifted, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
-        return log_normaliser - picked
+        return jnp.where(_in_range(labels, logits.shape[1]), log_normaliser - picked, jnp.nan)
 
     def per_example_grad(self, logits: Array, labels: Array) -> Array:
         self._check(logits, labels)
@@ -111,7 +119,22 @@ class SoftmaxCrossEntropy(Loss):
         # indexing then stays an operation of its own in the compiled step, which lets XLA's CPU runtime start
         # the step on its worker threads (BENCHMARKS.md, "The W1 float32 gap").
         rows = jnp.arange(logits.shape[0])
-        return probabilities.at[rows, labels.astype(jnp.int32)].add(-1)
+        gradient = probabilities.at[rows, labels.astype(jnp.int32)].add(-1)
+        return jnp.where(_in_range(labels, logits.shape[1])[:, None], gradient, jnp.nan)
+
+
+def _in_range(labels: Array, classes: int) -> Array:
+    return (labels >= 0) & (labels < classes)
+
+
+def check_labels(labels, classes: int, where: str) -> None:
+    """Refuse concrete class labels outside ``[0, classes)`` with a :class:`LossError` naming the first one."""
+    concrete = np.asarray(labels).reshape(-1)
+    outside = np.flatnonzero((concrete < 0) | (concrete >= classes))
+    if outside.size:
+        index = int(outside[0])
+        raise LossError(f"{where}: label {int(concrete[index])} (at index {index}) is outside [0, {classes}) "
+                        f"for {classes} classes")
 
 
 @dataclass(frozen=True, repr=False)

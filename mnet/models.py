@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
-from mnet.attention import MultiHeadSelfAttention
-from mnet.combinators import Serial, residual, serial
-from mnet.convolution import Conv2D
-from mnet.embedding import Embedding
-from mnet.layers import Dense, Flatten, Gelu, LayerNorm, Relu, Reshape
-from mnet.pooling import MaxPool2D
+from collections.abc import Sequence
+from typing import Any
+
+from mnet.layers import (ACTIVATIONS_BY_NAME, Conv2D, Dense, Embedding, Flatten, Gelu, LayerNorm, MaxPool2D,
+                         MultiHeadSelfAttention, Policy, Relu, Reshape, Serial, is_layer, residual, serial)
+
+
+def mlp(widths: Sequence[int], activation: str | Any = "relu", compute_dtype: str | None = None) -> Serial:
+    """A multilayer perceptron: ``Dense(w)`` then ``activation`` for every width but the last, which is linear.
+
+    ``mlp([128, 64, 10])`` is ``serial(Dense(128), Relu(), Dense(64), Relu(), Dense(10))``.
+
+    Arguments:
+        widths: output widths of the dense layers, the last being the network's output width.
+        activation: a layer instance or a name from ``mnet.layers.ACTIVATIONS_BY_NAME``.
+        compute_dtype: mixed precision (``"bfloat16"``/``"float16"``): every dense layer computes in it with
+            float32 accumulation, and the last one returns float32 so the loss is computed exactly.
+    """
+    if isinstance(activation, str):
+        try:
+            activation = ACTIVATIONS_BY_NAME[activation]()
+        except KeyError:
+            known = ", ".join(sorted(ACTIVATIONS_BY_NAME))
+            raise ValueError(f"unknown activation {activation!r}; known: {known}") from None
+    elif not is_layer(activation):
+        raise TypeError(f"mlp: activation must be a name or a layer, got {activation!r}")
+    if not widths:
+        raise ValueError("mlp needs at least one width (the output width)")
+    hidden = None if compute_dtype is None else Policy(compute_dtype)
+    last = None if compute_dtype is None else Policy(compute_dtype, output_dtype="float32")
+    layers: list[Any] = []
+    for width in widths[:-1]:
+        layers += [Dense(width, policy=hidden), activation]
+    return serial(*layers, Dense(widths[-1], policy=last))
 
 
 def digits_cnn(classes: int = 10) -> Serial:

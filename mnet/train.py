@@ -24,10 +24,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnet import checkpoint, losses
 from mnet.backprop import value_and_grad
-from mnet.check import autodiff_value_and_grad
 from mnet.data import Dataset
 from mnet.errors import CheckpointError, DivergenceError
-from mnet.layers import Layer, Params
+from mnet.layers.base import LayerProtocol as Layer
+from mnet.layers.base import Params, apply_layer, is_stochastic
+from mnet.reference import autodiff_value_and_grad
 
 GRADIENT_MODES = ("manual", "autodiff")
 
@@ -128,7 +129,7 @@ def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransform
             params, opt_state = carry
             batch, step_key = batch_and_key
             # A network with randomness (dropout) trains in training mode with a fresh key every step.
-            extra = {"key": step_key, "train": True} if net.stochastic else {}
+            extra = {"key": step_key, "train": True} if is_stochastic(net) else {}
             params, opt_state, value = update(params, opt_state, shard(x[batch]), shard(y[batch]), **extra)
             return (params, opt_state), value
 
@@ -145,7 +146,7 @@ def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
     """Jitted ``(params, x, y) -> (loss, accuracy)``; accuracy is NaN for losses that are not classifiers."""
 
     def evaluate(params, x, y):
-        outputs = net.apply(params, x)
+        outputs = apply_layer(net, params, x)
         if loss is losses.softmax_cross_entropy:
             accuracy = jnp.mean(jnp.argmax(outputs, axis=-1) == y)
         elif loss is losses.sigmoid_binary_cross_entropy:
@@ -155,6 +156,16 @@ def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
         return loss.value(outputs, y), accuracy
 
     return jax.jit(evaluate)
+
+
+def check_targets(net: Layer, loss: losses.Loss, params: Params, x, *labels) -> None:
+    """Refuse class labels the network's outputs cannot hold (inside the jitted epoch they would only show as a NaN
+    loss): for softmax cross-entropy every label must lie in ``[0, classes)``, ``classes`` the output width."""
+    if loss is not losses.softmax_cross_entropy:
+        return
+    outputs = jax.eval_shape(lambda p, inputs: net.forward(p, inputs)[0], params, x[:1])
+    for part, y in zip(("training", "test"), labels):
+        losses.check_labels(y, outputs.shape[-1], f"fit: the {part} labels")
 
 
 def epoch_key(seed: int, epoch: int) -> jax.Array:
@@ -227,6 +238,7 @@ def fit(
     feature_dtype = None if np.issubdtype(np.asarray(data.x_train).dtype, np.integer) else dtype
     x_train, y_train = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test, feature_dtype), jnp.asarray(data.y_test)
+    check_targets(net, loss, params, x_train, y_train, y_test)
     mesh = data_parallel_mesh(devices)
     run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, mesh)
     evaluate = make_evaluate(net, loss)

@@ -12,8 +12,7 @@ import pytest
 
 import mnet
 from mnet.errors import LayerError
-from tests.helpers import assert_trees_close, check_value_and_grad, random_params
-from tests.test_derivatives import check_all
+from tests.helpers import assert_trees_close, check_all, check_value_and_grad, random_params
 
 
 def reference_attention(layer, params, x, mask=None):

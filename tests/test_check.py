@@ -159,9 +159,9 @@ def test_cli_check_bad_options_one_line(args, message):
 
 def test_cli_check_exits_1_on_disagreement(monkeypatch, capsys):
     """The same entry point with a wrong rule swapped in: exit status 1 and the culprit named."""
-    from mnet import cli, combinators
+    from mnet import cli, models
 
-    real_mlp = combinators.mlp
+    real_mlp = models.mlp
 
     def wrong_mlp(widths, activation):
         net = real_mlp(widths, activation)

@@ -9,9 +9,8 @@ import pytest
 
 import mnet
 from mnet.errors import LayerError
-from mnet.windows import Geometry
-from tests.helpers import assert_trees_close, check_value_and_grad, random_params
-from tests.test_derivatives import check_all, reference_norms, reference_per_example_grads
+from mnet.layers.windows import Geometry
+from tests.helpers import assert_trees_close, check_all, check_value_and_grad, random_params, reference_norms, reference_per_example_grads
 
 PADDINGS = ["VALID", "SAME", 0, 1, 2, ((1, 0), (0, 2))]
 

@@ -11,45 +11,8 @@ import pytest
 from hypothesis import given, settings
 
 import mnet
-from tests.helpers import assert_trees_close, mlp_problems, no_autodiff
-
-
-def reference_per_example_grads(net, loss, params, x, targets):
-    one = lambda p, xb, tb: loss.value(net.apply(p, xb[None]), tb[None])  # noqa: E731
-    return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, targets)
-
-
-def reference_norms(grads, batch):
-    return jnp.sqrt(sum(jnp.sum(leaf.reshape(batch, -1) ** 2, axis=1) for leaf in jax.tree_util.tree_leaves(grads)))
-
-
-def reference_ntk(net, params, x1, x2):
-    j1, j2 = jax.jacrev(net.apply)(params, x1), jax.jacrev(net.apply)(params, x2)
-    k = net.apply(params, x1[:1]).shape[1]
-    return sum(jnp.einsum("akp,ckp->ac", a.reshape(x1.shape[0], k, -1), b.reshape(x2.shape[0], k, -1))
-               for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2)))
-
-
-def check_all(problem, rtol, jit, tree_scale=False, x2=None):
-    """Every derivative function against its autodiff reference. ``tree_scale`` for networks with leaves whose
-    gradient is zero in exact arithmetic (attention's key bias); ``x2``: the NTK's second batch (default: the
-    first one reversed and moved)."""
-    net, loss, params, x, targets = problem
-    wrap = jax.jit if jit else (lambda f, **kwargs: f)
-    close = lambda actual, expected: assert_trees_close(actual, expected, rtol, tree_scale)  # noqa: E731
-    expected = wrap(reference_per_example_grads, static_argnums=(0, 1))(net, loss, params, x, targets)
-    close(wrap(mnet.per_example_grads(net, loss))(params, x, targets), expected)
-    norms = reference_norms(expected, x.shape[0])
-    close(wrap(mnet.per_example_grad_norms(net, loss))(params, x, targets), norms)
-    clip = float(jnp.median(norms)) + 1e-3
-    factors = jnp.minimum(1, clip / norms)
-    clipped = jax.tree_util.tree_map(lambda g: jnp.tensordot(factors, g, 1) / x.shape[0], expected)
-    value, grads = wrap(mnet.clipped_value_and_grad(net, loss, clip))(params, x, targets)
-    close(grads, clipped)
-    close(value, loss.value(net.apply(params, x), targets))
-    close(wrap(mnet.jacobian(net))(params, x), wrap(jax.jacrev(net.apply))(params, x))
-    x2 = x[::-1] * 0.5 + 0.1 if x2 is None else x2
-    close(wrap(mnet.ntk(net))(params, x, x2), wrap(reference_ntk, static_argnums=0)(net, params, x, x2))
+from tests.helpers import (assert_trees_close, check_all, mlp_problems, no_autodiff, reference_norms, reference_ntk,
+                           reference_per_example_grads)
 
 
 @settings(max_examples=4)

@@ -9,8 +9,7 @@ import pytest
 
 import mnet
 from mnet.errors import LayerError
-from tests.helpers import assert_trees_close, check_value_and_grad
-from tests.test_derivatives import check_all
+from tests.helpers import assert_trees_close, check_all, check_value_and_grad
 
 LOSS = mnet.losses.softmax_cross_entropy
 

@@ -8,33 +8,14 @@ from typing import Any
 import jax
 
 from mnet import initializers
-from mnet.layers import (Array, Cache, Dense, Layer, Params, Policy, Shape, _describe, default_float_dtype,
-                         positive_int, shape_record)
-from mnet.windows import Geometry, check_padding, col2im, im2col, pair
-
-
-def check_image_input(layer: Layer, x: Array) -> None:
-    """An NHWC batch: ``(batch, height, width, channels)``, floating point."""
-    layer._check_input(x, min_rank=1)
-    if x.ndim != 4:
-        raise layer._fail(f"expects NHWC input (batch, height, width, channels), got shape {tuple(x.shape)}")
-
-
-def image_geometry(layer: Layer, input_shape: Shape, kernel, stride, padding) -> Geometry:
-    """The window geometry for one example of shape ``(height, width, channels)``, or a clear error."""
-    shape = layer._check_input_shape(input_shape)
-    if len(shape) != 3:
-        raise layer._fail(f"expects examples of shape (height, width, channels), got {shape}; "
-                          "mnet.Reshape((h, w, c)) turns flat features into images")
-    geometry = Geometry.of(shape[:2], kernel, stride, padding)
-    problem = geometry.problem()
-    if problem:
-        raise layer._fail(f"{problem}; input shape {shape}")
-    return geometry
+from mnet.layers.base import Array, Cache, Compound, Params, Shape, check_param_keys, default_float_dtype, positive_int
+from mnet.layers.combinators import Serial
+from mnet.layers.dense import Dense, Policy
+from mnet.layers.windows import Windows, check_image_input, check_padding, image_geometry, pair
 
 
 @dataclass(frozen=True, repr=False)
-class Conv2D(Layer):
+class Conv2D(Compound):
     """2-D convolution (cross-correlation, as in every deep learning library) over NHWC inputs.
 
     Forward, for ``x`` of shape ``(batch, H, W, c_in)``: lay every ``kh x kw`` window out as a row, then one product::
@@ -53,8 +34,11 @@ class Conv2D(Layer):
     input channel), so ``W.reshape(kh, kw, c_in, c_out)`` is the HWIO kernel that
     ``jax.lax.conv_general_dilated(x, kernel, stride, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))`` takes.
 
-    Per-example gradients, their norms and the NTK reuse the dense layer's rules with the windows as positions:
-    ``dW_b = cols_b^T dZ_b``, and ``||dW_b||^2 = <cols_b cols_b^T, dZ_b dZ_b^T>`` when that Gram form is cheaper.
+    So the layer is the network ``serial(Windows, Dense)`` (:meth:`network`) with the dense layer's params as its
+    own, and every quantity walks through those two parts: per-example gradients, their norms and the NTK are the
+    dense layer's rules with the windows as positions (``dW_b = cols_b^T dZ_b``, and
+    ``||dW_b||^2 = <cols_b cols_b^T, dZ_b dZ_b^T>`` when that Gram form is cheaper), and every input gradient
+    ends in the windows' ``col2im``.
 
     Arguments:
         out_channels: ``c_out``.
@@ -88,10 +72,16 @@ class Conv2D(Layer):
         options += "" if self.padding == "VALID" else f", padding={self.padding!r}"
         return f"Conv2D({self.out_channels}, {self.kernel_size}{options})"
 
-    @property
-    def _dense(self) -> Dense:
-        """The product each window goes through; its rules are the convolution's, summed over positions."""
-        return Dense(self.out_channels, self.W_init, self.b_init, self.use_bias, self.policy)
+    def network(self, cache: Cache = None) -> Serial:
+        """``serial(Windows, Dense)``: the windows as rows, then the product every window goes through."""
+        return Serial((Windows(self.kernel_size, self.stride, self.padding),
+                       Dense(self.out_channels, self.W_init, self.b_init, self.use_bias, self.policy)))
+
+    def to_network(self, params: Params) -> Params:
+        return ((), params)
+
+    def from_network(self, tree: Any) -> Any:
+        return tree[1]
 
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         geometry = image_geometry(self, input_shape, self.kernel_size, self.stride, self.padding)
@@ -105,44 +95,17 @@ class Conv2D(Layer):
             params["b"] = initializers.get(self.b_init)(key_b, (self.out_channels,), dtype)
         return geometry.out + (self.out_channels,), params
 
-    def _geometry(self, x: Array, params: Params) -> Geometry:
+    def _check(self, x: Array, params: Params) -> None:
         check_image_input(self, x)
-        expected = {"W", "b"} if self.use_bias else {"W"}
-        if not isinstance(params, dict) or set(params) != expected:
-            raise self._fail(f"expects params with keys {sorted(expected)}, got {_describe(params)}")
+        check_param_keys(self, params, {"W", "b"} if self.use_bias else {"W"})
         rows = self.kernel_size[0] * self.kernel_size[1] * x.shape[-1]
         if tuple(params["W"].shape) != (rows, self.out_channels):
             raise self._fail(f"expects W of shape (kh * kw * c_in, c_out) = ({rows}, {self.out_channels}) for input "
                              f"{tuple(x.shape)}, got {tuple(params['W'].shape)}")
         if self.use_bias and tuple(params["b"].shape) != (self.out_channels,):
             raise self._fail(f"expects b of shape ({self.out_channels},), got {tuple(params['b'].shape)}")
-        return image_geometry(self, x.shape[1:], self.kernel_size, self.stride, self.padding)
+        image_geometry(self, x.shape[1:], self.kernel_size, self.stride, self.padding)
 
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
-        geometry = self._geometry(x, params)
-        patches = im2col(x, geometry)
-        cols = patches.reshape(patches.shape[:3] + (-1,))
-        z, cols = self._dense.forward(params, cols)
-        return z, (cols, shape_record(x))  # col2im needs the input's shape
-
-    def _input_gradient(self, dcols: Array, record: Array) -> Array:
-        geometry = Geometry.of(record.shape[1:3], self.kernel_size, self.stride, self.padding)
-        return col2im(dcols.reshape(dcols.shape[:3] + (geometry.window_size, -1)), geometry)
-
-    def backward(self, params: Params, cache: Cache, dz: Array) -> tuple[Params, Array]:
-        cols, record = cache
-        grads, dcols = self._dense.backward(params, cols, dz)
-        return grads, self._input_gradient(dcols, record)
-
-    def per_example_backward(self, params: Params, cache: Cache, dz: Array) -> tuple[Params, Array]:
-        cols, record = cache
-        grads, dcols = self._dense.per_example_backward(params, cols, dz)
-        return grads, self._input_gradient(dcols, record)
-
-    def per_example_sq_norms(self, params: Params, cache: Cache, dz: Array) -> tuple[Array, Array]:
-        cols, record = cache
-        sq, dcols = self._dense.per_example_sq_norms(params, cols, dz)
-        return sq, self._input_gradient(dcols, record)
-
-    def ntk_contribution(self, params: Params, cache1: Cache, cache2: Cache, dzs1: Array, dzs2: Array) -> Array:
-        return self._dense.ntk_contribution(params, cache1[0], cache2[0], dzs1, dzs2)
+        self._check(x, params)
+        return self.network().forward(self.to_network(params), x)

@@ -7,9 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from mnet.convolution import check_image_input, image_geometry
-from mnet.layers import Array, Cache, Layer, Params, Shape, shape_record
-from mnet.windows import Geometry, check_padding, col2im, im2col, pair
+from mnet.layers.base import Array, Cache, Layer, Params, Shape, shape_record
+from mnet.layers.windows import Geometry, check_image_input, check_padding, col2im, im2col, image_geometry, pair
 
 
 @dataclass(frozen=True, repr=False)

@@ -1,5 +1,6 @@
 """Sliding windows over NHWC images: the geometry (kernel, stride, padding, output size), ``im2col`` which lays
-every window out as a row, and its adjoint ``col2im`` which adds rows back onto the image.
+every window out as a row, its adjoint ``col2im`` which adds rows back onto the image, and the ``Windows`` layer
+made of the two.
 
 Convolution and pooling are both "gather the windows, then do something per window", so both are built on
 these two functions: a convolution is ``im2col`` followed by one matrix product, and every backward pass ends
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from mnet.layers.base import Array, Cache, Layer, Params, Shape, shape_record
+
 Pair = tuple[int, int]
 
 
@@ -127,3 +129,59 @@ def col2im(cols: Array, g: Geometry) -> Array:
         total = placed if total is None else total + placed
     (top, _), (left, _) = g.pads
     return total[:, top:top + g.image[0], left:left + g.image[1], :]
+
+
+def check_image_input(layer: Layer, x: Array) -> None:
+    """An NHWC batch: ``(batch, height, width, channels)``, floating point."""
+    layer._check_input(x, min_rank=1)
+    if x.ndim != 4:
+        raise layer._fail(f"expects NHWC input (batch, height, width, channels), got shape {tuple(x.shape)}")
+
+
+def image_geometry(layer: Layer, input_shape: Shape, kernel: Pair, stride: Pair, padding) -> Geometry:
+    """The window geometry for one example of shape ``(height, width, channels)``, or a clear error."""
+    shape = layer._check_input_shape(input_shape)
+    if len(shape) != 3:
+        raise layer._fail(f"expects examples of shape (height, width, channels), got {shape}; "
+                          "mnet.Reshape((h, w, c)) turns flat features into images")
+    geometry = Geometry.of(shape[:2], kernel, stride, padding)
+    problem = geometry.problem()
+    if problem:
+        raise layer._fail(f"{problem}; input shape {shape}")
+    return geometry
+
+
+@dataclass(frozen=True, repr=False)
+class Windows(Layer):
+    """Every window of an NHWC image laid out as one row: ``(batch, H, W, C) -> (batch, out_h, out_w, kh * kw * C)``
+    (entries ordered kernel row, kernel column, channel). Linear, so its backward is its transpose::
+
+        y  = im2col(x)             reshaped, one row per window position
+        dx = col2im(dy)            every window entry's gradient added back where it was read
+
+    The first half of :class:`mnet.Conv2D` (whose second half is a dense product); the cache is the input's
+    :func:`shape_record`, from which the geometry is rebuilt. ``kernel``, ``stride`` and ``padding`` are
+    normalised as :func:`pair` and :func:`check_padding` return them."""
+
+    kernel: Pair
+    stride: Pair
+    padding: object
+
+    def __repr__(self) -> str:
+        return f"Windows({self.kernel}, stride={self.stride}, padding={self.padding!r})"
+
+    def geometry(self, example_shape: Shape) -> Geometry:
+        return Geometry.of(tuple(example_shape[:2]), self.kernel, self.stride, self.padding)
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        geometry = image_geometry(self, input_shape, self.kernel, self.stride, self.padding)
+        return geometry.out + (geometry.window_size * input_shape[-1],), ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        check_image_input(self, x)
+        patches = im2col(x, self.geometry(x.shape[1:]))
+        return patches.reshape(patches.shape[:3] + (-1,)), shape_record(x)
+
+    def backward(self, params: Params, record: Cache, dcols: Array) -> tuple[Params, Array]:
+        geometry = self.geometry(record.shape[1:])
+        return (), col2im(dcols.reshape(dcols.shape[:3] + (geometry.window_size, -1)), geometry)

@@ -1,5 +1,5 @@
 """Multi-head self-attention in matrix algebra: three dense projections, the attention core with its softmax
-backward written out, and an output projection; the backward composed from the four parts'."""
+backward written out, and an output projection; every derivative walks through the four parts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from mnet.combinators import Parallel, Serial
 from mnet.errors import LayerError
-from mnet.layers import Array, Cache, Dense, Layer, Params, Shape, _describe, positive_int
+from mnet.layers.base import Array, Cache, Compound, Layer, Params, Shape, check_param_keys, positive_int
+from mnet.layers.combinators import Parallel, Serial
+from mnet.layers.dense import Dense
 
 
 @dataclass(frozen=True, repr=False)
@@ -83,18 +84,20 @@ class AttentionCore(Layer):
 
 
 @dataclass(frozen=True, repr=False)
-class MultiHeadSelfAttention(Layer):
+class MultiHeadSelfAttention(Compound):
     """Multi-head self-attention over sequences ``x`` of shape ``(batch, T, D)``::
 
         Q = x Wq + bq,  K = x Wk + bk,  V = x Wv + bv          (batch, T, heads * head_dim) each
         O_h = softmax(Q_h K_h^T / sqrt(head_dim), masked) V_h    per head h (see AttentionCore)
         y = [O_1 ... O_heads] Wo + bo                            (batch, T, out_dim)
 
-    Backward: the output projection's dense backward gives ``dO``; the core's backward (the softmax rule
-    ``dS = P * (dP - sum(dP * P))`` and the products around it) gives ``dQ, dK, dV``; each input projection's
-    dense backward gives its weights' gradients and its share of ``dx``, and ``dx`` is the sum of the three
-    shares (``x`` feeds all three). Per-example gradients, their norms and the NTK come from the same parts:
-    the dense layers' rules with the ``T`` positions of every example.
+    The layer is the network ``serial(parallel(Dense, Dense, Dense), AttentionCore, Dense)`` (:meth:`network`)
+    with its params renamed, and every derivative walks through those parts. Backward: the output projection's
+    dense backward gives ``dO``; the core's backward (the softmax rule ``dS = P * (dP - sum(dP * P))`` and the
+    products around it) gives ``dQ, dK, dV``; each input projection's dense backward gives its weights' gradients
+    and its share of ``dx``, and ``dx`` is the sum of the three shares (``x`` feeds all three). Per-example
+    gradients, their norms and the NTK come from the same parts: the dense layers' rules with the ``T`` positions
+    of every example.
 
     Params: ``{"q": {"W", "b"}, "k": ..., "v": ..., "o": ...}``, each a :class:`mnet.Dense`'s params
     (``Wq: (D, heads * head_dim)``, ``Wo: (heads * head_dim, out_dim)``).
@@ -136,13 +139,14 @@ class MultiHeadSelfAttention(Layer):
         return Serial((projections, AttentionCore(self.num_heads, head_dim, self.causal),
                        Dense(self.out_dim or model_dim, use_bias=self.use_bias)))
 
-    @staticmethod
-    def _as_tuple(params: Params) -> Params:
+    def network(self, cache: Cache) -> Serial:
+        return self._parts(cache[0][0][0].shape[-1])  # the projections' caches are x itself
+
+    def to_network(self, params: Params) -> Params:
         return ((params["q"], params["k"], params["v"]), (), params["o"])
 
-    @staticmethod
-    def _as_dict(grads: Params) -> Params:
-        (q, k, v), _, o = grads
+    def from_network(self, tree):
+        (q, k, v), _, o = tree
         return {"q": q, "k": k, "v": v, "o": o}
 
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
@@ -156,14 +160,13 @@ class MultiHeadSelfAttention(Layer):
             out_shape, params = self._parts(shape[1]).init(key, shape, dtype)
         except LayerError as error:
             raise LayerError(self, error.detail) from None
-        return out_shape, self._as_dict(params)
+        return out_shape, self.from_network(params)
 
     def _check(self, params: Params, x: Array) -> Serial:
         self._check_input(x, min_rank=3)
         if x.ndim != 3:
             raise self._fail(f"expects input of shape (batch, T, D), got {tuple(x.shape)}")
-        if not isinstance(params, dict) or set(params) != {"q", "k", "v", "o"}:
-            raise self._fail(f"expects params with keys ['k', 'o', 'q', 'v'], got {_describe(params)}")
+        check_param_keys(self, params, {"q", "k", "v", "o"})
         if self.head_dim is None and x.shape[2] % self.num_heads:
             raise self._fail(f"model width D = {x.shape[2]} does not divide into {self.num_heads} heads")
         return self._parts(x.shape[2])
@@ -180,29 +183,9 @@ class MultiHeadSelfAttention(Layer):
                 raise self._fail(f"expects a boolean mask broadcastable to (batch, heads, T, T) = {full}, "
                                  f"got {jnp.asarray(mask).dtype} of shape {jnp.shape(mask)}")
         try:
-            qkv, projections_cache = projections.forward(self._as_tuple(params)[0], x)
+            qkv, projections_cache = projections.forward(self.to_network(params)[0], x)
             heads, core_cache = core.forward((), qkv, mask)
             y, output_cache = output.forward(params["o"], heads)
         except LayerError as error:
             raise LayerError(self, error.detail) from None
         return y, (projections_cache, core_cache, output_cache)
-
-    def _parts_of(self, cache: Cache) -> Serial:
-        return self._parts(cache[0][0][0].shape[-1])  # the projections' caches are x itself
-
-    def _composed(self, method: str, params: Params, cache: Cache, dy: Array):
-        return getattr(self._parts_of(cache), method)(self._as_tuple(params), cache, dy)
-
-    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
-        grads, dx = self._composed("backward", params, cache, dy)
-        return self._as_dict(grads), dx
-
-    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
-        grads, dx = self._composed("per_example_backward", params, cache, dy)
-        return self._as_dict(grads), dx
-
-    def per_example_sq_norms(self, params: Params, cache: Cache, dy: Array) -> tuple[Array, Array]:
-        return self._composed("per_example_sq_norms", params, cache, dy)
-
-    def ntk_contribution(self, params: Params, cache1: Cache, cache2: Cache, dys1: Array, dys2: Array) -> Array:
-        return self._parts_of(cache1).ntk_contribution(self._as_tuple(params), cache1, cache2, dys1, dys2)

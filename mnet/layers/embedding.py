@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet import initializers
-from mnet.layers import Array, Cache, Layer, Params, Shape, _describe, default_float_dtype, positive_int
+from mnet.layers.base import (Array, Cache, Layer, Params, Shape, batch_sq_norms, default_float_dtype, describe,
+                              positive_int)
 
 
 @dataclass(frozen=True, repr=False)
@@ -50,6 +51,11 @@ class Embedding(Layer):
     def __repr__(self) -> str:
         return f"Embedding({self.vocab}, {self.dim})"
 
+    @property
+    def input_vocab(self) -> int:
+        """The layer takes integer ids in ``[0, vocab)`` (what :func:`mnet.check_layer` draws as inputs)."""
+        return self.vocab
+
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         shape = self._check_input_shape(input_shape, min_rank=0)
         dtype = default_float_dtype() if dtype is None else dtype
@@ -62,7 +68,7 @@ class Embedding(Layer):
         if ids.ndim < 1:
             raise self._fail("expects ids of shape (batch, ...), got a scalar")
         if not isinstance(params, dict) or set(params) != {"W"}:
-            raise self._fail(f"expects params with key ['W'], got {_describe(params)}")
+            raise self._fail(f"expects params with key ['W'], got {describe(params)}")
         if tuple(params["W"].shape) != (self.vocab, self.dim):
             raise self._fail(f"expects W of shape ({self.vocab}, {self.dim}), got {tuple(params['W'].shape)}")
         if not isinstance(ids, jax.core.Tracer) and ids.size:
@@ -93,7 +99,8 @@ class Embedding(Layer):
         batch = ids.shape[0]
         rows, dys = ids.reshape(batch, -1), dy.reshape(batch, -1, self.dim)
         if rows.shape[1] ** 2 > self.vocab:
-            return super().per_example_sq_norms(params, ids, dy)
+            grads, dx = self.per_example_backward(params, ids, dy)
+            return batch_sq_norms(grads, batch, dy.dtype), dx
         same = rows[:, :, None] == rows[:, None, :]
         sq = jnp.sum(jnp.where(same, jnp.einsum("bsd,btd->bst", dys, dys), 0), axis=(1, 2))
         return sq, np.zeros(ids.shape, jax.dtypes.float0)

@@ -1,0 +1,246 @@
+"""Combinators: layers made of layers. Each says once, in ``walk``, how a quantity carried down the network
+(a gradient, per-example gradients, norms, NTK cotangents, ...) passes through it; ``backward`` and every other
+rule follow from that (:class:`mnet.layers.base.Composite`)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mnet.errors import LayerError
+from mnet.layers.base import (Array, Cache, Composite, Params, Quantity, Shape, add_cotangents, call_forward,
+                              describe, init_layer, is_stochastic, located, require_layer, walk)
+
+
+def _split(key: Array | None, count: int) -> list:
+    """One key per child (or None for each when no key was given)."""
+    return [None] * count if key is None else list(jax.random.split(key, count))
+
+
+@dataclass(frozen=True, repr=False)
+class Serial(Composite):
+    """Layers applied one after the other: ``y = f_n(... f_1(f_0(x)))``.
+
+    Forward keeps every layer's cache; backward is the chain rule and nothing else, each layer's
+    ``backward`` called in reverse order, its ``dx`` becoming the previous layer's ``dy``::
+
+        dy_n = dy;   (dparams_k, dy_{k-1}) = f_k.backward(params_k, cache_k, dy_k)   for k = n ... 0
+
+    Every other quantity is the same walk with something else carried down (:meth:`walk`).
+    Params (and their gradients) are a tuple with one entry per layer; a parameterless layer has ``()``.
+    """
+
+    layers: tuple[Any, ...]
+
+    def __repr__(self) -> str:
+        return f"serial({', '.join(map(repr, self.layers))})"
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def stochastic(self) -> bool:
+        return any(is_stochastic(layer) for layer in self.layers)
+
+    @property
+    def input_vocab(self) -> int | None:
+        return getattr(self.layers[0], "input_vocab", None) if self.layers else None
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        """Shape inference: each layer is initialised at the output shape of the one before."""
+        keys = jax.random.split(key, max(len(self.layers), 1))
+        params = []
+        shape = input_shape
+        for index, (layer, layer_key) in enumerate(zip(self.layers, keys)):
+            try:
+                shape, layer_params = init_layer(layer, layer_key, shape, dtype)
+            except LayerError as error:
+                raise located(index, error) from None
+            params.append(layer_params)
+        return tuple(shape), tuple(params)
+
+    def _check_params(self, params: Params) -> None:
+        if not isinstance(params, tuple) or len(params) != len(self.layers):
+            raise LayerError(
+                self,
+                f"expects a tuple of {len(self.layers)} parameter entries (one per layer), got {describe(params)}",
+            )
+
+    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+        self._check_params(params)
+        keys = _split(key, len(self.layers))
+        caches = []
+        for index, (layer, layer_params) in enumerate(zip(self.layers, params)):
+            try:
+                x, cache = call_forward(layer, layer_params, x, keys[index], train)
+            except LayerError as error:
+                raise located(index, error) from None
+            caches.append(cache)
+        return x, tuple(caches)
+
+    def walk(self, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
+        """The layers in reverse order, each one's carried input values becoming the next one's output values."""
+        shares: list[Any] = [None] * len(self.layers)
+        for index in reversed(range(len(self.layers))):
+            shares[index], carried = walk(self.layers[index], quantity, params[index],
+                                          tuple(cache[index] for cache in caches), carried)
+        return tuple(shares), carried
+
+
+@dataclass(frozen=True, repr=False)
+class Residual(Composite):
+    """``y = x + block(x)``: a skip connection around any block whose output has its input's shape.
+
+    Backward: the skip passes ``dy`` straight through and the block adds its own input gradient,
+    ``dx = dy + block.backward(params, cache, dy).dx``; the block's parameter gradients are the residual's.
+    Params are the block's params.
+    """
+
+    block: Any
+
+    def __repr__(self) -> str:
+        return f"residual({self.block!r})"
+
+    @property
+    def stochastic(self) -> bool:
+        return is_stochastic(self.block)
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        try:
+            output_shape, params = init_layer(self.block, key, input_shape, dtype)
+        except LayerError as error:
+            raise located(0, error) from None
+        if tuple(output_shape) != tuple(input_shape):
+            raise LayerError(self, f"the block maps shape {tuple(input_shape)} to {tuple(output_shape)}; "
+                                   "a residual block must keep the shape")
+        return tuple(input_shape), params
+
+    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+        try:
+            y, cache = call_forward(self.block, params, x, key, train)
+        except LayerError as error:
+            raise located(0, error) from None
+        if y.shape != x.shape:
+            raise LayerError(self, f"the block maps shape {tuple(x.shape)} to {tuple(y.shape)}; it must keep the shape")
+        return x + y, cache
+
+    def walk(self, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
+        """The block receives the residual's own output values; the skip adds them to the block's input values."""
+        shares, inner = walk(self.block, quantity, params, caches, carried)
+        return shares, tuple(add_cotangents(dy, dx) for dy, dx in zip(carried, inner))
+
+
+@dataclass(frozen=True, repr=False)
+class Parallel(Composite):
+    """Fan-out: every block sees the same input; outputs are summed (``combine="sum"``) or concatenated along
+    the last axis (``combine="concat"``).
+
+    Backward: each block receives its share of ``dy`` (all of it for a sum, its slice for a concatenation) and the
+    input gradient is the sum of the blocks' input gradients, since ``x`` feeds every block. Params are a tuple
+    with one entry per block.
+    """
+
+    blocks: tuple[Any, ...]
+    combine: str = "concat"
+
+    def __post_init__(self):
+        if self.combine not in ("sum", "concat"):
+            raise ValueError(f"parallel: combine must be 'sum' or 'concat', got {self.combine!r}")
+        if not self.blocks:
+            raise ValueError("parallel needs at least one block")
+
+    def __repr__(self) -> str:
+        return f"parallel({', '.join(map(repr, self.blocks))}, combine={self.combine!r})"
+
+    @property
+    def stochastic(self) -> bool:
+        return any(is_stochastic(block) for block in self.blocks)
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shapes, params = [], []
+        for index, (block, block_key) in enumerate(zip(self.blocks, jax.random.split(key, len(self.blocks)))):
+            try:
+                shape, block_params = init_layer(block, block_key, input_shape, dtype)
+            except LayerError as error:
+                raise located(index, error) from None
+            shapes.append(tuple(shape))
+            params.append(block_params)
+        if self.combine == "sum" and len(set(shapes)) > 1:
+            raise LayerError(self, f"combine='sum' needs equal block output shapes, got {shapes}")
+        if self.combine == "concat" and len({shape[:-1] for shape in shapes}) > 1:
+            raise LayerError(self, f"combine='concat' needs block outputs equal but for the last axis, got {shapes}")
+        out = shapes[0] if self.combine == "sum" else shapes[0][:-1] + (sum(shape[-1] for shape in shapes),)
+        return out, tuple(params)
+
+    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+        if not isinstance(params, tuple) or len(params) != len(self.blocks):
+            raise LayerError(self, f"expects a tuple of {len(self.blocks)} parameter entries, got {describe(params)}")
+        outputs, caches = [], []
+        for index, (block, block_params, block_key) in enumerate(zip(self.blocks, params, _split(key, len(self.blocks)))):
+            try:
+                y, cache = call_forward(block, block_params, x, block_key, train)
+            except LayerError as error:
+                raise located(index, error) from None
+            outputs.append(y)
+            caches.append(cache)
+        if self.combine == "sum":
+            return sum(outputs[1:], outputs[0]), tuple(caches)
+        # The widths are recorded as zero-size arrays so that backward can split dy (see Flatten).
+        widths = tuple(jnp.zeros((0, y.shape[-1]), y.dtype) for y in outputs)
+        return jnp.concatenate(outputs, axis=-1), (tuple(caches), widths)
+
+    def _shares(self, cache: Cache, dy: Array) -> tuple[tuple, list[Array]]:
+        """Each block's cache and its part of the output values (works on a leading stack axis too)."""
+        if self.combine == "sum":
+            return cache, [dy] * len(self.blocks)
+        caches, widths = cache
+        bounds = list(itertools.accumulate(w.shape[1] for w in widths))[:-1]  # static: the widths are shapes
+        return caches, jnp.split(dy, bounds, axis=-1)
+
+    def walk(self, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
+        """Each block gets its share of the output values; ``x`` feeds every block, so the input values add up."""
+        streams = [self._shares(cache, dy) for cache, dy in zip(caches, carried)]
+        shares, inputs = [], None
+        for index, (block, block_params) in enumerate(zip(self.blocks, params)):
+            share, inner = walk(block, quantity, block_params, tuple(s[0][index] for s in streams),
+                                tuple(s[1][index] for s in streams))
+            shares.append(share)
+            inputs = inner if inputs is None else tuple(map(add_cotangents, inputs, inner))
+        return tuple(shares), inputs
+
+
+def residual(block: Any) -> Residual:
+    """``x + block(x)``; ``mnet.residual(mnet.serial(mnet.Dense(64), mnet.Relu(), mnet.Dense(64)))`` is a
+    ResNet-style block in one line."""
+    require_layer(block, "residual: the block")
+    return Residual(block)
+
+
+def parallel(*blocks: Any, combine: str = "concat") -> Parallel:
+    """Fan-out to ``blocks`` on the same input, outputs summed (``combine="sum"``) or concatenated on the last
+    axis (``"concat"``, the default)."""
+    for index, block in enumerate(blocks):
+        require_layer(block, f"parallel: argument {index}")
+    return Parallel(tuple(blocks), combine)
+
+
+def serial(*layers: Any) -> Serial:
+    """Compose layers in sequence (``mnet.serial(Dense(64), Relu(), Dense(10))``).
+
+    Arguments:
+        *layers: layers: mnet's, or any object with ``init``, ``forward`` and ``backward``; nested ``serial``
+            blocks are allowed.
+
+    Returns:
+        A layer whose params are a tuple with one entry per layer.
+    """
+    for index, layer in enumerate(layers):
+        require_layer(layer, f"serial: argument {index}")
+    return Serial(tuple(layers))

@@ -1,0 +1,200 @@
+"""The dense layer ``z = x W + b`` and the mixed-precision policy its products follow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mnet import initializers
+from mnet.layers.base import Array, Cache, Layer, Params, Shape, default_float_dtype, describe, positive_int
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Mixed precision for a layer: parameters stay in their own dtype (float32), the products run in
+    ``compute_dtype`` (``"bfloat16"`` or ``"float16"``) and accumulate in float32 (``preferred_element_type``);
+    outputs are ``output_dtype`` (default: the compute dtype; float32 for the last layer so the loss is exact).
+    Gradients come back in the parameters' dtype, input gradients in the compute dtype. Hashable, so layers
+    holding it stay static arguments."""
+
+    compute_dtype: str = "bfloat16"
+    output_dtype: str | None = None
+
+    def __post_init__(self):
+        for name in (self.compute_dtype, self.output_dtype):
+            if name is not None and not jnp.issubdtype(jnp.dtype(name), jnp.floating):
+                raise ValueError(f"Policy dtypes must be floating, got {name!r}")
+
+
+def matmul(a: Array, b: Array, contract: tuple[int, int], accumulate) -> Array:
+    """``a`` and ``b`` contracted over one axis each, accumulated in ``accumulate`` (``None``: the inputs' dtype)."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=accumulate)
+
+
+@dataclass(frozen=True, repr=False)
+class Dense(Layer):
+    """Fully connected layer ``z = x @ W + b`` over the last axis.
+
+    Forward, for ``x`` of shape ``(batch, n_in)`` (any leading axes are flattened into the batch)::
+
+        z = x W + b                W: (n_in, n_out), b: (n_out,)
+
+    Backward, from ``dz = dL/dz``. Each ``z_bj = sum_i x_bi W_ij + b_j`` so::
+
+        dW = x^T dz                (sums the outer products x_b dz_b^T over the batch)
+        db = sum_b dz_b            (dz.sum(0))
+        dx = dz W^T
+
+    In the column-vector notation of the derivation document (``z = W' x + b`` with ``W' = W^T``) these
+    are ``dW' = dz x^T`` and ``dx = W'^T dz``; mnet keeps rows as examples throughout.
+
+    Per example (index conventions: ``b`` example, ``s`` position within an example, ``i`` input, ``j`` output)::
+
+        dW_b = sum_s x_bs dz_bs^T        db_b = sum_s dz_bs
+        ||dW_b||^2 = ||x_b||^2 ||dz_b||^2                      (one position: Goodfellow's trick)
+                   = <X_b X_b^T, dZ_b dZ_b^T>_F                (s positions: the Gram form, when cheaper)
+
+    Arguments:
+        out_dim: number of output units ``n_out``.
+        W_init: initializer name or callable for ``W`` (default ``"lecun_normal"``; see
+            :mod:`mnet.initializers` for Glorot/Xavier, He/Kaiming, LeCun and normal).
+        b_init: initializer for ``b`` (default zeros).
+        use_bias: ``False`` drops ``b``; params are then ``{"W": W}``.
+        policy: a :class:`Policy` for mixed precision (default: compute in the inputs' dtype).
+    """
+
+    out_dim: int
+    W_init: Any = "lecun_normal"
+    b_init: Any = "zeros"
+    use_bias: bool = True
+    policy: Policy | None = None
+
+    def __post_init__(self):
+        positive_int(self.out_dim, "out_dim", "Dense")
+        initializers.get(self.W_init), initializers.get(self.b_init)
+
+    def __repr__(self) -> str:
+        return f"Dense({self.out_dim})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        dtype = default_float_dtype() if dtype is None else dtype
+        key_W, key_b = jax.random.split(key)
+        params = {"W": initializers.get(self.W_init)(key_W, (shape[-1], self.out_dim), dtype)}
+        if self.use_bias:
+            params["b"] = initializers.get(self.b_init)(key_b, (self.out_dim,), dtype)
+        return shape[:-1] + (self.out_dim,), params
+
+    def _check_params(self, params: Params, x: Array) -> None:
+        expected = {"W", "b"} if self.use_bias else {"W"}
+        if not isinstance(params, dict) or set(params) != expected:
+            raise self._fail(f"expects params with keys {sorted(expected)}, got {describe(params)}")
+        W = params["W"]
+        if W.ndim != 2 or W.shape[1] != self.out_dim:
+            raise self._fail(f"expects W of shape (n_in, {self.out_dim}), got {tuple(W.shape)}")
+        if self.use_bias and tuple(params["b"].shape) != (self.out_dim,):
+            raise self._fail(f"expects b of shape ({self.out_dim},), got {tuple(params['b'].shape)}")
+        if x.shape[-1] != W.shape[0]:
+            raise self._fail(
+                f"expects input width {W.shape[0]} (W is {tuple(W.shape)}), got input of shape {tuple(x.shape)}"
+            )
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        self._check_params(params, x)
+        if self.policy is None:
+            z = x @ params["W"]
+            return (z + params["b"] if self.use_bias else z), x
+        compute, param_dtype = jnp.dtype(self.policy.compute_dtype), params["W"].dtype
+        x = x.astype(compute)  # cached in the compute dtype: half the memory
+        z = matmul(x, params["W"].astype(compute), (x.ndim - 1, 0), param_dtype)
+        if self.use_bias:
+            z = z + params["b"]
+        return z.astype(self.policy.output_dtype or compute), x
+
+    def _operands(self, params: Params, dz: Array) -> tuple[Array, Array, Any]:
+        """``(W, dz, accumulate)`` as every backward rule multiplies them: in the policy's compute dtype with
+        accumulation in the parameters' dtype, or as they come (``accumulate=None``)."""
+        W = params["W"]
+        if self.policy is None:
+            return W, dz, None
+        compute = jnp.dtype(self.policy.compute_dtype)
+        return W.astype(compute), dz.astype(compute), W.dtype
+
+    def _input_gradient(self, W: Array, dz: Array, accumulate, x: Array) -> Array:
+        """``dx = dz W^T``, in the dtype of the cached input (the compute dtype under a policy)."""
+        dx = matmul(dz, W, (dz.ndim - 1, 1), accumulate)
+        return dx if accumulate is None else dx.astype(x.dtype)
+
+    def backward(self, params: Params, x: Cache, dz: Array) -> tuple[Params, Array]:
+        W, dz, accumulate = self._operands(params, dz)
+        x_rows, dz_rows = x.reshape(-1, x.shape[-1]), dz.reshape(-1, self.out_dim)
+        grads = {"W": matmul(x_rows, dz_rows, (0, 0), accumulate)}
+        if self.use_bias:
+            grads["b"] = dz_rows.sum(axis=0, dtype=accumulate)
+        return grads, self._input_gradient(W, dz, accumulate, x)
+
+    def _positions(self, x: Array, dz: Array) -> tuple[Array, Array]:
+        """``(batch, s, n_in)`` and ``(batch, s, n_out)``: every example's positions (1 for flat inputs)."""
+        batch = x.shape[0]
+        return x.reshape(batch, -1, x.shape[-1]), dz.reshape(batch, -1, self.out_dim)
+
+    def per_example_backward(self, params: Params, x: Cache, dz: Array) -> tuple[Params, Array]:
+        """``dW_b = X_b^T dZ_b`` (an outer product per example for flat inputs), all in one batched product;
+        ``db_b = sum_s dz_bs``."""
+        W, dz, accumulate = self._operands(params, dz)
+        xs, dzs = self._positions(x, dz)
+        grads = {"W": jnp.einsum("bsi,bsj->bij", xs, dzs, preferred_element_type=accumulate)}
+        if self.use_bias:
+            grads["b"] = dzs.sum(axis=1, dtype=accumulate)
+        return grads, self._input_gradient(W, dz, accumulate, x)
+
+    def per_example_sq_norms(self, params: Params, x: Cache, dz: Array) -> tuple[Array, Array]:
+        """Without building ``dW_b``: ``||x_b dz_b^T||_F^2 = ||x_b||^2 ||dz_b||^2`` and ``||db_b||^2 = ||dz_b||^2``
+        (Goodfellow's trick). With ``s`` positions per example (a sequence, or a convolution's windows),
+        ``||X_b^T dZ_b||_F^2 = <X_b X_b^T, dZ_b dZ_b^T>_F`` costs ``s^2 (n_in + n_out)`` against ``s n_in n_out``
+        for building ``dW_b``; the cheaper of the two is used. Under a policy the sums run in the parameters'
+        dtype."""
+        W, dz_compute, accumulate = self._operands(params, dz)
+        norm_dtype = accumulate or dz.dtype
+        xs, dzs = (a.astype(norm_dtype) for a in self._positions(x, dz_compute))
+        n_in, positions = xs.shape[-1], xs.shape[1]
+        if positions == 1:
+            sq = jnp.sum(xs[:, 0] ** 2, axis=1) * jnp.sum(dzs[:, 0] ** 2, axis=1)
+        elif positions * (n_in + self.out_dim) < n_in * self.out_dim:
+            gram_x, gram_dz = jnp.einsum("bsi,bti->bst", xs, xs), jnp.einsum("bsj,btj->bst", dzs, dzs)
+            sq = jnp.sum(gram_x * gram_dz, axis=(1, 2))
+        else:
+            sq = jnp.sum(jnp.einsum("bsi,bsj->bij", xs, dzs) ** 2, axis=(1, 2))
+        if self.use_bias:
+            sq = sq + jnp.sum(dzs.sum(axis=1) ** 2, axis=1)
+        return sq, self._input_gradient(W, dz_compute, accumulate, x)
+
+    def ntk_contribution(self, params: Params, x1: Cache, x2: Cache, dzs1: Array, dzs2: Array) -> Array:
+        """With ``D_k`` the cotangent at ``z`` for network output ``k``, example ``a``'s Jacobian of output ``k``
+        is ``x_a D_k[a]^T`` for ``W`` and ``D_k[a]`` for ``b``, so the kernel is
+        ``(x1 x2^T + 1) * sum_k D1_k D2_k^T``: no Jacobian is ever built. With positions (sequences, windows)
+        the same sum runs over every pair of positions ``(s, t)``, unless the per-output Jacobians
+        ``X_a^T D_k[a]`` are the smaller object, in which case they are built and contracted."""
+        if x1.ndim == 2:
+            g = jnp.einsum("kao,kco->ac", dzs1, dzs2)
+            inputs = x1 @ x2.T
+            return (inputs + 1) * g if self.use_bias else inputs * g
+        b1, b2, n_in = x1.shape[0], x2.shape[0], x1.shape[-1]
+        x1s, x2s = x1.reshape(b1, -1, n_in), x2.reshape(b2, -1, n_in)
+        d1s, d2s = dzs1.reshape(-1, b1, x1s.shape[1], self.out_dim), dzs2.reshape(-1, b2, x2s.shape[1], self.out_dim)
+        outputs, s, t = d1s.shape[0], x1s.shape[1], x2s.shape[1]
+        pairwise_cost = b1 * b2 * s * t * (n_in + outputs * self.out_dim)
+        jacobian_cost = outputs * n_in * self.out_dim * (b1 * s + b2 * t + b1 * b2)
+        if pairwise_cost > jacobian_cost:
+            j1, j2 = jnp.einsum("asi,kaso->kaio", x1s, d1s), jnp.einsum("csi,kcso->kcio", x2s, d2s)
+            total = jnp.einsum("kaio,kcio->ac", j1, j2)
+            if self.use_bias:
+                total = total + jnp.einsum("kao,kco->ac", d1s.sum(axis=2), d2s.sum(axis=2))
+            return total
+        g = jnp.einsum("kaso,kcto->acst", d1s, d2s)
+        inputs = jnp.einsum("asi,cti->acst", x1s, x2s)
+        return jnp.sum((inputs + 1) * g if self.use_bias else inputs * g, axis=(2, 3))

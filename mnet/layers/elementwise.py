@@ -1,0 +1,167 @@
+"""Activation layers ``a = phi(z)``: parameterless, shape-preserving, each derivative beside its function (the pairs
+live in :mod:`mnet.activations`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mnet import activations
+from mnet.layers.base import Array, Cache, Layer, Params, Shape
+
+
+class Elementwise(Layer):
+    """A parameterless layer ``a = phi(z)`` applied entry by entry; ``da -> dz = da * phi'(z)``.
+
+    Subclasses define ``activate(z) -> (a, cache)`` and ``activate_backward(cache, da) -> dz`` from the pairs
+    in :mod:`mnet.activations`.
+    """
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        return self._check_input_shape(input_shape), ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x, min_rank=1)
+        self._check_no_params(params)
+        return self.activate(x)
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        return (), self.activate_backward(cache, dy)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@dataclass(frozen=True, repr=False)
+class Identity(Elementwise):
+    """``a = z``; ``dz = da``."""
+
+    def activate(self, z):
+        return activations.identity(z)
+
+    def activate_backward(self, cache, da):
+        return activations.identity_backward(cache, da)
+
+
+@dataclass(frozen=True, repr=False)
+class Relu(Elementwise):
+    """``a = max(z, 0)``; ``dz = da * [z > 0]`` (caches the mask)."""
+
+    def activate(self, z):
+        return activations.relu(z)
+
+    def activate_backward(self, mask, da):
+        return activations.relu_backward(mask, da)
+
+
+@dataclass(frozen=True, repr=False)
+class LeakyRelu(Elementwise):
+    """``a = z`` if ``z >= 0`` else ``slope * z``; ``dz = da`` or ``slope * da`` (caches the mask)."""
+
+    slope: float = 0.01
+
+    def __repr__(self) -> str:
+        return f"LeakyRelu(slope={self.slope})"
+
+    def activate(self, z):
+        return activations.leaky_relu(z, self.slope)
+
+    def activate_backward(self, mask, da):
+        return activations.leaky_relu_backward(mask, da, self.slope)
+
+
+@dataclass(frozen=True, repr=False)
+class Elu(Elementwise):
+    """``a = z`` if ``z > 0`` else ``alpha (e^z - 1)``; ``dz = da`` or ``da * alpha e^z`` (caches ``z``)."""
+
+    alpha: float = 1.0
+
+    def __repr__(self) -> str:
+        return f"Elu(alpha={self.alpha})"
+
+    def activate(self, z):
+        return activations.elu(z, self.alpha)
+
+    def activate_backward(self, z, da):
+        return activations.elu_backward(z, da, self.alpha)
+
+
+@dataclass(frozen=True, repr=False)
+class Sigmoid(Elementwise):
+    """``a = 1 / (1 + e^-z)``; ``dz = da * a (1 - a)`` (caches ``a``)."""
+
+    def activate(self, z):
+        return activations.sigmoid(z)
+
+    def activate_backward(self, a, da):
+        return activations.sigmoid_backward(a, da)
+
+
+@dataclass(frozen=True, repr=False)
+class Tanh(Elementwise):
+    """``a = tanh z``; ``dz = da * (1 - a^2)`` (caches ``a``)."""
+
+    def activate(self, z):
+        return activations.tanh(z)
+
+    def activate_backward(self, a, da):
+        return activations.tanh_backward(a, da)
+
+
+@dataclass(frozen=True, repr=False)
+class Softplus(Elementwise):
+    """``a = log(1 + e^z)``; ``dz = da * sigmoid(z)`` (caches ``z``)."""
+
+    def activate(self, z):
+        return activations.softplus(z)
+
+    def activate_backward(self, z, da):
+        return activations.softplus_backward(z, da)
+
+
+@dataclass(frozen=True, repr=False)
+class Gelu(Elementwise):
+    """``a = z Phi(z)``; ``dz = da * (Phi(z) + z phi(z))`` (caches ``z``).
+
+    ``approximate=False`` (default) is the exact erf form, as PyTorch's default; note that
+    ``jax.nn.gelu`` defaults to the tanh approximation, which ``Gelu(approximate=True)`` gives.
+    """
+
+    approximate: bool = False
+
+    def __repr__(self) -> str:
+        return f"Gelu(approximate={self.approximate})" if self.approximate else "Gelu()"
+
+    def activate(self, z):
+        return activations.gelu(z, self.approximate)
+
+    def activate_backward(self, z, da):
+        return activations.gelu_backward(z, da, self.approximate)
+
+
+@dataclass(frozen=True, repr=False)
+class Softmax(Elementwise):
+    """``p = softmax(z)`` over the last axis; ``dz = p * (dp - sum(dp * p))`` (caches ``p``).
+
+    Not elementwise in the strict sense (each output depends on the whole row), but parameterless and
+    shape-preserving alike; its backward is the Jacobian-vector product of ``diag(p) - p p^T`` computed in
+    O(n) without building the Jacobian. To train a classifier, prefer a linear last layer with
+    ``losses.softmax_cross_entropy``, which fuses the two and is stable for any logits.
+    """
+
+    def activate(self, z):
+        return activations.softmax(z)
+
+    def activate_backward(self, p, dp):
+        return activations.softmax_backward(p, dp)
+
+
+ACTIVATIONS_BY_NAME: dict[str, type[Elementwise]] = {
+    "relu": Relu,
+    "leaky_relu": LeakyRelu,
+    "elu": Elu,
+    "gelu": Gelu,
+    "sigmoid": Sigmoid,
+    "tanh": Tanh,
+    "softplus": Softplus,
+    "identity": Identity,
+}

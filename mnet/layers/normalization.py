@@ -1,0 +1,70 @@
+"""Layer normalisation: each example normalised over its last axis, then scaled and shifted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from mnet.layers.base import Array, Cache, Layer, Params, Shape, default_float_dtype, describe
+
+
+@dataclass(frozen=True, repr=False)
+class LayerNorm(Layer):
+    """Normalise each example over its last axis, then scale and shift: ``y = gamma * xhat + beta``.
+
+    Forward, per row of ``n`` features::
+
+        mu = mean(x),  var = mean((x - mu)^2),  r = 1 / sqrt(var + eps),  xhat = (x - mu) r
+
+    Backward: ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)`` over every row; with ``g = dy * gamma`` the
+    closed form of the normalisation's Jacobian-vector product is ::
+
+        dx = r * (g - mean(g) - xhat * mean(g * xhat))
+
+    (the two means remove the components along the directions that normalisation itself removed: the constant
+    vector and ``xhat``). Cache: ``xhat`` and ``r``.
+
+    Arguments:
+        eps: added to the variance (default 1e-5, as PyTorch).
+    """
+
+    eps: float = 1e-5
+
+    def __repr__(self) -> str:
+        return "LayerNorm()" if self.eps == 1e-5 else f"LayerNorm(eps={self.eps})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        dtype = default_float_dtype() if dtype is None else dtype
+        return shape, {"gamma": jnp.ones(shape[-1:], dtype), "beta": jnp.zeros(shape[-1:], dtype)}
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        if not isinstance(params, dict) or set(params) != {"gamma", "beta"}:
+            raise self._fail(f"expects params with keys ['beta', 'gamma'], got {describe(params)}")
+        if params["gamma"].shape != x.shape[-1:]:
+            raise self._fail(f"expects input width {params['gamma'].shape[0]}, got input of shape {tuple(x.shape)}")
+        centred = x - jnp.mean(x, axis=-1, keepdims=True)
+        rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        xhat = centred * rstd
+        return params["gamma"] * xhat + params["beta"], (xhat, rstd)
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        xhat, rstd = cache
+        n = xhat.shape[-1]
+        grads = {"gamma": jnp.sum((dy * xhat).reshape(-1, n), axis=0), "beta": jnp.sum(dy.reshape(-1, n), axis=0)}
+        return grads, self._dx(params, xhat, rstd, dy)
+
+    def _dx(self, params: Params, xhat: Array, rstd: Array, dy: Array) -> Array:
+        g = dy * params["gamma"]
+        return rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+
+    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        """Example ``b``'s own ``dgamma_b = sum(dy_b * xhat_b)``, ``dbeta_b = sum(dy_b)`` over its positions."""
+        xhat, rstd = cache
+        batch, n = dy.shape[0], xhat.shape[-1]
+        grads = {"gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1),
+                 "beta": jnp.sum(dy.reshape(batch, -1, n), axis=1)}
+        return grads, self._dx(params, xhat, rstd, dy)

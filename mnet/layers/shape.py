@@ -1,0 +1,68 @@
+"""Layers that only rearrange each example's entries: ``Flatten`` and ``Reshape``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mnet.layers.base import Array, Cache, Layer, Params, Shape, shape_record
+
+
+@dataclass(frozen=True, repr=False)
+class Flatten(Layer):
+    """``(batch, d1, ..., dk) -> (batch, d1 * ... * dk)``; ``dx = dy`` reshaped back.
+
+    The cache is the input's :func:`shape_record`.
+    """
+
+    def __repr__(self) -> str:
+        return "Flatten()"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        return (math.prod(shape),), ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        self._check_no_params(params)
+        return x.reshape(x.shape[0], -1), shape_record(x)
+
+    def backward(self, params: Params, record: Cache, dy: Array) -> tuple[Params, Array]:
+        return (), dy.reshape((dy.shape[0],) + record.shape[1:])
+
+
+@dataclass(frozen=True, repr=False)
+class Reshape(Layer):
+    """``(batch, *in_shape) -> (batch, *shape)`` with the same entries in the same (row-major) order; ``dx = dy``
+    reshaped back. ``Reshape((8, 8, 1))`` turns the 64 flat digit features into an NHWC image.
+
+    Arguments:
+        shape: the example shape to produce; its size must equal the input's.
+    """
+
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else None
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ValueError(f"Reshape: shape must be a tuple of positive ints, got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+
+    def __repr__(self) -> str:
+        return f"Reshape({self.shape})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        if math.prod(shape) != math.prod(self.shape):
+            raise self._fail(f"cannot reshape examples of shape {shape} ({math.prod(shape)} entries) to {self.shape} "
+                             f"({math.prod(self.shape)} entries)")
+        return self.shape, ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        self._check_no_params(params)
+        if math.prod(x.shape[1:]) != math.prod(self.shape):
+            raise self._fail(f"cannot reshape input of shape {tuple(x.shape)} to (batch, {', '.join(map(str, self.shape))})")
+        return x.reshape((x.shape[0],) + self.shape), shape_record(x)
+
+    backward = Flatten.backward  # the same rule: dy reshaped back to the recorded example shape

@@ -1,0 +1,61 @@
+"""The referee's side: every hand-derived quantity computed again by JAX's automatic differentiation.
+
+Nothing on the hand-derived path imports this module. :mod:`mnet.check` (reports for users), :mod:`mnet.bench`
+(where autodiff is a contender), :mod:`mnet.train` (``grad="autodiff"``) and the tests use it; it is, with those
+two, the only place in mnet that calls ``jax.grad``, ``jax.vjp`` or ``jax.jacrev``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mnet.layers.base import Array, Params, call_forward
+from mnet.losses import Loss
+
+
+def autodiff_value_and_grad(net: Any, loss: Loss) -> Callable[..., tuple[Array, Params]]:
+    """The reference: ``jax.value_and_grad`` of ``loss.value(net.apply(params, x), targets)``.
+
+    Same signature as :func:`mnet.value_and_grad`, so either plugs into the same training or checking code.
+    """
+
+    def objective(params: Params, x: Array, targets: Array, *, key=None, train: bool = False) -> Array:
+        return loss.value(call_forward(net, params, x, key, train)[0], targets)
+
+    return jax.value_and_grad(objective)
+
+
+def layer_vjp(layer: Any, params: Params, x: Array, dy: Array, *, key=None, train: bool = False) -> tuple[Params, Array]:
+    """``jax.vjp`` of the layer's output at ``(params, x)`` applied to ``dy``: ``(dparams, dx)``."""
+    return jax.vjp(lambda p, inputs: call_forward(layer, p, inputs, key, train)[0], params, x)[1](dy)
+
+
+def layer_per_example_vjp(layer: Any, params: Params, x: Array, dy: Array) -> tuple[Params, Array]:
+    """Row ``b``: ``jax.vjp`` of example ``b``'s output alone, run as a batch of one, applied to ``dy[b]``; the
+    parameter part keeps a leading batch axis."""
+
+    def one(x_b, dy_b):
+        return layer_vjp(layer, params, x_b[None], dy_b[None])
+
+    grads, dx = jax.vmap(one)(x, dy)
+    return grads, jax.tree_util.tree_map(lambda a: a.reshape((a.shape[0],) + a.shape[2:]), dx)
+
+
+def sq_norms(per_example: Params) -> Array:
+    """``(batch,)`` squared norms over all leaves of a per-example pytree."""
+    leaves = jax.tree_util.tree_leaves(per_example)
+    return sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in leaves)
+
+
+def layer_ntk_share(layer: Any, params: Params, x1: Array, x2: Array, dys1: Array, dys2: Array) -> Array:
+    """``sum_k <g1[k, a], g2[k, c]>`` with ``g[k, b]`` example ``b``'s parameter vjp of the cotangent ``dys[k, b]``."""
+    per1 = jax.vmap(lambda dy: layer_per_example_vjp(layer, params, x1, dy)[0])(dys1)
+    per2 = jax.vmap(lambda dy: layer_per_example_vjp(layer, params, x2, dy)[0])(dys2)
+    total = jnp.zeros((x1.shape[0], x2.shape[0]), dys1.dtype)
+    for a, b in zip(jax.tree_util.tree_leaves(per1), jax.tree_util.tree_leaves(per2)):
+        total = total + jnp.einsum("kap,kcp->ac", a.reshape(a.shape[:2] + (-1,)), b.reshape(b.shape[:2] + (-1,)))
+    return total

@@ -2,13 +2,9 @@
 derived by hand beside it and checked against ``jax.grad``."""
 
 from mnet import activations, data, errors, initializers, layers, losses, models, reference, train
-from mnet.train import fit
 from mnet.backprop import grad, value_and_grad, with_manual_backward
-from mnet.checkpoint import load_params, save_params
 from mnet.check import GradientReport, compare_cost, compare_gradients
-from mnet.layer_check import LayerReport, check_layer
-from mnet.models import mlp
-from mnet.reference import autodiff_value_and_grad
+from mnet.checkpoint import load_params, save_params
 from mnet.derivatives import (
     clipped_value_and_grad,
     dp_noise,
@@ -18,6 +14,7 @@ from mnet.derivatives import (
     per_example_grads,
 )
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
+from mnet.layer_check import LayerReport, check_layer
 from mnet.layers import (
     AvgPool2D,
     Conv2D,
@@ -25,10 +22,10 @@ from mnet.layers import (
     Dropout,
     Elementwise,
     Elu,
+    Embedding,
     Flatten,
     Gelu,
     Identity,
-    Embedding,
     Layer,
     LayerNorm,
     LayerProtocol,
@@ -49,6 +46,9 @@ from mnet.layers import (
     residual,
     serial,
 )
+from mnet.models import mlp
+from mnet.reference import autodiff_value_and_grad
+from mnet.train import fit
 
 __version__ = "0.1.0"
 

@@ -31,8 +31,9 @@ def value_and_grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, A
         ``key=...`` and ``train=True`` to draw (and differentiate through) a training-mode mask.
     """
 
-    def value_and_grad_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None,
-                          train: bool = False) -> tuple[Array, Params]:
+    def value_and_grad_fn(
+        params: Params, x: Array, targets: Array, *, key: Array | None = None, train: bool = False
+    ) -> tuple[Array, Params]:
         outputs, cache = call_forward(net, params, x, key, train)
         grads, _ = net.backward(params, cache, loss.grad(outputs, targets))
         return loss.value(outputs, targets), grads

@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def tolerance(dtype) -> float:
     return min(450 * float(jnp.finfo(dtype).eps), 5e-2)
 
 
-def relative_error(value: Array, reference: Array) -> float:
+def relative_error(value: Any, reference: Any) -> float:
     """``max |value - reference| / max |reference|``: the error relative to the reference's largest entry
     (entrywise ratios blow up at entries that are zero in exact arithmetic); 0 for two all-zero arrays."""
     value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
@@ -112,9 +113,14 @@ class Agreement:
 
 def largest_entry(tree) -> float:
     """The largest absolute entry over every floating leaf of a pytree (0 for none)."""
-    return max((float(np.max(np.abs(np.asarray(leaf, np.float64)), initial=0.0))
-                for leaf in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)),
-               default=0.0)
+    return max(
+        (
+            float(np.max(np.abs(np.asarray(leaf, np.float64)), initial=0.0))
+            for leaf in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+        ),
+        default=0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -205,8 +211,12 @@ class GradientReport:
                 for row in self.rows
             ],
             "layers": [
-                {"position": layer.position, "layer": layer.layer, "ok": layer.ok,
-                 "parts": {name: agreement(part) for name, part in layer.parts.items()}}
+                {
+                    "position": layer.position,
+                    "layer": layer.layer,
+                    "ok": layer.ok,
+                    "parts": {name: agreement(part) for name, part in layer.parts.items()},
+                }
                 for layer in self.layers
             ],
             "first_wrong_layer": None if self.first_wrong_layer is None else self.first_wrong_layer.position,
@@ -224,31 +234,57 @@ class GradientReport:
         table = [header]
         for row in self.rows:
             a = row.autodiff
-            line = [row.path, "x".join(map(str, row.shape)) or "()", f"{a.max_abs_error:.2e}",
-                    f"{a.max_rel_error:.2e}", f"{a.cosine:.9f}", f"{a.norm:.4e}", f"{a.reference_norm:.4e}"]
+            line = [
+                row.path,
+                "x".join(map(str, row.shape)) or "()",
+                f"{a.max_abs_error:.2e}",
+                f"{a.max_rel_error:.2e}",
+                f"{a.cosine:.9f}",
+                f"{a.norm:.4e}",
+                f"{a.reference_norm:.4e}",
+            ]
             if self.finite_differences:
-                line += [f"{row.finite_differences.max_rel_error:.2e}",
-                         f"{row.autodiff_vs_finite_differences.max_rel_error:.2e}"]
+                assert row.finite_differences and row.autodiff_vs_finite_differences
+                line += [
+                    f"{row.finite_differences.max_rel_error:.2e}",
+                    f"{row.autodiff_vs_finite_differences.max_rel_error:.2e}",
+                ]
             line.append("ok" if row.ok else "MISMATCH")
             table.append(line)
         widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-                 .rstrip() for line in table]
+        lines = [
+            "  ".join(
+                cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))
+            ).rstrip()
+            for line in table
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
         first = self.rows[0].autodiff.tolerance if self.rows else tolerance(self.dtype)
-        summary = [f"loss {self.value:.10g} (autodiff {self.reference_value:.10g}); dtype {self.dtype}; "
-                   f"tolerance {first:.1e} relative to each leaf's largest entry"
-                   + (f", {FINITE_DIFFERENCE_TOLERANCE:.0e} against float64 finite differences"
-                      if self.finite_differences else "")]
+        summary = [
+            f"loss {self.value:.10g} (autodiff {self.reference_value:.10g}); dtype {self.dtype}; "
+            f"tolerance {first:.1e} relative to each leaf's largest entry"
+            + (
+                f", {FINITE_DIFFERENCE_TOLERANCE:.0e} against float64 finite differences"
+                if self.finite_differences
+                else ""
+            )
+        ]
         wrong = [layer for layer in self.layers if not layer.ok]
         for layer in wrong:
-            summary.append(f"layer {layer.position} {layer.layer}: its backward disagrees with jax.vjp in "
-                           + ", ".join(f"{name} (rel err {layer.parts[name].max_rel_error:.2e})"
-                                       for name in layer.wrong_parts))
+            summary.append(
+                f"layer {layer.position} {layer.layer}: its backward disagrees with jax.vjp in "
+                + ", ".join(f"{name} (rel err {layer.parts[name].max_rel_error:.2e})" for name in layer.wrong_parts)
+            )
         summary.extend(self.notes)
-        summary.append("gradients agree" if self.ok else
-                       (f"gradients DISAGREE; the first wrong layer is {wrong[0].position} {wrong[0].layer}"
-                        if wrong else "gradients DISAGREE"))
+        summary.append(
+            "gradients agree"
+            if self.ok
+            else (
+                f"gradients DISAGREE; the first wrong layer is {wrong[0].position} {wrong[0].layer}"
+                if wrong
+                else "gradients DISAGREE"
+            )
+        )
         return "\n".join(lines + [""] + summary)
 
 
@@ -298,7 +334,9 @@ def _layer_rows(net: Layer, loss: Loss, params: Params, x: Array, targets: Array
         scale = largest_entry((dparams_ref, dx_ref))
         parts = {
             f"d{jax.tree_util.keystr(path) or 'params'}": Agreement.of(mine, ref, tol, scale)
-            for (path, mine), ref in zip(jax.tree_util.tree_leaves_with_path(dparams), jax.tree_util.tree_leaves(dparams_ref))
+            for (path, mine), ref in zip(
+                jax.tree_util.tree_leaves_with_path(dparams), jax.tree_util.tree_leaves(dparams_ref)
+            )
         }
         if jnp.issubdtype(jnp.asarray(layer_input).dtype, jnp.inexact):  # integer ids (Embedding) have no gradient
             parts["dx"] = Agreement.of(dx, dx_ref, tol, scale)
@@ -313,13 +351,23 @@ def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, see
     rng = np.random.default_rng(seed)
     with jax.enable_x64(True):
         params64 = jax.tree_util.tree_map(lambda p: jnp.asarray(np.asarray(p, np.float64)), params)
-        x64 = jnp.asarray(np.asarray(x, np.float64)) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x)
-        targets64 = jnp.asarray(np.asarray(targets, np.float64)) if jnp.issubdtype(jnp.asarray(targets).dtype, jnp.floating) else jnp.asarray(targets)
+        x64 = (
+            jnp.asarray(np.asarray(x, np.float64))
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+            else jnp.asarray(x)
+        )
+        targets64 = (
+            jnp.asarray(np.asarray(targets, np.float64))
+            if jnp.issubdtype(jnp.asarray(targets).dtype, jnp.floating)
+            else jnp.asarray(targets)
+        )
         leaves, treedef = jax.tree_util.tree_flatten(params64)
         scale = largest_entry(grads_ref)
         step = float(np.finfo(np.float64).eps) ** (1 / 3)
         results = []
-        for index, (leaf, hand, ref) in enumerate(zip(leaves, jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref))):
+        for index, (leaf, hand, ref) in enumerate(
+            zip(leaves, jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref))
+        ):
             size = leaf.size
             if size <= FULL_DIFFERENCE_SIZE:
                 directions = np.eye(size)
@@ -327,7 +375,9 @@ def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, see
             else:
                 picked = rng.choice(size, SAMPLED_COORDINATES, replace=False)
                 random = rng.normal(size=(RANDOM_DIRECTIONS, size))
-                directions = np.concatenate([np.eye(size)[picked], random / np.linalg.norm(random, axis=1, keepdims=True)])
+                directions = np.concatenate(
+                    [np.eye(size)[picked], random / np.linalg.norm(random, axis=1, keepdims=True)]
+                )
                 label = f"{SAMPLED_COORDINATES} of {size} + {RANDOM_DIRECTIONS} dirs"
             # One step scaled to the leaf's magnitude, the same for every direction so the batch stays one call.
             h = step * max(1.0, float(jnp.max(jnp.abs(leaf))))
@@ -344,7 +394,9 @@ def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, see
             hand_dirs = directions @ np.asarray(hand, np.float64).ravel()
             ref_dirs = directions @ np.asarray(ref, np.float64).ravel()
             tol = max(FINITE_DIFFERENCE_TOLERANCE, tolerance(jnp.asarray(hand).dtype))
-            results.append((Agreement.of(hand_dirs, slopes, tol, scale), Agreement.of(ref_dirs, slopes, tol, scale), label))
+            results.append(
+                (Agreement.of(hand_dirs, slopes, tol, scale), Agreement.of(ref_dirs, slopes, tol, scale), label)
+            )
     return results
 
 
@@ -377,19 +429,26 @@ def compare_gradients(
     """
     value, grads = jax.jit(value_and_grad(net, loss))(params, x, targets)
     reference_value, grads_ref = jax.jit(autodiff_value_and_grad(net, loss))(params, x, targets)
-    dtype = str(jax.tree_util.tree_leaves(grads)[0].dtype) if jax.tree_util.tree_leaves(grads) else str(jnp.asarray(x).dtype)
-    differences = (_finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed)
-                   if finite_differences else None)
+    dtype = (
+        str(jax.tree_util.tree_leaves(grads)[0].dtype)
+        if jax.tree_util.tree_leaves(grads)
+        else str(jnp.asarray(x).dtype)
+    )
+    differences = (
+        _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed) if finite_differences else None
+    )
     rows = []
     scale = largest_entry(grads_ref)
-    for index, ((path, hand), ref) in enumerate(zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_ref))):
+    for index, ((path, hand), ref) in enumerate(
+        zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_ref))
+    ):
         agreement = Agreement.of(hand, ref, tolerance(hand.dtype), scale)
         if differences is None:
             rows.append(LeafRow(jax.tree_util.keystr(path), tuple(hand.shape), agreement))
         else:
             fd_hand, fd_ref, label = differences[index]
             rows.append(LeafRow(jax.tree_util.keystr(path), tuple(hand.shape), agreement, fd_hand, fd_ref, label))
-    notes = ()
+    notes: tuple[str, ...] = ()
     if not np.isclose(float(value), float(reference_value), rtol=tolerance(dtype), atol=0):
         notes = (f"the loss values differ: {float(value)!r} vs {float(reference_value)!r}",)
     return GradientReport(
@@ -421,7 +480,7 @@ def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Arra
     (hand / autodiff; below 1 means the hand-derived path is faster).
     """
     contenders = {"hand": value_and_grad(net, loss), "autodiff": autodiff_value_and_grad(net, loss)}
-    result = {}
+    result: dict[str, Any] = {}
     compiled = {}
     for name, fn in contenders.items():
         start = time.perf_counter()
@@ -429,14 +488,16 @@ def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Arra
         compile_seconds = time.perf_counter() - start
         cost = compiled[name].cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-        result[name] = {"flops": float(cost.get("flops", math.nan)),
-                        "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
-                        "compile_seconds": compile_seconds}
+        result[name] = {
+            "flops": float(cost.get("flops", math.nan)),
+            "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
+            "compile_seconds": compile_seconds,
+        }
         jax.block_until_ready(compiled[name](params, x, targets))
-    samples = {name: [] for name in contenders}
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(max(repeats // 5, 1)):
         for name in contenders:
-            samples[name].append(_median_seconds(lambda: compiled[name](params, x, targets), 5))
+            samples[name].append(_median_seconds(functools.partial(compiled[name], params, x, targets), 5))
     for name in contenders:
         result[name]["seconds"] = statistics.median(samples[name])
     result["time_ratio"] = result["hand"]["seconds"] / result["autodiff"]["seconds"]

@@ -72,7 +72,7 @@ def save_tree(path: str | Path, tree: Any, metadata: dict | None = None) -> None
         digest.update(raw.tobytes())
     manifest = {"format": FORMAT, "leaves": entries, "sha256": digest.hexdigest(), "metadata": metadata or {}}
     arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
-    atomic_write(path, lambda file: np.savez(file, **arrays))
+    atomic_write(path, lambda file: np.savez(file, **arrays))  # type: ignore[arg-type]  # numpy stubs type **arrays as allow_pickle
 
 
 def read_tree(path: str | Path, like: Any) -> tuple[Any, dict]:
@@ -113,12 +113,21 @@ def read_tree(path: str | Path, like: Any) -> tuple[Any, dict]:
     if saved_paths != expected_paths:
         missing = [p for p in expected_paths if p not in saved_paths]
         extra = [p for p in saved_paths if p not in expected_paths]
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:5])}" if missing else "",
-            f"unexpected {', '.join(extra[:5])}" if extra else "",
-        ) if part) or "leaves in a different order"
-        raise CheckpointError(f"{path}: structure differs from the expected parameters ({len(saved_paths)} leaves saved, "
-                              f"{len(expected_paths)} expected): {detail}")
+        detail = (
+            "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing[:5])}" if missing else "",
+                    f"unexpected {', '.join(extra[:5])}" if extra else "",
+                )
+                if part
+            )
+            or "leaves in a different order"
+        )
+        raise CheckpointError(
+            f"{path}: structure differs from the expected parameters ({len(saved_paths)} leaves saved, "
+            f"{len(expected_paths)} expected): {detail}"
+        )
     leaves = []
     for entry, (key_path, reference), chunk in zip(saved, expected, raw):
         where = jax.tree_util.keystr(key_path)
@@ -128,7 +137,9 @@ def read_tree(path: str | Path, like: Any) -> tuple[Any, dict]:
         if jnp.dtype(entry["dtype"]) != dtype:
             raise CheckpointError(f"{path}: leaf {where} has dtype {entry['dtype']}, expected {dtype.name}")
         if chunk.size != int(np.prod(shape)) * dtype.itemsize:
-            raise CheckpointError(f"{path}: leaf {where} holds {chunk.size} bytes, expected {int(np.prod(shape)) * dtype.itemsize}")
+            raise CheckpointError(
+                f"{path}: leaf {where} holds {chunk.size} bytes, expected {int(np.prod(shape)) * dtype.itemsize}"
+            )
         leaves.append(jnp.asarray(np.frombuffer(chunk.tobytes(), dtype).reshape(shape)))
     return jax.tree_util.tree_unflatten(treedef, leaves), manifest["metadata"]
 

@@ -42,7 +42,9 @@ def _widths(text: str) -> list[int]:
     try:
         widths = [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 64,128,10, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers like 64,128,10, got {text!r}"
+        ) from None
     if not widths or any(w <= 0 for w in widths):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 64,128,10, got {text!r}")
     return widths
@@ -70,15 +72,17 @@ def load_object(spec: str):
 
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
-        raise UsageError(f"--model {spec!r}: expected one of {', '.join(BUILT_IN_MODELS)} or MODULE:ATTR "
-                         "(e.g. my_models:net)")
+        raise UsageError(
+            f"--model {spec!r}: expected one of {', '.join(BUILT_IN_MODELS)} or MODULE:ATTR (e.g. my_models:net)"
+        )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         target = importlib.import_module(module_name)
     except Exception as error:  # a user's module may fail in any way while importing
-        raise UsageError(f"--model {spec!r}: cannot import module {module_name!r} "
-                         f"({type(error).__name__}: {error})") from None
+        raise UsageError(
+            f"--model {spec!r}: cannot import module {module_name!r} ({type(error).__name__}: {error})"
+        ) from None
     for name in attribute.split("."):
         if not hasattr(target, name):
             raise UsageError(f"--model {spec!r}: module {module_name!r} has no attribute {attribute!r}")
@@ -97,8 +101,10 @@ def user_network(spec: str):
         except TypeError as error:
             raise UsageError(f"--model {spec!r}: calling it with no arguments failed ({error})") from None
     if not is_layer(candidate):
-        raise UsageError(f"--model {spec!r} is {type(candidate).__name__} {candidate!r:.80}, not a layer "
-                         "(an object with init, forward and backward, or a function of no arguments returning one)")
+        raise UsageError(
+            f"--model {spec!r} is {type(candidate).__name__} {candidate!r:.80}, not a layer "
+            "(an object with init, forward and backward, or a function of no arguments returning one)"
+        )
     return candidate
 
 
@@ -128,8 +134,10 @@ def random_targets(loss, outputs, key):
 
     if loss is mnet.losses.softmax_cross_entropy:
         if len(outputs.shape) != 2 or outputs.shape[1] < 2:
-            raise UsageError(f"softmax_cross_entropy needs outputs of shape (batch, classes) with at least 2 output "
-                             f"classes, the network gives {tuple(outputs.shape)}")
+            raise UsageError(
+                f"softmax_cross_entropy needs outputs of shape (batch, classes) with at least 2 output "
+                f"classes, the network gives {tuple(outputs.shape)}"
+            )
         return jax.random.randint(key, outputs.shape[:1], 0, outputs.shape[1])
     if loss is mnet.losses.sigmoid_binary_cross_entropy:
         return jax.random.uniform(key, outputs.shape, outputs.dtype)
@@ -149,11 +157,15 @@ def run_check(args: argparse.Namespace) -> int:
     k_init, k_x, k_t = jax.random.split(jax.random.key(args.seed), 3)
     _, params = mnet.layers.init_layer(net, k_init, example_shape, dtype)
     vocab = getattr(net, "input_vocab", None)
-    x = (jax.random.randint(k_x, (args.batch, *example_shape), 0, vocab) if vocab is not None
-         else jax.random.normal(k_x, (args.batch, *example_shape), dtype))
+    x = (
+        jax.random.randint(k_x, (args.batch, *example_shape), 0, vocab)
+        if vocab is not None
+        else jax.random.normal(k_x, (args.batch, *example_shape), dtype)
+    )
     targets = random_targets(loss, jax.eval_shape(lambda p, inputs: net.forward(p, inputs)[0], params, x), k_t)
-    report = mnet.compare_gradients(net, loss, params, x, targets, finite_differences=args.finite_differences,
-                                    seed=args.seed)
+    report = mnet.compare_gradients(
+        net, loss, params, x, targets, finite_differences=args.finite_differences, seed=args.seed
+    )
     result = report.to_dict()
     result["network"] = repr(net)
     if args.cost:
@@ -214,7 +226,8 @@ def training_problem(args: argparse.Namespace):
     classes = dataset.num_classes
     if args.model == "mlp":
         layers = ([mnet.Flatten()] if len(dataset.example_shape) > 1 else []) + list(
-            mnet.mlp(args.layers + [classes], args.activation, args.compute_dtype).layers)
+            mnet.mlp(args.layers + [classes], args.activation, args.compute_dtype).layers
+        )
         net = mnet.serial(*layers)
     elif args.model == "cnn":
         net = mnet.models.digits_cnn(classes)
@@ -227,8 +240,10 @@ def training_problem(args: argparse.Namespace):
         net = user_network(args.model)
     output_shape = mnet.layers.init_layer(net, jax.random.key(0), dataset.example_shape)[0]  # shapes only
     if tuple(output_shape) != (classes,):
-        raise UsageError(f"--model {args.model}: the network maps examples of shape {dataset.example_shape} to "
-                         f"{tuple(output_shape)}, but {dataset.name} has {classes} classes; its output must be ({classes},)")
+        raise UsageError(
+            f"--model {args.model}: the network maps examples of shape {dataset.example_shape} to "
+            f"{tuple(output_shape)}, but {dataset.name} has {classes} classes; its output must be ({classes},)"
+        )
     return dataset, net
 
 
@@ -239,12 +254,21 @@ def gradient_check(net, loss, params, dataset, batch: int, say) -> float:
 
     import mnet
 
-    report = mnet.compare_gradients(net, loss, params, jnp.asarray(dataset.x_train[:batch]),
-                                    jnp.asarray(dataset.y_train[:batch]), layer_by_layer=False)
+    report = mnet.compare_gradients(
+        net,
+        loss,
+        params,
+        jnp.asarray(dataset.x_train[:batch]),
+        jnp.asarray(dataset.y_train[:batch]),
+        layer_by_layer=False,
+    )
     worst = max((row.autodiff.max_rel_error for row in report.rows), default=0.0)
     tolerance = report.rows[0].autodiff.tolerance if report.rows else 0.0
-    say(f"gradient check on one batch of {batch}: hand-derived vs jax.grad, largest relative error "
-        f"{worst:.2e} over {len(report.rows)} leaves (tolerance {tolerance:.1e}): " + ("agree" if report.ok else "DISAGREE"))
+    say(
+        f"gradient check on one batch of {batch}: hand-derived vs jax.grad, largest relative error "
+        f"{worst:.2e} over {len(report.rows)} leaves (tolerance {tolerance:.1e}): "
+        + ("agree" if report.ok else "DISAGREE")
+    )
     if not report.ok:
         print(report, file=sys.stderr)
         raise UsageError("hand-derived gradients disagree with jax.grad; not training")
@@ -271,9 +295,11 @@ class EpochReporter:
             self.bar.n = epoch
             self.bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{record['test_accuracy']:.4f}")
         else:
-            self.say(f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  train acc "
-                     f"{record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f}  test acc "
-                     f"{record['test_accuracy']:.4f}")
+            self.say(
+                f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  train acc "
+                f"{record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f}  test acc "
+                f"{record['test_accuracy']:.4f}"
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -285,15 +311,24 @@ def training_summary(args: argparse.Namespace, history, worst: float, say) -> di
     final = history.last()
     if not final:
         say(f"nothing to do: the checkpoint already holds {args.epochs} epochs")
-    summary = {"test_accuracy": final.get("test_accuracy"), "train_loss": final.get("train_loss"),
-               "test_loss": final.get("test_loss"), "train_accuracy": final.get("train_accuracy"),
-               "epochs": args.epochs, "grad": args.grad, "model": args.model, "gradient_check_max_rel_error": worst,
-               "seconds": sum(history.seconds)}
+    summary = {
+        "test_accuracy": final.get("test_accuracy"),
+        "train_loss": final.get("train_loss"),
+        "test_loss": final.get("test_loss"),
+        "train_accuracy": final.get("train_accuracy"),
+        "epochs": args.epochs,
+        "grad": args.grad,
+        "model": args.model,
+        "gradient_check_max_rel_error": worst,
+        "seconds": sum(history.seconds),
+    }
     if args.json:
         print(json.dumps(summary))
     elif final:
-        print(f"done: test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}, "
-              f"{summary['seconds']:.2f}s of training")
+        print(
+            f"done: test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}, "
+            f"{summary['seconds']:.2f}s of training"
+        )
     return summary
 
 
@@ -313,14 +348,34 @@ def run_train(args: argparse.Namespace) -> int:
     say(f"network {net!r}, {args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.grad} gradients")
     worst = gradient_check(net, loss, params, dataset, min(args.batch_size, len(dataset.x_train)), say)
 
-    config = {"data": str(args.data), "model": args.model, "layers": args.layers, "activation": args.activation,
-              "compute_dtype": args.compute_dtype, "optimizer": args.optimizer, "lr": args.lr, "grad": args.grad}
+    config = {
+        "data": str(args.data),
+        "model": args.model,
+        "layers": args.layers,
+        "activation": args.activation,
+        "compute_dtype": args.compute_dtype,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "grad": args.grad,
+    }
     reporter = EpochReporter(args.epochs, say, quiet_bar=args.json)
     try:
-        result = train.fit(net, loss, params, dataset, optimizer=make_optimizer(args.optimizer, args.lr),
-                           epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, grad=args.grad,
-                           checkpoint_path=args.checkpoint, resume=args.resume, config=config, on_epoch=reporter,
-                           devices=args.devices)
+        result = train.fit(
+            net,
+            loss,
+            params,
+            dataset,
+            optimizer=make_optimizer(args.optimizer, args.lr),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            grad=args.grad,
+            checkpoint_path=args.checkpoint,
+            resume=args.resume,
+            config=config,
+            on_epoch=reporter,
+            devices=args.devices,
+        )
     finally:
         reporter.close()
     if args.plot:
@@ -347,8 +402,10 @@ def _format_cost(cost: dict) -> str:
     lines = ["", f"{'compiled gradient':<18}{'GFLOP':>10}{'MB accessed':>13}{'compile s':>11}{'median us':>11}"]
     for name in ("hand", "autodiff"):
         c = cost[name]
-        lines.append(f"{name:<18}{c['flops'] / 1e9:>10.4f}{c['bytes_accessed'] / 1e6:>13.3f}"
-                     f"{c['compile_seconds']:>11.3f}{c['seconds'] * 1e6:>11.1f}")
+        lines.append(
+            f"{name:<18}{c['flops'] / 1e9:>10.4f}{c['bytes_accessed'] / 1e6:>13.3f}"
+            f"{c['compile_seconds']:>11.3f}{c['seconds'] * 1e6:>11.1f}"
+        )
     lines.append(f"hand / autodiff time: {cost['time_ratio']:.3f}")
     return "\n".join(lines)
 
@@ -361,33 +418,62 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     check = commands.add_parser("check", help="compare hand-derived and autodiff gradients of any network")
-    check.add_argument("--layers", type=_widths, default=[64, 128, 64, 10],
-                       help="for the MLP: input width then layer widths (default 64,128,64,10)")
-    check.add_argument("--model", "--net", dest="model", default=None, metavar="NAME|MODULE:ATTR",
-                       help="mlp (default, from --layers), cnn, transformer, or a user's network MODULE:ATTR "
-                            "(a layer, or a function of no arguments returning one)")
-    check.add_argument("--input-shape", type=_shape, default=None, metavar="D1,D2,...",
-                       help="one example's shape for --model MODULE:ATTR, e.g. 8,8,1")
+    check.add_argument(
+        "--layers",
+        type=_widths,
+        default=[64, 128, 64, 10],
+        help="for the MLP: input width then layer widths (default 64,128,64,10)",
+    )
+    check.add_argument(
+        "--model",
+        "--net",
+        dest="model",
+        default=None,
+        metavar="NAME|MODULE:ATTR",
+        help="mlp (default, from --layers), cnn, transformer, or a user's network MODULE:ATTR "
+        "(a layer, or a function of no arguments returning one)",
+    )
+    check.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        metavar="D1,D2,...",
+        help="one example's shape for --model MODULE:ATTR, e.g. 8,8,1",
+    )
     check.add_argument("--activation", choices=sorted(ACTIVATIONS_BY_NAME), default="relu")
     check.add_argument("--loss", choices=sorted(losses.BY_NAME), default="softmax_cross_entropy")
     check.add_argument("--batch", type=_positive_int, default=32)
     check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--finite-differences", action="store_true", help="also compare with float64 central differences")
+    check.add_argument(
+        "--finite-differences", action="store_true", help="also compare with float64 central differences"
+    )
     check.add_argument("--cost", action="store_true", help="also compare XLA cost analysis and time")
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(run=run_check)
 
     train = commands.add_parser("train", help="train a classifier (default: an MLP on the bundled digits)")
-    train.add_argument("--model", default="mlp", metavar="NAME|MODULE:ATTR",
-                       help="mlp (default; --layers, --activation), cnn (the digits CNN), transformer (the "
-                            "odd-one-out sequence task by default), or a user's network MODULE:ATTR")
-    train.add_argument("--data", default=None, metavar="PATH",
-                       help=".npz (x, y[, x_test, y_test]; integer x = token ids), .csv, or MNIST-style IDX "
-                            "file/directory; default digits (odd-one-out sequences for --model transformer)")
+    train.add_argument(
+        "--model",
+        default="mlp",
+        metavar="NAME|MODULE:ATTR",
+        help="mlp (default; --layers, --activation), cnn (the digits CNN), transformer (the "
+        "odd-one-out sequence task by default), or a user's network MODULE:ATTR",
+    )
+    train.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help=".npz (x, y[, x_test, y_test]; integer x = token ids), .csv, or MNIST-style IDX "
+        "file/directory; default digits (odd-one-out sequences for --model transformer)",
+    )
     train.add_argument("--label-column", default=None, help="CSV label column (name or 0-based index)")
-    train.add_argument("--layers", type=_hidden_widths, default=[256],
-                       help="hidden widths, e.g. 256,128 (the output width is the number of classes; default 256)")
+    train.add_argument(
+        "--layers",
+        type=_hidden_widths,
+        default=[256],
+        help="hidden widths, e.g. 256,128 (the output width is the number of classes; default 256)",
+    )
     train.add_argument("--activation", choices=sorted(ACTIVATIONS_BY_NAME), default="relu")
     train.add_argument("--epochs", type=_positive_int, default=40)
     train.add_argument("--batch-size", type=_positive_int, default=32)
@@ -399,10 +485,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     train.add_argument("--save-params", default=None, metavar="PATH", help="write the final parameters here")
     train.add_argument("--plot", default=None, metavar="PATH", help="loss and accuracy curves (PNG)")
-    train.add_argument("--compute-dtype", choices=["bfloat16", "float16"], default=None,
-                       help="mixed precision: products in this dtype, float32 parameters and accumulation")
-    train.add_argument("--devices", type=int, default=None, metavar="N",
-                       help="data-parallel over N devices (0: all available); default: one device")
+    train.add_argument(
+        "--compute-dtype",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="mixed precision: products in this dtype, float32 parameters and accumulation",
+    )
+    train.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel over N devices (0: all available); default: one device",
+    )
     train.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     train.set_defaults(run=run_train)
 

@@ -39,8 +39,10 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def __str__(self) -> str:
-        return (f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test examples of shape "
-                f"{self.example_shape}, {self.num_classes} classes")
+        return (
+            f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test examples of shape "
+            f"{self.example_shape}, {self.num_classes} classes"
+        )
 
 
 def split(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float = TEST_FRACTION):
@@ -138,8 +140,10 @@ def _load_npz(path: Path, seed: int) -> Dataset:
         raise DataError(f"{path}: not a readable .npz archive ({type(error).__name__}: {error})") from None
     missing = [key for key in ("x", "y") if key not in arrays]
     if missing:
-        raise DataError(f"{path}: missing array(s) {', '.join(missing)}; expected x, y and optionally x_test, y_test "
-                        f"(found {', '.join(sorted(arrays)) or 'none'})")
+        raise DataError(
+            f"{path}: missing array(s) {', '.join(missing)}; expected x, y and optionally x_test, y_test "
+            f"(found {', '.join(sorted(arrays)) or 'none'})"
+        )
     return make_dataset(arrays["x"], arrays["y"], str(path), seed, arrays.get("x_test"), arrays.get("y_test"))
 
 
@@ -227,7 +231,9 @@ def _load_csv(path: Path, seed: int, label_column: str | None) -> Dataset:
         elif label_column.lstrip("-").isdigit() and -width <= int(label_column) < width:
             column = int(label_column) % width
         else:
-            raise DataError(f"{path}: no label column {label_column!r} (columns: {', '.join(header or map(str, range(width)))})")
+            raise DataError(
+                f"{path}: no label column {label_column!r} (columns: {', '.join(header or map(str, range(width)))})"
+            )
     elif header and (named := [c for c in ("label", "y", "target", "class") if c in header]):
         column = header.index(named[0])
     else:
@@ -240,7 +246,9 @@ def _load_csv(path: Path, seed: int, label_column: str | None) -> Dataset:
             try:
                 values[line - (2 if header else 1), index] = float(cell)
             except ValueError:
-                raise DataError(f"{path}: line {line}, column {index + 1}: non-numeric value {cell.strip()!r}") from None
+                raise DataError(
+                    f"{path}: line {line}, column {index + 1}: non-numeric value {cell.strip()!r}"
+                ) from None
     if width < 2:
         raise DataError(f"{path}: need at least one feature column besides the label")
     return make_dataset(np.delete(values, column, axis=1), values[:, column], str(path), seed)

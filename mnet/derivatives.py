@@ -23,8 +23,16 @@ import jax.numpy as jnp
 import optax
 
 from mnet.backprop import value_and_grad
-from mnet.layers.base import (NTK, PER_EXAMPLE_BACKWARD, PER_EXAMPLE_SQ_NORMS, Array, LayerProtocol, MissingRule,
-                              Params, batch_sq_norms)
+from mnet.layers.base import (
+    NTK,
+    PER_EXAMPLE_BACKWARD,
+    PER_EXAMPLE_SQ_NORMS,
+    Array,
+    LayerProtocol,
+    MissingRule,
+    Params,
+    batch_sq_norms,
+)
 from mnet.losses import Loss
 
 
@@ -54,7 +62,9 @@ def per_example_grads(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array
     return per_example_grads_fn
 
 
-def _sq_norms(net: LayerProtocol, loss: Loss, params: Params, cache: Any, x: Array, targets: Array, outputs: Array) -> Array:
+def _sq_norms(
+    net: LayerProtocol, loss: Loss, params: Params, cache: Any, x: Array, targets: Array, outputs: Array
+) -> Array:
     try:
         return PER_EXAMPLE_SQ_NORMS.run(net, params, cache, loss.per_example_grad(outputs, targets))[0]
     except MissingRule:
@@ -75,7 +85,9 @@ def per_example_grad_norms(net: LayerProtocol, loss: Loss) -> Callable[[Params, 
     return norms_fn
 
 
-def clipped_value_and_grad(net: LayerProtocol, loss: Loss, clip_norm: float) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
+def clipped_value_and_grad(
+    net: LayerProtocol, loss: Loss, clip_norm: float
+) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
     """DP-SGD's clipped gradient: ``f(params, x, targets) -> (loss value, mean_b g_b * min(1, C / ||g_b||))``.
 
     Computed without per-example gradients: one forward pass, the per-example norms from the cotangents, then
@@ -106,7 +118,9 @@ class DPNoiseState(NamedTuple):
     key: jax.Array
 
 
-def dp_noise(clip_norm: float, noise_multiplier: float, batch_size: int, key: jax.Array) -> optax.GradientTransformation:
+def dp_noise(
+    clip_norm: float, noise_multiplier: float, batch_size: int, key: jax.Array
+) -> optax.GradientTransformation:
     """An optax transformation adding DP-SGD's Gaussian noise to a mean of clipped gradients:
     ``N(0, (noise_multiplier * clip_norm / batch_size)^2)`` per coordinate, a fresh key every step.
 
@@ -155,6 +169,7 @@ def jacobian(net: LayerProtocol) -> Callable[[Params, Array], Params]:
         try:
             per_output = jax.vmap(lambda e: PER_EXAMPLE_BACKWARD.run(net, params, cache, e)[0])(basis)
         except MissingRule:
+
             def one_example(x_b):
                 y_b, c_b = net.forward(params, x_b[None])
                 return jax.vmap(lambda e: net.backward(params, c_b, e)[0])(_output_basis(y_b)[:, :1])

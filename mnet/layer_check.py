@@ -32,8 +32,20 @@ import numpy as np
 
 from mnet import reference
 from mnet.check import Agreement, largest_entry, tolerance
-from mnet.layers.base import (NTK, PER_EXAMPLE_BACKWARD, PER_EXAMPLE_SQ_NORMS, LayerProtocol, MissingRule, Shape,
-                              call_forward, has_params, init_layer, is_stochastic, own_rule, require_layer)
+from mnet.layers.base import (
+    NTK,
+    PER_EXAMPLE_BACKWARD,
+    PER_EXAMPLE_SQ_NORMS,
+    LayerProtocol,
+    MissingRule,
+    Shape,
+    call_forward,
+    has_params,
+    init_layer,
+    is_stochastic,
+    own_rule,
+    require_layer,
+)
 
 
 @dataclass(frozen=True)
@@ -78,10 +90,24 @@ class LayerReport:
         def agreement(a: Agreement | None):
             return None if a is None else {**a.__dict__, "ok": a.ok}
 
-        return {"ok": self.ok, "layer": self.layer, "input_shape": list(self.input_shape), "batch": self.batch,
-                "wrong": self.wrong,
-                "rules": [{"rule": r.rule, "source": r.source, "ok": r.ok, "worst": r.worst, "note": r.note,
-                           "agreement": agreement(r.agreement)} for r in self.rows]}
+        return {
+            "ok": self.ok,
+            "layer": self.layer,
+            "input_shape": list(self.input_shape),
+            "batch": self.batch,
+            "wrong": self.wrong,
+            "rules": [
+                {
+                    "rule": r.rule,
+                    "source": r.source,
+                    "ok": r.ok,
+                    "worst": r.worst,
+                    "note": r.note,
+                    "agreement": agreement(r.agreement),
+                }
+                for r in self.rows
+            ],
+        }
 
     def __str__(self) -> str:
         table = [["rule", "source", "max rel err", "worst leaf", ""]]
@@ -93,10 +119,14 @@ class LayerReport:
         widths = [max(len(line[i]) for line in table) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(line[:4], widths)) + "  " + line[4] for line in table]
         lines.insert(1, "-" * len(lines[0]))
-        verdict = ("every rule agrees with autodiff" if self.ok else
-                   f"DISAGREES with autodiff: {', '.join(self.wrong)}")
-        return "\n".join([f"check_layer {self.layer}, example shape {self.input_shape}, batch {self.batch}, float64",
-                          *lines, verdict])
+        verdict = "every rule agrees with autodiff" if self.ok else f"DISAGREES with autodiff: {', '.join(self.wrong)}"
+        return "\n".join(
+            [
+                f"check_layer {self.layer}, example shape {self.input_shape}, batch {self.batch}, float64",
+                *lines,
+                verdict,
+            ]
+        )
 
 
 def _compare(rule: str, source: str, mine: Any, ref: Any) -> RuleRow:
@@ -112,8 +142,13 @@ def _compare(rule: str, source: str, mine: Any, ref: Any) -> RuleRow:
         if getattr(b, "dtype", None) == jax.dtypes.float0:
             continue
         if np.shape(a) != np.shape(b):
-            return RuleRow(rule, source, Agreement.of(np.nan, 0.0, 0.0), jax.tree_util.keystr(path),
-                           f"shape {np.shape(a)} vs reference {np.shape(b)}")
+            return RuleRow(
+                rule,
+                source,
+                Agreement.of(np.nan, 0.0, 0.0),
+                jax.tree_util.keystr(path),
+                f"shape {np.shape(a)} vs reference {np.shape(b)}",
+            )
         agreement = Agreement.of(a, b, tolerance(jnp.float64), scale)
         if worst is None or (not agreement.ok, agreement.max_rel_error) > (not worst.ok, worst.max_rel_error):
             worst, worst_path = agreement, jax.tree_util.keystr(path) or "(value)"
@@ -158,8 +193,13 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
     output_shape, params = init_layer(layer, jax.random.key(seed), input_shape, jnp.float64)
     # Moved off their initial values, so that a zero-initialised bias cannot hide a wrong bias rule.
     params = jax.tree_util.tree_map(
-        lambda p: p + 0.1 * jnp.asarray(rng.normal(size=np.shape(p)), p.dtype)
-        if jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating) else p, params)
+        lambda p: (
+            p + 0.1 * jnp.asarray(rng.normal(size=np.shape(p)), p.dtype)
+            if jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating)
+            else p
+        ),
+        params,
+    )
     x = _random_input(layer, (batch,) + input_shape, rng)
     x2 = _random_input(layer, (batch + 1,) + input_shape, rng)
     y, _ = jax.jit(lambda p, inputs: call_forward(layer, p, inputs))(params, x)
@@ -169,8 +209,14 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
     floating_input = jnp.issubdtype(x.dtype, jnp.floating)
 
     shapes_agree = tuple(output_shape) == tuple(y.shape[1:])
-    rows = [RuleRow("init", "own", Agreement.of(0.0 if shapes_agree else np.nan, 0.0, 0.0),
-                    note="" if shapes_agree else f"init reports {tuple(output_shape)}, forward gives {tuple(y.shape[1:])}")]
+    rows = [
+        RuleRow(
+            "init",
+            "own",
+            Agreement.of(0.0 if shapes_agree else np.nan, 0.0, 0.0),
+            note="" if shapes_agree else f"init reports {tuple(output_shape)}, forward gives {tuple(y.shape[1:])}",
+        )
+    ]
     if callable(getattr(layer, "apply", None)):
         rows.append(_compare("apply", "own", jax.jit(layer.apply)(params, x), y))
 
@@ -182,8 +228,14 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
         grads, dx = reference.layer_vjp(layer, p, inputs, cotangent, key=key, train=train)
         return (grads, dx) if floating_input else grads
 
-    rows.append(_compare("backward", "walk" if callable(getattr(layer, "walk", None)) else "own",
-                         jax.jit(hand_backward)(params, x, dy), jax.jit(ref_backward)(params, x, dy)))
+    rows.append(
+        _compare(
+            "backward",
+            "walk" if callable(getattr(layer, "walk", None)) else "own",
+            jax.jit(hand_backward)(params, x, dy),
+            jax.jit(ref_backward)(params, x, dy),
+        )
+    )
     if is_stochastic(layer):
         key = jax.random.key(seed + 1)
         mine = jax.jit(hand_backward, static_argnames="train")(params, x, dy, key, True)
@@ -200,17 +252,30 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
 
     checks: list[tuple[str, Callable, Callable, tuple]] = [
         ("per_example_backward", per_example, per_example_ref, (params, x, dy)),
-        ("per_example_sq_norms",
-         lambda p, inputs, cotangent: PER_EXAMPLE_SQ_NORMS.run(layer, p, call_forward(layer, p, inputs)[1], cotangent)[0],
-         lambda p, inputs, cotangent: reference.sq_norms(reference.layer_per_example_vjp(layer, p, inputs, cotangent)[0])
-         if has_params(p) else jnp.zeros(inputs.shape[0], cotangent.dtype),
-         (params, x, dy)),
-        ("ntk_contribution",
-         lambda p, a, b, d1, d2: NTK.run_pair(layer, p, (call_forward(layer, p, a)[1], call_forward(layer, p, b)[1]),
-                                              (d1, d2)),
-         lambda p, a, b, d1, d2: reference.layer_ntk_share(layer, p, a, b, d1, d2)
-         if has_params(p) else jnp.zeros((a.shape[0], b.shape[0]), d1.dtype),
-         (params, x, x2, dys1, dys2)),
+        (
+            "per_example_sq_norms",
+            lambda p, inputs, cotangent: PER_EXAMPLE_SQ_NORMS.run(
+                layer, p, call_forward(layer, p, inputs)[1], cotangent
+            )[0],
+            lambda p, inputs, cotangent: (
+                reference.sq_norms(reference.layer_per_example_vjp(layer, p, inputs, cotangent)[0])
+                if has_params(p)
+                else jnp.zeros(inputs.shape[0], cotangent.dtype)
+            ),
+            (params, x, dy),
+        ),
+        (
+            "ntk_contribution",
+            lambda p, a, b, d1, d2: NTK.run_pair(
+                layer, p, (call_forward(layer, p, a)[1], call_forward(layer, p, b)[1]), (d1, d2)
+            ),
+            lambda p, a, b, d1, d2: (
+                reference.layer_ntk_share(layer, p, a, b, d1, d2)
+                if has_params(p)
+                else jnp.zeros((a.shape[0], b.shape[0]), d1.dtype)
+            ),
+            (params, x, x2, dys1, dys2),
+        ),
     ]
     for rule, hand, ref, arguments in checks:
         source = _source(layer, rule, params)

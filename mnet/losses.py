@@ -133,8 +133,9 @@ def check_labels(labels, classes: int, where: str) -> None:
     outside = np.flatnonzero((concrete < 0) | (concrete >= classes))
     if outside.size:
         index = int(outside[0])
-        raise LossError(f"{where}: label {int(concrete[index])} (at index {index}) is outside [0, {classes}) "
-                        f"for {classes} classes")
+        raise LossError(
+            f"{where}: label {int(concrete[index])} (at index {index}) is outside [0, {classes}) for {classes} classes"
+        )
 
 
 @dataclass(frozen=True, repr=False)

@@ -5,8 +5,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mnet.layers import (ACTIVATIONS_BY_NAME, Conv2D, Dense, Embedding, Flatten, Gelu, LayerNorm, MaxPool2D,
-                         MultiHeadSelfAttention, Policy, Relu, Reshape, Serial, is_layer, residual, serial)
+from mnet.layers import (
+    ACTIVATIONS_BY_NAME,
+    Conv2D,
+    Dense,
+    Embedding,
+    Flatten,
+    Gelu,
+    LayerNorm,
+    MaxPool2D,
+    MultiHeadSelfAttention,
+    Policy,
+    Relu,
+    Reshape,
+    Serial,
+    is_layer,
+    residual,
+    serial,
+)
 
 
 def mlp(widths: Sequence[int], activation: str | Any = "relu", compute_dtype: str | None = None) -> Serial:
@@ -41,12 +57,22 @@ def mlp(widths: Sequence[int], activation: str | Any = "relu", compute_dtype: st
 def digits_cnn(classes: int = 10) -> Serial:
     """A small CNN for 8x8 grey images given as 64 flat features (the bundled digits)::
 
-        Reshape(8, 8, 1) -> Conv2D(16, 3, SAME) -> Relu -> MaxPool2D(2)
-                         -> Conv2D(32, 3, SAME) -> Relu -> MaxPool2D(2) -> Flatten -> Dense(64) -> Relu -> Dense(classes)
+    Reshape(8, 8, 1) -> Conv2D(16, 3, SAME) -> Relu -> MaxPool2D(2)
+                     -> Conv2D(32, 3, SAME) -> Relu -> MaxPool2D(2) -> Flatten -> Dense(64) -> Relu -> Dense(classes)
     """
-    return serial(Reshape((8, 8, 1)), Conv2D(16, 3, padding="SAME"), Relu(), MaxPool2D(2),
-                  Conv2D(32, 3, padding="SAME"), Relu(), MaxPool2D(2), Flatten(),
-                  Dense(64), Relu(), Dense(classes))
+    return serial(
+        Reshape((8, 8, 1)),
+        Conv2D(16, 3, padding="SAME"),
+        Relu(),
+        MaxPool2D(2),
+        Conv2D(32, 3, padding="SAME"),
+        Relu(),
+        MaxPool2D(2),
+        Flatten(),
+        Dense(64),
+        Relu(),
+        Dense(classes),
+    )
 
 
 def transformer_block(width: int, heads: int, hidden: int | None = None, causal: bool = False) -> Serial:
@@ -61,5 +87,10 @@ def transformer_block(width: int, heads: int, hidden: int | None = None, causal:
 def transformer_classifier(vocab: int, classes: int, width: int = 32, heads: int = 4, blocks: int = 1) -> Serial:
     """Token ids ``(batch, T)`` to class logits: ``Embedding(vocab, width)``, ``blocks`` transformer blocks, a final
     LayerNorm, then every position's features flattened into one linear read-out."""
-    return serial(Embedding(vocab, width), *[transformer_block(width, heads) for _ in range(blocks)],
-                  LayerNorm(), Flatten(), Dense(classes))
+    return serial(
+        Embedding(vocab, width),
+        *[transformer_block(width, heads) for _ in range(blocks)],
+        LayerNorm(),
+        Flatten(),
+        Dense(classes),
+    )

@@ -29,7 +29,9 @@ def autodiff_value_and_grad(net: Any, loss: Loss) -> Callable[..., tuple[Array, 
     return jax.value_and_grad(objective)
 
 
-def layer_vjp(layer: Any, params: Params, x: Array, dy: Array, *, key=None, train: bool = False) -> tuple[Params, Array]:
+def layer_vjp(
+    layer: Any, params: Params, x: Array, dy: Array, *, key=None, train: bool = False
+) -> tuple[Params, Array]:
     """``jax.vjp`` of the layer's output at ``(params, x)`` applied to ``dy``: ``(dparams, dx)``."""
     return jax.vjp(lambda p, inputs: call_forward(layer, p, inputs, key, train)[0], params, x)[1](dy)
 
@@ -48,7 +50,10 @@ def layer_per_example_vjp(layer: Any, params: Params, x: Array, dy: Array) -> tu
 def sq_norms(per_example: Params) -> Array:
     """``(batch,)`` squared norms over all leaves of a per-example pytree."""
     leaves = jax.tree_util.tree_leaves(per_example)
-    return sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in leaves)
+    total = jnp.zeros((leaves[0].shape[0],), leaves[0].dtype)
+    for leaf in leaves:
+        total = total + jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
+    return total
 
 
 def layer_ntk_share(layer: Any, params: Params, x1: Array, x2: Array, dys1: Array, dys2: Array) -> Array:

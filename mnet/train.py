@@ -99,13 +99,21 @@ def data_parallel_mesh(devices: int | None) -> Mesh | None:
     available = jax.devices()
     count = len(available) if devices == 0 else devices
     if not 1 <= count <= len(available):
-        raise ValueError(f"asked for {devices} devices but only {len(available)} are available "
-                         f"({available[0].platform}); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N adds more")
+        raise ValueError(
+            f"asked for {devices} devices but only {len(available)} are available "
+            f"({available[0].platform}); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N adds more"
+        )
     return Mesh(np.array(available[:count]), ("data",))
 
 
-def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransformation, batch_size: int,
-               grad: str | Callable = "manual", mesh: Mesh | None = None) -> Callable:
+def make_epoch(
+    net: Layer,
+    loss: losses.Loss,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    grad: str | Callable = "manual",
+    mesh: Mesh | None = None,
+) -> Callable:
     """The jitted epoch ``(params, opt_state, x, y, key) -> (params, opt_state, mean loss)``.
 
     ``len(x) // batch_size`` minibatches per epoch (the few examples left over change with every epoch's
@@ -116,8 +124,11 @@ def make_epoch(net: Layer, loss: losses.Loss, optimizer: optax.GradientTransform
     update = make_step(gradient_function(net, loss, grad), optimizer)
     if mesh is not None and batch_size % mesh.size:
         raise ValueError(f"batch_size {batch_size} must be divisible by the {mesh.size} devices")
-    shard = (lambda a: a) if mesh is None else (
-        lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
+    shard = (
+        (lambda a: a)
+        if mesh is None
+        else (lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
+    )
 
     def epoch(params, opt_state, x, y, key):
         steps = x.shape[0] // batch_size
@@ -152,7 +163,7 @@ def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
         elif loss is losses.sigmoid_binary_cross_entropy:
             accuracy = jnp.mean((outputs > 0) == (y > 0.5))
         else:
-            accuracy = jnp.nan
+            accuracy = jnp.asarray(jnp.nan)
         return loss.value(outputs, y), accuracy
 
     return jax.jit(evaluate)
@@ -221,7 +232,9 @@ def fit(
     if not callable(grad) and grad not in GRADIENT_MODES:
         raise ValueError(f"grad must be one of {GRADIENT_MODES} or a value_and_grad-like function, got {grad!r}")
     if not 0 < batch_size <= len(data.x_train):
-        raise ValueError(f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}")
+        raise ValueError(
+            f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}"
+        )
     params = jax.tree_util.tree_map(jnp.array, params)  # a private copy, since the epoch donates its buffers
     opt_state = optimizer.init(params)
     history, start = History(), 0
@@ -229,8 +242,10 @@ def fit(
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         (params, opt_state), meta = checkpoint.read_tree(checkpoint_path, (params, opt_state))
         if meta.get("config") != config:
-            raise CheckpointError(f"{checkpoint_path}: written by a different configuration "
-                                  f"({meta.get('config')}), cannot resume with {config}")
+            raise CheckpointError(
+                f"{checkpoint_path}: written by a different configuration "
+                f"({meta.get('config')}), cannot resume with {config}"
+            )
         history, start = History.from_dict(meta["history"]), int(meta["epoch"])
 
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
@@ -253,13 +268,19 @@ def fit(
         params, opt_state = new_params, new_opt_state
         _, train_accuracy = evaluate(params, x_train, y_train)
         test_loss, test_accuracy = evaluate(params, x_test, y_test) if len(data.x_test) else (np.nan, np.nan)
-        record = dict(epoch=epoch, train_loss=train_loss, train_accuracy=float(train_accuracy),
-                      test_loss=float(test_loss), test_accuracy=float(test_accuracy),
-                      seconds=time.perf_counter() - began)
+        record = dict(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_accuracy=float(train_accuracy),
+            test_loss=float(test_loss),
+            test_accuracy=float(test_accuracy),
+            seconds=time.perf_counter() - began,
+        )
         history.append(**record)
         if checkpoint_path is not None:
-            checkpoint.save_tree(checkpoint_path, (params, opt_state),
-                                 {"epoch": epoch, "config": config, "history": history.to_dict()})
+            checkpoint.save_tree(
+                checkpoint_path, (params, opt_state), {"epoch": epoch, "config": config, "history": history.to_dict()}
+            )
         if on_epoch is not None:
             on_epoch(epoch, record)
     return FitResult(params, opt_state, history)

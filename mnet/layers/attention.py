@@ -136,8 +136,13 @@ class MultiHeadSelfAttention(Compound):
         head_dim = self.head_dim or model_dim // self.num_heads
         inner = self.num_heads * head_dim
         projections = Parallel(tuple(Dense(inner, use_bias=self.use_bias) for _ in "qkv"))
-        return Serial((projections, AttentionCore(self.num_heads, head_dim, self.causal),
-                       Dense(self.out_dim or model_dim, use_bias=self.use_bias)))
+        return Serial(
+            (
+                projections,
+                AttentionCore(self.num_heads, head_dim, self.causal),
+                Dense(self.out_dim or model_dim, use_bias=self.use_bias),
+            )
+        )
 
     def network(self, cache: Cache) -> Serial:
         return self._parts(cache[0][0][0].shape[-1])  # the projections' caches are x itself
@@ -154,8 +159,10 @@ class MultiHeadSelfAttention(Compound):
         if len(shape) != 2:
             raise self._fail(f"expects examples of shape (T, D) (a sequence of D-vectors), got {shape}")
         if self.head_dim is None and shape[1] % self.num_heads:
-            raise self._fail(f"model width D = {shape[1]} (input {shape}) does not divide into {self.num_heads} heads; "
-                             "give head_dim explicitly or change num_heads")
+            raise self._fail(
+                f"model width D = {shape[1]} (input {shape}) does not divide into {self.num_heads} heads; "
+                "give head_dim explicitly or change num_heads"
+            )
         try:
             out_shape, params = self._parts(shape[1]).init(key, shape, dtype)
         except LayerError as error:
@@ -180,8 +187,10 @@ class MultiHeadSelfAttention(Compound):
             except ValueError:
                 fits = False
             if not fits or jnp.asarray(mask).dtype != bool:
-                raise self._fail(f"expects a boolean mask broadcastable to (batch, heads, T, T) = {full}, "
-                                 f"got {jnp.asarray(mask).dtype} of shape {jnp.shape(mask)}")
+                raise self._fail(
+                    f"expects a boolean mask broadcastable to (batch, heads, T, T) = {full}, "
+                    f"got {jnp.asarray(mask).dtype} of shape {jnp.shape(mask)}"
+                )
         try:
             qkv, projections_cache = projections.forward(self.to_network(params)[0], x)
             heads, core_cache = core.forward((), qkv, mask)

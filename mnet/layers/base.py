@@ -18,7 +18,6 @@ combinators add the position.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Protocol, runtime_checkable
 
@@ -48,14 +47,18 @@ def is_layer(candidate: Any) -> bool:
     """True for an object (not a class: ``mnet.Relu`` without parentheses is not a layer) with callable
     ``init``, ``forward`` and ``backward``."""
     return not isinstance(candidate, type) and all(
-        callable(getattr(candidate, name, None)) for name in ("init", "forward", "backward"))
+        callable(getattr(candidate, name, None)) for name in ("init", "forward", "backward")
+    )
 
 
 def require_layer(candidate: Any, where: str) -> None:
     """A ``TypeError`` naming ``where`` unless ``candidate`` is a layer."""
     if not is_layer(candidate):
-        reason = ("did you forget the parentheses?" if isinstance(candidate, type) else
-                  "a layer has init(key, input_shape), forward(params, x) and backward(params, cache, dy)")
+        reason = (
+            "did you forget the parentheses?"
+            if isinstance(candidate, type)
+            else "a layer has init(key, input_shape), forward(params, x) and backward(params, cache, dy)"
+        )
         raise TypeError(f"{where} is {candidate!r}, not a layer ({reason})")
 
 
@@ -64,13 +67,20 @@ def default_float_dtype() -> jnp.dtype:
     return jnp.zeros(()).dtype
 
 
-@functools.lru_cache(maxsize=None)
-def _init_takes_dtype(layer_type: type) -> bool:
-    try:
-        parameters = inspect.signature(layer_type.init).parameters
-    except (TypeError, ValueError):
-        return True
-    return "dtype" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+_INIT_TAKES_DTYPE: dict[type, bool] = {}
+
+
+def _init_takes_dtype(layer_type: Any) -> bool:
+    """Whether ``init`` of this layer class accepts ``dtype`` (looked up once per class; an unknown signature is
+    given the dtype)."""
+    if layer_type not in _INIT_TAKES_DTYPE:
+        try:
+            parameters = inspect.signature(layer_type.init).parameters
+            takes = "dtype" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        except (TypeError, ValueError):
+            takes = True
+        _INIT_TAKES_DTYPE[layer_type] = takes
+    return _INIT_TAKES_DTYPE[layer_type]
 
 
 def init_layer(layer: Any, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
@@ -119,7 +129,9 @@ class Layer:
     ``forward(params, x, *, key=None, train=False)``; combinators pass a key and the train flag only to
     stochastic children."""
 
-    stochastic = False
+    @property
+    def stochastic(self) -> bool:
+        return False
 
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         raise NotImplementedError
@@ -331,8 +343,10 @@ class PerExampleSqNorms(Quantity):
 
 def _stacked_input_gradients(layer: Any, params: Params, caches: tuple, carried: tuple) -> tuple:
     """Each stream's ``(K, batch, ...)`` cotangents carried through the unit's ``backward``, one ``k`` at a time."""
-    return tuple(jax.vmap(lambda dy, cache=cache: layer.backward(params, cache, dy)[1])(dys)
-                 for cache, dys in zip(caches, carried))
+    return tuple(
+        jax.vmap(lambda dy, cache=cache: layer.backward(params, cache, dy)[1])(dys)
+        for cache, dys in zip(caches, carried)
+    )
 
 
 class NeuralTangentKernel(Quantity):
@@ -351,11 +365,15 @@ class NeuralTangentKernel(Quantity):
         own = own_rule(layer, self.rule)
         if own is not None:
             return own(params, *caches, *carried), down
-        per = [jax.vmap(lambda dy, cache=cache: PER_EXAMPLE_BACKWARD.at_unit(layer, params, (cache,), (dy,))[0])(dys)
-               for cache, dys in zip(caches, carried)]
+        per = [
+            jax.vmap(lambda dy, cache=cache: PER_EXAMPLE_BACKWARD.at_unit(layer, params, (cache,), (dy,))[0])(dys)
+            for cache, dys in zip(caches, carried)
+        ]
         share = jnp.zeros((carried[0].shape[1], carried[1].shape[1]), carried[0].dtype)
         for g1, g2 in zip(jax.tree_util.tree_leaves(per[0]), jax.tree_util.tree_leaves(per[1])):
-            share = share + jnp.einsum("kap,kcp->ac", g1.reshape(g1.shape[:2] + (-1,)), g2.reshape(g2.shape[:2] + (-1,)))
+            share = share + jnp.einsum(
+                "kap,kcp->ac", g1.reshape(g1.shape[:2] + (-1,)), g2.reshape(g2.shape[:2] + (-1,))
+            )
         return share, down
 
     def finish(self, shares, carried):

@@ -12,8 +12,22 @@ import jax
 import jax.numpy as jnp
 
 from mnet.errors import LayerError
-from mnet.layers.base import (Array, Cache, Composite, Params, Quantity, Shape, add_cotangents, call_forward,
-                              describe, init_layer, is_stochastic, located, require_layer, walk)
+from mnet.layers.base import (
+    Array,
+    Cache,
+    Composite,
+    Params,
+    Quantity,
+    Shape,
+    add_cotangents,
+    call_forward,
+    describe,
+    init_layer,
+    is_stochastic,
+    located,
+    require_layer,
+    walk,
+)
 
 
 def _split(key: Array | None, count: int) -> list:
@@ -73,7 +87,9 @@ class Serial(Composite):
                 f"expects a tuple of {len(self.layers)} parameter entries (one per layer), got {describe(params)}",
             )
 
-    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+    def forward(
+        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False
+    ) -> tuple[Array, Cache]:
         self._check_params(params)
         keys = _split(key, len(self.layers))
         caches = []
@@ -89,8 +105,9 @@ class Serial(Composite):
         """The layers in reverse order, each one's carried input values becoming the next one's output values."""
         shares: list[Any] = [None] * len(self.layers)
         for index in reversed(range(len(self.layers))):
-            shares[index], carried = walk(self.layers[index], quantity, params[index],
-                                          tuple(cache[index] for cache in caches), carried)
+            shares[index], carried = walk(
+                self.layers[index], quantity, params[index], tuple(cache[index] for cache in caches), carried
+            )
         return tuple(shares), carried
 
 
@@ -118,11 +135,16 @@ class Residual(Composite):
         except LayerError as error:
             raise located(0, error) from None
         if tuple(output_shape) != tuple(input_shape):
-            raise LayerError(self, f"the block maps shape {tuple(input_shape)} to {tuple(output_shape)}; "
-                                   "a residual block must keep the shape")
+            raise LayerError(
+                self,
+                f"the block maps shape {tuple(input_shape)} to {tuple(output_shape)}; "
+                "a residual block must keep the shape",
+            )
         return tuple(input_shape), params
 
-    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+    def forward(
+        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False
+    ) -> tuple[Array, Cache]:
         try:
             y, cache = call_forward(self.block, params, x, key, train)
         except LayerError as error:
@@ -179,11 +201,15 @@ class Parallel(Composite):
         out = shapes[0] if self.combine == "sum" else shapes[0][:-1] + (sum(shape[-1] for shape in shapes),)
         return out, tuple(params)
 
-    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+    def forward(
+        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False
+    ) -> tuple[Array, Cache]:
         if not isinstance(params, tuple) or len(params) != len(self.blocks):
             raise LayerError(self, f"expects a tuple of {len(self.blocks)} parameter entries, got {describe(params)}")
         outputs, caches = [], []
-        for index, (block, block_params, block_key) in enumerate(zip(self.blocks, params, _split(key, len(self.blocks)))):
+        for index, (block, block_params, block_key) in enumerate(
+            zip(self.blocks, params, _split(key, len(self.blocks)))
+        ):
             try:
                 y, cache = call_forward(block, block_params, x, block_key, train)
             except LayerError as error:
@@ -209,10 +235,12 @@ class Parallel(Composite):
         streams = [self._shares(cache, dy) for cache, dy in zip(caches, carried)]
         shares, inputs = [], None
         for index, (block, block_params) in enumerate(zip(self.blocks, params)):
-            share, inner = walk(block, quantity, block_params, tuple(s[0][index] for s in streams),
-                                tuple(s[1][index] for s in streams))
+            share, inner = walk(
+                block, quantity, block_params, tuple(s[0][index] for s in streams), tuple(s[1][index] for s in streams)
+            )
             shares.append(share)
             inputs = inner if inputs is None else tuple(map(add_cotangents, inputs, inner))
+        assert inputs is not None  # parallel has at least one block
         return tuple(shares), inputs
 
 

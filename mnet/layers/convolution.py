@@ -74,8 +74,12 @@ class Conv2D(Compound):
 
     def network(self, cache: Cache = None) -> Serial:
         """``serial(Windows, Dense)``: the windows as rows, then the product every window goes through."""
-        return Serial((Windows(self.kernel_size, self.stride, self.padding),
-                       Dense(self.out_channels, self.W_init, self.b_init, self.use_bias, self.policy)))
+        return Serial(
+            (
+                Windows(self.kernel_size, self.stride, self.padding),
+                Dense(self.out_channels, self.W_init, self.b_init, self.use_bias, self.policy),
+            )
+        )
 
     def to_network(self, params: Params) -> Params:
         return ((), params)
@@ -100,8 +104,10 @@ class Conv2D(Compound):
         check_param_keys(self, params, {"W", "b"} if self.use_bias else {"W"})
         rows = self.kernel_size[0] * self.kernel_size[1] * x.shape[-1]
         if tuple(params["W"].shape) != (rows, self.out_channels):
-            raise self._fail(f"expects W of shape (kh * kw * c_in, c_out) = ({rows}, {self.out_channels}) for input "
-                             f"{tuple(x.shape)}, got {tuple(params['W'].shape)}")
+            raise self._fail(
+                f"expects W of shape (kh * kw * c_in, c_out) = ({rows}, {self.out_channels}) for input "
+                f"{tuple(x.shape)}, got {tuple(params['W'].shape)}"
+            )
         if self.use_bias and tuple(params["b"].shape) != (self.out_channels,):
             raise self._fail(f"expects b of shape ({self.out_channels},), got {tuple(params['b'].shape)}")
         image_geometry(self, x.shape[1:], self.kernel_size, self.stride, self.padding)

@@ -25,7 +25,10 @@ class Dropout(Layer):
     """
 
     rate: float = 0.5
-    stochastic = True
+
+    @property
+    def stochastic(self) -> bool:
+        return True
 
     def __post_init__(self):
         if not 0 <= self.rate < 1:
@@ -37,7 +40,9 @@ class Dropout(Layer):
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         return self._check_input_shape(input_shape), ()
 
-    def forward(self, params: Params, x: Array, *, key: Array | None = None, train: bool = False) -> tuple[Array, Cache]:
+    def forward(
+        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False
+    ) -> tuple[Array, Cache]:
         self._check_input(x, min_rank=1)
         self._check_no_params(params)
         if not train or self.rate == 0:

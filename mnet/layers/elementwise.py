@@ -16,6 +16,12 @@ class Elementwise(Layer):
     in :mod:`mnet.activations`.
     """
 
+    def activate(self, z: Array) -> tuple[Array, Cache]:
+        raise NotImplementedError
+
+    def activate_backward(self, cache: Cache, da: Array) -> Array:
+        raise NotImplementedError
+
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         return self._check_input_shape(input_shape), ()
 

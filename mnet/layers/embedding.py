@@ -10,8 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet import initializers
-from mnet.layers.base import (Array, Cache, Layer, Params, Shape, batch_sq_norms, default_float_dtype, describe,
-                              positive_int)
+from mnet.layers.base import (
+    Array,
+    Cache,
+    Layer,
+    Params,
+    Shape,
+    batch_sq_norms,
+    default_float_dtype,
+    describe,
+    positive_int,
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -63,8 +72,10 @@ class Embedding(Layer):
 
     def _check(self, params: Params, ids: Array) -> None:
         if not hasattr(ids, "dtype") or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise self._fail(f"expects integer ids, got {getattr(ids, 'dtype', type(ids).__name__)} "
-                             f"with shape {tuple(getattr(ids, 'shape', ()))}")
+            raise self._fail(
+                f"expects integer ids, got {getattr(ids, 'dtype', type(ids).__name__)} "
+                f"with shape {tuple(getattr(ids, 'shape', ()))}"
+            )
         if ids.ndim < 1:
             raise self._fail("expects ids of shape (batch, ...), got a scalar")
         if not isinstance(params, dict) or set(params) != {"W"}:
@@ -75,19 +86,21 @@ class Embedding(Layer):
             concrete = np.asarray(ids)  # host-side, so that the check also works on a constant inside jit
             low, high = int(concrete.min()), int(concrete.max())
             if low < 0 or high >= self.vocab:
-                raise self._fail(f"ids must lie in [0, {self.vocab}), found {low if low < 0 else high} "
-                                 f"in ids of shape {tuple(ids.shape)}")
+                raise self._fail(
+                    f"ids must lie in [0, {self.vocab}), found {low if low < 0 else high} "
+                    f"in ids of shape {tuple(ids.shape)}"
+                )
 
     def forward(self, params: Params, ids: Array) -> tuple[Array, Cache]:
         self._check(params, ids)
         return jnp.take(params["W"], ids, axis=0, mode="fill", fill_value=jnp.nan), ids
 
-    def backward(self, params: Params, ids: Cache, dy: Array) -> tuple[Params, Array]:
+    def backward(self, params: Params, ids: Cache, dy: Array) -> tuple[Params, Any]:
         table = jnp.zeros((self.vocab, self.dim), dy.dtype)
         dW = table.at[ids.reshape(-1)].add(dy.reshape(-1, self.dim), mode="drop")
         return {"W": dW}, np.zeros(ids.shape, jax.dtypes.float0)
 
-    def per_example_backward(self, params: Params, ids: Cache, dy: Array) -> tuple[Params, Array]:
+    def per_example_backward(self, params: Params, ids: Cache, dy: Array) -> tuple[Params, Any]:
         batch = ids.shape[0]
         rows = ids.reshape(batch, -1)
         examples = jnp.broadcast_to(jnp.arange(batch)[:, None], rows.shape)
@@ -95,7 +108,7 @@ class Embedding(Layer):
         dW = table.at[examples, rows].add(dy.reshape(batch, -1, self.dim), mode="drop")
         return {"W": dW}, np.zeros(ids.shape, jax.dtypes.float0)
 
-    def per_example_sq_norms(self, params: Params, ids: Cache, dy: Array) -> tuple[Array, Array]:
+    def per_example_sq_norms(self, params: Params, ids: Cache, dy: Array) -> tuple[Array, Any]:
         batch = ids.shape[0]
         rows, dys = ids.reshape(batch, -1), dy.reshape(batch, -1, self.dim)
         if rows.shape[1] ** 2 > self.vocab:

@@ -65,6 +65,8 @@ class LayerNorm(Layer):
         """Example ``b``'s own ``dgamma_b = sum(dy_b * xhat_b)``, ``dbeta_b = sum(dy_b)`` over its positions."""
         xhat, rstd = cache
         batch, n = dy.shape[0], xhat.shape[-1]
-        grads = {"gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1),
-                 "beta": jnp.sum(dy.reshape(batch, -1, n), axis=1)}
+        grads = {
+            "gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1),
+            "beta": jnp.sum(dy.reshape(batch, -1, n), axis=1),
+        }
         return grads, self._dx(params, xhat, rstd, dy)

@@ -24,10 +24,11 @@ class _Pool2D(Layer):
         object.__setattr__(self, "window", pair(self.window, "window", name))
         object.__setattr__(self, "stride", self.window if self.stride is None else pair(self.stride, "stride", name))
         object.__setattr__(self, "padding", check_padding(self.padding, name))
-        if self.padding not in ("VALID", "SAME") and any(
-                max(pads) >= k for pads, k in zip(self.padding, self.window)):
-            raise ValueError(f"{name}: padding {self.padding} must be smaller than the window {self.window} on each "
-                             "axis, so that every window holds part of the image")
+        if self.padding not in ("VALID", "SAME") and any(max(pads) >= k for pads, k in zip(self.padding, self.window)):
+            raise ValueError(
+                f"{name}: padding {self.padding} must be smaller than the window {self.window} on each "
+                "axis, so that every window holds part of the image"
+            )
 
     def __repr__(self) -> str:
         options = "" if self.stride == self.window else f", stride={self.stride}"
@@ -118,6 +119,7 @@ class AvgPool2D(_Pool2D):
     def backward(self, params: Params, record: Cache, dy: Array) -> tuple[Params, Array]:
         geometry = self._from_record(record)
         counts = self._counts(geometry, dy.dtype)
-        dpatches = jnp.broadcast_to(dy[:, :, :, None, :] / counts,
-                                    dy.shape[:3] + (geometry.window_size,) + dy.shape[3:])
+        dpatches = jnp.broadcast_to(
+            dy[:, :, :, None, :] / counts, dy.shape[:3] + (geometry.window_size,) + dy.shape[3:]
+        )
         return (), col2im(dpatches, geometry)

@@ -27,8 +27,8 @@ class Flatten(Layer):
         self._check_no_params(params)
         return x.reshape(x.shape[0], -1), shape_record(x)
 
-    def backward(self, params: Params, record: Cache, dy: Array) -> tuple[Params, Array]:
-        return (), dy.reshape((dy.shape[0],) + record.shape[1:])
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        return (), dy.reshape((dy.shape[0],) + cache.shape[1:])  # the cache records the input's example shape
 
 
 @dataclass(frozen=True, repr=False)
@@ -54,15 +54,19 @@ class Reshape(Layer):
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         shape = self._check_input_shape(input_shape)
         if math.prod(shape) != math.prod(self.shape):
-            raise self._fail(f"cannot reshape examples of shape {shape} ({math.prod(shape)} entries) to {self.shape} "
-                             f"({math.prod(self.shape)} entries)")
+            raise self._fail(
+                f"cannot reshape examples of shape {shape} ({math.prod(shape)} entries) to {self.shape} "
+                f"({math.prod(self.shape)} entries)"
+            )
         return self.shape, ()
 
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
         self._check_input(x)
         self._check_no_params(params)
         if math.prod(x.shape[1:]) != math.prod(self.shape):
-            raise self._fail(f"cannot reshape input of shape {tuple(x.shape)} to (batch, {', '.join(map(str, self.shape))})")
+            raise self._fail(
+                f"cannot reshape input of shape {tuple(x.shape)} to (batch, {', '.join(map(str, self.shape))})"
+            )
         return x.reshape((x.shape[0],) + self.shape), shape_record(x)
 
     backward = Flatten.backward  # the same rule: dy reshaped back to the recorded example shape

@@ -17,14 +17,17 @@ import jax.numpy as jnp
 
 from mnet.layers.base import Array, Cache, Layer, Params, Shape, shape_record
 
-Pair = tuple[int, int]
+Pair = tuple[int, ...]  # (rows, columns)
 
 
 def pair(value, name: str, owner: str) -> Pair:
     """``3 -> (3, 3)``; ``(3, 2)`` stays; anything else (or a non-positive size) is a ``ValueError``."""
     values = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (not isinstance(values, tuple) or len(values) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+    if (
+        not isinstance(values, tuple)
+        or len(values) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    ):
         raise ValueError(f"{owner}: {name} must be a positive int or a pair of them, got {value!r}")
     return values
 
@@ -33,17 +36,22 @@ def check_padding(padding, owner: str):
     """``"VALID"``, ``"SAME"``, a non-negative int (each side), or ``((top, bottom), (left, right))``."""
     if isinstance(padding, str):
         if padding.upper() not in ("VALID", "SAME"):
-            raise ValueError(f"{owner}: padding must be 'VALID', 'SAME', an int or ((top, bottom), (left, right)), "
-                             f"got {padding!r}")
+            raise ValueError(
+                f"{owner}: padding must be 'VALID', 'SAME', an int or ((top, bottom), (left, right)), got {padding!r}"
+            )
         return padding.upper()
     if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
         return ((padding, padding), (padding, padding))
-    if (isinstance(padding, tuple) and len(padding) == 2
-            and all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p)
-                    for p in padding)):
+    if (
+        isinstance(padding, tuple)
+        and len(padding) == 2
+        and all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p) for p in padding)
+    ):
         return padding
-    raise ValueError(f"{owner}: padding must be 'VALID', 'SAME', a non-negative int or ((top, bottom), (left, right)), "
-                     f"got {padding!r}")
+    raise ValueError(
+        f"{owner}: padding must be 'VALID', 'SAME', a non-negative int or ((top, bottom), (left, right)), "
+        f"got {padding!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Geometry:
         if padding == "VALID":
             pads = ((0, 0), (0, 0))
         elif padding == "SAME":
+
             def same(size, k, s):
                 total = max((-(-size // s) - 1) * s + k - size, 0)
                 return (total // 2, total - total // 2)
@@ -89,8 +98,10 @@ class Geometry:
     def problem(self) -> str | None:
         """Why no window fits (the kernel is larger than the padded image), or None."""
         if any(k > p for k, p in zip(self.kernel, self.padded)):
-            return (f"kernel {self.kernel} is larger than the padded input {self.padded} "
-                    f"(input {self.image}, padding {self.pads})")
+            return (
+                f"kernel {self.kernel} is larger than the padded input {self.padded} "
+                f"(input {self.image}, padding {self.pads})"
+            )
         return None
 
 
@@ -102,9 +113,11 @@ def im2col(x: Array, g: Geometry, fill: float = 0.0) -> Array:
     (out_h, out_w), (sh, sw) = g.out, g.stride
     padded = jnp.pad(x, ((0, 0), g.pads[0], g.pads[1], (0, 0)), constant_values=fill)
     offsets = [
-        jax.lax.slice(padded, (0, u, v, 0), (batch, u + sh * (out_h - 1) + 1, v + sw * (out_w - 1) + 1, channels),
-                      (1, sh, sw, 1))
-        for u in range(g.kernel[0]) for v in range(g.kernel[1])
+        jax.lax.slice(
+            padded, (0, u, v, 0), (batch, u + sh * (out_h - 1) + 1, v + sw * (out_w - 1) + 1, channels), (1, sh, sw, 1)
+        )
+        for u in range(g.kernel[0])
+        for v in range(g.kernel[1])
     ]
     return jnp.stack(offsets, axis=3)
 
@@ -120,15 +133,20 @@ def col2im(cols: Array, g: Geometry) -> Array:
     total = None
     for index in range(g.window_size):
         u, v = divmod(index, g.kernel[1])
-        placed = jax.lax.pad(cols[:, :, :, index, :], jnp.zeros((), cols.dtype), (
-            (0, 0, 0),
-            (u, ph - u - (sh * (out_h - 1) + 1), sh - 1),
-            (v, pw - v - (sw * (out_w - 1) + 1), sw - 1),
-            (0, 0, 0),
-        ))
+        placed = jax.lax.pad(
+            cols[:, :, :, index, :],
+            jnp.zeros((), cols.dtype),
+            (
+                (0, 0, 0),
+                (u, ph - u - (sh * (out_h - 1) + 1), sh - 1),
+                (v, pw - v - (sw * (out_w - 1) + 1), sw - 1),
+                (0, 0, 0),
+            ),
+        )
         total = placed if total is None else total + placed
+    assert total is not None  # a window has at least one entry
     (top, _), (left, _) = g.pads
-    return total[:, top:top + g.image[0], left:left + g.image[1], :]
+    return total[:, top : top + g.image[0], left : left + g.image[1], :]
 
 
 def check_image_input(layer: Layer, x: Array) -> None:
@@ -142,8 +160,10 @@ def image_geometry(layer: Layer, input_shape: Shape, kernel: Pair, stride: Pair,
     """The window geometry for one example of shape ``(height, width, channels)``, or a clear error."""
     shape = layer._check_input_shape(input_shape)
     if len(shape) != 3:
-        raise layer._fail(f"expects examples of shape (height, width, channels), got {shape}; "
-                          "mnet.Reshape((h, w, c)) turns flat features into images")
+        raise layer._fail(
+            f"expects examples of shape (height, width, channels), got {shape}; "
+            "mnet.Reshape((h, w, c)) turns flat features into images"
+        )
     geometry = Geometry.of(shape[:2], kernel, stride, padding)
     problem = geometry.problem()
     if problem:

@@ -1,10 +1,11 @@
 """A tiny transformer (token embedding, one pre-norm block of multi-head self-attention and a GELU MLP) trained
 with hand-derived gradients on a synthetic sequence task, and its time per step against jax.grad.
 
-The task, "find the odd one out": a sequence holds ``pairs`` distinct tokens twice each and one more token once,
-shuffled; the label is the token that appears once. Each position must compare itself with every other
-position, which is what attention does; a model that sees tokens one at a time cannot beat guessing among the
-tokens present (about 1 in ``pairs + 1``).
+The task, "find the odd one out" (:func:`mnet.data.odd_one_out`): a sequence holds ``pairs`` distinct tokens twice
+each and one more token once, shuffled; the label is the token that appears once. Each position must compare
+itself with every other position, which is what attention does; a model that sees tokens one at a time cannot
+beat guessing among the tokens present (about 1 in ``pairs + 1``). ``mnet train --model transformer`` trains the
+same model on the same task.
 
     python experiments/transformer_sequence.py [--epochs 12] [--train 30000] [--out experiments/out]
 """
@@ -16,19 +17,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import mnet
 from mnet.bench import describe_step_seconds, step_seconds
-
-
-def odd_one_out(count: int, vocab: int, pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` sequences of length ``2 * pairs + 1`` and the id of each one's unrepeated token."""
-    tokens = np.argsort(rng.random((count, vocab)), axis=1)[:, : pairs + 1]  # distinct tokens per sequence
-    sequences = np.concatenate([tokens[:, :pairs], tokens], axis=1)
-    order = np.argsort(rng.random(sequences.shape), axis=1)
-    return np.take_along_axis(sequences, order, axis=1).astype(np.int32), tokens[:, pairs].astype(np.int32)
 
 
 def main() -> None:
@@ -42,10 +34,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments/out"))
     args = parser.parse_args()
 
-    rng = np.random.default_rng(args.seed)
-    x_train, y_train = odd_one_out(args.train, args.vocab, args.pairs, rng)
-    x_test, y_test = odd_one_out(2000, args.vocab, args.pairs, rng)
-    dataset = mnet.data.Dataset(x_train, y_train, x_test, y_test, args.vocab, "odd one out")
+    dataset = mnet.data.load_odd_one_out(args.seed, args.train, 2000, args.vocab, args.pairs)
+    x_train, y_train = dataset.x_train, dataset.y_train
     net = mnet.models.transformer_classifier(args.vocab, args.vocab, width=32, heads=4)
     _, params = net.init(jax.random.key(args.seed), dataset.example_shape, jnp.float32)
     steps = args.epochs * (args.train // args.batch)

@@ -90,3 +90,31 @@ def test_bad_targets_are_refused():
     assert mnet.losses.get("cross_entropy") is CE
     with pytest.raises(ValueError, match="unknown loss"):
         mnet.losses.get("hinge")
+
+
+def test_out_of_range_labels_are_refused_or_nan():
+    """The example of the issue: label -1 must not wrap to the last class, label 3 of 3 classes must not give a
+    half-dropped gradient. Concrete labels raise; under jit the example's loss and gradient row are NaN."""
+    ce = mnet.losses.softmax_cross_entropy
+    logits = jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    for bad in (-1, 3):
+        labels = jnp.array([0, bad])
+        with pytest.raises(LossError, match=rf"label {bad} \(at index 1\) is outside \[0, 3\) for 3 classes"):
+            ce.value(logits, labels)
+        with pytest.raises(LossError, match=f"label {bad}"):
+            ce.grad(logits, labels)
+        value, per_example, grad = jax.jit(lambda z, y: (ce.value(z, y), ce.per_example(z, y), ce.grad(z, y)))(
+            logits, labels)
+        assert bool(jnp.isnan(value)) and bool(jnp.isfinite(per_example[0])) and bool(jnp.isnan(per_example[1]))
+        assert bool(jnp.all(jnp.isfinite(grad[0]))) and bool(jnp.all(jnp.isnan(grad[1])))
+    np.testing.assert_allclose(ce.value(logits, jnp.array([2, 2])), jnp.mean(jax.nn.logsumexp(logits, 1) - logits[:, 2]),
+                               rtol=1e-12)
+
+
+def test_fit_refuses_labels_the_network_cannot_output():
+    net = mnet.mlp([3])
+    _, params = net.init(jax.random.key(0), (2,))
+    x = np.ones((4, 2), np.float32)
+    dataset = mnet.data.Dataset(x, np.array([0, 1, 2, 3]), x, np.array([0, 1, 2, 0]), 4, "toy")
+    with pytest.raises(LossError, match=r"fit: the training labels: label 3 \(at index 3\) is outside \[0, 3\)"):
+        mnet.fit(net, mnet.losses.softmax_cross_entropy, params, dataset, epochs=1, batch_size=2)

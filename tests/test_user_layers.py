@@ -1,0 +1,185 @@
+"""Users' own layers are first-class: a duck-typed layer (no mnet.Layer base, init without dtype) works in every
+combinator, every derivative, compare_gradients, with_manual_backward and fit; check_layer passes every built-in
+layer and names the rule of a wrong one."""
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mnet
+from mnet import data, train
+from tests.helpers import assert_trees_close, check_all, check_value_and_grad, no_autodiff
+
+
+@dataclass(frozen=True)
+class GatedLinearUnit:
+    """A user's layer as a plain dataclass: ``y = (x Wa + ba) * sigmoid(x Wg + bg)``, backward by hand."""
+
+    width: int
+
+    def init(self, key, input_shape):
+        k1, k2 = jax.random.split(key)
+        n_in = input_shape[-1]
+        draw = lambda k: jax.random.normal(k, (n_in, self.width)) / np.sqrt(n_in)  # noqa: E731
+        zeros = jnp.zeros(self.width)
+        return (*input_shape[:-1], self.width), {"Wa": draw(k1), "ba": zeros, "Wg": draw(k2), "bg": zeros}
+
+    def forward(self, params, x):
+        a = x @ params["Wa"] + params["ba"]
+        s = jax.nn.sigmoid(x @ params["Wg"] + params["bg"])
+        return a * s, (x, a, s)
+
+    def backward(self, params, cache, dy):
+        x, a, s = cache
+        da, dg = dy * s, dy * a * s * (1 - s)
+        grads = {"Wa": x.T @ da, "ba": da.sum(0), "Wg": x.T @ dg, "bg": dg.sum(0)}
+        return grads, da @ params["Wa"].T + dg @ params["Wg"].T
+
+
+GLU = GatedLinearUnit(6)
+NETWORKS = {
+    "serial": mnet.serial(mnet.Dense(6), mnet.Tanh(), GLU, mnet.Dense(3)),
+    "residual": mnet.serial(mnet.Dense(6), mnet.residual(GLU), mnet.Dense(3)),
+    "parallel": mnet.serial(mnet.parallel(GLU, mnet.Dense(4)), mnet.Gelu(), mnet.Dense(3)),
+}
+
+
+def problem(net, dtype=jnp.float64, batch=5):
+    _, params = net.init(jax.random.key(0), (4,), dtype)
+    params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
+    x = jax.random.normal(jax.random.key(1), (batch, 4), dtype)
+    return net, mnet.losses.softmax_cross_entropy, params, x, jnp.arange(batch) % 3
+
+
+def test_init_without_dtype_follows_the_requested_dtype():
+    _, params = NETWORKS["serial"].init(jax.random.key(0), (4,), jnp.float64)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float64)}
+    _, params = NETWORKS["serial"].init(jax.random.key(0), (4,), jnp.float32)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_duck_typed_layer_everywhere(name):
+    net, loss, params, x, targets = problem(NETWORKS[name])
+    check_value_and_grad(net, loss, params, x, targets, 1e-12)
+    report = mnet.compare_gradients(net, loss, params, x, targets)
+    assert report.ok, str(report)
+    assert any("GatedLinearUnit" in layer.layer for layer in report.layers)
+    check_all((net, loss, params, x, targets), 1e-10, jit=True)
+    y, vjp = jax.vjp(mnet.with_manual_backward(net), params, x)
+    assert_trees_close(vjp(jnp.ones_like(y)), jax.vjp(lambda p, inputs: net.forward(p, inputs)[0], params, x)[1](
+        jnp.ones_like(y)), 1e-12)
+    with no_autodiff():
+        guarded = jax.jit(mnet.per_example_grad_norms(net, loss))(params, x, targets)
+    assert guarded.shape == (x.shape[0],) and bool(jnp.all(guarded > 0))
+
+
+def test_fit_trains_a_duck_typed_layer():
+    full = data.load_digits(0)
+    dataset = data.Dataset(full.x_train[:256], full.y_train[:256], full.x_test[:64], full.y_test[:64], 10, "digits")
+    net = mnet.serial(GatedLinearUnit(32), mnet.Dense(10))
+    _, params = net.init(jax.random.key(0), (64,))
+    runs = {grad: train.fit(net, mnet.losses.softmax_cross_entropy, params, dataset, optimizer=optax.adam(1e-2),
+                            epochs=4, batch_size=32, grad=grad) for grad in ("manual", "autodiff")}
+    history = runs["manual"].history
+    assert history.train_loss[-1] < 0.3 * history.train_loss[0] and history.test_accuracy[-1] > 0.8
+    assert_trees_close(runs["manual"].params, runs["autodiff"].params, 1e-4)
+
+
+def test_non_layers_are_refused_clearly():
+    with pytest.raises(TypeError, match=r"serial: argument 1 is .*not a layer \(a layer has init"):
+        mnet.serial(mnet.Dense(2), object())
+    with pytest.raises(TypeError, match="parallel: argument 0 .*forget the parentheses"):
+        mnet.parallel(mnet.Relu)
+    with pytest.raises(TypeError, match="residual: the block"):
+        mnet.residual(lambda x: x)
+    with pytest.raises(TypeError, match="check_layer"):
+        mnet.check_layer(42, (3,))
+
+
+BUILT_IN = [
+    (mnet.Dense(3), (4,)),
+    (mnet.Dense(3, use_bias=False), (2, 4)),
+    (mnet.Relu(), (5,)), (mnet.Sigmoid(), (5,)), (mnet.Tanh(), (5,)), (mnet.LeakyRelu(0.2), (5,)),
+    (mnet.Elu(), (5,)), (mnet.Gelu(), (5,)), (mnet.Gelu(approximate=True), (5,)), (mnet.Softplus(), (5,)),
+    (mnet.Identity(), (5,)), (mnet.Softmax(), (5,)),
+    (mnet.Flatten(), (2, 3)), (mnet.Reshape((3, 2)), (6,)), (mnet.LayerNorm(), (3, 4)), (mnet.Dropout(0.3), (5,)),
+    (mnet.Conv2D(2, 3, stride=2, padding="SAME"), (5, 5, 2)),
+    (mnet.MaxPool2D(2), (4, 4, 2)), (mnet.AvgPool2D(3, stride=2, padding=1, count_include_pad=False), (5, 5, 1)),
+    (mnet.Embedding(7, 3), (4,)),
+    (mnet.MultiHeadSelfAttention(2, causal=True), (3, 4)),
+    (mnet.residual(mnet.serial(mnet.Dense(4), mnet.Tanh())), (4,)),
+    (mnet.parallel(mnet.Dense(2), mnet.Elu(), combine="concat"), (3,)),
+    (mnet.serial(mnet.Embedding(5, 4), mnet.LayerNorm(), mnet.Flatten(), mnet.Dense(2)), (3,)),
+    (GLU, (4,)),
+]
+
+
+@pytest.mark.parametrize("layer, shape", BUILT_IN, ids=[repr(layer)[:40] for layer, _ in BUILT_IN])
+def test_check_layer_passes_every_built_in_layer(layer, shape):
+    report = mnet.check_layer(layer, shape, batch=3)
+    assert report.ok, str(report)
+    rules = {row.rule: row for row in report.rows}
+    assert {"init", "backward", "per_example_backward", "per_example_sq_norms", "ntk_contribution"} <= set(rules)
+    for row in report.rows:
+        if row.agreement is not None and row.rule != "init":
+            a = row.agreement  # leaves that are zero in exact arithmetic (attention's key bias) by the whole scale
+            assert min(a.max_rel_error, a.max_abs_error / max(a.global_scale, 1e-300)) < 1e-11, str(report)
+    has_params = bool(jax.tree_util.tree_leaves(mnet.layers.init_layer(layer, jax.random.key(0), shape)[1]))
+    if layer is GLU:
+        assert rules["per_example_backward"].source == "absent" and "one example at a time" in str(report)
+    elif not has_params:
+        assert rules["ntk_contribution"].source in ("default", "walk")
+    assert report.to_dict()["ok"] is True
+
+
+@dataclass(frozen=True, repr=False)
+class WrongBackward(mnet.Dense):
+    def backward(self, params, x, dz):
+        grads, dx = super().backward(params, x, dz)
+        return grads, 1.01 * dx
+
+
+@dataclass(frozen=True, repr=False)
+class WrongPerExample(mnet.Dense):
+    def per_example_backward(self, params, x, dz):
+        grads, dx = super().per_example_backward(params, x, dz)
+        return {"W": grads["W"], "b": grads["b"][::-1]}, dx
+
+
+@dataclass(frozen=True, repr=False)
+class WrongNTK(mnet.Dense):
+    def ntk_contribution(self, params, x1, x2, dzs1, dzs2):
+        return super().ntk_contribution(params, x1, x2, dzs1, dzs2) + 1e-3
+
+
+@pytest.mark.parametrize("layer, rule", [(WrongBackward(3), "backward"), (WrongPerExample(3), "per_example_backward"),
+                                         (WrongNTK(3), "ntk_contribution")])
+def test_check_layer_names_the_wrong_rule(layer, rule):
+    report = mnet.check_layer(layer, (4,))
+    assert not report.ok and report.wrong == [rule]
+    assert f"DISAGREES with autodiff: {rule}" in str(report) and "MISMATCH" in str(report)
+    assert report.to_dict()["wrong"] == [rule]
+    # Inside a network, the walk carries the wrong rule along and the check names the same rule.
+    assert rule in mnet.check_layer(mnet.serial(mnet.Tanh(), layer, mnet.Relu()), (4,)).wrong
+
+
+def test_per_example_rules_follow_the_policy():
+    """Under a bfloat16 policy, backward and the per-example rules return the same input-gradient dtype, and the
+    per-example gradients sum to the batch gradient."""
+    layer = mnet.Dense(8, policy=mnet.Policy("bfloat16"))
+    _, params = layer.init(jax.random.key(0), (5,), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float32)
+    y, cache = layer.forward(params, x)
+    dy = jax.random.normal(jax.random.key(2), y.shape, y.dtype)
+    grads, dx = layer.backward(params, cache, dy)
+    per, dx_per = layer.per_example_backward(params, cache, dy)
+    sq, dx_sq = layer.per_example_sq_norms(params, cache, dy)
+    assert dx.dtype == dx_per.dtype == dx_sq.dtype == jnp.bfloat16
+    assert per["W"].dtype == grads["W"].dtype == jnp.float32
+    assert_trees_close(jax.tree_util.tree_map(lambda g: g.sum(0), per), grads, 1e-2)
+    np.testing.assert_allclose(sq, (per["W"] ** 2).sum((1, 2)) + (per["b"] ** 2).sum(1), rtol=1e-2)

@@ -183,3 +183,58 @@ def test_per_example_rules_follow_the_policy():
     assert per["W"].dtype == grads["W"].dtype == jnp.float32
     assert_trees_close(jax.tree_util.tree_map(lambda g: g.sum(0), per), grads, 1e-2)
     np.testing.assert_allclose(sq, (per["W"] ** 2).sum((1, 2)) + (per["b"] ** 2).sum(1), rtol=1e-2)
+
+
+class PerExampleGradientSum(mnet.layers.Quantity):
+    """A quantity mnet does not have, defined here with a default only: each example's sum of the entries of its
+    gradient, leaf by leaf. No combinator or composite layer knows of it, yet the walk carries it through all."""
+
+    rule = "per_example_gradient_sum"
+
+    def default(self, layer, params, caches, carried):
+        grads, down = mnet.layers.base.PER_EXAMPLE_BACKWARD.at_unit(layer, params, caches, carried)
+        if not jax.tree_util.tree_leaves(params):
+            return (), down
+        return jax.tree_util.tree_map(lambda g: g.reshape(g.shape[0], -1).sum(1), grads), down
+
+
+@dataclass(frozen=True, repr=False)
+class DenseWithOwnSum(mnet.Dense):
+    """A layer that overrides the new quantity's rule: the walk must use it."""
+
+    def per_example_gradient_sum(self, params, x, dz):
+        grads, dx = self.per_example_backward(params, x, dz)
+        return jax.tree_util.tree_map(lambda g: -g.reshape(g.shape[0], -1).sum(1), grads), dx
+
+
+@pytest.mark.parametrize("net, x", [
+    (mnet.serial(mnet.Reshape((6, 6, 1)), mnet.Conv2D(2, 3, padding="SAME"), mnet.Relu(), mnet.MaxPool2D(2),
+                 mnet.Flatten(), mnet.residual(mnet.serial(mnet.Dense(18), mnet.Tanh())),
+                 mnet.parallel(mnet.Dense(2), mnet.Elu()), mnet.Dense(3)),
+     jax.random.normal(jax.random.key(3), (4, 36))),
+    (mnet.serial(mnet.Embedding(5, 4), mnet.residual(mnet.MultiHeadSelfAttention(2)), mnet.LayerNorm(),
+                 mnet.Flatten(), mnet.Dense(3)),
+     jax.random.randint(jax.random.key(3), (4, 3), 0, 5)),
+], ids=["cnn-residual-parallel", "attention"])
+def test_a_new_quantity_needs_no_combinator_change(net, x):
+    _, params = net.init(jax.random.key(0), x.shape[1:], jnp.float64)
+    outputs, cache = net.forward(params, x)
+    cotangents = jax.random.normal(jax.random.key(4), outputs.shape, outputs.dtype)
+    sums, _ = PerExampleGradientSum().run(net, params, cache, cotangents)
+
+    def one(x_b, dy_b):  # the reference: each example's own vjp
+        return jax.vjp(lambda p: net.forward(p, x_b[None])[0], params)[1](dy_b[None])[0]
+
+    reference = jax.tree_util.tree_map(lambda g: g.reshape(g.shape[0], -1).sum(1), jax.vmap(one)(x, cotangents))
+    assert_trees_close(sums, reference, 1e-10, tree_scale=True)  # attention's key bias is zero in exact arithmetic
+
+
+def test_a_layers_own_rule_for_a_new_quantity_is_used():
+    net = mnet.serial(mnet.Dense(4), mnet.Tanh(), DenseWithOwnSum(2))
+    _, params = net.init(jax.random.key(0), (3,), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    outputs, cache = net.forward(params, x)
+    sums, _ = PerExampleGradientSum().run(net, params, cache, jnp.ones_like(outputs))
+    per, _ = mnet.layers.base.PER_EXAMPLE_BACKWARD.run(net, params, cache, jnp.ones_like(outputs))
+    np.testing.assert_allclose(sums[2]["W"], -per[2]["W"].sum((1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(sums[0]["W"], per[0]["W"].sum((1, 2)), rtol=1e-12)

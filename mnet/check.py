@@ -303,15 +303,36 @@ def _get(tree, position: tuple[int, ...]):
     return tree
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _jitted_forward(layer: Layer, params: Params, x: Array):
-    return layer.forward(params, x)
+class _ByIdentity:
+    """A layer that cannot be hashed (a user's dataclass without ``frozen=True``), made a static argument of
+    ``jax.jit`` by identity."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+
+
+def _static(layer: Layer):
+    try:
+        hash(layer)
+    except TypeError:
+        return _ByIdentity(layer)
+    return layer
+
+
+def _unwrap(static) -> Layer:
+    return static.layer if isinstance(static, _ByIdentity) else static
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _backward_and_vjp(layer: Layer, params: Params, cache, x: Array, dy: Array):
+def _jitted_forward(layer, params: Params, x: Array):
+    return _unwrap(layer).forward(params, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _backward_and_vjp(layer, params: Params, cache, x: Array, dy: Array):
     """One layer's hand backward and ``jax.vjp`` of its ``apply``, compiled together (eager JAX would compile
     every primitive on its own, which is most of the cost for small layers)."""
+    layer = _unwrap(layer)
     return layer.backward(params, cache, dy), layer_vjp(layer, params, x, dy)
 
 
@@ -323,13 +344,15 @@ def _layer_rows(net: Layer, loss: Loss, params: Params, x: Array, targets: Array
     activation = x
     for position, layer in units:
         inputs.append(activation)
-        activation, cache = _jitted_forward(layer, _get(params, position), activation)
+        activation, cache = _jitted_forward(_static(layer), _get(params, position), activation)
         caches.append(cache)
     cotangent = loss.grad(activation, targets)
     rows = []
     for (position, layer), layer_input, cache in reversed(list(zip(units, inputs, caches))):
         layer_params = _get(params, position)
-        (dparams, dx), (dparams_ref, dx_ref) = _backward_and_vjp(layer, layer_params, cache, layer_input, cotangent)
+        (dparams, dx), (dparams_ref, dx_ref) = _backward_and_vjp(
+            _static(layer), layer_params, cache, layer_input, cotangent
+        )
         tol = tolerance(cotangent.dtype)
         scale = largest_entry((dparams_ref, dx_ref))
         parts = {

@@ -238,3 +238,25 @@ def test_a_layers_own_rule_for_a_new_quantity_is_used():
     per, _ = mnet.layers.base.PER_EXAMPLE_BACKWARD.run(net, params, cache, jnp.ones_like(outputs))
     np.testing.assert_allclose(sums[2]["W"], -per[2]["W"].sum((1, 2)), rtol=1e-12)
     np.testing.assert_allclose(sums[0]["W"], per[0]["W"].sum((1, 2)), rtol=1e-12)
+
+
+@dataclass
+class MutableScale:
+    """A user's layer that is not even hashable (a dataclass without frozen=True): ``y = x * s``."""
+
+    def init(self, key, input_shape):
+        return tuple(input_shape), {"s": jnp.linspace(0.5, 1.5, input_shape[-1])}
+
+    def forward(self, params, x):
+        return x * params["s"], x
+
+    def backward(self, params, x, dy):
+        return {"s": jnp.sum(x * dy, axis=0)}, dy * params["s"]
+
+
+def test_an_unhashable_user_layer_works_too():
+    net = mnet.serial(mnet.Dense(4), MutableScale(), mnet.Dense(3))
+    report = mnet.compare_gradients(*problem(net))
+    assert report.ok and [row.layer for row in report.layers][1] == "MutableScale()", str(report)
+    assert mnet.check_layer(MutableScale(), (4,)).ok
+    check_all(problem(net), 1e-10, jit=False)  # the test's own jitted references take the network as static

@@ -5,6 +5,7 @@ from mnet import activations, data, errors, initializers, layers, losses, models
 from mnet.backprop import grad, value_and_grad, with_manual_backward
 from mnet.check import GradientReport, compare_cost, compare_gradients
 from mnet.checkpoint import load_params, save_params
+from mnet.curvature import diag_ggn, per_example_diag_ggn
 from mnet.derivatives import (
     clipped_value_and_grad,
     dp_noise,
@@ -94,6 +95,7 @@ __all__ = [
     "compare_cost",
     "compare_gradients",
     "data",
+    "diag_ggn",
     "dp_noise",
     "errors",
     "fit",
@@ -107,6 +109,7 @@ __all__ = [
     "mlp",
     "ntk",
     "parallel",
+    "per_example_diag_ggn",
     "per_example_grad_norms",
     "per_example_grads",
     "reference",

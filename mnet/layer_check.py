@@ -13,6 +13,8 @@ rule                       reference
 ``per_example_backward``   ``jax.vjp`` of each example's output alone, run as a batch of one, vmapped
 ``per_example_sq_norms``   the squared norms of those per-example gradients
 ``ntk_contribution``       ``sum_k <g1[k, a], g2[k, c]>`` over two batches and two cotangents per example
+``per_example_diag_ggn``   ``sum_c g[c, b]^2`` for two random columns ``S[c]`` of a loss-Hessian square root
+``diag_ggn``               its sum over the batch
 =========================  ===========================================================================
 
 A rule the layer does not define is checked in the form mnet will use: its default (derived from ``backward``),
@@ -33,8 +35,10 @@ import numpy as np
 from mnet import reference
 from mnet.check import Agreement, largest_entry, tolerance
 from mnet.layers.base import (
+    DIAG_GGN,
     NTK,
     PER_EXAMPLE_BACKWARD,
+    PER_EXAMPLE_DIAG_GGN,
     PER_EXAMPLE_SQ_NORMS,
     LayerProtocol,
     MissingRule,
@@ -277,6 +281,24 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
             (params, x, x2, dys1, dys2),
         ),
     ]
+    columns = jnp.asarray(rng.normal(size=(2,) + y.shape), y.dtype)  # two columns of a loss-Hessian square root
+
+    def diag_ggn_ref(p, inputs, S, each_example):
+        if not has_params(p):
+            return ()
+        per = jax.vmap(lambda s: reference.layer_per_example_vjp(layer, p, inputs, s)[0])(S)
+        squares = jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), per)
+        return squares if each_example else jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), squares)
+
+    for quantity, each_example in ((PER_EXAMPLE_DIAG_GGN, True), (DIAG_GGN, False)):
+        checks.append(
+            (
+                quantity.rule,
+                lambda p, inputs, S, q=quantity: q.run(layer, p, call_forward(layer, p, inputs)[1], S)[0],
+                lambda p, inputs, S, e=each_example: diag_ggn_ref(p, inputs, S, e),
+                (params, x, columns),
+            )
+        )
     for rule, hand, ref, arguments in checks:
         source = _source(layer, rule, params)
         try:

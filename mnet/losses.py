@@ -5,7 +5,12 @@ Each loss object has
 * ``per_example(outputs, targets) -> (batch,)``: the losses ``l_b``;
 * ``value(outputs, targets)``: their mean over the batch;
 * ``per_example_grad(outputs, targets)``: row ``b`` is ``d l_b / d outputs_b``, derived by hand;
-* ``grad(outputs, targets)``: ``d value / d outputs = per_example_grad / batch``, shape of ``outputs``.
+* ``grad(outputs, targets)``: ``d value / d outputs = per_example_grad / batch``, shape of ``outputs``;
+* ``hessian_sqrt(outputs, targets)``: ``S`` of shape ``(C, batch, *output)`` with ``sum_c S[c, b] S[c, b]^T = H_b``,
+  the Hessian of ``l_b`` with respect to example ``b``'s outputs (not divided by the batch: curvature drivers
+  take the batch mean themselves);
+* ``sampled_hessian_sqrt(outputs, targets, key, samples)``: ``(samples, batch, *output)`` columns drawn from the
+  loss's own predictive distribution, so that ``E[sum_c S[c, b] S[c, b]^T] = H_b``.
 
 Both cross-entropies take logits (not probabilities) and use forms that stay finite for logits of any size:
 log-sum-exp with the maximum subtracted, and ``softplus(z) = logaddexp(z, 0)``.
@@ -55,6 +60,15 @@ class Loss:
         """``d value / d outputs``: each example's own gradient, divided by the batch size (the mean's weight)."""
         return self.per_example_grad(outputs, targets) / outputs.shape[0]
 
+    def hessian_sqrt(self, outputs: Array, targets: Array) -> Array:
+        """``S``, ``(C, batch, *output)``: ``H_b = sum_c S[c, b] S[c, b]^T`` exactly."""
+        raise LossError(f"{self.name}: this loss has no Hessian square root (hessian_sqrt), which curvature needs")
+
+    def sampled_hessian_sqrt(self, outputs: Array, targets: Array, key: Array, samples: int) -> Array:
+        """``(samples, batch, *output)``: each column an independent draw whose outer product is unbiased for
+        ``H_b``, divided by ``sqrt(samples)`` so that the sum over columns is the average of the draws."""
+        raise LossError(f"{self.name}: this loss has no sampled Hessian square root (sampled_hessian_sqrt)")
+
     def __repr__(self) -> str:
         return f"losses.{self.name}"
 
@@ -80,6 +94,18 @@ class MeanSquaredError(Loss):
     def per_example_grad(self, outputs: Array, targets: Array) -> Array:
         self._check_same_shape(outputs, targets)
         return (2 / _units(outputs)) * (outputs - targets)
+
+    def hessian_sqrt(self, outputs: Array, targets: Array) -> Array:
+        """``H_b = (2 / units) I``: column ``c`` is ``sqrt(2 / units) e_c``, the same for every example."""
+        self._check_same_shape(outputs, targets)
+        return _unit_columns(outputs, jnp.full(outputs.shape, math.sqrt(2 / _units(outputs)), outputs.dtype))
+
+    def sampled_hessian_sqrt(self, outputs: Array, targets: Array, key: Array, samples: int) -> Array:
+        """``sqrt(2 / units) eps`` with ``eps ~ N(0, I)``: the gradient of ``l_b`` at a target drawn from the
+        Gaussian predictive ``N(o_b, units / 2 I)``, whose outer product has mean ``(2 / units) I``."""
+        self._check_same_shape(outputs, targets)
+        eps = jax.random.normal(key, (samples, *outputs.shape), outputs.dtype)
+        return eps * math.sqrt(2 / _units(outputs)) / math.sqrt(samples)
 
 
 @dataclass(frozen=True, repr=False)
@@ -122,6 +148,31 @@ class SoftmaxCrossEntropy(Loss):
         gradient = probabilities.at[rows, labels.astype(jnp.int32)].add(-1)
         return jnp.where(_in_range(labels, logits.shape[1])[:, None], gradient, jnp.nan)
 
+    def hessian_sqrt(self, logits: Array, labels: Array) -> Array:
+        """``H_b = diag(p) - p p^T`` (independent of the label), factored as ``S S^T`` with column
+        ``c = sqrt(p_c) (e_c - p)``: ``sum_c p_c (e_c - p)(e_c - p)^T = diag(p) - 2 p p^T + p p^T``, as
+        ``sum_c p_c = 1``."""
+        self._check(logits, labels)
+        p, _ = activations.softmax(logits)
+        classes = logits.shape[1]
+        return jnp.sqrt(p).T[:, :, None] * (jnp.eye(classes, dtype=p.dtype)[:, None, :] - p[None])
+
+    def sampled_hessian_sqrt(self, logits: Array, labels: Array, key: Array, samples: int) -> Array:
+        """``p - e_y`` with ``y`` drawn from ``softmax(z_b)``: the gradient at a sampled label, whose outer
+        product has mean ``diag(p) - p p^T``."""
+        self._check(logits, labels)
+        p, _ = activations.softmax(logits)
+        drawn = jax.random.categorical(key, logits, axis=-1, shape=(samples, logits.shape[0]))
+        return (p[None] - jax.nn.one_hot(drawn, logits.shape[1], dtype=p.dtype)) / math.sqrt(samples)
+
+
+def _unit_columns(outputs: Array, scale: Array) -> Array:
+    """``(units, batch, *output)``: column ``c`` is ``scale`` at output entry ``c`` and zero elsewhere, for a
+    Hessian that is diagonal in the output entries."""
+    units = _units(outputs)
+    basis = jnp.eye(units, dtype=scale.dtype).reshape((units, 1) + outputs.shape[1:])
+    return basis * scale[None]
+
 
 def _in_range(labels: Array, classes: int) -> Array:
     return (labels >= 0) & (labels < classes)
@@ -156,6 +207,21 @@ class SigmoidBinaryCrossEntropy(Loss):
     def per_example_grad(self, logits: Array, targets: Array) -> Array:
         self._check_same_shape(logits, targets)
         return (jax.nn.sigmoid(logits) - targets) / _units(logits)
+
+    def hessian_sqrt(self, logits: Array, targets: Array) -> Array:
+        """``H_b = diag(s (1 - s)) / units`` with ``s = sigmoid(z_b)``: column ``c`` is
+        ``sqrt(s_c (1 - s_c) / units) e_c``."""
+        self._check_same_shape(logits, targets)
+        s = jax.nn.sigmoid(logits)
+        return _unit_columns(logits, jnp.sqrt(s * (1 - s) / _units(logits)))
+
+    def sampled_hessian_sqrt(self, logits: Array, targets: Array, key: Array, samples: int) -> Array:
+        """``(s - y) / sqrt(units)`` with ``y ~ Bernoulli(s)`` entry by entry: independent entries of variance
+        ``s (1 - s)``, so the outer product has mean ``diag(s (1 - s)) / units``."""
+        self._check_same_shape(logits, targets)
+        s = jax.nn.sigmoid(logits)
+        drawn = jax.random.bernoulli(key, s, (samples, *logits.shape)).astype(s.dtype)
+        return (s[None] - drawn) / math.sqrt(_units(logits) * samples)
 
 
 mse = MeanSquaredError()

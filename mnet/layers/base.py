@@ -341,15 +341,37 @@ class PerExampleSqNorms(Quantity):
         return sum(jax.tree_util.tree_leaves(shares), jnp.zeros((dy.shape[0],), dy.dtype))
 
 
-def _stacked_input_gradients(layer: Any, params: Params, caches: tuple, carried: tuple) -> tuple:
-    """Each stream's ``(K, batch, ...)`` cotangents carried through the unit's ``backward``, one ``k`` at a time."""
-    return tuple(
-        jax.vmap(lambda dy, cache=cache: layer.backward(params, cache, dy)[1])(dys)
-        for cache, dys in zip(caches, carried)
-    )
+class StackedQuantity(Quantity):
+    """A quantity that carries a stack of cotangents per stream, ``(K, batch, *output)``: one per network output
+    for the NTK, one per column of the loss Hessian's square root for curvature. Every unit passes each stack
+    down through its ``backward``, one entry at a time (``jax.vmap``); its share comes from its own rule, which
+    takes ``(params, *caches, *stacks)``, or from :meth:`share`, the default built from the per-example rule."""
+
+    def at_unit(self, layer, params, caches, carried):
+        down = tuple(
+            jax.vmap(lambda dy, cache=cache: layer.backward(params, cache, dy)[1])(stack)
+            for cache, stack in zip(caches, carried)
+        )
+        if not has_params(params):
+            return (), down
+        return self.share_of(layer, params, caches, carried), down
+
+    def share_of(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> Any:
+        """The unit's share: its own rule if it has one, else the default."""
+        own = own_rule(layer, self.rule)
+        return own(params, *caches, *carried) if own is not None else self.share(layer, params, caches, carried)
+
+    def share(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> Any:
+        raise MissingRule(layer, self.rule)
 
 
-class NeuralTangentKernel(Quantity):
+def _per_example_stack(layer: Any, params: Params, cache: Cache, stack: Array) -> Any:
+    """The unit's per-example parameter gradients for every entry of a ``(K, batch, *output)`` stack: leaves
+    ``(K, batch, *leaf)``."""
+    return jax.vmap(lambda dy: PER_EXAMPLE_BACKWARD.at_unit(layer, params, (cache,), (dy,))[0])(stack)
+
+
+class NeuralTangentKernel(StackedQuantity):
     """The empirical NTK of two batches, ``sum_k sum_p J1[a, k, p] J2[c, k, p]``: two streams, each carrying
     ``(K, batch, *output)`` cotangents (one per network output ``k``). A unit's rule is
     ``ntk_contribution(params, cache1, cache2, dys1, dys2) -> (batch1, batch2)``; the default contracts the
@@ -358,23 +380,14 @@ class NeuralTangentKernel(Quantity):
     rule = "ntk_contribution"
     streams = 2
 
-    def at_unit(self, layer, params, caches, carried):
-        down = _stacked_input_gradients(layer, params, caches, carried)
-        if not has_params(params):
-            return (), down
-        own = own_rule(layer, self.rule)
-        if own is not None:
-            return own(params, *caches, *carried), down
-        per = [
-            jax.vmap(lambda dy, cache=cache: PER_EXAMPLE_BACKWARD.at_unit(layer, params, (cache,), (dy,))[0])(dys)
-            for cache, dys in zip(caches, carried)
-        ]
-        share = jnp.zeros((carried[0].shape[1], carried[1].shape[1]), carried[0].dtype)
+    def share(self, layer, params, caches, carried):
+        per = [_per_example_stack(layer, params, cache, stack) for cache, stack in zip(caches, carried)]
+        total = jnp.zeros((carried[0].shape[1], carried[1].shape[1]), carried[0].dtype)
         for g1, g2 in zip(jax.tree_util.tree_leaves(per[0]), jax.tree_util.tree_leaves(per[1])):
-            share = share + jnp.einsum(
+            total = total + jnp.einsum(
                 "kap,kcp->ac", g1.reshape(g1.shape[:2] + (-1,)), g2.reshape(g2.shape[:2] + (-1,))
             )
-        return share, down
+        return total
 
     def finish(self, shares, carried):
         dys1, dys2 = carried
@@ -385,10 +398,37 @@ class NeuralTangentKernel(Quantity):
         return self.finish(shares, carried)
 
 
+class PerExampleDiagGGN(StackedQuantity):
+    """Each example's GGN diagonal, ``diag(J_b^T H_b J_b) = sum_c (J_b^T S[c, b])^2`` entry by entry, from the
+    ``(C, batch, *output)`` columns ``S`` of the loss Hessian's square root (``H_b = sum_c S[c, b] S[c, b]^T``).
+    A unit's rule is ``per_example_diag_ggn(params, cache, S) -> like params, leaves (batch, *leaf)``; the
+    default squares the per-example gradient of every column and sums over the columns."""
+
+    rule = "per_example_diag_ggn"
+
+    def share(self, layer, params, caches, carried):
+        per = _per_example_stack(layer, params, caches[0], carried[0])
+        return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), per)
+
+
+class DiagGGN(StackedQuantity):
+    """The GGN diagonal summed over the batch, ``sum_b diag(J_b^T H_b J_b)`` (the driver divides by the batch). A
+    unit's rule is ``diag_ggn(params, cache, S) -> like params``; the default sums the per-example diagonal, so a
+    layer that overrides only ``per_example_diag_ggn`` serves both."""
+
+    rule = "diag_ggn"
+
+    def share(self, layer, params, caches, carried):
+        per_example = PER_EXAMPLE_DIAG_GGN.share_of(layer, params, caches, carried)
+        return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), per_example)
+
+
 BACKWARD = Backward()
 PER_EXAMPLE_BACKWARD = PerExampleBackward()
 PER_EXAMPLE_SQ_NORMS = PerExampleSqNorms()
 NTK = NeuralTangentKernel()
+PER_EXAMPLE_DIAG_GGN = PerExampleDiagGGN()
+DIAG_GGN = DiagGGN()
 
 
 class Composite(Layer):

@@ -173,6 +173,42 @@ class Dense(Layer):
             sq = sq + jnp.sum(dzs.sum(axis=1) ** 2, axis=1)
         return sq, self._input_gradient(W, dz_compute, accumulate, x)
 
+    def _curvature_operands(self, params: Params, x: Cache, S: Array) -> tuple[Array, Array]:
+        """``(batch, s, n_in)`` inputs and ``(C, batch, s, n_out)`` square-root columns, in the parameters' dtype."""
+        dtype = params["W"].dtype
+        batch = x.shape[0]
+        xs = x.reshape(batch, -1, x.shape[-1]).astype(dtype)
+        return xs, S.reshape(S.shape[0], batch, xs.shape[1], self.out_dim).astype(dtype)
+
+    def per_example_diag_ggn(self, params: Params, x: Cache, S: Array) -> Params:
+        """``diag(J_b^T H_b J_b)`` for ``W`` and ``b``, from the columns ``S[c]`` reaching ``z``. Column ``c``'s
+        per-example gradient is ``x_b S[c, b]^T``, so its square summed over ``c`` is ``x_b^2 (sum_c S[c, b]^2)^T``:
+        one outer product of squares per example, never a per-column gradient. With positions, example ``b``'s
+        column gradient ``X_b^T S[c, b]`` sums over them before squaring, and is built."""
+        xs, Ss = self._curvature_operands(params, x, S)
+        if xs.shape[1] == 1:
+            columns_sq = jnp.sum(Ss[:, :, 0] ** 2, axis=0)
+            diag = {"W": jnp.einsum("bi,bj->bij", xs[:, 0] ** 2, columns_sq)}
+            if self.use_bias:
+                diag["b"] = columns_sq
+            return diag
+        diag = {"W": jnp.sum(jnp.einsum("bsi,cbsj->cbij", xs, Ss) ** 2, axis=0)}
+        if self.use_bias:
+            diag["b"] = jnp.sum(jnp.sum(Ss, axis=2) ** 2, axis=0)
+        return diag
+
+    def diag_ggn(self, params: Params, x: Cache, S: Array) -> Params:
+        """The batch sum of :meth:`per_example_diag_ggn`; for flat inputs one product of squares,
+        ``(x^2)^T (sum_c S[c]^2)``, with no per-example array at all."""
+        xs, Ss = self._curvature_operands(params, x, S)
+        if xs.shape[1] > 1:
+            return jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), self.per_example_diag_ggn(params, x, S))
+        columns_sq = jnp.sum(Ss[:, :, 0] ** 2, axis=0)
+        diag = {"W": (xs[:, 0] ** 2).T @ columns_sq}
+        if self.use_bias:
+            diag["b"] = jnp.sum(columns_sq, axis=0)
+        return diag
+
     def ntk_contribution(self, params: Params, x1: Cache, x2: Cache, dzs1: Array, dzs2: Array) -> Array:
         """With ``D_k`` the cotangent at ``z`` for network output ``k``, example ``a``'s Jacobian of output ``k``
         is ``x_a D_k[a]^T`` for ``W`` and ``D_k[a]`` for ``b``, so the kernel is

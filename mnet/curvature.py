@@ -1,0 +1,100 @@
+"""Curvature by hand: the diagonal of the generalised Gauss-Newton matrix, summed and per example.
+
+Definitions. For a batch, ``L(params) = loss.value(net.apply(params, x), targets)``, the batch mean of the
+per-example losses ``l_b``. ``J_b`` is the Jacobian of example ``b``'s outputs with respect to all parameters,
+``H_b`` the Hessian of ``l_b`` with respect to example ``b``'s outputs, and the GGN is
+``GGN = mean_b J_b^T H_b J_b``. Every loss supplies ``H_b`` in square-root form, ``H_b = sum_c S[c, b] S[c, b]^T``
+(:meth:`mnet.losses.Loss.hessian_sqrt`: ``C`` = the number of outputs), or sampled from its own predictive
+distribution (:meth:`mnet.losses.Loss.sampled_hessian_sqrt`), so that
+
+    diag(J_b^T H_b J_b) = sum_c (J_b^T S[c, b])^2       (entry by entry)
+
+and ``J_b^T S[c, b]`` is example ``b``'s backward pass of the cotangent ``S[c, b]``. The drivers run one forward
+pass and one walk carrying the ``C`` columns down together (:class:`mnet.layers.base.DiagGGN`); each layer with
+parameters squares and sums them against its inputs (a dense layer: ``x_b^2 (sum_c S[c, b]^2)^T``), never forming
+``J``. A network holding a layer with parameters but no per-example rule is handled one example at a time instead
+(its ``backward`` on a batch of one, for every column), which is exact, only slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mnet.layers.base import DIAG_GGN, PER_EXAMPLE_DIAG_GGN, Array, LayerProtocol, MissingRule, Params
+from mnet.losses import Loss
+
+
+def _square_root(loss: Loss, outputs: Array, targets: Array, mc_samples: int | None, key: Array | None) -> Array:
+    if mc_samples is None:
+        return loss.hessian_sqrt(outputs, targets)
+    if key is None:
+        raise ValueError(f"diag_ggn(mc_samples={mc_samples}) draws samples: pass key=jax.random.key(...)")
+    return loss.sampled_hessian_sqrt(outputs, targets, key, mc_samples)
+
+
+def _one_example_at_a_time(net: LayerProtocol, params: Params, x: Array, S: Array) -> Params:
+    """``diag(J_b^T H_b J_b)`` for every example through ``backward`` alone: each example run as a batch of one,
+    every column of its ``S`` carried back, the gradients squared and summed over the columns."""
+
+    def one(x_b: Array, S_b: Array) -> Params:
+        _, cache = net.forward(params, x_b[None])
+        grads = jax.vmap(lambda column: net.backward(params, cache, column[None])[0])(S_b)
+        return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads)
+
+    return jax.vmap(one)(x, jnp.moveaxis(S, 0, 1))
+
+
+def _check_samples(mc_samples: int | None) -> None:
+    if mc_samples is not None and (not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1):
+        raise ValueError(f"mc_samples must be a positive int (or None for the exact diagonal), got {mc_samples!r}")
+
+
+def per_example_diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None = None) -> Callable[..., Params]:
+    """``f(params, x, targets[, key=...])``: each example's own GGN diagonal, ``diag(J_b^T H_b J_b)``.
+
+    Arguments:
+        net, loss: any network, and a loss with a Hessian square root (every built-in loss).
+        mc_samples: None (default) for the exact diagonal; ``S`` for a Monte-Carlo estimate from ``S`` draws per
+            example from the loss's predictive distribution (then ``f`` needs ``key=``).
+
+    Returns:
+        A pytree like ``params`` whose every leaf has a leading batch axis; :func:`diag_ggn` is its mean.
+    """
+    _check_samples(mc_samples)
+
+    def per_example_diag_ggn_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None) -> Params:
+        outputs, cache = net.forward(params, x)
+        S = _square_root(loss, outputs, targets, mc_samples, key)
+        try:
+            return PER_EXAMPLE_DIAG_GGN.run(net, params, cache, S)[0]
+        except MissingRule:
+            return _one_example_at_a_time(net, params, x, S)
+
+    return per_example_diag_ggn_fn
+
+
+def diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None = None) -> Callable[..., Params]:
+    """``f(params, x, targets[, key=...])``: the diagonal of ``GGN = mean_b J_b^T H_b J_b``, exact, or with
+    ``mc_samples=S`` an unbiased Monte-Carlo estimate from ``S`` draws per example (``f`` then needs ``key=``).
+
+    Dense layers never build a per-example array: their share is ``(x^2)^T (sum_c S[c]^2)`` over the batch.
+
+    Returns:
+        A pytree like ``params``.
+    """
+    _check_samples(mc_samples)
+
+    def diag_ggn_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None) -> Params:
+        outputs, cache = net.forward(params, x)
+        S = _square_root(loss, outputs, targets, mc_samples, key)
+        try:
+            total: Any = DIAG_GGN.run(net, params, cache, S)[0]
+        except MissingRule:
+            total = jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), _one_example_at_a_time(net, params, x, S))
+        return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
+
+    return diag_ggn_fn

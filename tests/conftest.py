@@ -11,3 +11,18 @@ settings.register_profile(
     "mnet", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.load_profile("mnet")
+
+
+import gc
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Each test module starts with JAX's compilation caches empty: a whole suite's compiled programs, kept to the
+    end, made later modules measurably slower (test_random_networks_float64_jitted: 9.9 s alone, 15.2 s at the
+    end of the suite)."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -106,11 +106,6 @@ def matmul_peak(sizes: tuple[int, ...] = PEAK_SIZES, rounds: int = 10, dtype=jnp
     return {int(n): 2 * int(n) ** 3 / min(values) / 1e9 for n, values in samples.items()}
 
 
-def matmul_peak_gflops(sizes: tuple[int, ...] = PEAK_SIZES, rounds: int = 10, dtype=jnp.float32) -> float:
-    """The machine's measured peak: the best GFLOP/s of :func:`matmul_peak` over ``sizes``."""
-    return max(matmul_peak(sizes, rounds, dtype).values())
-
-
 def mlp_problem(widths: list[int], batch: int, seed: int = 0, dtype=jnp.float32, compute_dtype: str | None = None):
     """An MLP of ``widths`` (ReLU between layers) with its parameters, a random normal batch and integer labels;
     products in ``compute_dtype`` when given (mixed precision)."""

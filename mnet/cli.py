@@ -215,8 +215,7 @@ def _positive_float(text: str) -> float:
 
 def training_problem(args: argparse.Namespace):
     """``(dataset, net)`` for ``mnet train``: the data (the digits, the odd-one-out sequences for the transformer,
-    or ``--data``) and the network ``--model`` names, its output width checked against the classes."""
-    import jax
+    or ``--data``) and the network ``--model`` names."""
     import numpy as np
 
     import mnet
@@ -243,12 +242,6 @@ def training_problem(args: argparse.Namespace):
         net = mnet.models.transformer_classifier(int(ids.max()) + 1, classes)
     else:
         net = user_network(args.model)
-    output_shape = mnet.layers.init_layer(net, jax.random.key(0), dataset.example_shape)[0]  # shapes only
-    if tuple(output_shape) != (classes,):
-        raise UsageError(
-            f"--model {args.model}: the network maps examples of shape {dataset.example_shape} to "
-            f"{tuple(output_shape)}, but {dataset.name} has {classes} classes; its output must be ({classes},)"
-        )
     return dataset, net
 
 
@@ -351,7 +344,13 @@ def run_train(args: argparse.Namespace) -> int:
     args.lr = args.lr or lr
     dataset, net = training_problem(args)
     loss = mnet.losses.softmax_cross_entropy
-    _, params = mnet.layers.init_layer(net, jax.random.key(args.seed), dataset.example_shape)
+    output_shape, params = mnet.layers.init_layer(net, jax.random.key(args.seed), dataset.example_shape)
+    if tuple(output_shape) != (dataset.num_classes,):
+        raise UsageError(
+            f"--model {args.model}: the network maps examples of shape {dataset.example_shape} to "
+            f"{tuple(output_shape)}, but {dataset.name} has {dataset.num_classes} classes; its output must be "
+            f"({dataset.num_classes},)"
+        )
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     say(f"{dataset}")
     say(f"network {net!r}, {args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.grad} gradients")

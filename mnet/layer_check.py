@@ -43,6 +43,7 @@ from mnet.layers.base import (
     LayerProtocol,
     MissingRule,
     Shape,
+    batch_sq_norms,
     call_forward,
     has_params,
     init_layer,
@@ -164,7 +165,7 @@ def _source(layer: Any, rule: str, params: Any) -> str:
         return "walk"
     if own_rule(layer, rule) is not None:
         return "own"
-    return "default" if not has_params(params) or rule == "backward" else "absent"
+    return "default" if not has_params(params) else "absent"
 
 
 def _random_input(layer: Any, shape: tuple[int, ...], rng: np.random.Generator) -> jax.Array:
@@ -262,7 +263,9 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
                 layer, p, call_forward(layer, p, inputs)[1], cotangent
             )[0],
             lambda p, inputs, cotangent: (
-                reference.sq_norms(reference.layer_per_example_vjp(layer, p, inputs, cotangent)[0])
+                batch_sq_norms(
+                    reference.layer_per_example_vjp(layer, p, inputs, cotangent)[0], inputs.shape[0], cotangent.dtype
+                )
                 if has_params(p)
                 else jnp.zeros(inputs.shape[0], cotangent.dtype)
             ),

@@ -11,9 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from mnet.layers.base import Array, Params, call_forward
+from mnet.layers.base import Array, Params, call_forward, contract_stacks
 from mnet.losses import Loss
 
 
@@ -47,20 +46,8 @@ def layer_per_example_vjp(layer: Any, params: Params, x: Array, dy: Array) -> tu
     return grads, jax.tree_util.tree_map(lambda a: a.reshape((a.shape[0],) + a.shape[2:]), dx)
 
 
-def sq_norms(per_example: Params) -> Array:
-    """``(batch,)`` squared norms over all leaves of a per-example pytree."""
-    leaves = jax.tree_util.tree_leaves(per_example)
-    total = jnp.zeros((leaves[0].shape[0],), leaves[0].dtype)
-    for leaf in leaves:
-        total = total + jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
-    return total
-
-
 def layer_ntk_share(layer: Any, params: Params, x1: Array, x2: Array, dys1: Array, dys2: Array) -> Array:
     """``sum_k <g1[k, a], g2[k, c]>`` with ``g[k, b]`` example ``b``'s parameter vjp of the cotangent ``dys[k, b]``."""
     per1 = jax.vmap(lambda dy: layer_per_example_vjp(layer, params, x1, dy)[0])(dys1)
     per2 = jax.vmap(lambda dy: layer_per_example_vjp(layer, params, x2, dy)[0])(dys2)
-    total = jnp.zeros((x1.shape[0], x2.shape[0]), dys1.dtype)
-    for a, b in zip(jax.tree_util.tree_leaves(per1), jax.tree_util.tree_leaves(per2)):
-        total = total + jnp.einsum("kap,kcp->ac", a.reshape(a.shape[:2] + (-1,)), b.reshape(b.shape[:2] + (-1,)))
-    return total
+    return contract_stacks(per1, per2)

@@ -279,7 +279,6 @@ class Quantity:
     rules every layer has. :meth:`finish` turns the tree of shares into the quantity (a sum, for norms)."""
 
     rule = ""
-    streams = 1
 
     def at_unit(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
         own = own_rule(layer, self.rule)
@@ -365,6 +364,16 @@ class StackedQuantity(Quantity):
         raise MissingRule(layer, self.rule)
 
 
+def contract_stacks(per1: Any, per2: Any) -> Array:
+    """``(batch1, batch2)``: ``sum_k <g1[k, a], g2[k, c]>`` over every leaf of two per-example stacks (leaves
+    ``(K, batch, *leaf)``): the NTK share of per-example gradients."""
+    leaves1, leaves2 = jax.tree_util.tree_leaves(per1), jax.tree_util.tree_leaves(per2)
+    total = jnp.zeros((leaves1[0].shape[1], leaves2[0].shape[1]), leaves1[0].dtype)
+    for g1, g2 in zip(leaves1, leaves2):
+        total = total + jnp.einsum("kap,kcp->ac", g1.reshape(g1.shape[:2] + (-1,)), g2.reshape(g2.shape[:2] + (-1,)))
+    return total
+
+
 def _per_example_stack(layer: Any, params: Params, cache: Cache, stack: Array) -> Any:
     """The unit's per-example parameter gradients for every entry of a ``(K, batch, *output)`` stack: leaves
     ``(K, batch, *leaf)``."""
@@ -378,16 +387,9 @@ class NeuralTangentKernel(StackedQuantity):
     per-example gradients of every output."""
 
     rule = "ntk_contribution"
-    streams = 2
 
     def share(self, layer, params, caches, carried):
-        per = [_per_example_stack(layer, params, cache, stack) for cache, stack in zip(caches, carried)]
-        total = jnp.zeros((carried[0].shape[1], carried[1].shape[1]), carried[0].dtype)
-        for g1, g2 in zip(jax.tree_util.tree_leaves(per[0]), jax.tree_util.tree_leaves(per[1])):
-            total = total + jnp.einsum(
-                "kap,kcp->ac", g1.reshape(g1.shape[:2] + (-1,)), g2.reshape(g2.shape[:2] + (-1,))
-            )
-        return total
+        return contract_stacks(*(_per_example_stack(layer, params, c, stack) for c, stack in zip(caches, carried)))
 
     def finish(self, shares, carried):
         dys1, dys2 = carried

@@ -1,8 +1,9 @@
 """The referee's side: every hand-derived quantity computed again by JAX's automatic differentiation.
 
-Nothing on the hand-derived path imports this module. :mod:`mnet.check` (reports for users), :mod:`mnet.bench`
-(where autodiff is a contender), :mod:`mnet.train` (``grad="autodiff"``) and the tests use it; it is, with those
-two, the only place in mnet that calls ``jax.grad``, ``jax.vjp`` or ``jax.jacrev``.
+Nothing on the hand-derived path imports this module. :mod:`mnet.check` and :mod:`mnet.layer_check` (reports for
+users), :mod:`mnet.bench` (where autodiff is a contender), :mod:`mnet.train` (``grad="autodiff"``) and the tests use
+it. Besides it, only :mod:`mnet.bench` calls ``jax.grad``, ``jax.vjp`` or ``jax.jacrev`` itself;
+:func:`mnet.with_manual_backward` defines a ``custom_vjp`` for them to call.
 """
 
 from __future__ import annotations

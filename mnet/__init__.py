@@ -5,7 +5,7 @@ from mnet import activations, data, errors, initializers, layers, losses, models
 from mnet.backprop import grad, value_and_grad, with_manual_backward
 from mnet.check import GradientReport, compare_cost, compare_gradients
 from mnet.checkpoint import load_params, save_params
-from mnet.curvature import diag_ggn, per_example_diag_ggn
+from mnet.curvature import diag_ggn, diag_hessian, kfac_factors, per_example_diag_ggn
 from mnet.derivatives import (
     clipped_value_and_grad,
     dp_noise,
@@ -96,6 +96,8 @@ __all__ = [
     "compare_gradients",
     "data",
     "diag_ggn",
+    "diag_hessian",
+    "kfac_factors",
     "dp_noise",
     "errors",
     "fit",

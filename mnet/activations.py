@@ -132,6 +132,43 @@ def gelu_backward(z: Array, da: Array, approximate: bool) -> Array:
     return da * (cdf + z * density)
 
 
+# Second derivatives, for the Hessian diagonal (:mod:`mnet.layers.second_order`): ``phi''(z)`` from the same cache.
+# ReLU, leaky ReLU and the identity have none (zero almost everywhere).
+
+
+def elu_second(z: Array, alpha: float) -> Array:
+    """``phi''(z) = 0`` for ``z > 0``, ``alpha * exp(z)`` otherwise."""
+    return jnp.where(z > 0, jnp.zeros_like(z), alpha * jnp.exp(jnp.where(z > 0, jnp.zeros_like(z), z)))
+
+
+def sigmoid_second(a: Array) -> Array:
+    """``phi'' = (a (1 - a))' = a (1 - a) (1 - 2a)``."""
+    return a * (1 - a) * (1 - 2 * a)
+
+
+def tanh_second(a: Array) -> Array:
+    """``phi'' = (1 - a^2)' = -2 a (1 - a^2)``."""
+    return -2 * a * (1 - a * a)
+
+
+def softplus_second(z: Array) -> Array:
+    """``phi'' = sigmoid'(z) = s (1 - s)``."""
+    s = jax.nn.sigmoid(z)
+    return s * (1 - s)
+
+
+def gelu_second(z: Array, approximate: bool) -> Array:
+    """Exact: ``phi''(z) = 2 phi(z) + z phi'(z) = phi(z) (2 - z^2)`` with ``phi`` the normal density.
+    Tanh form: with ``u' = c (1 + 3k z^2)`` and ``u'' = 6 c k z``,
+    ``phi''(z) = (1 - t^2) (u' + z (u'' - 2 t u'^2) / 2)``."""
+    if approximate:
+        t = jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z**3))
+        du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * z**2)
+        ddu = 6 * _SQRT_2_OVER_PI * _GELU_CUBIC * z
+        return (1 - t * t) * (du + 0.5 * z * (ddu - 2 * t * du * du))
+    return _INV_SQRT_2PI * jnp.exp(-0.5 * z * z) * (2 - z * z)
+
+
 def softmax(z: Array, axis: int = -1) -> tuple[Array, Array]:
     """``p = exp(z - max z) / sum exp(z - max z)`` along ``axis``; caches ``p``."""
     p = jax.nn.softmax(z, axis=axis)

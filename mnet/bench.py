@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mnet import curvature, derivatives, models
+from mnet import derivatives, models
 from mnet.backprop import value_and_grad
 from mnet.layers.base import LayerProtocol as Layer
 from mnet.layers.base import apply_layer, batch_sq_norms
@@ -364,41 +364,6 @@ def row_jacobian(widths: list[int], batch: int, rounds: int, forward_mode: bool 
     )
 
 
-def row_diag_ggn(widths: list[int], batch: int, rounds: int) -> Row:
-    """The exact GGN diagonal (softmax cross-entropy) as a multiple of one hand-derived gradient step, against
-    autodiff's way to it: per example, ``jax.vjp`` of every column of the loss Hessian's square root."""
-    net, params, x, y = mlp_problem(widths, batch)
-    hand = jax.jit(curvature.diag_ggn(net, softmax_cross_entropy))
-    gradient = jax.jit(value_and_grad(net, softmax_cross_entropy))
-
-    def by_vjp(p, inputs, labels):
-        S = softmax_cross_entropy.hessian_sqrt(apply_layer(net, p, inputs), labels)
-
-        def one(x_b, S_b):
-            _, vjp = jax.vjp(lambda q: apply_layer(net, q, x_b[None])[0], p)
-            columns = jax.vmap(lambda column: vjp(column)[0])(S_b)
-            return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), columns)
-
-        return jax.tree_util.tree_map(lambda d: d.mean(0), jax.vmap(one)(inputs, jnp.moveaxis(S, 0, 1)))
-
-    autodiff = jax.jit(by_vjp)
-    seconds = interleaved_medians(
-        {
-            "gradient (hand)": functools.partial(gradient, params, x, y),
-            "diag GGN (hand)": functools.partial(hand, params, x, y),
-            "per-example vjp per output": functools.partial(autodiff, params, x, y),
-        },
-        rounds,
-    )
-    return Row(
-        "G1",
-        f"exact GGN diagonal, MLP {'-'.join(map(str, widths))}, batch {batch}, softmax cross-entropy (time as a "
-        "multiple of a gradient: 1 / speed-up)",
-        seconds,
-        "gradient (hand)",
-    )
-
-
 def machine() -> dict:
     devices = jax.devices()
     return {
@@ -433,8 +398,10 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False) 
         "D4": lambda: row_jacobian([32, 64, 64, 8], 16, r, forward_mode=not quick),
         "C1": lambda: row_cnn_step(16 if quick else 128, r),
         "T1": lambda: row_transformer_step(16 if quick else 128, 9, r),
-        "G1": lambda: row_diag_ggn([784, 64, 10] if quick else [784, 512, 512, 10], 32 if quick else 128, r),
     }
+    from mnet import bench_curvature  # its rows build on this module's helpers
+
+    plans.update(bench_curvature.plans(quick, r))
     if large:
         plans["L1"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, None, "L1")
         plans["L1bf16"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, "bfloat16", "L1bf16")

@@ -24,7 +24,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnet.layers.base import DIAG_GGN, PER_EXAMPLE_DIAG_GGN, Array, LayerProtocol, MissingRule, Params
+from mnet.layers.base import (
+    DIAG_GGN,
+    KRONECKER_FACTORS,
+    PER_EXAMPLE_DIAG_GGN,
+    Array,
+    LayerProtocol,
+    MissingRule,
+    Params,
+    walk,
+)
+from mnet.layers.second_order import DIAG_HESSIAN, Curvature
 from mnet.losses import Loss
 
 
@@ -98,3 +108,63 @@ def diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None = None) -> C
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
 
     return diag_ggn_fn
+
+
+def diag_hessian(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
+    """``f(params, x, targets)``: the exact diagonal of ``H``, the Hessian of ``L = mean_b l_b`` with respect to
+    every parameter.
+
+    ``H = GGN + (the layers' own second-derivative terms)``: the walk carries each example's Hessian with respect to
+    the current activation as signed columns plus a diagonal (:mod:`mnet.layers.second_order`), starting from the
+    loss Hessian's square root; every activation adds ``phi''(z) * g`` (``g`` the gradient reaching it) to the
+    diagonal. Dense, Conv2D, pools, elementwise activations, Dropout, Flatten, Reshape, Embedding and the
+    combinators have second-order rules; a network holding any other layer (LayerNorm, Softmax, attention, a
+    user's layer without a ``diag_hessian`` rule or ``curvature_free = True``) raises an error naming it.
+
+    Returns:
+        A pytree like ``params``.
+    """
+
+    def diag_hessian_fn(params: Params, x: Array, targets: Array) -> Params:
+        outputs, cache = net.forward(params, x)
+        start = Curvature.start(loss.per_example_grad(outputs, targets), loss.hessian_sqrt(outputs, targets))
+        total = walk(net, DIAG_HESSIAN, params, (cache,), (start,))[0]
+        return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
+
+    return diag_hessian_fn
+
+
+KRONECKER_KINDS = ("kflr", "kfac")
+
+
+def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable[..., Any]:
+    """``f(params, x, targets, *, key=None)``: every layer's Kronecker factors of the GGN.
+
+    For a dense layer ``z = a W'`` (``a`` the input with a 1 appended for the bias, ``W' = [W; b]``):
+    ``A = mean_b a_b a_b^T`` and ``G = mean_b S_b S_b^T``, ``S_b`` the columns of the square root of example
+    ``b``'s loss Hessian ``H_b`` carried back to ``z`` (exact, ``C`` columns, for ``kind="kflr"``; one sample
+    from the loss's predictive distribution for ``kind="kfac"``, which needs ``key``). ``kron(A, G)``
+    approximates the GGN block of ``concatenate([W, b[None]]).reshape(-1)`` and equals it for ``"kflr"`` at
+    batch 1. Conv2D (its windows as positions) and attention's four projections (the sequence as positions)
+    follow the position convention of :meth:`mnet.Dense.kronecker_factors`: every position counts as an example.
+
+    Returns:
+        A pytree like ``params`` down to each layer's entry: a dense-like entry becomes ``{"A", "G"}``; an
+        attention layer's entry ``{"q", "k", "v", "o"}`` of those; a parameterless layer's stays ``()``; a layer
+        with parameters but no Kronecker structure (LayerNorm, Embedding, a user's layer without a
+        ``kronecker_factors`` rule) has ``None``.
+    """
+    if kind not in KRONECKER_KINDS:
+        raise ValueError(f"kfac_factors: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+
+    def kfac_factors_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None) -> Any:
+        outputs, cache = net.forward(params, x)
+        if kind == "kflr":
+            S = loss.hessian_sqrt(outputs, targets)
+        elif key is None:
+            raise ValueError('kfac_factors(kind="kfac") samples from the predictive distribution: pass key=...')
+        else:
+            S = loss.sampled_hessian_sqrt(outputs, targets, key, 1)
+        return walk(net, KRONECKER_FACTORS, params, (cache,), (S,))[0]
+
+    return kfac_factors_fn

@@ -127,7 +127,12 @@ class Layer:
 
     A layer with randomness (dropout) sets ``stochastic = True`` and takes
     ``forward(params, x, *, key=None, train=False)``; combinators pass a key and the train flag only to
-    stochastic children."""
+    stochastic children.
+
+    A layer whose output has zero second derivative in its input and in each parameter (a linear map, a pool, a
+    mask) sets ``curvature_free = True``; the Hessian diagonal then passes through its ``backward`` alone."""
+
+    curvature_free = False
 
     @property
     def stochastic(self) -> bool:
@@ -293,6 +298,17 @@ class Quantity:
     def finish(self, shares: Any, carried: tuple) -> Any:
         return shares
 
+    # How a combinator handles a carried value (one stream's): before it feeds several paths whose inputs add
+    # up, split among the pieces of a concatenation, and added where paths meet. Cotangents need nothing more.
+    def fork(self, value: Any) -> Any:
+        return value
+
+    def split(self, value: Any, bounds: list[int]) -> list[Any]:
+        return jnp.split(value, bounds, axis=-1)
+
+    def join(self, a: Any, b: Any) -> Any:
+        return add_cotangents(a, b)
+
     def run(self, layer: Any, params: Params, cache: Cache, dy: Array) -> tuple[Any, Array]:
         """The quantity over one stream: ``(quantity, dx)``."""
         shares, (dx,) = walk(layer, self, params, (cache,), (dy,))
@@ -425,12 +441,25 @@ class DiagGGN(StackedQuantity):
         return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), per_example)
 
 
+class KroneckerFactors(StackedQuantity):
+    """Each layer's Kronecker factors ``A`` (its inputs' second moment) and ``G`` (the second moment of the
+    loss-Hessian square root's columns carried back to its output), from the ``(C, batch, *output)`` columns. A
+    unit's rule is ``kronecker_factors(params, cache, S) -> {"A": ..., "G": ...}``; a unit with parameters and no
+    rule gets ``None`` (it has no Kronecker structure the walk could know of)."""
+
+    rule = "kronecker_factors"
+
+    def share(self, layer, params, caches, carried):
+        return None
+
+
 BACKWARD = Backward()
 PER_EXAMPLE_BACKWARD = PerExampleBackward()
 PER_EXAMPLE_SQ_NORMS = PerExampleSqNorms()
 NTK = NeuralTangentKernel()
 PER_EXAMPLE_DIAG_GGN = PerExampleDiagGGN()
 DIAG_GGN = DiagGGN()
+KRONECKER_FACTORS = KroneckerFactors()
 
 
 class Composite(Layer):

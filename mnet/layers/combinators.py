@@ -19,7 +19,6 @@ from mnet.layers.base import (
     Params,
     Quantity,
     Shape,
-    add_cotangents,
     call_forward,
     describe,
     init_layer,
@@ -105,9 +104,12 @@ class Serial(Composite):
         """The layers in reverse order, each one's carried input values becoming the next one's output values."""
         shares: list[Any] = [None] * len(self.layers)
         for index in reversed(range(len(self.layers))):
-            shares[index], carried = walk(
-                self.layers[index], quantity, params[index], tuple(cache[index] for cache in caches), carried
-            )
+            try:
+                shares[index], carried = walk(
+                    self.layers[index], quantity, params[index], tuple(cache[index] for cache in caches), carried
+                )
+            except LayerError as error:  # a layer that cannot carry this quantity: say where it sits
+                raise located(index, error) from None
         return tuple(shares), carried
 
 
@@ -155,8 +157,9 @@ class Residual(Composite):
 
     def walk(self, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
         """The block receives the residual's own output values; the skip adds them to the block's input values."""
+        carried = tuple(map(quantity.fork, carried))
         shares, inner = walk(self.block, quantity, params, caches, carried)
-        return shares, tuple(add_cotangents(dy, dx) for dy, dx in zip(carried, inner))
+        return shares, tuple(map(quantity.join, carried, inner))
 
 
 @dataclass(frozen=True, repr=False)
@@ -222,24 +225,31 @@ class Parallel(Composite):
         widths = tuple(jnp.zeros((0, y.shape[-1]), y.dtype) for y in outputs)
         return jnp.concatenate(outputs, axis=-1), (tuple(caches), widths)
 
-    def _shares(self, cache: Cache, dy: Array) -> tuple[tuple, list[Array]]:
-        """Each block's cache and its part of the output values (works on a leading stack axis too)."""
+    def _shares(self, quantity: Quantity, cache: Cache, dy: Any) -> tuple[tuple, list[Any]]:
+        """Each block's cache and its part of the output values."""
         if self.combine == "sum":
-            return cache, [dy] * len(self.blocks)
+            return cache, [quantity.fork(dy)] * len(self.blocks)
         caches, widths = cache
         bounds = list(itertools.accumulate(w.shape[1] for w in widths))[:-1]  # static: the widths are shapes
-        return caches, jnp.split(dy, bounds, axis=-1)
+        return caches, quantity.split(dy, bounds)
 
     def walk(self, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
         """Each block gets its share of the output values; ``x`` feeds every block, so the input values add up."""
-        streams = [self._shares(cache, dy) for cache, dy in zip(caches, carried)]
+        streams = [self._shares(quantity, cache, dy) for cache, dy in zip(caches, carried)]
         shares, inputs = [], None
         for index, (block, block_params) in enumerate(zip(self.blocks, params)):
-            share, inner = walk(
-                block, quantity, block_params, tuple(s[0][index] for s in streams), tuple(s[1][index] for s in streams)
-            )
+            try:
+                share, inner = walk(
+                    block,
+                    quantity,
+                    block_params,
+                    tuple(s[0][index] for s in streams),
+                    tuple(s[1][index] for s in streams),
+                )
+            except LayerError as error:
+                raise located(index, error) from None
             shares.append(share)
-            inputs = inner if inputs is None else tuple(map(add_cotangents, inputs, inner))
+            inputs = inner if inputs is None else tuple(map(quantity.join, inputs, inner))
         assert inputs is not None  # parallel has at least one block
         return tuple(shares), inputs
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from mnet import initializers
 from mnet.layers.base import Array, Cache, Layer, Params, Shape, default_float_dtype, describe, positive_int
+from mnet.layers.second_order import Columns, Curvature, Group, WeightedRows, next_origin, signed_square_sum
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,70 @@ class Dense(Layer):
         if self.use_bias:
             diag["b"] = jnp.sum(columns_sq, axis=0)
         return diag
+
+    def kronecker_factors(self, params: Params, x: Cache, S: Array) -> Params:
+        """``z = a W'`` with ``a = [x, 1]`` and ``W' = [W; b]``, so example ``b``'s GGN block for ``W'`` (row-major)
+        is ``sum_c (a_b a_b^T) kron (S[c, b] S[c, b]^T)``: at batch 1 exactly ``kron(A, G)``. Over a batch K-FAC
+        takes the mean of each factor, ``A = mean_b a_b a_b^T`` and ``G = mean_b sum_c S[c, b] S[c, b]^T``.
+        With positions (a sequence, a convolution's windows) every position counts as an example in both means
+        (K-FAC "expand", Eschenhagen et al. 2023): the block is then approximated by ``P kron(A, G)`` for ``P``
+        positions, the factor that the cross-position terms, which a Kronecker product cannot hold, leave out."""
+        xs, Ss = self._curvature_operands(params, x, S)
+        rows = xs.shape[0] * xs.shape[1]
+        if self.use_bias:
+            xs = jnp.concatenate([xs, jnp.ones(xs.shape[:2] + (1,), xs.dtype)], axis=-1)
+        return {
+            "A": jnp.einsum("bsi,bsj->ij", xs, xs) / rows,
+            "G": jnp.einsum("cbsi,cbsj->ij", Ss, Ss) / rows,
+        }
+
+    def diag_hessian(self, params: Params, x: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
+        """The Hessian diagonal for ``W`` and ``b`` from the Hessian at ``z`` (:mod:`mnet.layers.second_order`).
+        ``z`` is linear in ``W``, so ``d^2 L / dW_ij^2 = sum_b x_bi^2 (H_z_b)_jj``: the diagonals of the column sets
+        and the diagonal part make ``diag(H_z_b)``, and one product of squares gives the share. With positions
+        (windows, sequences) each column's gradient ``X_b^T c`` sums over them before squaring, and the diagonal
+        part gives ``sum_s x_bsi^2 d_bsj``. ``z`` is linear in ``x`` too, so the input's Hessian is ``W H_z W^T``:
+        columns times ``W^T``; the diagonal part is passed on factored (:class:`WeightedRows`), or for positions
+        as the columns ``sqrt|d_sj| W[:, j]`` at position ``s`` (a broadcast, no product)."""
+        W = params["W"]
+        xs, _ = self._curvature_operands(params, x, curvature.grad[None])
+        batch, positions = xs.shape[:2]
+        d = None if curvature.diag is None else curvature.diag.reshape(batch, positions, self.out_dim).astype(W.dtype)
+        below = replace(curvature, diag=None).through(lambda dz: dz @ W.T.astype(dz.dtype))
+        if positions == 1:
+            h = sum(
+                (group.diagonal().reshape(batch, self.out_dim).astype(W.dtype) for group in curvature.groups),
+                jnp.zeros((batch, self.out_dim), W.dtype) if d is None else d[:, 0],
+            )
+            share = {"W": (xs[:, 0] ** 2).T @ h}
+            if self.use_bias:
+                share["b"] = jnp.sum(h, axis=0)
+            if d is None:
+                return share, below
+            part: Group = WeightedRows(next_origin(), W, d[:, 0].astype(below.grad.dtype))
+            if x.ndim != 2:
+                part = part.materialized().scaled(lambda v: v.reshape(x.shape))
+            return share, replace(below, groups=below.groups + (part,))
+
+        def squares(columns: Array) -> Params:
+            cs = columns.reshape(columns.shape[0], batch, positions, self.out_dim).astype(W.dtype)
+            per = {"W": jnp.einsum("bsi,kbsj->kbij", xs, cs) ** 2}
+            if self.use_bias:
+                per["b"] = jnp.sum(cs, axis=2) ** 2
+            return per
+
+        share = jax.tree_util.tree_map(lambda v: jnp.sum(v, axis=0), signed_square_sum(curvature.columns(), squares))
+        if d is None:
+            return share, below
+        share["W"] = share["W"] + jnp.einsum("bsi,bsj->ij", xs**2, d)
+        if self.use_bias:
+            share["b"] = share["b"] + jnp.sum(d, axis=(0, 1))
+        columns = jnp.einsum("bpj,ij,pq->pjbqi", jnp.sqrt(jnp.abs(d)), W, jnp.eye(positions, dtype=W.dtype))
+        signs = jnp.moveaxis(jnp.sign(d), 0, 2).reshape(positions * self.out_dim, batch)
+        part = Columns(
+            next_origin(), columns.reshape((positions * self.out_dim,) + x.shape).astype(below.grad.dtype), signs
+        )
+        return share, replace(below, groups=below.groups + (part,))
 
     def ntk_contribution(self, params: Params, x1: Cache, x2: Cache, dzs1: Array, dzs2: Array) -> Array:
         """With ``D_k`` the cotangent at ``z`` for network output ``k``, example ``a``'s Jacobian of output ``k``

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from mnet.layers.base import Array, Cache, Layer, Params, Shape
+from mnet.layers.second_order import Curvature
 
 
 @dataclass(frozen=True, repr=False)
@@ -55,3 +56,7 @@ class Dropout(Layer):
 
     def backward(self, params: Params, mask: Cache, dy: Array) -> tuple[Params, Array]:
         return (), dy * mask
+
+    def diag_hessian(self, params: Params, mask: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
+        """Linear with a diagonal Jacobian ``diag(mask)``: columns times the mask, the diagonal times its square."""
+        return (), curvature.through(lambda v: v * mask, diagonal=lambda d: d * mask * mask)

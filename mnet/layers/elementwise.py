@@ -7,13 +7,18 @@ from dataclasses import dataclass
 
 from mnet import activations
 from mnet.layers.base import Array, Cache, Layer, Params, Shape
+from mnet.layers.second_order import Curvature, no_rule
 
 
 class Elementwise(Layer):
     """A parameterless layer ``a = phi(z)`` applied entry by entry; ``da -> dz = da * phi'(z)``.
 
     Subclasses define ``activate(z) -> (a, cache)`` and ``activate_backward(cache, da) -> dz`` from the pairs
-    in :mod:`mnet.activations`.
+    in :mod:`mnet.activations`, and ``activate_second(cache) -> phi''(z)`` (None where it is zero) for the Hessian.
+
+    Second order: ``J = diag(phi'(z))`` and the layer's own curvature is ``diag(phi''(z) g)``, ``g`` the gradient
+    reaching ``a``, so the Hessian at ``z`` is ``diag(phi') H_a diag(phi') + diag(phi'' g)``: columns scaled by
+    ``phi'``, the diagonal by ``phi'^2``, plus a diagonal (:mod:`mnet.layers.second_order`).
     """
 
     def activate(self, z: Array) -> tuple[Array, Cache]:
@@ -33,6 +38,18 @@ class Elementwise(Layer):
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         return (), self.activate_backward(cache, dy)
 
+    def activate_second(self, cache: Cache) -> Array | None:
+        raise no_rule(self)
+
+    def diag_hessian(self, params: Params, cache: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
+        second = self.activate_second(cache)
+
+        def scale(v: Array) -> Array:
+            return self.activate_backward(cache, v)
+
+        below = curvature.through(scale, diagonal=lambda d: scale(scale(d)))
+        return (), below.plus_diagonal(None if second is None else second * curvature.grad)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -47,6 +64,9 @@ class Identity(Elementwise):
     def activate_backward(self, cache, da):
         return activations.identity_backward(cache, da)
 
+    def activate_second(self, cache):
+        return None
+
 
 @dataclass(frozen=True, repr=False)
 class Relu(Elementwise):
@@ -57,6 +77,9 @@ class Relu(Elementwise):
 
     def activate_backward(self, mask, da):
         return activations.relu_backward(mask, da)
+
+    def activate_second(self, mask):
+        return None
 
 
 @dataclass(frozen=True, repr=False)
@@ -74,6 +97,9 @@ class LeakyRelu(Elementwise):
     def activate_backward(self, mask, da):
         return activations.leaky_relu_backward(mask, da, self.slope)
 
+    def activate_second(self, mask):
+        return None
+
 
 @dataclass(frozen=True, repr=False)
 class Elu(Elementwise):
@@ -90,6 +116,9 @@ class Elu(Elementwise):
     def activate_backward(self, z, da):
         return activations.elu_backward(z, da, self.alpha)
 
+    def activate_second(self, z):
+        return activations.elu_second(z, self.alpha)
+
 
 @dataclass(frozen=True, repr=False)
 class Sigmoid(Elementwise):
@@ -100,6 +129,9 @@ class Sigmoid(Elementwise):
 
     def activate_backward(self, a, da):
         return activations.sigmoid_backward(a, da)
+
+    def activate_second(self, a):
+        return activations.sigmoid_second(a)
 
 
 @dataclass(frozen=True, repr=False)
@@ -112,6 +144,9 @@ class Tanh(Elementwise):
     def activate_backward(self, a, da):
         return activations.tanh_backward(a, da)
 
+    def activate_second(self, a):
+        return activations.tanh_second(a)
+
 
 @dataclass(frozen=True, repr=False)
 class Softplus(Elementwise):
@@ -122,6 +157,9 @@ class Softplus(Elementwise):
 
     def activate_backward(self, z, da):
         return activations.softplus_backward(z, da)
+
+    def activate_second(self, z):
+        return activations.softplus_second(z)
 
 
 @dataclass(frozen=True, repr=False)
@@ -142,6 +180,9 @@ class Gelu(Elementwise):
 
     def activate_backward(self, z, da):
         return activations.gelu_backward(z, da, self.approximate)
+
+    def activate_second(self, z):
+        return activations.gelu_second(z, self.approximate)
 
 
 @dataclass(frozen=True, repr=False)

@@ -48,6 +48,8 @@ class Embedding(Layer):
         W_init: initializer for the table (default ``normal(1.0)``: unit-variance entries).
     """
 
+    curvature_free = True  # a lookup, linear in the table; its integer input has no curvature
+
     vocab: int
     dim: int
     W_init: Any = initializers.Normal(1.0)

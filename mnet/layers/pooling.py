@@ -15,6 +15,10 @@ from mnet.layers.windows import Geometry, check_image_input, check_padding, col2
 class _Pool2D(Layer):
     """Shared by the two pools: hyperparameters, shape inference and the window geometry."""
 
+    # Max-pooling selects and average-pooling averages: both piecewise linear, so the Hessian passes through
+    # their backward alone (mnet.layers.second_order).
+    curvature_free = True
+
     window: Any = 2
     stride: Any = None
     padding: Any = "VALID"

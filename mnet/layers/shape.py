@@ -6,10 +6,21 @@ import math
 from dataclasses import dataclass
 
 from mnet.layers.base import Array, Cache, Layer, Params, Shape, shape_record
+from mnet.layers.second_order import Curvature
+
+
+class _Rearrange(Layer):
+    """A layer that only moves each example's entries: the Hessian's diagonal is moved the same way."""
+
+    def diag_hessian(self, params: Params, cache: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
+        def back(v: Array) -> Array:
+            return self.backward(params, cache, v)[1]
+
+        return (), curvature.reshaped(back)
 
 
 @dataclass(frozen=True, repr=False)
-class Flatten(Layer):
+class Flatten(_Rearrange):
     """``(batch, d1, ..., dk) -> (batch, d1 * ... * dk)``; ``dx = dy`` reshaped back.
 
     The cache is the input's :func:`shape_record`.
@@ -32,7 +43,7 @@ class Flatten(Layer):
 
 
 @dataclass(frozen=True, repr=False)
-class Reshape(Layer):
+class Reshape(_Rearrange):
     """``(batch, *in_shape) -> (batch, *shape)`` with the same entries in the same (row-major) order; ``dx = dy``
     reshaped back. ``Reshape((8, 8, 1))`` turns the 64 flat digit features into an NHWC image.
 

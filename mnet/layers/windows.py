@@ -183,6 +183,8 @@ class Windows(Layer):
     :func:`shape_record`, from which the geometry is rebuilt. ``kernel``, ``stride`` and ``padding`` are
     normalised as :func:`pair` and :func:`check_padding` return them."""
 
+    curvature_free = True  # a linear rearrangement: the Hessian passes through its backward
+
     kernel: Pair
     stride: Pair
     padding: object

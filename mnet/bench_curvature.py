@@ -1,0 +1,152 @@
+"""Benchmark rows for curvature (``mnet bench`` rows G1 to G4): every quantity as a multiple of one hand-derived
+gradient (``mnet.value_and_grad``) measured in the same run, interleaved with autodiff's ways to the same number.
+Like :mod:`mnet.bench`, this module calls JAX's autodiff: it is a contender."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mnet import curvature
+from mnet.backprop import value_and_grad
+from mnet.bench import Row, cnn_problem, interleaved_medians, mlp_problem, transformer_problem
+from mnet.layers.base import apply_layer
+from mnet.losses import softmax_cross_entropy
+from mnet.models import mlp
+
+LOSS = softmax_cross_entropy
+TIMES = "time as a multiple of a hand-derived gradient: 1 / speed-up"
+
+
+def per_example_vjp_diag_ggn(net: Any):
+    """Autodiff's exact GGN diagonal: per example, ``jax.vjp`` of every column of the loss Hessian's square root,
+    the parameter gradients squared and summed."""
+
+    def by_vjp(params, x, labels):
+        S = LOSS.hessian_sqrt(apply_layer(net, params, x), labels)
+
+        def one(x_b, S_b):
+            _, vjp = jax.vjp(lambda q: apply_layer(net, q, x_b[None])[0], params)
+            columns = jax.vmap(lambda column: vjp(column)[0])(S_b)
+            return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), columns)
+
+        return jax.tree_util.tree_map(lambda d: d.mean(0), jax.vmap(one)(x, jnp.moveaxis(S, 0, 1)))
+
+    return jax.jit(by_vjp)
+
+
+def sampled_label_grads(net: Any):
+    """Autodiff's one-sample Monte-Carlo GGN diagonal: labels drawn from the model's own softmax, each example's
+    gradient by ``vmap(jax.grad)``, squared and averaged."""
+
+    def estimate(params, x, labels, *, key):
+        logits = apply_layer(net, params, x)
+        sampled = jax.random.categorical(key, jax.lax.stop_gradient(logits))
+
+        def loss_b(p, x_b, y_b):
+            return LOSS.value(apply_layer(net, p, x_b[None]), y_b[None])
+
+        grads = jax.vmap(jax.grad(loss_b), in_axes=(None, 0, 0))(params, x, sampled)
+        return jax.tree_util.tree_map(lambda g: jnp.mean(g * g, axis=0), grads)
+
+    return estimate
+
+
+KEY = jax.random.key(0)
+
+
+def _timed(net, params, x, y, contenders: dict[str, Any], rounds: int) -> dict[str, float]:
+    calls: dict[str, Callable[[], object]] = {
+        "gradient (hand)": functools.partial(jax.jit(value_and_grad(net, LOSS)), params, x, y)
+    }
+    calls.update({name: functools.partial(fn, params, x, y) for name, fn in contenders.items()})
+    return interleaved_medians(calls, rounds)
+
+
+def _with_key(fn):
+    """``fn(params, x, y, *, key)`` jitted, called with a fixed key."""
+    jitted = jax.jit(lambda p, x, y, key: fn(p, x, y, key=key))
+    return lambda p, x, y: jitted(p, x, y, KEY)
+
+
+def row_mlp_curvature(widths: list[int], batch: int, rounds: int, name: str, autodiff: bool = True) -> Row:
+    """Every GGN quantity on an MLP (ReLU, softmax cross-entropy), with autodiff's ways to the exact and the
+    sampled diagonal (``autodiff=False`` leaves out the per-example vjp, hundreds of gradients at large sizes)."""
+    net, params, x, y = mlp_problem(widths, batch)
+    contenders: dict[str, Any] = {
+        "diag GGN exact": jax.jit(curvature.diag_ggn(net, LOSS)),
+        "diag GGN MC(1)": _with_key(curvature.diag_ggn(net, LOSS, mc_samples=1)),
+        "per-example diag GGN": jax.jit(curvature.per_example_diag_ggn(net, LOSS)),
+        "kflr factors": jax.jit(curvature.kfac_factors(net, LOSS)),
+        "kfac factors": _with_key(curvature.kfac_factors(net, LOSS, kind="kfac")),
+        "vmap(grad) sampled labels": _with_key(sampled_label_grads(net)),
+    }
+    if autodiff:
+        contenders["per-example vjp per output"] = per_example_vjp_diag_ggn(net)
+    return Row(
+        name,
+        f"GGN quantities, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}, softmax cross-entropy ({TIMES})",
+        _timed(net, params, x, y, contenders, rounds),
+        "gradient (hand)",
+    )
+
+
+def row_diag_hessian(widths: list[int], batch: int, rounds: int) -> Row:
+    """The exact Hessian diagonal of a tanh MLP. Autodiff has no exact diagonal short of one Hessian-vector
+    product per parameter; the contender is one such product (``jax.jvp`` of ``jax.grad``, forward over reverse,
+    the cheapest), which is also the cost of one Hutchinson probe ``v * Hv`` of the diagonal's estimate."""
+    net = mlp(widths[1:], activation="tanh")
+    _, params = net.init(jax.random.key(0), (widths[0],), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (batch, widths[0]), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, widths[-1])
+
+    def hvp(p, inputs, labels):
+        tangent = jax.tree_util.tree_map(jnp.ones_like, p)
+        return jax.jvp(jax.grad(lambda q: LOSS.value(apply_layer(net, q, inputs), labels)), (p,), (tangent,))[1]
+
+    contenders = {
+        "diag Hessian (hand)": jax.jit(curvature.diag_hessian(net, LOSS)),
+        "diag GGN exact": jax.jit(curvature.diag_ggn(net, LOSS)),
+        "one HVP (jvp of grad)": jax.jit(hvp),
+    }
+    parameters = sum(a * b + b for a, b in zip(widths, widths[1:]))
+    return Row(
+        "G2",
+        f"exact Hessian diagonal, MLP {'-'.join(map(str, widths))} (tanh), batch {batch}, softmax cross-entropy "
+        f"({TIMES}; autodiff's exact diagonal needs {parameters:,} HVPs)",
+        _timed(net, params, x, y, contenders, rounds),
+        "gradient (hand)",
+        {"parameters": parameters},
+    )
+
+
+def row_model_diag_ggn(name: str, problem: tuple, description: str, rounds: int) -> Row:
+    net, params, x, y = problem
+    contenders = {
+        "diag GGN exact": jax.jit(curvature.diag_ggn(net, LOSS)),
+        "kflr factors": jax.jit(curvature.kfac_factors(net, LOSS)),
+        "per-example vjp per output": per_example_vjp_diag_ggn(net),
+    }
+    return Row(name, f"{description} ({TIMES})", _timed(net, params, x, y, contenders, rounds), "gradient (hand)")
+
+
+def plans(quick: bool, rounds: int) -> dict[str, Any]:
+    """The curvature rows for :func:`mnet.bench.run`."""
+    small = [784, 64, 10]
+    return {
+        "G1": lambda: row_mlp_curvature(small if quick else [784, 512, 512, 10], 32 if quick else 128, rounds, "G1"),
+        "G1b": lambda: row_mlp_curvature(
+            small if quick else [784, 512, 512, 10], 64 if quick else 512, rounds, "G1b", autodiff=False
+        ),
+        "G2": lambda: row_diag_hessian(small if quick else [784, 512, 512, 10], 32, rounds),
+        "G3": lambda: row_model_diag_ggn(
+            "G3", cnn_problem(16 if quick else 128), "exact GGN diagonal, digits CNN", rounds
+        ),
+        "G4": lambda: row_model_diag_ggn(
+            "G4", transformer_problem(16 if quick else 128, 9), "exact GGN diagonal, transformer block", rounds
+        ),
+    }

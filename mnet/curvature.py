@@ -32,6 +32,7 @@ from mnet.layers.base import (
     LayerProtocol,
     MissingRule,
     Params,
+    sum_stack,
     walk,
 )
 from mnet.layers.second_order import DIAG_HESSIAN, Curvature
@@ -53,7 +54,7 @@ def _one_example_at_a_time(net: LayerProtocol, params: Params, x: Array, S: Arra
     def one(x_b: Array, S_b: Array) -> Params:
         _, cache = net.forward(params, x_b[None])
         grads = jax.vmap(lambda column: net.backward(params, cache, column[None])[0])(S_b)
-        return jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), grads)
+        return jax.tree_util.tree_map(lambda g: sum_stack(g * g), grads)
 
     return jax.vmap(one)(x, jnp.moveaxis(S, 0, 1))
 

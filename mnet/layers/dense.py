@@ -9,7 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from mnet import initializers
-from mnet.layers.base import Array, Cache, Layer, Params, Shape, default_float_dtype, describe, positive_int
+from mnet.layers.base import (
+    Array,
+    Cache,
+    Layer,
+    Params,
+    Shape,
+    default_float_dtype,
+    describe,
+    positive_int,
+    sum_stack,
+)
 from mnet.layers.second_order import Columns, Curvature, Group, WeightedRows, next_origin, signed_square_sum
 
 
@@ -188,14 +198,14 @@ class Dense(Layer):
         column gradient ``X_b^T S[c, b]`` sums over them before squaring, and is built."""
         xs, Ss = self._curvature_operands(params, x, S)
         if xs.shape[1] == 1:
-            columns_sq = jnp.sum(Ss[:, :, 0] ** 2, axis=0)
+            columns_sq = sum_stack(Ss[:, :, 0] ** 2)
             diag = {"W": jnp.einsum("bi,bj->bij", xs[:, 0] ** 2, columns_sq)}
             if self.use_bias:
                 diag["b"] = columns_sq
             return diag
-        diag = {"W": jnp.sum(jnp.einsum("bsi,cbsj->cbij", xs, Ss) ** 2, axis=0)}
+        diag = {"W": sum_stack(jnp.einsum("bsi,cbsj->cbij", xs, Ss) ** 2)}
         if self.use_bias:
-            diag["b"] = jnp.sum(jnp.sum(Ss, axis=2) ** 2, axis=0)
+            diag["b"] = sum_stack(jnp.sum(Ss, axis=2) ** 2)
         return diag
 
     def diag_ggn(self, params: Params, x: Cache, S: Array) -> Params:
@@ -204,7 +214,7 @@ class Dense(Layer):
         xs, Ss = self._curvature_operands(params, x, S)
         if xs.shape[1] > 1:
             return jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), self.per_example_diag_ggn(params, x, S))
-        columns_sq = jnp.sum(Ss[:, :, 0] ** 2, axis=0)
+        columns_sq = sum_stack(Ss[:, :, 0] ** 2)
         diag = {"W": (xs[:, 0] ** 2).T @ columns_sq}
         if self.use_bias:
             diag["b"] = jnp.sum(columns_sq, axis=0)

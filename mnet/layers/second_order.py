@@ -42,7 +42,16 @@ import jax
 import jax.numpy as jnp
 
 from mnet.errors import LayerError
-from mnet.layers.base import Array, Params, Quantity, _per_example_stack, add_cotangents, has_params, own_rule
+from mnet.layers.base import (
+    Array,
+    Params,
+    Quantity,
+    _per_example_stack,
+    add_cotangents,
+    has_params,
+    own_rule,
+    sum_stack,
+)
 
 _origins = itertools.count()
 
@@ -64,9 +73,7 @@ class Columns:
 
     def squares(self, per_column: Array) -> Array:
         """``sum_k signs[k] per_column[k]``, for per-column squares ``(k, batch, ...)`` -> ``(batch, ...)``."""
-        if self.signs is None:
-            return jnp.sum(per_column, axis=0)
-        return jnp.einsum("kb,kb...->b...", self.signs.astype(per_column.dtype), per_column)
+        return sum_stack(per_column, self.signs)
 
     def diagonal(self) -> Array:
         """``(batch, *shape)``: the diagonal of this set's term."""

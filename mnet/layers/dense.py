@@ -186,10 +186,12 @@ class Dense(Layer):
 
     def _curvature_operands(self, params: Params, x: Cache, S: Array) -> tuple[Array, Array]:
         """``(batch, s, n_in)`` inputs and ``(C, batch, s, n_out)`` square-root columns, in the parameters' dtype."""
-        dtype = params["W"].dtype
-        batch = x.shape[0]
-        xs = x.reshape(batch, -1, x.shape[-1]).astype(dtype)
-        return xs, S.reshape(S.shape[0], batch, xs.shape[1], self.out_dim).astype(dtype)
+        xs = self._curvature_inputs(params, x)
+        return xs, S.reshape(S.shape[0], x.shape[0], xs.shape[1], self.out_dim).astype(xs.dtype)
+
+    def _curvature_inputs(self, params: Params, x: Cache) -> Array:
+        """``(batch, s, n_in)``: every example's positions (1 for flat inputs), in the parameters' dtype."""
+        return x.reshape(x.shape[0], -1, x.shape[-1]).astype(params["W"].dtype)
 
     def per_example_diag_ggn(self, params: Params, x: Cache, S: Array) -> Params:
         """``diag(J_b^T H_b J_b)`` for ``W`` and ``b``, from the columns ``S[c]`` reaching ``z``. Column ``c``'s
@@ -245,7 +247,7 @@ class Dense(Layer):
         columns times ``W^T``; the diagonal part is passed on factored (:class:`WeightedRows`), or for positions
         as the columns ``sqrt|d_sj| W[:, j]`` at position ``s`` (a broadcast, no product)."""
         W = params["W"]
-        xs, _ = self._curvature_operands(params, x, curvature.grad[None])
+        xs = self._curvature_inputs(params, x)
         batch, positions = xs.shape[:2]
         d = None if curvature.diag is None else curvature.diag.reshape(batch, positions, self.out_dim).astype(W.dtype)
         below = replace(curvature, diag=None).through(lambda dz: dz @ W.T.astype(dz.dtype))

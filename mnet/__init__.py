@@ -3,9 +3,16 @@ derived by hand beside it and checked against ``jax.grad``."""
 
 from mnet import activations, data, errors, initializers, layers, losses, models, reference, train
 from mnet.backprop import grad, value_and_grad, with_manual_backward
-from mnet.check import GradientReport, compare_cost, compare_gradients
+from mnet.check import GradientReport, compare_cost, compare_gradients, compare_jvp
 from mnet.checkpoint import load_params, save_params
-from mnet.curvature import diag_ggn, diag_hessian, kfac_factors, per_example_diag_ggn
+from mnet.curvature import (
+    diag_ggn,
+    diag_hessian,
+    ggn_vector_product,
+    hessian_vector_product,
+    kfac_factors,
+    per_example_diag_ggn,
+)
 from mnet.derivatives import (
     clipped_value_and_grad,
     dp_noise,
@@ -15,6 +22,7 @@ from mnet.derivatives import (
     per_example_grads,
 )
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
+from mnet.forward_mode import jvp
 from mnet.layer_check import LayerReport, check_layer
 from mnet.layers import (
     AvgPool2D,
@@ -94,6 +102,7 @@ __all__ = [
     "clipped_value_and_grad",
     "compare_cost",
     "compare_gradients",
+    "compare_jvp",
     "data",
     "diag_ggn",
     "diag_hessian",
@@ -101,9 +110,12 @@ __all__ = [
     "dp_noise",
     "errors",
     "fit",
+    "ggn_vector_product",
     "grad",
+    "hessian_vector_product",
     "initializers",
     "jacobian",
+    "jvp",
     "layers",
     "load_params",
     "losses",

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnet import curvature
+from mnet import curvature, forward_mode
 from mnet.backprop import value_and_grad
 from mnet.bench import Row, cnn_problem, interleaved_medians, mlp_problem, transformer_problem
 from mnet.layers.base import apply_layer
@@ -146,6 +146,57 @@ def row_model_diag_ggn(name: str, problem: tuple, description: str, rounds: int,
     return Row(name, f"{description} ({TIMES})", _timed(net, params, x, y, contenders, rounds), "gradient (hand)")
 
 
+def row_forward_mode(widths: list[int], batch: int, rounds: int) -> Row:
+    """Forward mode and the curvature-vector products on the G1 MLP, each beside autodiff's way to the same
+    number: ``jax.jvp``; for ``GGN v``, ``jax.jvp`` then ``jax.vjp`` through the loss's Hessian, and
+    ``jax.linearize`` with ``jax.linear_transpose``; for ``H v``, ``jax.jvp`` of ``jax.grad``."""
+    net, params, x, y = mlp_problem(widths, batch)
+    v = jax.tree_util.tree_map(lambda p: jax.random.normal(jax.random.key(3), p.shape, p.dtype), params)
+
+    def apply(p, inputs):
+        return apply_layer(net, p, inputs)
+
+    def loss_of(p, inputs, labels):
+        return LOSS.value(apply(p, inputs), labels)
+
+    def output_curvature(outputs, labels, tangent):
+        return jax.jvp(jax.grad(lambda o: LOSS.value(o, labels)), (outputs,), (tangent,))[1]
+
+    def gvp_jvp_vjp(p, inputs, labels):
+        outputs, tangent = jax.jvp(lambda q: apply(q, inputs), (p,), (v,))
+        return jax.vjp(lambda q: apply(q, inputs), p)[1](output_curvature(outputs, labels, tangent))[0]
+
+    def gvp_linearize(p, inputs, labels):
+        outputs, linear = jax.linearize(lambda q: apply(q, inputs), p)
+        transpose = jax.linear_transpose(linear, p)
+        return transpose(output_curvature(outputs, labels, linear(v)))[0]
+
+    def hvp(p, inputs, labels):
+        return jax.jvp(jax.grad(lambda q: loss_of(q, inputs, labels)), (p,), (v,))[1]
+
+    hand_jvp, hand_gvp, hand_hvp = (
+        forward_mode.jvp(net),
+        curvature.ggn_vector_product(net, LOSS),
+        curvature.hessian_vector_product(net, LOSS),
+    )
+    contenders = {
+        "jvp (hand)": jax.jit(lambda p, inputs, labels: hand_jvp(p, inputs, v, inputs)),
+        "jax.jvp": jax.jit(lambda p, inputs, labels: jax.jvp(lambda q, i: apply(q, i), (p, inputs), (v, inputs))),
+        "GGN-vector (hand)": jax.jit(lambda p, inputs, labels: hand_gvp(p, inputs, labels, v)),
+        "GGN-vector (jax.jvp + jax.vjp)": jax.jit(gvp_jvp_vjp),
+        "GGN-vector (linearize + transpose)": jax.jit(gvp_linearize),
+        "HVP (hand)": jax.jit(lambda p, inputs, labels: hand_hvp(p, inputs, labels, v)),
+        "HVP (jax.jvp of jax.grad)": jax.jit(hvp),
+    }
+    return Row(
+        "J1",
+        f"forward mode and curvature-vector products, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}, "
+        f"softmax cross-entropy ({TIMES})",
+        _timed(net, params, x, y, contenders, rounds),
+        "gradient (hand)",
+    )
+
+
 def plans(quick: bool, rounds: int) -> dict[str, Any]:
     """The curvature rows for :func:`mnet.bench.run`. Rows with autodiff's per-example contender (seconds a call)
     run fewer rounds."""
@@ -163,6 +214,7 @@ def plans(quick: bool, rounds: int) -> dict[str, Any]:
             "G4", transformer_problem(16 if quick else 128, 9), "exact GGN diagonal, transformer block", few, not quick
         ),
     }
+    rows["J1"] = lambda: row_forward_mode(small if quick else [784, 512, 512, 10], 32 if quick else 128, rounds)
     if not quick:  # the same code as G1 at a larger batch
         rows["G1b"] = lambda: row_mlp_curvature([784, 512, 512, 10], 512, rounds, "G1b", autodiff=False)
     return rows

@@ -33,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet.backprop import value_and_grad
-from mnet.layers.base import Array, LayerProtocol, Params
+from mnet.forward_mode import input_tangent, jvp
+from mnet.layers.base import Array, LayerProtocol, Params, tangent_walk
 from mnet.layers.combinators import Serial
 from mnet.losses import Loss
-from mnet.reference import autodiff_value_and_grad, layer_vjp
+from mnet.reference import autodiff_value_and_grad, layer_jvp, layer_vjp
 
 Layer = LayerProtocol
 
@@ -176,6 +177,7 @@ class GradientReport:
     dtype: str
     finite_differences: bool = False
     notes: tuple[str, ...] = field(default=())
+    kind: str = "gradient"  # "tangent" for compare_jvp: value is then the output tangent's norm
 
     @property
     def ok(self) -> bool:
@@ -198,6 +200,7 @@ class GradientReport:
             "value": self.value,
             "reference_value": self.reference_value,
             "finite_differences": self.finite_differences,
+            "kind": self.kind,
             "leaves": [
                 {
                     "path": row.path,
@@ -260,8 +263,10 @@ class GradientReport:
         ]
         lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
         first = self.rows[0].autodiff.tolerance if self.rows else tolerance(self.dtype)
+        gradient = self.kind == "gradient"
         summary = [
-            f"loss {self.value:.10g} (autodiff {self.reference_value:.10g}); dtype {self.dtype}; "
+            ("loss" if gradient else "|output tangent|")
+            + f" {self.value:.10g} (autodiff {self.reference_value:.10g}); dtype {self.dtype}; "
             f"tolerance {first:.1e} relative to each leaf's largest entry"
             + (
                 f", {FINITE_DIFFERENCE_TOLERANCE:.0e} against float64 finite differences"
@@ -272,17 +277,20 @@ class GradientReport:
         wrong = [layer for layer in self.layers if not layer.ok]
         for layer in wrong:
             summary.append(
-                f"layer {layer.position} {layer.layer}: its backward disagrees with jax.vjp in "
+                f"layer {layer.position} {layer.layer}: its "
+                + ("backward disagrees with jax.vjp" if gradient else "tangent disagrees with jax.jvp")
+                + " in "
                 + ", ".join(f"{name} (rel err {layer.parts[name].max_rel_error:.2e})" for name in layer.wrong_parts)
             )
         summary.extend(self.notes)
+        plural = "gradients" if gradient else "tangents"
         summary.append(
-            "gradients agree"
+            f"{plural} agree"
             if self.ok
             else (
-                f"gradients DISAGREE; the first wrong layer is {wrong[0].position} {wrong[0].layer}"
+                f"{plural} DISAGREE; the first wrong layer is {wrong[0].position} {wrong[0].layer}"
                 if wrong
-                else "gradients DISAGREE"
+                else f"{plural} DISAGREE"
             )
         )
         return "\n".join(lines + [""] + summary)
@@ -482,6 +490,95 @@ def compare_gradients(
         dtype=dtype,
         finite_differences=finite_differences,
         notes=notes,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _tangent_and_jvp(layer, params: Params, cache, x: Array, dparams: Params, dx: Array | None):
+    """One layer's hand tangent and ``jax.jvp`` of its ``apply``, compiled together."""
+    layer = _unwrap(layer)
+    mine = tangent_walk(layer, params, cache, dparams, dx)[0]
+    reference = layer_jvp(layer, params, x, dparams, dx)
+    return (jnp.zeros_like(reference) if mine is None else mine), reference
+
+
+def _layer_tangent_rows(net: Layer, params: Params, x: Array, dparams: Params, dx: Array | None) -> tuple:
+    """Every layer's tangent rule against ``jax.jvp`` of its ``apply`` at the actual activations and tangents."""
+    rows, activation, tangent = [], x, dx
+    for position, layer in _leaf_layers(net):
+        layer_params, layer_dparams = _get(params, position), _get(dparams, position)
+        output, cache = _jitted_forward(_static(layer), layer_params, activation)
+        mine, ref = _tangent_and_jvp(_static(layer), layer_params, cache, activation, layer_dparams, tangent)
+        parts = {"dy": Agreement.of(mine, ref, tolerance(ref.dtype), largest_entry(ref))}
+        rows.append(LayerRow("".join(f"[{i}]" for i in position) or "[]", repr(layer), parts))
+        activation, tangent = output, mine
+    return tuple(rows)
+
+
+def compare_jvp(
+    net: Layer,
+    params: Params,
+    x: Array,
+    dparams: Params,
+    dx: Array | None = None,
+    *,
+    finite_differences: bool = False,
+    layer_by_layer: bool = True,
+) -> GradientReport:
+    """Compare the hand-derived Jacobian-vector product (:func:`mnet.jvp`) with ``jax.jvp`` (and with central
+    finite differences along the same direction, in float64, when asked): the forward-mode twin of
+    :func:`compare_gradients`.
+
+    Arguments:
+        net: the network (or a single layer) whose tangent rules are checked.
+        params, x: where; ``dparams`` (like params) and ``dx`` (like ``x``, or None for a zero input tangent) the
+            direction.
+        finite_differences: also compare both against ``(f(p + h v) - f(p - h v)) / 2h`` in float64.
+        layer_by_layer: also check every layer's ``tangent`` against ``jax.jvp`` of its ``apply`` at the actual
+            activations and incoming tangents, which names the layer where a disagreement starts.
+
+    Returns:
+        A :class:`GradientReport` with ``kind="tangent"``: one row, the output tangent; ``value`` and
+        ``reference_value`` are the two output tangents' norms.
+    """
+    dx = input_tangent(x, dx)
+    _, dy = jax.jit(jvp(net))(params, x, dparams, dx)
+    dy_ref = jax.jit(lambda p, inputs, dp, t: layer_jvp(net, p, inputs, dp, t))(params, x, dparams, dx)
+    scale = largest_entry(dy_ref)
+    agreement = Agreement.of(dy, dy_ref, tolerance(dy.dtype), scale)
+    row = LeafRow("output tangent", tuple(dy.shape), agreement)
+    if finite_differences:
+        with jax.enable_x64(True):
+            as64 = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(np.asarray(a, np.float64)))
+            p64, dp64 = as64(params), as64(dparams)
+            x64 = as64(x) if dx is not None else jnp.asarray(x)
+            dx64 = None if dx is None else as64(dx)
+            h = float(np.finfo(np.float64).eps) ** (1 / 3)
+
+            def moved(sign: float) -> Array:
+                p = jax.tree_util.tree_map(lambda a, d: a + sign * h * d, p64, dp64)
+                return net.forward(p, x64 if dx64 is None else x64 + sign * h * dx64)[0]
+
+            slopes = np.asarray(
+                (jax.jit(moved, static_argnums=0)(1.0) - jax.jit(moved, static_argnums=0)(-1.0)) / (2 * h)
+            )
+        tol = max(FINITE_DIFFERENCE_TOLERANCE, tolerance(dy.dtype))
+        row = LeafRow(
+            "output tangent",
+            tuple(dy.shape),
+            agreement,
+            Agreement.of(np.asarray(dy, np.float64), slopes, tol, scale),
+            Agreement.of(np.asarray(dy_ref, np.float64), slopes, tol, scale),
+            "the direction",
+        )
+    return GradientReport(
+        rows=(row,),
+        layers=_layer_tangent_rows(net, params, x, dparams, dx) if layer_by_layer else (),
+        value=float(jnp.linalg.norm(dy)),
+        reference_value=float(jnp.linalg.norm(dy_ref)),
+        dtype=str(dy.dtype),
+        finite_differences=finite_differences,
+        kind="tangent",
     )
 
 

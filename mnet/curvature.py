@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mnet.forward_mode import forward_with_tangent
 from mnet.layers.base import (
     DIAG_GGN,
     KRONECKER_FACTORS,
@@ -35,6 +36,7 @@ from mnet.layers.base import (
     sum_stack,
     walk,
 )
+from mnet.layers.r_operator import HESSIAN_VECTOR
 from mnet.layers.second_order import DIAG_HESSIAN, Curvature
 from mnet.losses import Loss
 
@@ -133,6 +135,40 @@ def diag_hessian(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
 
     return diag_hessian_fn
+
+
+def ggn_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array, Params], Params]:
+    """``f(params, x, targets, v) -> GGN v``, ``v`` and the result like ``params``, without forming a matrix.
+
+    ``GGN v = mean_b J_b^T H_b J_b v``: the tangent pass gives ``J v`` at the outputs
+    (:func:`mnet.forward_mode.forward_with_tangent`), the loss applies its output Hessian
+    (:meth:`mnet.losses.Loss.hessian_vector`, which carries the batch mean's ``1 / batch``), and the ordinary
+    backward pass takes the result back to every parameter: one forward, one tangent and one backward pass.
+    """
+
+    def ggn_vector_product_fn(params: Params, x: Array, targets: Array, v: Params) -> Params:
+        outputs, cache, output_tangent, _ = forward_with_tangent(net, params, x, v, None)
+        return net.backward(params, cache, loss.hessian_vector(outputs, targets, output_tangent))[0]
+
+    return ggn_vector_product_fn
+
+
+def hessian_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array, Params], Params]:
+    """``f(params, x, targets, v) -> H v``, ``H`` the Hessian of ``L = loss.value(net.apply(params, x), targets)``.
+
+    Pearlmutter's R-operator by hand (:mod:`mnet.layers.r_operator`): the tangent pass records ``R{x}`` at every
+    layer, the loss gives ``R{dL/dy} = H_y J v``, and the backward pass runs carrying the cotangent and its tangent,
+    each layer adding its own second-order terms (a dense layer ``R{x}^T dz`` and ``dz dW_t^T``, an activation
+    ``phi''(z) R{z} dy``). Dense, Conv2D, pools, activations (Softmax included), Dropout, Flatten, Reshape,
+    Embedding, LayerNorm and the combinators have the rule; a layer without one is refused by name.
+    """
+
+    def hessian_vector_product_fn(params: Params, x: Array, targets: Array, v: Params) -> Params:
+        outputs, cache, output_tangent, record = forward_with_tangent(net, params, x, v, None)
+        start = (loss.grad(outputs, targets), loss.hessian_vector(outputs, targets, output_tangent))
+        return walk(net, HESSIAN_VECTOR, params, (cache, record), start)[0]
+
+    return hessian_vector_product_fn
 
 
 KRONECKER_KINDS = ("kflr", "kfac")

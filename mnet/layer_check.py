@@ -15,6 +15,8 @@ rule                       reference
 ``ntk_contribution``       ``sum_k <g1[k, a], g2[k, c]>`` over two batches and two cotangents per example
 ``per_example_diag_ggn``   ``sum_c g[c, b]^2`` for two random columns ``S[c]`` of a loss-Hessian square root
 ``diag_ggn``               its sum over the batch
+``tangent``                ``jax.jvp`` of the layer's output along random parameter and input tangents
+``backward_tangent``       ``jax.jvp`` of ``jax.vjp``: the backward pass differentiated along the same tangents
 =========================  ===========================================================================
 
 A rule the layer does not define is checked in the form mnet will use: its default (derived from ``backward``),
@@ -34,6 +36,7 @@ import numpy as np
 
 from mnet import reference
 from mnet.check import Agreement, largest_entry, tolerance
+from mnet.errors import LayerError
 from mnet.layers.base import (
     DIAG_GGN,
     NTK,
@@ -50,7 +53,10 @@ from mnet.layers.base import (
     is_stochastic,
     own_rule,
     require_layer,
+    tangent_walk,
+    walk,
 )
+from mnet.layers.r_operator import HESSIAN_VECTOR
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,51 @@ def _random_input(layer: Any, shape: tuple[int, ...], rng: np.random.Generator) 
     if vocab is not None:
         return jnp.asarray(rng.integers(0, vocab, shape), jnp.int32)
     return jnp.asarray(rng.normal(size=shape), jnp.float64)
+
+
+def _forward_mode_rows(layer: Any, params: Any, x: jax.Array, dy: jax.Array, rng: np.random.Generator) -> list:
+    """The ``tangent`` and ``backward_tangent`` rows: random tangents of the parameters, the (floating) input and
+    the cotangent; a rule the layer lacks is reported absent (``jvp`` and Hessian-vector products then refuse it)."""
+
+    def draw(a):
+        return jnp.asarray(rng.normal(size=np.shape(a)), jnp.asarray(a).dtype)
+
+    dparams = jax.tree_util.tree_map(draw, params)
+    dx = draw(x) if jnp.issubdtype(x.dtype, jnp.floating) else None
+    dy_tangent = draw(dy)
+
+    def hand_tangent(p, inputs, dp, t):
+        out = tangent_walk(layer, p, call_forward(layer, p, inputs)[1], dp, t)[0]
+        return jnp.zeros_like(dy) if out is None else out
+
+    def hand_backward_tangent(p, inputs, dp, t, c, ct):
+        cache = call_forward(layer, p, inputs)[1]
+        record = tangent_walk(layer, p, cache, dp, t)[1]
+        hv, (_, dx_tangent) = walk(layer, HESSIAN_VECTOR, p, (cache, record), (c, ct))
+        return (hv, dx_tangent) if t is not None else hv
+
+    def ref_backward_tangent(p, inputs, dp, t, c, ct):
+        hv, dx_tangent = reference.layer_backward_tangent(layer, p, inputs, c, dp, t, ct)
+        return (hv, dx_tangent) if t is not None else hv
+
+    rows = []
+    for rule, hand, ref, arguments in (
+        (
+            "tangent",
+            hand_tangent,
+            lambda p, inputs, dp, t: reference.layer_jvp(layer, p, inputs, dp, t),
+            (params, x, dparams, dx),
+        ),
+        ("backward_tangent", hand_backward_tangent, ref_backward_tangent, (params, x, dparams, dx, dy, dy_tangent)),
+    ):
+        source = _source(layer, rule, params)
+        try:
+            mine = jax.jit(hand)(*arguments)
+        except LayerError as missing:
+            rows.append(RuleRow(rule, "absent", note=str(missing)))
+            continue
+        rows.append(_compare(rule, "default" if source == "absent" else source, mine, jax.jit(ref)(*arguments)))
+    return rows
 
 
 def check_layer(layer: LayerProtocol, input_shape: Shape, *, batch: int = 4, seed: int = 0) -> LayerReport:
@@ -310,4 +361,5 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
             rows.append(RuleRow(rule, "absent", note=f"{missing}: derivatives run the network one example at a time"))
             continue
         rows.append(_compare(rule, source, mine, jax.jit(ref)(*arguments)))
+    rows.extend(_forward_mode_rows(layer, params, x, dy, rng))
     return LayerReport(repr(layer), input_shape, batch, tuple(rows))

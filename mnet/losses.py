@@ -9,6 +9,8 @@ Each loss object has
 * ``hessian_sqrt(outputs, targets)``: ``S`` of shape ``(C, batch, *output)`` with ``sum_c S[c, b] S[c, b]^T = H_b``,
   the Hessian of ``l_b`` with respect to example ``b``'s outputs (not divided by the batch: curvature drivers
   take the batch mean themselves);
+* ``hessian_vector(outputs, targets, v)``: ``d^2 value / d outputs^2`` applied to ``v`` (shape of ``outputs``),
+  without forming the Hessian: the step from an output tangent to the cotangent's tangent in curvature products;
 * ``sampled_hessian_sqrt(outputs, targets, key, samples)``: ``(samples, batch, *output)`` columns drawn from the
   loss's own predictive distribution, so that ``E[sum_c S[c, b] S[c, b]^T] = H_b``.
 
@@ -64,6 +66,14 @@ class Loss:
         """``S``, ``(C, batch, *output)``: ``H_b = sum_c S[c, b] S[c, b]^T`` exactly."""
         raise LossError(f"{self.name}: this loss has no Hessian square root (hessian_sqrt), which curvature needs")
 
+    def hessian_vector(self, outputs: Array, targets: Array, v: Array) -> Array:
+        """``(d^2 value / d outputs^2) v``: example ``b``'s row is ``H_b v_b / batch``. By default from the square
+        root, ``sum_c S[c, b] <S[c, b], v_b>``; the built-in losses apply ``H_b`` in closed form."""
+        S = self.hessian_sqrt(outputs, targets)
+        columns = S.reshape(S.shape[:2] + (-1,))
+        weights = jnp.einsum("cbk,bk->cb", columns, v.reshape(v.shape[0], -1))
+        return jnp.einsum("cb,cbk->bk", weights, columns).reshape(v.shape) / outputs.shape[0]
+
     def sampled_hessian_sqrt(self, outputs: Array, targets: Array, key: Array, samples: int) -> Array:
         """``(samples, batch, *output)``: each column an independent draw whose outer product is unbiased for
         ``H_b``, divided by ``sqrt(samples)`` so that the sum over columns is the average of the draws."""
@@ -99,6 +109,11 @@ class MeanSquaredError(Loss):
         """``H_b = (2 / units) I``: column ``c`` is ``sqrt(2 / units) e_c``, the same for every example."""
         self._check_same_shape(outputs, targets)
         return _unit_columns(outputs, jnp.full(outputs.shape, math.sqrt(2 / _units(outputs)), outputs.dtype))
+
+    def hessian_vector(self, outputs: Array, targets: Array, v: Array) -> Array:
+        """``H_b = (2 / units) I``."""
+        self._check_same_shape(outputs, targets)
+        return (2 / (_units(outputs) * outputs.shape[0])) * v
 
     def sampled_hessian_sqrt(self, outputs: Array, targets: Array, key: Array, samples: int) -> Array:
         """``sqrt(2 / units) eps`` with ``eps ~ N(0, I)``: the gradient of ``l_b`` at a target drawn from the
@@ -157,6 +172,12 @@ class SoftmaxCrossEntropy(Loss):
         classes = logits.shape[1]
         return jnp.sqrt(p).T[:, :, None] * (jnp.eye(classes, dtype=p.dtype)[:, None, :] - p[None])
 
+    def hessian_vector(self, logits: Array, labels: Array, v: Array) -> Array:
+        """``H_b v = p * (v - <p, v>)``: the softmax's Jacobian, symmetric."""
+        self._check(logits, labels)
+        p, _ = activations.softmax(logits)
+        return activations.softmax_backward(p, v) / logits.shape[0]
+
     def sampled_hessian_sqrt(self, logits: Array, labels: Array, key: Array, samples: int) -> Array:
         """``p - e_y`` with ``y`` drawn from ``softmax(z_b)``: the gradient at a sampled label, whose outer
         product has mean ``diag(p) - p p^T``."""
@@ -214,6 +235,12 @@ class SigmoidBinaryCrossEntropy(Loss):
         self._check_same_shape(logits, targets)
         s = jax.nn.sigmoid(logits)
         return _unit_columns(logits, jnp.sqrt(s * (1 - s) / _units(logits)))
+
+    def hessian_vector(self, logits: Array, targets: Array, v: Array) -> Array:
+        """``H_b = diag(s (1 - s)) / units``."""
+        self._check_same_shape(logits, targets)
+        s = jax.nn.sigmoid(logits)
+        return s * (1 - s) * v / (_units(logits) * logits.shape[0])
 
     def sampled_hessian_sqrt(self, logits: Array, targets: Array, key: Array, samples: int) -> Array:
         """``(s - y) / sqrt(units)`` with ``y ~ Bernoulli(s)`` entry by entry: independent entries of variance

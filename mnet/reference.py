@@ -36,6 +36,24 @@ def layer_vjp(
     return jax.vjp(lambda p, inputs: call_forward(layer, p, inputs, key, train)[0], params, x)[1](dy)
 
 
+def layer_jvp(layer: Any, params: Params, x: Array, dparams: Params, dx: Array | None) -> Array:
+    """``jax.jvp`` of the layer's output at ``(params, x)`` along ``(dparams, dx)``; ``dx=None`` keeps the input
+    fixed (integer inputs included)."""
+    if dx is None:
+        return jax.jvp(lambda p: call_forward(layer, p, x)[0], (params,), (dparams,))[1]
+    return jax.jvp(lambda p, inputs: call_forward(layer, p, inputs)[0], (params, x), (dparams, dx))[1]
+
+
+def layer_backward_tangent(
+    layer: Any, params: Params, x: Array, dy: Array, dparams: Params, dx: Array | None, dy_tangent: Array
+) -> tuple[Params, Array]:
+    """``jax.jvp`` of the layer's vector-Jacobian product ``(params, x, dy) -> (dparams, dx)`` along
+    ``(dparams, dx, dy_tangent)``: the R-operator of its backward pass, ``(R{dparams}, R{dx})``."""
+    if dx is None:
+        return jax.jvp(lambda p, c: layer_vjp(layer, p, x, c), (params, dy), (dparams, dy_tangent))[1]
+    return jax.jvp(lambda p, inputs, c: layer_vjp(layer, p, inputs, c), (params, x, dy), (dparams, dx, dy_tangent))[1]
+
+
 def layer_per_example_vjp(layer: Any, params: Params, x: Array, dy: Array) -> tuple[Params, Array]:
     """Row ``b``: ``jax.vjp`` of example ``b``'s output alone, run as a batch of one, applied to ``dy[b]``; the
     parameter part keeps a leading batch axis."""

@@ -123,7 +123,10 @@ def test_check_layer_passes_every_built_in_layer(layer, shape):
     report = mnet.check_layer(layer, shape, batch=3)
     assert report.ok, str(report)
     rules = {row.rule: row for row in report.rows}
-    assert {"init", "backward", "per_example_backward", "per_example_sq_norms", "ntk_contribution"} <= set(rules)
+    assert {"init", "backward", "per_example_backward", "per_example_sq_norms", "ntk_contribution", "tangent",
+            "backward_tangent"} <= set(rules)
+    if layer is not GLU:  # every built-in layer has forward mode and a Hessian-vector rule (own, walk or default)
+        assert rules["tangent"].source != "absent" and rules["backward_tangent"].source != "absent", str(report)
     for row in report.rows:
         if row.agreement is not None and row.rule != "init":
             a = row.agreement  # leaves that are zero in exact arithmetic (attention's key bias) by the whole scale
@@ -160,9 +163,11 @@ class WrongNTK(mnet.Dense):
                                          (WrongNTK(3), "ntk_contribution")])
 def test_check_layer_names_the_wrong_rule(layer, rule):
     report = mnet.check_layer(layer, (4,))
-    assert not report.ok and report.wrong == [rule]
-    assert f"DISAGREES with autodiff: {rule}" in str(report) and "MISMATCH" in str(report)
-    assert report.to_dict()["wrong"] == [rule]
+    # A wrong backward also makes the Hessian-vector rule built on it wrong, and the check says so after it.
+    expected = [rule, "backward_tangent"] if rule == "backward" else [rule]
+    assert not report.ok and report.wrong == expected
+    assert f"DISAGREES with autodiff: {', '.join(expected)}" in str(report) and "MISMATCH" in str(report)
+    assert report.to_dict()["wrong"] == expected
     # Inside a network, the walk carries the wrong rule along and the check names the same rule.
     assert rule in mnet.check_layer(mnet.serial(mnet.Tanh(), layer, mnet.Relu()), (4,)).wrong
 

@@ -41,6 +41,9 @@ class AttentionCore(Layer):
     head_dim: int
     causal: bool = False
 
+    def __repr__(self) -> str:
+        return f"AttentionCore({self.num_heads}, {self.head_dim}{', causal=True' if self.causal else ''})"
+
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         return tuple(input_shape[:-1]) + (self.num_heads * self.head_dim,), ()
 
@@ -71,6 +74,19 @@ class AttentionCore(Layer):
         O = jnp.einsum("bhst,bhtd->bhsd", P, V)
         return self._merge(O), (Q, K, V, P)
 
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dqkv: Array) -> Array:
+        """Forward mode, from the tangents ``dQ, dK, dV``::
+
+        dS = (dQ K^T + Q dK^T) / sqrt(d)
+        dP = P * (dS - sum(dS * P, axis=-1, keepdims=True))     (masked entries: P = 0, so dP = 0)
+        dO = dP V + P dV
+        """
+        Q, K, V, P = cache
+        dQ, dK, dV = (self._heads(part) for part in jnp.split(dqkv, 3, axis=-1))
+        dS = (jnp.einsum("bhsd,bhtd->bhst", dQ, K) + jnp.einsum("bhsd,bhtd->bhst", Q, dK)) / math.sqrt(self.head_dim)
+        dP = P * (dS - jnp.sum(dS * P, axis=-1, keepdims=True))
+        return self._merge(jnp.einsum("bhst,bhtd->bhsd", dP, V) + jnp.einsum("bhst,bhtd->bhsd", P, dV))
+
     def backward(self, params: Params, cache: Cache, dout: Array) -> tuple[Params, Array]:
         Q, K, V, P = cache
         dO = self._heads(dout)
@@ -81,6 +97,40 @@ class AttentionCore(Layer):
         dQ = jnp.einsum("bhst,bhtd->bhsd", dS, K) * scale
         dK = jnp.einsum("bhst,bhsd->bhtd", dS, Q) * scale
         return (), jnp.concatenate([self._merge(dQ), self._merge(dK), self._merge(dV)], axis=-1)
+
+    def backward_tangent(
+        self, params: Params, cache: Cache, tangents: tuple, dout: Array, dout_tangent: Array
+    ) -> tuple[Params, Array, Array]:
+        """The backward pass differentiated along the tangent (Hessian-vector products). With the tangents
+        ``Q_t, K_t, V_t`` of the input and ``P_t`` of the probabilities (the forward rule, :meth:`tangent`)::
+
+            R{dV} = P_t^T dO + P^T R{dO}                 R{dP} = R{dO} V^T + dO V_t^T
+            R{dS} = P_t * (dP - r) + P * (R{dP} - rowsum(R{dP} * P + dP * P_t)),   r = rowsum(dP * P)
+            R{dQ} = (R{dS} K + dS K_t) / sqrt(d)         R{dK} = (R{dS}^T Q + dS^T Q_t) / sqrt(d)
+        """
+        Q, K, V, P = cache
+        _, dx = self.backward(params, cache, dout)
+        _, dx_tangent = self.backward(params, cache, dout_tangent)
+        qkv_tangent = tangents[1]
+        if qkv_tangent is None:
+            return (), dx, dx_tangent
+        scale = 1 / math.sqrt(self.head_dim)
+        Q_t, K_t, V_t = (self._heads(part) for part in jnp.split(qkv_tangent, 3, axis=-1))
+        S_t = (jnp.einsum("bhsd,bhtd->bhst", Q_t, K) + jnp.einsum("bhsd,bhtd->bhst", Q, K_t)) * scale
+        P_t = P * (S_t - jnp.sum(S_t * P, axis=-1, keepdims=True))
+        dO = self._heads(dout)
+        dP = jnp.einsum("bhsd,bhtd->bhst", dO, V)
+        dS = P * (dP - jnp.sum(dP * P, axis=-1, keepdims=True))
+        # The terms that the backward pass of R{dO} (already in dx_tangent) leaves out: those through P_t, V_t, K_t, Q_t.
+        dP_extra = jnp.einsum("bhsd,bhtd->bhst", dO, V_t)
+        dS_extra = P_t * (dP - jnp.sum(dP * P, axis=-1, keepdims=True)) + P * (
+            dP_extra - jnp.sum(dP_extra * P + dP * P_t, axis=-1, keepdims=True)
+        )
+        dQ_extra = (jnp.einsum("bhst,bhtd->bhsd", dS_extra, K) + jnp.einsum("bhst,bhtd->bhsd", dS, K_t)) * scale
+        dK_extra = (jnp.einsum("bhst,bhsd->bhtd", dS_extra, Q) + jnp.einsum("bhst,bhsd->bhtd", dS, Q_t)) * scale
+        dV_extra = jnp.einsum("bhst,bhsd->bhtd", P_t, dO)
+        extra = jnp.concatenate([self._merge(dQ_extra), self._merge(dK_extra), self._merge(dV_extra)], axis=-1)
+        return (), dx, dx_tangent + extra
 
 
 @dataclass(frozen=True, repr=False)

@@ -276,6 +276,42 @@ def walk(layer: Any, quantity: Quantity, params: Params, caches: tuple, carried:
     return quantity.at_unit(layer, params, caches, carried)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The forward walk: tangents (forward mode) go up the network, from the input to the output, through the caches
+# that ``forward`` left. A unit's rule is ``tangent(params, cache, dparams, dx) -> dy``; a composite's is
+# ``tangent_walk(params, cache, dparams, dx) -> (dy, record)``. The record holds, for every unit, the tangents that
+# reached it, ``(dparams, dx)``, in the caches' own structure: the Hessian-vector walk reads it on the way down.
+# ``dx = None`` is a zero tangent (a constant input: integer ids, or the data when only parameters move); a unit
+# without parameters passes it on as None, so no product with zeros is ever computed.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def missing_tangent(layer: Any) -> LayerError:
+    return LayerError(
+        layer,
+        "has no forward-mode rule: give it a tangent(params, cache, dparams, dx) -> dy method (the Jacobian-vector "
+        "product from the forward cache; dx may be None, a zero input tangent)",
+    )
+
+
+def tangent_walk(layer: Any, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> tuple[Any, Any]:
+    """Carry a tangent up through ``layer``: ``(dy, record)``, ``dy`` None where it is zero."""
+    through = getattr(layer, "tangent_walk", None)
+    if callable(through):
+        return through(params, cache, dparams, dx)
+    if dx is None and not has_params(params):
+        return None, (dparams, None)
+    rule = getattr(layer, "tangent", None)
+    if not callable(rule):
+        raise missing_tangent(layer)
+    return rule(params, cache, dparams, dx), (dparams, dx)
+
+
+def add_tangents(a: Array | None, b: Array | None) -> Array | None:
+    """``a + b`` for tangents that may be None (zero)."""
+    return b if a is None else a if b is None else a + b
+
+
 class Quantity:
     """A quantity carried down the network, and what each unit contributes to it.
 
@@ -493,6 +529,13 @@ class Composite(Layer):
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         return BACKWARD.run(self, params, cache, dy)
 
+    def tangent_walk(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array | None:
+        """The Jacobian-vector product through every layer inside (see :func:`tangent_walk`)."""
+        return self.tangent_walk(params, cache, dparams, dx)[0]
+
 
 class Compound(Composite):
     """A layer that is an inner network with a parameter layout of its own: Conv2D is windows followed by a dense
@@ -514,3 +557,7 @@ class Compound(Composite):
     def walk(self, quantity, params, caches, carried):
         shares, carried = walk(self.network(caches[0]), quantity, self.to_network(params), caches, carried)
         return self.from_network(shares), carried
+
+    def tangent_walk(self, params, cache, dparams, dx):
+        inner = self.network(cache)
+        return tangent_walk(inner, self.to_network(params), cache, self.to_network(dparams), dx)

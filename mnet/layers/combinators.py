@@ -19,12 +19,14 @@ from mnet.layers.base import (
     Params,
     Quantity,
     Shape,
+    add_tangents,
     call_forward,
     describe,
     init_layer,
     is_stochastic,
     located,
     require_layer,
+    tangent_walk,
     walk,
 )
 
@@ -112,6 +114,17 @@ class Serial(Composite):
                 raise located(index, error) from None
         return tuple(shares), carried
 
+    def tangent_walk(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> tuple[Any, Any]:
+        """The layers in order, each one's output tangent the next one's input tangent."""
+        records = []
+        for index, layer in enumerate(self.layers):
+            try:
+                dx, record = tangent_walk(layer, params[index], cache[index], dparams[index], dx)
+            except LayerError as error:
+                raise located(index, error) from None
+            records.append(record)
+        return dx, tuple(records)
+
 
 @dataclass(frozen=True, repr=False)
 class Residual(Composite):
@@ -160,6 +173,14 @@ class Residual(Composite):
         carried = tuple(map(quantity.fork, carried))
         shares, inner = walk(self.block, quantity, params, caches, carried)
         return shares, tuple(map(quantity.join, carried, inner))
+
+    def tangent_walk(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> tuple[Any, Any]:
+        """``dy = dx + block's tangent``."""
+        try:
+            inner, record = tangent_walk(self.block, params, cache, dparams, dx)
+        except LayerError as error:
+            raise located(0, error) from None
+        return add_tangents(dx, inner), record
 
 
 @dataclass(frozen=True, repr=False)
@@ -252,6 +273,33 @@ class Parallel(Composite):
             inputs = inner if inputs is None else tuple(map(quantity.join, inputs, inner))
         assert inputs is not None  # parallel has at least one block
         return tuple(shares), inputs
+
+    def tangent_walk(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> tuple[Any, Any]:
+        """Every block on the same input tangent; the output tangents summed or concatenated as the outputs are.
+        The record mirrors the cache (with the widths for a concatenation), so the walk down splits it alike."""
+        caches = cache if self.combine == "sum" else cache[0]
+        outputs, records = [], []
+        for index, block in enumerate(self.blocks):
+            try:
+                dy, record = tangent_walk(block, params[index], caches[index], dparams[index], dx)
+            except LayerError as error:
+                raise located(index, error) from None
+            outputs.append(dy)
+            records.append(record)
+        if self.combine == "sum":
+            total = None
+            for dy in outputs:
+                total = add_tangents(total, dy)
+            return total, tuple(records)
+        widths = cache[1]
+        known = next((dy for dy in outputs if dy is not None), None)
+        if known is not None:  # a block with a zero tangent still fills its columns of the concatenation
+            outputs = [
+                jnp.zeros(known.shape[:-1] + (w.shape[1],), known.dtype) if dy is None else dy
+                for dy, w in zip(outputs, widths)
+            ]
+            known = jnp.concatenate(outputs, axis=-1)
+        return known, (tuple(records), widths)
 
 
 def residual(block: Any) -> Residual:

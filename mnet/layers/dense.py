@@ -119,12 +119,51 @@ class Dense(Layer):
         if self.policy is None:
             z = x @ params["W"]
             return (z + params["b"] if self.use_bias else z), x
-        compute, param_dtype = jnp.dtype(self.policy.compute_dtype), params["W"].dtype
-        x = x.astype(compute)  # cached in the compute dtype: half the memory
-        z = matmul(x, params["W"].astype(compute), (x.ndim - 1, 0), param_dtype)
+        x = x.astype(jnp.dtype(self.policy.compute_dtype))  # cached in the compute dtype: half the memory
+        z = self._product(x, params["W"])
         if self.use_bias:
             z = z + params["b"]
-        return z.astype(self.policy.output_dtype or compute), x
+        return self._output(z), x
+
+    def _product(self, a: Array, W: Array) -> Array:
+        """``a W`` as the forward computes it: under a policy, in the compute dtype accumulated in W's dtype."""
+        if self.policy is None:
+            return a @ W
+        compute = jnp.dtype(self.policy.compute_dtype)
+        return matmul(a.astype(compute), W.astype(compute), (a.ndim - 1, 0), W.dtype)
+
+    def _output(self, z: Array) -> Array:
+        return z if self.policy is None else z.astype(self.policy.output_dtype or jnp.dtype(self.policy.compute_dtype))
+
+    def tangent(self, params: Params, x: Cache, dparams: Params, dx: Array | None) -> Array:
+        """Forward mode: ``z = x W + b`` is bilinear in ``(x, W)``, so ``dz = dx W + x dW + db`` (no ``dx W`` for
+        a constant input)."""
+        dz = self._product(x, dparams["W"])
+        if dx is not None:
+            dz = dz + self._product(dx, params["W"])
+        if self.use_bias:
+            dz = dz + dparams["b"]
+        return self._output(dz)
+
+    def backward_tangent(
+        self, params: Params, x: Cache, tangents: tuple, dz: Array, dz_tangent: Array
+    ) -> tuple[Params, Array, Array]:
+        """The backward pass differentiated along the tangent (Pearlmutter's R-operator). From ``dW = x^T dz``,
+        ``db = sum dz`` and ``dx = dz W^T``, with ``R{x} = dx_t`` (the input's tangent), ``R{W} = dW_t`` and
+        ``R{dz}`` the tangent of the cotangent::
+
+            R{dW} = dx_t^T dz + x^T R{dz}      R{db} = sum R{dz}      R{dx} = R{dz} W^T + dz dW_t^T
+
+        The two cross terms are where the Hessian differs from the Gauss-Newton matrix at a dense layer.
+        Returns ``(R{dparams}, dx, R{dx})``."""
+        dparams, dx_tangent = tangents
+        hv, down_tangent = self.backward(params, x, dz_tangent)
+        _, down = self.backward(params, x, dz)
+        W_t, dz_compute, accumulate = self._operands(dparams, dz)
+        down_tangent = down_tangent + self._input_gradient(W_t, dz_compute, accumulate, x)
+        if dx_tangent is not None:
+            hv["W"] = hv["W"] + self.backward(params, dx_tangent, dz)[0]["W"]
+        return hv, down, down_tangent
 
     def _operands(self, params: Params, dz: Array) -> tuple[Array, Array, Any]:
         """``(W, dz, accumulate)`` as every backward rule multiplies them: in the policy's compute dtype with

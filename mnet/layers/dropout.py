@@ -54,8 +54,14 @@ class Dropout(Layer):
         mask = keep.astype(x.dtype) / (1 - self.rate)
         return x * mask, mask
 
+    curvature_free = True  # a fixed mask: linear in the input
+
     def backward(self, params: Params, mask: Cache, dy: Array) -> tuple[Params, Array]:
         return (), dy * mask
+
+    def tangent(self, params: Params, mask: Cache, dparams: Params, dx: Array) -> Array:
+        """``dy = dx * mask``: the same mask as the forward pass drew."""
+        return dx * mask
 
     def diag_hessian(self, params: Params, mask: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
         """Linear with a diagonal Jacobian ``diag(mask)``: columns times the mask, the diagonal times its square."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax.numpy as jnp
+
 from mnet import activations
 from mnet.layers.base import Array, Cache, Layer, Params, Shape
 from mnet.layers.second_order import Curvature, no_rule
@@ -40,6 +42,22 @@ class Elementwise(Layer):
 
     def activate_second(self, cache: Cache) -> Array | None:
         raise no_rule(self)
+
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dz: Array) -> Array:
+        """``da = phi'(z) * dz``: the Jacobian is diagonal, hence symmetric, so the forward rule is the backward
+        one (for Softmax too: ``diag(p) - p p^T`` is symmetric)."""
+        return self.activate_backward(cache, dz)
+
+    def backward_tangent(
+        self, params: Params, cache: Cache, tangents: tuple, da: Array, da_tangent: Array
+    ) -> tuple[Params, Array, Array]:
+        """``dz = phi'(z) da``, differentiated: ``R{dz} = phi'(z) R{da} + phi''(z) R{z} da``."""
+        dz_tangent = self.activate_backward(cache, da_tangent)
+        z_tangent = tangents[1]
+        second = self.activate_second(cache)
+        if z_tangent is not None and second is not None:
+            dz_tangent = dz_tangent + second * z_tangent * da
+        return (), self.activate_backward(cache, da), dz_tangent
 
     def diag_hessian(self, params: Params, cache: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
         second = self.activate_second(cache)
@@ -200,6 +218,17 @@ class Softmax(Elementwise):
 
     def activate_backward(self, p, dp):
         return activations.softmax_backward(p, dp)
+
+    def backward_tangent(self, params, p, tangents, dp, dp_tangent):
+        """``dz = p * (dp - <p, dp>)``, differentiated with ``R{p} = p * (R{z} - <p, R{z}>)`` (the forward rule):
+        ``R{dz} = R{p} * (dp - <p, dp>) + p * (R{dp} - <R{p}, dp> - <p, R{dp}>)``."""
+        z_tangent = tangents[1]
+        dz_tangent = self.activate_backward(p, dp_tangent)
+        if z_tangent is not None:
+            p_tangent = self.activate_backward(p, z_tangent)
+            inner = jnp.sum(p * dp, axis=-1, keepdims=True)
+            dz_tangent = dz_tangent + p_tangent * (dp - inner) - p * jnp.sum(p_tangent * dp, axis=-1, keepdims=True)
+        return (), self.activate_backward(p, dp), dz_tangent
 
 
 ACTIVATIONS_BY_NAME: dict[str, type[Elementwise]] = {

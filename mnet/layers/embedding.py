@@ -97,6 +97,10 @@ class Embedding(Layer):
         self._check(params, ids)
         return jnp.take(params["W"], ids, axis=0, mode="fill", fill_value=jnp.nan), ids
 
+    def tangent(self, params: Params, ids: Cache, dparams: Params, dx: Any) -> Array:
+        """The lookup is linear in the table: ``dy = dW[ids]`` (integer ids have no tangent)."""
+        return jnp.take(dparams["W"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+
     def backward(self, params: Params, ids: Cache, dy: Array) -> tuple[Params, Any]:
         table = jnp.zeros((self.vocab, self.dim), dy.dtype)
         dW = table.at[ids.reshape(-1)].add(dy.reshape(-1, self.dim), mode="drop")

@@ -58,8 +58,41 @@ class LayerNorm(Layer):
         return grads, self._dx(params, xhat, rstd, dy)
 
     def _dx(self, params: Params, xhat: Array, rstd: Array, dy: Array) -> Array:
+        return _normalized(xhat, rstd, dy * params["gamma"])
+
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array:
+        """``dy = gamma * N dx + xhat * dgamma + dbeta`` with ``N = rstd (I - 11^T / n - xhat xhat^T / n)``, the
+        Jacobian of ``xhat`` in ``x``: it is symmetric, so the forward rule applies the backward one's map."""
+        xhat, rstd = cache
+        dy = xhat * dparams["gamma"] + dparams["beta"]
+        return dy if dx is None else dy + params["gamma"] * _normalized(xhat, rstd, dx)
+
+    def backward_tangent(
+        self, params: Params, cache: Cache, tangents: tuple, dy: Array, dy_tangent: Array
+    ) -> tuple[Params, Array, Array]:
+        """The backward pass differentiated along the tangent (Hessian-vector products). With ``R{x} = x_t``,
+        ``R{xhat} = N x_t``, ``R{rstd} = -rstd^2 mean(xhat x_t)`` and ``g = gamma * dy``::
+
+            R{dgamma} = sum(R{dy} xhat + dy R{xhat})        R{dbeta} = sum(R{dy})
+            R{dx} = N (gamma R{dy} + R{gamma} dy) - rstd mean(xhat x_t) N g
+                    - rstd (R{xhat} mean(g xhat) + xhat mean(g R{xhat}))
+        """
+        xhat, rstd = cache
+        dparams, x_tangent = tangents
+        n = xhat.shape[-1]
         g = dy * params["gamma"]
-        return rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+        dx = _normalized(xhat, rstd, g)
+        hv, dx_tangent = self.backward(params, cache, dy_tangent)
+        dx_tangent = dx_tangent + _normalized(xhat, rstd, dy * dparams["gamma"])
+        if x_tangent is not None:
+            xhat_tangent = _normalized(xhat, rstd, x_tangent)
+            hv["gamma"] = hv["gamma"] + jnp.sum((dy * xhat_tangent).reshape(-1, n), axis=0)
+            dx_tangent = dx_tangent - rstd * (
+                jnp.mean(xhat * x_tangent, axis=-1, keepdims=True) * dx
+                + xhat_tangent * jnp.mean(g * xhat, axis=-1, keepdims=True)
+                + xhat * jnp.mean(g * xhat_tangent, axis=-1, keepdims=True)
+            )
+        return hv, dx, dx_tangent
 
     def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         """Example ``b``'s own ``dgamma_b = sum(dy_b * xhat_b)``, ``dbeta_b = sum(dy_b)`` over its positions."""
@@ -70,3 +103,9 @@ class LayerNorm(Layer):
             "beta": jnp.sum(dy.reshape(batch, -1, n), axis=1),
         }
         return grads, self._dx(params, xhat, rstd, dy)
+
+
+def _normalized(xhat: Array, rstd: Array, v: Array) -> Array:
+    """``N v = rstd (v - mean(v) - xhat mean(v xhat))`` over the last axis: the symmetric Jacobian of
+    ``xhat = (x - mean x) rstd`` applied to ``v``."""
+    return rstd * (v - jnp.mean(v, axis=-1, keepdims=True) - xhat * jnp.mean(v * xhat, axis=-1, keepdims=True))

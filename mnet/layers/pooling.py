@@ -82,6 +82,13 @@ class MaxPool2D(_Pool2D):
         y = jnp.take_along_axis(patches, winner[:, :, :, None, :], axis=3)[:, :, :, 0, :]
         return y, (winner, shape_record(x))
 
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array) -> Array:
+        """Piecewise linear: each output moves with its window's winner, ``dy = dpatches[m]`` (the same
+        tie-breaking as the backward rule)."""
+        winner, record = cache
+        patches = im2col(dx, self._from_record(record))
+        return jnp.take_along_axis(patches, winner[:, :, :, None, :], axis=3)[:, :, :, 0, :]
+
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         winner, record = cache
         geometry = self._from_record(record)
@@ -119,6 +126,10 @@ class AvgPool2D(_Pool2D):
         geometry = self._geometry(x, params)
         y = jnp.sum(im2col(x, geometry) / self._counts(geometry, x.dtype), axis=3)
         return y, shape_record(x)
+
+    def tangent(self, params: Params, record: Cache, dparams: Params, dx: Array) -> Array:
+        """Linear: the tangent's window means."""
+        return self.forward(params, dx)[0]
 
     def backward(self, params: Params, record: Cache, dy: Array) -> tuple[Params, Array]:
         geometry = self._from_record(record)

@@ -10,7 +10,13 @@ from mnet.layers.second_order import Curvature
 
 
 class _Rearrange(Layer):
-    """A layer that only moves each example's entries: the Hessian's diagonal is moved the same way."""
+    """A layer that only moves each example's entries: the Hessian's diagonal is moved the same way, and a
+    tangent moves as the input does (the layer is linear)."""
+
+    curvature_free = True
+
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array) -> Array:
+        return self.forward(params, dx)[0]
 
     def diag_hessian(self, params: Params, cache: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
         def back(v: Array) -> Array:

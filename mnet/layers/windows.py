@@ -204,6 +204,10 @@ class Windows(Layer):
         patches = im2col(x, self.geometry(x.shape[1:]))
         return patches.reshape(patches.shape[:3] + (-1,)), shape_record(x)
 
+    def tangent(self, params: Params, record: Cache, dparams: Params, dx: Array) -> Array:
+        """Linear: the tangent's windows."""
+        return self.forward(params, dx)[0]
+
     def backward(self, params: Params, record: Cache, dcols: Array) -> tuple[Params, Array]:
         geometry = self.geometry(record.shape[1:])
         return (), col2im(dcols.reshape(dcols.shape[:3] + (geometry.window_size, -1)), geometry)

@@ -1,0 +1,62 @@
+"""Pearlmutter's R-operator: the backward pass differentiated along a tangent, which gives Hessian-vector products.
+
+Derivation. Let ``v`` be a direction in parameter space and ``R{f} = d/dt f(params + t v)`` at ``t = 0`` for any
+quantity ``f`` the network computes (Pearlmutter 1994). The gradient is what the backward pass returns, so
+``H v = R{gradient}``: differentiate every step of the backward pass along ``v``. Two passes supply what that needs:
+
+1. the forward pass with tangents (:func:`mnet.layers.base.tangent_walk`): ``R{x}`` at every layer's input,
+   ``R{y}`` at the network's output;
+2. the loss: ``R{dL/dy} = H_y R{y}``, the loss Hessian in the outputs applied to the output tangent
+   (:meth:`mnet.losses.Loss.hessian_vector`);
+3. the backward pass carrying two values per stream, the cotangent ``dy`` and its tangent ``R{dy}``: each unit
+   maps ``(dy, R{dy})`` to ``(dx, R{dx})`` and contributes ``R{dparams}``, its block of ``H v``.
+
+A unit's rule is ``backward_tangent(params, cache, (dparams, dx_t), dy, dy_t) -> (R{dparams}, dx, R{dx})``, with
+``(dparams, dx_t)`` the tangents that reached it on the way up. Where a layer's backward is linear in the
+cotangent and does not depend on its input or parameters (a linear map of the input alone, a pool, a mask, a
+lookup: ``curvature_free = True``), ``R{backward}(dy) = backward(R{dy})`` and no rule is needed. Dense adds its
+two cross terms, an activation its ``phi''(z) R{z} dy``.
+
+The walk is the same walk as every other quantity's (:func:`mnet.layers.base.walk`), with two streams: the caches
+with the cotangents, the tangent records with the cotangents' tangents. Combinators pass both alike: the skip of a
+residual adds ``R{dy}`` as it adds ``dy``, a concatenation splits both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mnet.errors import LayerError
+from mnet.layers.base import Quantity, own_rule
+
+
+def no_tangent_rule(layer: Any) -> LayerError:
+    return LayerError(
+        layer,
+        "has no Hessian-vector rule, so hessian_vector_product cannot pass through it: give it a "
+        "backward_tangent(params, cache, (dparams, dx_t), dy, dy_t) -> (R{dparams}, dx, R{dx}) method (its backward "
+        "differentiated along the tangent), or curvature_free = True if its output is linear in its input and "
+        "parameters jointly (no products of the two)",
+    )
+
+
+class HessianVector(Quantity):
+    """``H v`` summed over the batch: carries ``(dy, R{dy})`` as two streams, with ``(caches, tangent records)``.
+    The share of a unit is ``R{dparams}``."""
+
+    rule = "backward_tangent"
+
+    def at_unit(self, layer, params, caches, carried):
+        (cache, record), (dy, dy_tangent) = caches, carried
+        own = own_rule(layer, self.rule)
+        if own is not None:
+            share, dx, dx_tangent = own(params, cache, record, dy, dy_tangent)
+            return share, (dx, dx_tangent)
+        if not getattr(layer, "curvature_free", False):
+            raise no_tangent_rule(layer)
+        _, dx = layer.backward(params, cache, dy)
+        share, dx_tangent = layer.backward(params, cache, dy_tangent)
+        return share, (dx, dx_tangent)
+
+
+HESSIAN_VECTOR = HessianVector()

@@ -23,6 +23,7 @@ from mnet.derivatives import (
 )
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
 from mnet.forward_mode import jvp
+from mnet.kfac import KFACState, kfac, kfac_preconditioner
 from mnet.layer_check import LayerReport, check_layer
 from mnet.layers import (
     AvgPool2D,
@@ -75,6 +76,7 @@ __all__ = [
     "Flatten",
     "Gelu",
     "GradientReport",
+    "KFACState",
     "Identity",
     "Layer",
     "LayerError",
@@ -116,6 +118,8 @@ __all__ = [
     "initializers",
     "jacobian",
     "jvp",
+    "kfac",
+    "kfac_preconditioner",
     "layers",
     "load_params",
     "losses",

@@ -197,6 +197,51 @@ def row_forward_mode(widths: list[int], batch: int, rounds: int) -> Row:
     )
 
 
+def row_kfac_step(widths: list[int], batch: int, rounds: int, period: int = 10) -> Row:
+    """A K-FAC training step against an Adam step, both with hand-derived gradients, each timed as ``period``
+    steps in one ``lax.scan`` (so K-FAC's inverse refresh, once per period, is amortised as in training)."""
+    from mnet.kfac import kfac
+    from mnet.train import make_step
+
+    net, params, x, y = mlp_problem(widths, batch)
+    grads = value_and_grad(net, LOSS)
+
+    def periodic(optimizer):
+        step = make_step(grads, optimizer)
+
+        def run(p, inputs, labels):
+            def body(carry, key):
+                p, state = carry
+                p, state, value = step(p, state, inputs, labels, key)
+                return (p, state), value
+
+            keys = jax.random.split(KEY, period)
+            return jax.lax.scan(body, (p, optimizer.init(p)), keys)[1][-1]
+
+        return jax.jit(run)
+
+    import optax
+
+    contenders = {
+        f"Adam, {period} steps": periodic(optax.adam(1e-3)),
+        f"K-FAC (kfac), {period} steps, inverses once": periodic(kfac(net, LOSS, (widths[0],), inverse_every=period)),
+        f"K-FAC (kflr), {period} steps, inverses once": periodic(
+            kfac(net, LOSS, (widths[0],), inverse_every=period, kind="kflr")
+        ),
+        f"K-FAC (kfac), {period} steps, inverses every step": periodic(kfac(net, LOSS, (widths[0],), inverse_every=1)),
+    }
+    seconds = interleaved_medians(
+        {name: functools.partial(fn, params, x, y) for name, fn in contenders.items()}, rounds
+    )
+    return Row(
+        "K1",
+        f"K-FAC against Adam, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}, {period} training steps per "
+        "call (time as a multiple of Adam's: 1 / speed-up)",
+        seconds,
+        f"Adam, {period} steps",
+    )
+
+
 def plans(quick: bool, rounds: int) -> dict[str, Any]:
     """The curvature rows for :func:`mnet.bench.run`. Rows with autodiff's per-example contender (seconds a call)
     run fewer rounds."""
@@ -215,6 +260,7 @@ def plans(quick: bool, rounds: int) -> dict[str, Any]:
         ),
     }
     rows["J1"] = lambda: row_forward_mode(small if quick else [784, 512, 512, 10], 32 if quick else 128, rounds)
+    rows["K1"] = lambda: row_kfac_step(small if quick else [784, 512, 512, 10], 32 if quick else 128, few)
     if not quick:  # the same code as G1 at a larger batch
         rows["G1b"] = lambda: row_mlp_curvature([784, 512, 512, 10], 512, rounds, "G1b", autodiff=False)
     return rows

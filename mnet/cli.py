@@ -185,17 +185,27 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_DISAGREE
 
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "kfac")
+KFAC_LEARNING_RATE = 0.05  # the default step along K-FAC's natural-gradient direction (mnet.kfac's)
 
 
-def make_optimizer(name: str, lr: float):
+def make_optimizer(name: str, lr: float, net=None, loss=None, dataset=None):
+    """The optimizer ``--optimizer`` names; K-FAC needs the network, the loss and the examples' shape and dtype."""
+    import numpy as np
     import optax
+
+    import mnet
+
+    def kfac():
+        integer = np.issubdtype(np.asarray(dataset.x_train).dtype, np.integer)
+        return mnet.kfac(net, loss, dataset.example_shape, learning_rate=lr, input_dtype="int32" if integer else None)
 
     return {
         "sgd": lambda: optax.sgd(lr),
         "momentum": lambda: optax.sgd(lr, momentum=0.9, nesterov=True),
         "adam": lambda: optax.adam(lr),
         "adamw": lambda: optax.adamw(lr, weight_decay=1e-4),
+        "kfac": kfac,
     }[name]()
 
 
@@ -341,7 +351,7 @@ def run_train(args: argparse.Namespace) -> int:
     epochs, batch_size, lr = TRAINING_DEFAULTS.get(args.model, TRAINING_DEFAULTS["mlp"])
     args.epochs = args.epochs or epochs
     args.batch_size = args.batch_size or batch_size
-    args.lr = args.lr or lr
+    args.lr = args.lr or (KFAC_LEARNING_RATE if args.optimizer == "kfac" else lr)
     dataset, net = training_problem(args)
     loss = mnet.losses.softmax_cross_entropy
     output_shape, params = mnet.layers.init_layer(net, jax.random.key(args.seed), dataset.example_shape)
@@ -373,7 +383,7 @@ def run_train(args: argparse.Namespace) -> int:
             loss,
             params,
             dataset,
-            optimizer=make_optimizer(args.optimizer, args.lr),
+            optimizer=make_optimizer(args.optimizer, args.lr, net, loss, dataset),
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,

@@ -79,12 +79,17 @@ def gradient_function(net: Layer, loss: losses.Loss, grad: str | Callable):
 
 
 def make_step(value_and_grad_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
-    """One optimizer step ``(params, opt_state, x, y, **kwargs) -> (params, opt_state, loss value)``; keyword
-    arguments (a dropout key, ``train=True``) go to the gradient function."""
+    """One optimizer step ``(params, opt_state, x, y, optimizer_key=None, **kwargs) -> (params, opt_state, loss
+    value)``; keyword arguments (a dropout key, ``train=True``) go to the gradient function. An optimizer that takes
+    extra arguments (``optax.GradientTransformationExtraArgs``, such as :func:`mnet.kfac`) also gets the batch,
+    ``inputs=x, targets=y``, and ``key=optimizer_key``; optax's own transformations ignore them."""
 
-    def step(params, opt_state, x, y, **kwargs):
+    def step(params, opt_state, x, y, optimizer_key=None, **kwargs):
         value, grads = value_and_grad_fn(params, x, y, **kwargs)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+            updates, opt_state = optimizer.update(grads, opt_state, params, inputs=x, targets=y, key=optimizer_key)
+        else:
+            updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
     return step
@@ -141,7 +146,10 @@ def make_epoch(
             batch, step_key = batch_and_key
             # A network with randomness (dropout) trains in training mode with a fresh key every step.
             extra = {"key": step_key, "train": True} if is_stochastic(net) else {}
-            params, opt_state, value = update(params, opt_state, shard(x[batch]), shard(y[batch]), **extra)
+            optimizer_key = jax.random.fold_in(step_key, 1)  # independent of the dropout draws
+            params, opt_state, value = update(
+                params, opt_state, shard(x[batch]), shard(y[batch]), optimizer_key, **extra
+            )
             return (params, opt_state), value
 
         (params, opt_state), values = jax.lax.scan(step, (params, opt_state), (order, step_keys))

@@ -129,8 +129,9 @@ class Layer:
     ``forward(params, x, *, key=None, train=False)``; combinators pass a key and the train flag only to
     stochastic children.
 
-    A layer whose output has zero second derivative in its input and in each parameter (a linear map, a pool, a
-    mask) sets ``curvature_free = True``; the Hessian diagonal then passes through its ``backward`` alone."""
+    A layer whose output is linear (or piecewise linear) in its input and parameters jointly, with no products of
+    the two (a rearrangement, a pool, a mask, a lookup), sets ``curvature_free = True``; the Hessian diagonal and
+    Hessian-vector products then pass through its ``backward`` alone."""
 
     curvature_free = False
 

@@ -158,11 +158,13 @@ class Dense(Layer):
         Returns ``(R{dparams}, dx, R{dx})``."""
         dparams, dx_tangent = tangents
         hv, down_tangent = self.backward(params, x, dz_tangent)
-        _, down = self.backward(params, x, dz)
-        W_t, dz_compute, accumulate = self._operands(dparams, dz)
+        W, dz_compute, accumulate = self._operands(params, dz)
+        down = self._input_gradient(W, dz_compute, accumulate, x)
+        W_t = self._operands(dparams, dz)[0]
         down_tangent = down_tangent + self._input_gradient(W_t, dz_compute, accumulate, x)
         if dx_tangent is not None:
-            hv["W"] = hv["W"] + self.backward(params, dx_tangent, dz)[0]["W"]
+            rows = dx_tangent.reshape(-1, dx_tangent.shape[-1])
+            hv["W"] = hv["W"] + matmul(rows, dz_compute.reshape(-1, self.out_dim), (0, 0), accumulate)
         return hv, down, down_tangent
 
     def _operands(self, params: Params, dz: Array) -> tuple[Array, Array, Any]:

@@ -24,6 +24,7 @@ from mnet.derivatives import (
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
 from mnet.forward_mode import jvp
 from mnet.kfac import KFACState, kfac, kfac_preconditioner
+from mnet.laplace import Laplace, laplace
 from mnet.layer_check import LayerReport, check_layer
 from mnet.layers import (
     AvgPool2D,
@@ -78,6 +79,7 @@ __all__ = [
     "GradientReport",
     "KFACState",
     "Identity",
+    "Laplace",
     "Layer",
     "LayerError",
     "LayerNorm",
@@ -120,6 +122,7 @@ __all__ = [
     "jvp",
     "kfac",
     "kfac_preconditioner",
+    "laplace",
     "layers",
     "load_params",
     "losses",

@@ -590,13 +590,33 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def compiled_memory(compiled: Any) -> dict[str, int | str]:
+    """XLA's memory analysis of a compiled program: ``temp_bytes`` (its scratch buffers: the activations and
+    intermediates it keeps) and ``peak_bytes`` (the estimate temporary + arguments + outputs - aliased). A backend
+    without the analysis, or one that reports only zeros, gives ``"n/a"`` for both, never a zero."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        stats = None
+    sizes = (
+        [getattr(stats, f"{name}_size_in_bytes", 0) or 0 for name in ("temp", "argument", "output", "alias")]
+        if stats is not None
+        else [0, 0, 0, 0]
+    )
+    if not any(sizes):
+        return {"temp_bytes": "n/a", "peak_bytes": "n/a"}
+    temp, arguments, outputs, aliased = (int(size) for size in sizes)
+    return {"temp_bytes": temp, "peak_bytes": temp + arguments + outputs - aliased}
+
+
 def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Array, *, repeats: int = 50) -> dict:
     """The compiled hand-derived and autodiff gradient functions side by side in this process.
 
     Returns a dict with, for ``"hand"`` and ``"autodiff"``: XLA's cost analysis (``flops``,
-    ``bytes_accessed``), ``compile_seconds``, and ``seconds`` (median of ``repeats`` timed calls after a
-    warm-up, the two contenders interleaved so that machine noise hits both alike); and ``time_ratio``
-    (hand / autodiff; below 1 means the hand-derived path is faster).
+    ``bytes_accessed``), its memory analysis (``temp_bytes``, ``peak_bytes``: see :func:`compiled_memory`),
+    ``compile_seconds``, and ``seconds`` (median of ``repeats`` timed calls after a warm-up, the two contenders
+    interleaved so that machine noise hits both alike); ``time_ratio`` (hand / autodiff; below 1 means the
+    hand-derived path is faster) and ``memory_ratio`` (hand / autodiff temporary bytes, or ``"n/a"``).
     """
     contenders = {"hand": value_and_grad(net, loss), "autodiff": autodiff_value_and_grad(net, loss)}
     result: dict[str, Any] = {}
@@ -611,6 +631,7 @@ def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Arra
             "flops": float(cost.get("flops", math.nan)),
             "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
             "compile_seconds": compile_seconds,
+            **compiled_memory(compiled[name]),
         }
         jax.block_until_ready(compiled[name](params, x, targets))
     samples: dict[str, list[float]] = {name: [] for name in contenders}
@@ -620,4 +641,7 @@ def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Arra
     for name in contenders:
         result[name]["seconds"] = statistics.median(samples[name])
     result["time_ratio"] = result["hand"]["seconds"] / result["autodiff"]["seconds"]
+    hand_temp, autodiff_temp = result["hand"]["temp_bytes"], result["autodiff"]["temp_bytes"]
+    numeric = isinstance(hand_temp, int) and isinstance(autodiff_temp, int) and autodiff_temp > 0
+    result["memory_ratio"] = hand_temp / autodiff_temp if numeric else "n/a"
     return result

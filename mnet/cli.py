@@ -417,14 +417,25 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _format_cost(cost: dict) -> str:
-    lines = ["", f"{'compiled gradient':<18}{'GFLOP':>10}{'MB accessed':>13}{'compile s':>11}{'median us':>11}"]
+    def megabytes(value: int | str) -> str:
+        return f"{value / 1e6:.3f}" if isinstance(value, int) else str(value)
+
+    lines = [
+        "",
+        f"{'compiled gradient':<18}{'GFLOP':>10}{'MB accessed':>13}{'temp MB':>10}{'peak MB':>10}"
+        f"{'compile s':>11}{'median us':>11}",
+    ]
     for name in ("hand", "autodiff"):
         c = cost[name]
         lines.append(
-            f"{name:<18}{c['flops'] / 1e9:>10.4f}{c['bytes_accessed'] / 1e6:>13.3f}"
-            f"{c['compile_seconds']:>11.3f}{c['seconds'] * 1e6:>11.1f}"
+            f"{name:<18}{c['flops'] / 1e9:>10.4f}{c['bytes_accessed'] / 1e6:>13.3f}{megabytes(c['temp_bytes']):>10}"
+            f"{megabytes(c['peak_bytes']):>10}{c['compile_seconds']:>11.3f}{c['seconds'] * 1e6:>11.1f}"
         )
-    lines.append(f"hand / autodiff time: {cost['time_ratio']:.3f}")
+    ratio = cost["memory_ratio"]
+    lines.append(
+        f"hand / autodiff time: {cost['time_ratio']:.3f}; temporary memory: "
+        + (f"{ratio:.3f}" if isinstance(ratio, float) else str(ratio))
+    )
     return "\n".join(lines)
 
 

@@ -117,6 +117,31 @@ def test_cost_comparison_reports_both_paths():
     # Both compute the same products: their flop counts agree within a few percent.
     assert abs(cost["hand"]["flops"] / cost["autodiff"]["flops"] - 1) < 0.1
     assert cost["time_ratio"] > 0
+    # XLA's memory analysis beside the time: present and positive on CPU (the peak counts the arguments too)
+    for name in ("hand", "autodiff"):
+        assert isinstance(cost[name]["temp_bytes"], int) and cost[name]["temp_bytes"] > 0
+        assert cost[name]["peak_bytes"] > cost[name]["temp_bytes"]
+    assert cost["memory_ratio"] == cost["hand"]["temp_bytes"] / cost["autodiff"]["temp_bytes"]
+
+
+def test_memory_analysis_never_reports_a_zero():
+    """A backend whose analysis is missing or all zeros is reported as "n/a"."""
+    from types import SimpleNamespace
+
+    from mnet.check import compiled_memory
+
+    class Missing:
+        def memory_analysis(self):
+            raise NotImplementedError
+
+    zeros = SimpleNamespace(temp_size_in_bytes=0, argument_size_in_bytes=0, output_size_in_bytes=0,
+                            alias_size_in_bytes=0)
+    some = SimpleNamespace(temp_size_in_bytes=100, argument_size_in_bytes=40, output_size_in_bytes=8,
+                           alias_size_in_bytes=8)
+    assert compiled_memory(Missing()) == {"temp_bytes": "n/a", "peak_bytes": "n/a"}
+    assert compiled_memory(SimpleNamespace(memory_analysis=lambda: zeros)) == {"temp_bytes": "n/a", "peak_bytes": "n/a"}
+    assert compiled_memory(SimpleNamespace(memory_analysis=lambda: None))["temp_bytes"] == "n/a"
+    assert compiled_memory(SimpleNamespace(memory_analysis=lambda: some)) == {"temp_bytes": 100, "peak_bytes": 140}
 
 
 def run_cli(*args):

@@ -9,12 +9,13 @@ best GFLOP/s of jitted square products of several sizes, each the fastest of its
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ import optax
 
 from mnet import derivatives, models
 from mnet.backprop import value_and_grad
+from mnet.check import compiled_memory
 from mnet.layers.base import LayerProtocol as Layer
 from mnet.layers.base import apply_layer, batch_sq_norms
 from mnet.losses import softmax_cross_entropy
@@ -41,6 +43,9 @@ class Row:
     seconds: dict[str, float]
     baseline: str
     extra: dict = field(default_factory=dict)
+    #: Each contender's XLA memory analysis (:func:`mnet.check.compiled_memory`): ``temp_bytes`` and
+    #: ``peak_bytes``, or "n/a" (a contender that is not one compiled program, or a backend without the analysis).
+    memory: dict = field(default_factory=dict)
 
     def ratios(self) -> dict[str, float]:
         """Each contender's speed-up over the baseline (baseline time / contender time)."""
@@ -54,7 +59,7 @@ SAMPLE_SECONDS = 0.02
 
 
 def interleaved_samples(
-    contenders: dict[str, Callable[[], object]], rounds: int, number: int | None = None
+    contenders: Mapping[str, Callable[[], object]], rounds: int, number: int | None = None
 ) -> dict[str, list[float]]:
     """Seconds per call of each contender, one sample per round, the contenders interleaved round by round.
 
@@ -62,6 +67,7 @@ def interleaved_samples(
     a sample lasts at least :data:`SAMPLE_SECONDS`.
     """
     numbers = {}
+    contenders = {name: _ahead_of_time(name, fn) for name, fn in contenders.items()}
     for name, fn in contenders.items():  # compile, warm up, calibrate
         jax.block_until_ready(fn())
         start = time.perf_counter()
@@ -82,8 +88,48 @@ def interleaved_samples(
     return samples
 
 
+NOT_AVAILABLE: dict[str, int | str] = {"temp_bytes": "n/a", "peak_bytes": "n/a"}
+
+#: While a row runs (:func:`run`), the memory analysis of every contender it times, by name.
+_ROW_MEMORY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("row_memory", default=None)
+
+
+def _ahead_of_time(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """A contender that calls a jitted function on fixed arguments, compiled ahead of time so that XLA's memory
+    analysis of exactly the program being timed is read without compiling it twice; it is recorded for the row
+    being run. Any other contender (a Python loop, another framework) is timed as it is, its memory "n/a"."""
+    memory: dict[str, int | str] = dict(NOT_AVAILABLE)
+    timed = fn
+    if isinstance(fn, functools.partial) and hasattr(fn.func, "lower"):
+        try:
+            compiled = fn.func.lower(*fn.args, **fn.keywords).compile()
+            candidate = functools.partial(compiled, *fn.args, **fn.keywords)
+            jax.block_until_ready(candidate())
+            memory, timed = compiled_memory(compiled), candidate
+        except Exception:  # static arguments or donation the executable cannot take: time the jitted call
+            pass
+    recorder = _ROW_MEMORY.get()
+    if recorder is not None:
+        recorder[name] = memory
+    return timed
+
+
+def with_memory(plan: Callable[[], Row]) -> Row:
+    """Run one row's plan, then attach the memory analysis of each of its contenders: what the row set itself, else
+    what its timing recorded, else "n/a" (a contender that is no single compiled program, such as a Python loop of
+    steps or another framework)."""
+    token = _ROW_MEMORY.set({})
+    try:
+        row = plan()
+        recorded = _ROW_MEMORY.get() or {}
+    finally:
+        _ROW_MEMORY.reset(token)
+    row.memory = {name: row.memory.get(name, recorded.get(name, NOT_AVAILABLE)) for name in row.seconds}
+    return row
+
+
 def interleaved_medians(
-    contenders: dict[str, Callable[[], object]], rounds: int, number: int | None = None
+    contenders: Mapping[str, Callable[[], object]], rounds: int, number: int | None = None
 ) -> dict[str, float]:
     """Median seconds per call of each contender (:func:`interleaved_samples`)."""
     return {name: statistics.median(values) for name, values in interleaved_samples(contenders, rounds, number).items()}
@@ -296,15 +342,17 @@ def row_compile_time(widths: list[int], batch: int, rounds: int) -> Row:
     """Seconds to lower and compile the jitted training step (fresh each round, caches cleared)."""
     net, params, x, y = mlp_problem(widths, batch)
     samples: dict[str, list[float]] = {"hand": [], "jax.grad": []}
+    memory = {}
     for _ in range(rounds):
         for label, grad_fn in _hand_and_autodiff(net).items():
             optimizer, step = _train_step(grad_fn)
             jax.clear_caches()
             start = time.perf_counter()
-            jax.jit(step).lower(params, optimizer.init(params), x, y).compile()
+            compiled = jax.jit(step).lower(params, optimizer.init(params), x, y).compile()
             samples[label].append(time.perf_counter() - start)
+            memory[label] = compiled_memory(compiled)
     seconds = {k: statistics.median(v) for k, v in samples.items()}
-    return Row("W3", f"compile the training step, MLP {'-'.join(map(str, widths))}", seconds, "jax.grad")
+    return Row("W3", f"compile the training step, MLP {'-'.join(map(str, widths))}", seconds, "jax.grad", memory=memory)
 
 
 def row_per_example_norms(widths: list[int], batch: int, rounds: int) -> Row:
@@ -313,7 +361,7 @@ def row_per_example_norms(widths: list[int], batch: int, rounds: int) -> Row:
     reference = _vmapped_autodiff_grads(net)
     auto = jax.jit(lambda p, x, y: jnp.sqrt(batch_sq_norms(reference(p, x, y), batch, x.dtype)))
     seconds = interleaved_medians(
-        {"hand": lambda: hand(params, x, y), "vmap(jax.grad)": lambda: auto(params, x, y)}, rounds
+        {"hand": functools.partial(hand, params, x, y), "vmap(jax.grad)": functools.partial(auto, params, x, y)}, rounds
     )
     return Row(
         "D1", f"per-example gradient norms, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds, "vmap(jax.grad)"
@@ -325,7 +373,7 @@ def row_per_example_grads(widths: list[int], batch: int, rounds: int) -> Row:
     hand = jax.jit(derivatives.per_example_grads(net, softmax_cross_entropy))
     auto = jax.jit(_vmapped_autodiff_grads(net))
     seconds = interleaved_medians(
-        {"hand": lambda: hand(params, x, y), "vmap(jax.grad)": lambda: auto(params, x, y)}, rounds
+        {"hand": functools.partial(hand, params, x, y), "vmap(jax.grad)": functools.partial(auto, params, x, y)}, rounds
     )
     return Row(
         "D2", f"per-example gradients, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds, "vmap(jax.grad)"
@@ -340,10 +388,13 @@ def row_ntk(widths: list[int], batch: int, rounds: int, name: str, forward_mode:
     hand = jax.jit(derivatives.ntk(net))
     contract = derivatives.contract_jacobians
     via_jacrev = jax.jit(lambda p, a, b: contract(jax.jacrev(net.apply)(p, a), jax.jacrev(net.apply)(p, b)))
-    contenders = {"hand": lambda: hand(params, x, x2), "jacrev contraction": lambda: via_jacrev(params, x, x2)}
+    contenders = {
+        "hand": functools.partial(hand, params, x, x2),
+        "jacrev contraction": functools.partial(via_jacrev, params, x, x2),
+    }
     if forward_mode:
         via_jacfwd = jax.jit(lambda p, a, b: contract(jax.jacfwd(net.apply)(p, a), jax.jacfwd(net.apply)(p, b)))
-        contenders["jacfwd contraction"] = lambda: via_jacfwd(params, x, x2)
+        contenders["jacfwd contraction"] = functools.partial(via_jacfwd, params, x, x2)
     seconds = interleaved_medians(contenders, rounds)
     return Row(
         name, f"empirical NTK, MLP {'-'.join(map(str, widths))}, batch {batch} x {batch}", seconds, "jacrev contraction"
@@ -354,10 +405,10 @@ def row_jacobian(widths: list[int], batch: int, rounds: int, forward_mode: bool 
     net, params, x, _ = mlp_problem(widths, batch)
     hand = jax.jit(derivatives.jacobian(net))
     rev = jax.jit(jax.jacrev(net.apply))
-    contenders = {"hand": lambda: hand(params, x), "jax.jacrev": lambda: rev(params, x)}
+    contenders = {"hand": functools.partial(hand, params, x), "jax.jacrev": functools.partial(rev, params, x)}
     if forward_mode:
         fwd = jax.jit(jax.jacfwd(net.apply))
-        contenders["jax.jacfwd"] = lambda: fwd(params, x)
+        contenders["jax.jacfwd"] = functools.partial(fwd, params, x)
     seconds = interleaved_medians(contenders, rounds)
     return Row(
         "D4", f"output-parameter Jacobian, MLP {'-'.join(map(str, widths))}, batch {batch}", seconds, "jax.jacrev"
@@ -408,7 +459,7 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False) 
     unknown = sorted((only or set()) - set(plans))
     if unknown:
         raise ValueError(f"unknown benchmark row(s) {', '.join(unknown)}; known: {', '.join(plans)}")
-    rows = [plan() for name, plan in plans.items() if only is None or name in only]
+    rows = [with_memory(plan) for name, plan in plans.items() if only is None or name in only]
     peaks = matmul_peak((128, 256, 512) if quick else PEAK_SIZES, 3 if quick else 10)
     return {
         "machine": machine(),
@@ -441,11 +492,19 @@ def format_table(result: dict) -> str:
         + ")",
         "",
     ]
-    header = f"{'row':<5}{'contender':<22}{'median':>12}{'speed-up':>10}  notes"
+    header = f"{'row':<5}{'contender':<22}{'median':>12}{'speed-up':>10}{'temp MB':>10}{'peak MB':>10}  notes"
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
         lines.append(f"{row['name']:<6}{row['description']}")
         for name in row["seconds"]:
             time_text, note = contender_figures(row, name, peak)
-            lines.append(f"{'':<5}{name:<22}{time_text:>12}{row['ratios'][name]:>9.2f}x  {note}".rstrip())
+            memory = row.get("memory", {}).get(name, NOT_AVAILABLE)
+            temp, peak_bytes = (_megabytes(memory[key]) for key in ("temp_bytes", "peak_bytes"))
+            lines.append(
+                f"{'':<5}{name:<22}{time_text:>12}{row['ratios'][name]:>9.2f}x{temp:>10}{peak_bytes:>10}  {note}".rstrip()
+            )
     return "\n".join(lines)
+
+
+def _megabytes(value: int | str) -> str:
+    return f"{value / 1e6:.2f}" if isinstance(value, int) else str(value)

@@ -69,8 +69,7 @@ def _timed(net, params, x, y, contenders: dict[str, Any], rounds: int) -> dict[s
 
 def _with_key(fn):
     """``fn(params, x, y, *, key)`` jitted, called with a fixed key."""
-    jitted = jax.jit(lambda p, x, y, key: fn(p, x, y, key=key))
-    return lambda p, x, y: jitted(p, x, y, KEY)
+    return functools.partial(jax.jit(lambda p, x, y, key: fn(p, x, y, key=key)), key=KEY)
 
 
 def kfac_jax_status() -> str:

@@ -16,6 +16,14 @@ def test_bench_quick_json():
     for row in data["rows"]:
         assert row["seconds"] and all(s > 0 for s in row["seconds"].values()), row
         assert row["ratios"][row["baseline"]] == 1.0
+        # XLA's memory analysis beside every time: positive figures for every compiled contender, "n/a" only for
+        # a loop of programs (never a zero standing in for a missing analysis)
+        assert set(row["memory"]) == set(row["seconds"]), row
+        for name, memory in row["memory"].items():
+            if name.endswith("loop"):
+                assert memory == {"temp_bytes": "n/a", "peak_bytes": "n/a"}, (row["name"], name)
+            else:
+                assert memory["temp_bytes"] > 0 and memory["peak_bytes"] > memory["temp_bytes"], (row["name"], name)
 
 
 def test_bench_bad_row_name_is_one_line():

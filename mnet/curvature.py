@@ -103,14 +103,19 @@ def diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None = None) -> C
 
     def diag_ggn_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None) -> Params:
         outputs, cache = net.forward(params, x)
-        S = _square_root(loss, outputs, targets, mc_samples, key)
-        try:
-            total: Any = DIAG_GGN.run(net, params, cache, S)[0]
-        except MissingRule:
-            total = jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), _one_example_at_a_time(net, params, x, S))
+        total = summed_diag_ggn(net, params, x, cache, _square_root(loss, outputs, targets, mc_samples, key))
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
 
     return diag_ggn_fn
+
+
+def summed_diag_ggn(net: LayerProtocol, params: Params, x: Array, cache: Any, S: Array) -> Params:
+    """``sum_b diag(J_b^T S_b S_b^T J_b)`` from a forward cache and the square-root columns ``S``: the walk, or one
+    example at a time for a network with a layer that has no per-example rule."""
+    try:
+        return DIAG_GGN.run(net, params, cache, S)[0]
+    except MissingRule:
+        return jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), _one_example_at_a_time(net, params, x, S))
 
 
 def diag_hessian(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
@@ -172,6 +177,24 @@ def hessian_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, 
 
 
 KRONECKER_KINDS = ("kflr", "kfac")
+
+
+def is_factor_pair(node: Any) -> bool:
+    """Whether ``node`` is one dense-like entry of :func:`kfac_factors`' result, ``{"A", "G"}``."""
+    return isinstance(node, dict) and set(node) == {"A", "G"}
+
+
+def stack_bias(grad: Params) -> Array:
+    """A dense-like entry's ``{"W", "b"}`` (leading axes allowed) as the one matrix ``[W; b]`` that the Kronecker
+    factors act on (``A`` over its rows, ``G`` over its columns); ``{"W"}`` alone is ``W``."""
+    if "b" not in grad:
+        return grad["W"]
+    return jnp.concatenate([grad["W"], grad["b"][..., None, :]], axis=-2)
+
+
+def unstack_bias(matrix: Array, like: Params) -> Params:
+    """The inverse of :func:`stack_bias`: ``[W; b]`` back to an entry with the keys of ``like``."""
+    return {"W": matrix} if "b" not in like else {"W": matrix[..., :-1, :], "b": matrix[..., -1, :]}
 
 
 def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable[..., Any]:

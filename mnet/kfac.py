@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mnet.curvature import KRONECKER_KINDS, kfac_factors
+from mnet.curvature import KRONECKER_KINDS, is_factor_pair, kfac_factors, stack_bias, unstack_bias
 from mnet.layers.base import KRONECKER_FACTORS, Array, LayerProtocol, Params, call_forward, walk
 from mnet.losses import Loss
 
@@ -44,13 +44,9 @@ class KFACState(NamedTuple):
     inverses: Any
 
 
-def _is_factor_pair(node: Any) -> bool:
-    return isinstance(node, dict) and set(node) == {"A", "G"}
-
-
 def _map_pairs(fn, *trees: Any) -> Any:
     """``fn`` on every ``{"A", "G"}`` entry of ``trees`` (zipped), the rest of the structure kept."""
-    return jax.tree_util.tree_map(fn, *trees, is_leaf=lambda node: _is_factor_pair(node) or node is None)
+    return jax.tree_util.tree_map(fn, *trees, is_leaf=lambda node: is_factor_pair(node) or node is None)
 
 
 def _damped_inverses(pair: dict, damping: float, pi_correction: bool) -> dict:
@@ -72,10 +68,8 @@ def _damped_inverses(pair: dict, damping: float, pi_correction: bool) -> dict:
 
 def precondition(inverses: Any, grads: Params) -> Params:
     """Every dense-like entry's gradient ``[W; b]`` replaced by ``A^-1 [W; b] G^-1``; the rest unchanged."""
-    if _is_factor_pair(inverses):
-        stacked = grads["W"] if "b" not in grads else jnp.concatenate([grads["W"], grads["b"][None]], axis=0)
-        direction = inverses["A"] @ stacked @ inverses["G"]
-        return {"W": direction} if "b" not in grads else {"W": direction[:-1], "b": direction[-1]}
+    if is_factor_pair(inverses):
+        return unstack_bias(inverses["A"] @ stack_bias(grads) @ inverses["G"], grads)
     if inverses is None or inverses == ():
         return grads
     if isinstance(inverses, dict):
@@ -147,9 +141,7 @@ def kfac_preconditioner(
 
     def init(params: Params) -> KFACState:
         structure = shapes(params)
-        pairs = [
-            node for node in jax.tree_util.tree_leaves(structure, is_leaf=_is_factor_pair) if _is_factor_pair(node)
-        ]
+        pairs = [node for node in jax.tree_util.tree_leaves(structure, is_leaf=is_factor_pair) if is_factor_pair(node)]
         if not pairs:
             raise ValueError(
                 f"kfac: {net!r} has no layer with Kronecker factors (Dense, Conv2D, attention projections), so "
@@ -159,7 +151,7 @@ def kfac_preconditioner(
         def zeros() -> Any:  # called twice: two sets of buffers, since fit donates the state
             return _map_pairs(
                 lambda pair: (
-                    {k: jnp.zeros(v.shape, v.dtype) for k, v in pair.items()} if _is_factor_pair(pair) else pair
+                    {k: jnp.zeros(v.shape, v.dtype) for k, v in pair.items()} if is_factor_pair(pair) else pair
                 ),
                 structure,
             )
@@ -177,14 +169,14 @@ def kfac_preconditioner(
         batch = factors_fn(params, extra["inputs"], extra["targets"], key=key)
         kept = jnp.where(state.step == 0, 0.0, decay)
         factors = _map_pairs(
-            lambda old, new: old if not _is_factor_pair(old) else {k: kept * old[k] + (1 - kept) * new[k] for k in old},
+            lambda old, new: old if not is_factor_pair(old) else {k: kept * old[k] + (1 - kept) * new[k] for k in old},
             state.factors,
             batch,
         )
         inverses = jax.lax.cond(
             state.step % inverse_every == 0,
             lambda: _map_pairs(
-                lambda pair: _damped_inverses(pair, damping, pi_correction) if _is_factor_pair(pair) else pair, factors
+                lambda pair: _damped_inverses(pair, damping, pi_correction) if is_factor_pair(pair) else pair, factors
             ),
             lambda: state.inverses,
         )

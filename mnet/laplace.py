@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mnet.curvature import _square_root, diag_ggn
+from mnet.curvature import _check_samples, _square_root, is_factor_pair, stack_bias, summed_diag_ggn, unstack_bias
 from mnet.derivatives import _output_basis, jacobian
 from mnet.layers.base import (
     KroneckerFactors,
@@ -84,12 +84,8 @@ class KronBlock(NamedTuple):
     G_vecs: Array
 
 
-def _is_pair(node: Any) -> bool:
-    return isinstance(node, dict) and set(node) == {"A", "G"}
-
-
 def _is_entry(node: Any) -> bool:
-    return _is_pair(node) or node is None or isinstance(node, KronBlock)
+    return is_factor_pair(node) or node is None or isinstance(node, KronBlock)
 
 
 def _map_entries(fn: Callable[..., Any], structure: Any, *trees: Any) -> Any:
@@ -112,7 +108,7 @@ class _DataKronecker(KroneckerFactors):
         factors = super().share_of(layer, params, caches, carried)
         positions = math.prod(carried[0].shape[2:-1])
         return jax.tree_util.tree_map(
-            lambda pair: {"A": pair["A"], "G": positions * pair["G"]} if _is_pair(pair) else pair,
+            lambda pair: {"A": pair["A"], "G": positions * pair["G"]} if is_factor_pair(pair) else pair,
             factors,
             is_leaf=_is_entry,
         )
@@ -157,13 +153,9 @@ def _fit_chunk(net, loss, structure, mc_samples, params, x, targets, key):
     factors with positions folded in; the factors are means over the chunk."""
     outputs, cache = net.forward(params, x)
     loss_sum = jnp.sum(loss.per_example(outputs, targets))
-    diagonal = jax.tree_util.tree_map(
-        lambda d: d * x.shape[0], diag_ggn(net, loss, mc_samples)(params, x, targets, key=key)
-    )
-    factors = None
-    if structure == "kron":
-        S = _square_root(loss, outputs, targets, mc_samples, key)
-        factors = walk(net, DATA_KRONECKER, params, (cache,), (S,))[0]
+    S = _square_root(loss, outputs, targets, mc_samples, key)
+    diagonal = summed_diag_ggn(net, params, x, cache, S)
+    factors = walk(net, DATA_KRONECKER, params, (cache,), (S,))[0] if structure == "kron" else None
     return loss_sum, diagonal, factors
 
 
@@ -171,17 +163,6 @@ def _eigen_block(pair: dict, scale: float) -> KronBlock:
     a, U = jnp.linalg.eigh(pair["A"])
     g, V = jnp.linalg.eigh(pair["G"])
     return KronBlock(jnp.maximum(a, 0), U, scale * jnp.maximum(g, 0), V)
-
-
-def _stacked(grad: Params) -> Array:
-    """A dense-like entry's ``{"W", "b"}`` (leading axes allowed) as one matrix ``[W; b]``."""
-    if "b" not in grad:
-        return grad["W"]
-    return jnp.concatenate([grad["W"], grad["b"][..., None, :]], axis=-2)
-
-
-def _unstacked(matrix: Array, like: Params) -> Params:
-    return {"W": matrix} if "b" not in like else {"W": matrix[..., :-1, :], "b": matrix[..., -1, :]}
 
 
 class Laplace:
@@ -323,7 +304,7 @@ class Laplace:
         def variance(entry, curv, like):
             if isinstance(entry, KronBlock):
                 inverse = 1 / (jnp.outer(entry.A_vals, entry.G_vals) + alpha)
-                return _unstacked((entry.A_vecs**2) @ inverse @ (entry.G_vecs**2).T, like)
+                return unstack_bias((entry.A_vecs**2) @ inverse @ (entry.G_vecs**2).T, like)
             return jax.tree_util.tree_map(lambda d: 1 / (d + alpha), curv)
 
         return _map_entries(variance, self.entries, self.curvature, self.params)
@@ -426,7 +407,7 @@ def _scale_by_root(entries: Any, curvature: Any, eps: Params, like: Params, alph
     def scale(entry, curv, e, p):
         if isinstance(entry, KronBlock):
             root = 1 / jnp.sqrt(jnp.outer(entry.A_vals, entry.G_vals) + alpha)
-            return _unstacked(entry.A_vecs @ (_stacked(e) * root) @ entry.G_vecs.T, p)
+            return unstack_bias(entry.A_vecs @ (stack_bias(e) * root) @ entry.G_vecs.T, p)
         return jax.tree_util.tree_map(lambda d, n: n / jnp.sqrt(d + alpha), curv, e)
 
     return _map_entries(scale, entries, curvature, eps, like)
@@ -437,7 +418,7 @@ def _block_covariance(J: Any, entry: Any, variances: Any, alpha: Array) -> Array
     ``(K, batch, *leaf)``): against a :class:`KronBlock` in its eigenbasis, where the block's inverse is diagonal,
     ``(U^T M V) / (a g^T + alpha)`` contracted with ``U^T M' V``; else leaf by leaf against the variances."""
     if isinstance(entry, KronBlock):
-        rotated = jnp.einsum("ia,kbij,jc->kbac", entry.A_vecs, _stacked(J), entry.G_vecs)
+        rotated = jnp.einsum("ia,kbij,jc->kbac", entry.A_vecs, stack_bias(J), entry.G_vecs)
         weights = 1 / (jnp.outer(entry.A_vals, entry.G_vals) + alpha)
         return jnp.einsum("kbac,jbac,ac->bkj", rotated, rotated, weights)
     shares = [
@@ -611,6 +592,7 @@ def laplace(
     alpha = _positive(prior_precision, "prior_precision")
     sigma = _positive(sigma_noise, "sigma_noise")
     _likelihood(loss)
+    _check_samples(mc_samples)
     if mc_samples is not None and key is None:
         raise ValueError(
             f"laplace(mc_samples={mc_samples}) estimates the GGN by sampling: pass key=jax.random.key(...)"
@@ -639,10 +621,10 @@ def laplace(
     curvature = jax.tree_util.tree_map(lambda d: scale * d, diagonal)
     entries = None
     if structure == "kron":
-        if not any(_is_pair(node) for node in jax.tree_util.tree_leaves(factors, is_leaf=_is_entry)):
+        if not any(is_factor_pair(node) for node in jax.tree_util.tree_leaves(factors, is_leaf=_is_entry)):
             raise ValueError(f'laplace: {net!r} has no layer with Kronecker factors; use structure="diag"')
         entries = jax.tree_util.tree_map(
-            lambda node: _eigen_block({k: v / n for k, v in node.items()}, scale * n) if _is_pair(node) else node,
+            lambda node: _eigen_block({k: v / n for k, v in node.items()}, scale * n) if is_factor_pair(node) else node,
             factors,
             is_leaf=_is_entry,
         )

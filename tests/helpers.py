@@ -181,3 +181,15 @@ def check_all(problem, rtol, jit, tree_scale=False, x2=None):
     close(wrap(mnet.jacobian(net))(params, x), wrap(jax.jacrev(net.apply))(params, x))
     x2 = x[::-1] * 0.5 + 0.1 if x2 is None else x2
     close(wrap(mnet.ntk(net))(params, x, x2), wrap(reference_ntk, static_argnums=0)(net, params, x, x2))
+
+
+def load_experiment(name: str):
+    """``experiments/<name>.py`` as a module, so a test can call its ``main([...])``."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

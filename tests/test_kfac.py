@@ -12,7 +12,7 @@ import pytest
 
 import mnet
 from mnet import cli, data, train
-from tests.helpers import assert_trees_close, no_autodiff
+from tests.helpers import assert_trees_close, load_experiment, no_autodiff
 
 CE = mnet.losses.softmax_cross_entropy
 
@@ -138,13 +138,7 @@ def test_a_network_without_kronecker_layers_and_a_missing_batch_are_refused():
 def test_kfac_digits_experiment_quick(tmp_path):
     """``experiments/kfac_digits.py --quick``: three optimizers, accuracies and compile-free seconds per epoch, K-FAC
     ahead of Adam after the first epoch (the documented result), and the plot written."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "kfac_digits.py"
-    spec = importlib.util.spec_from_file_location("kfac_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment("kfac_digits")
     with jax.enable_x64(False):
         results = module.main(["--quick", "--out", str(tmp_path)])["MLP 64-64-10"]
     assert set(results) == {"K-FAC", "Adam", "SGD + momentum"}

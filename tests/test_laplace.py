@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 import mnet
 from mnet.laplace import KronBlock, _fit_chunk, _normal_like
-from tests.helpers import no_autodiff
+from tests.helpers import load_experiment, no_autodiff
 
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
 
@@ -319,17 +319,6 @@ def test_monte_carlo_curvature_is_unbiased_in_the_mean():
     ]
     estimate = sum(draws) / len(draws)
     np.testing.assert_allclose(estimate, ravel_pytree(exact.curvature)[0], rtol=0.2, atol=0.02)
-
-
-def load_experiment(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_laplace_digits_experiment_quick(tmp_path):

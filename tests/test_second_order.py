@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 import mnet
 from mnet.errors import LayerError
-from tests.helpers import assert_trees_close, no_autodiff, random_targets
+from tests.helpers import assert_trees_close, load_experiment, no_autodiff, random_targets
 
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
 
@@ -216,13 +216,7 @@ def test_bad_input_is_refused_clearly():
 def test_pruning_experiment_quick(tmp_path):
     """``experiments/pruning.py --quick``: the three criteria agree at 0% sparsity, every accuracy is a fraction,
     Optimal Brain Damage keeps more accuracy than magnitude at 90% without retraining, and the plot is written."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "pruning.py"
-    spec = importlib.util.spec_from_file_location("pruning_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment("pruning")
     with jax.enable_x64(False):
         results = module.main(["--quick", "--out", str(tmp_path)])
     pruned = results["pruned"]

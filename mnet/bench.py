@@ -450,9 +450,10 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False) 
         "C1": lambda: row_cnn_step(16 if quick else 128, r),
         "T1": lambda: row_transformer_step(16 if quick else 128, 9, r),
     }
-    from mnet import bench_curvature  # its rows build on this module's helpers
+    from mnet import bench_curvature, bench_memory  # their rows build on this module's helpers
 
     plans.update(bench_curvature.plans(quick, r))
+    plans.update(bench_memory.plans(quick, r))
     if large:
         plans["L1"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, None, "L1")
         plans["L1bf16"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, "bfloat16", "L1bf16")

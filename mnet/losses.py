@@ -125,33 +125,39 @@ class MeanSquaredError(Loss):
 
 @dataclass(frozen=True, repr=False)
 class SoftmaxCrossEntropy(Loss):
-    """Softmax fused with cross-entropy, on logits ``z`` of shape ``(batch, classes)`` and integer labels.
+    """Softmax fused with cross-entropy, on logits ``z`` of shape ``(batch, classes)`` and integer labels
+    ``(batch,)``; or, for sequence models, logits ``(batch, *positions, classes)`` and labels
+    ``(batch, *positions)``, the example's loss the mean over its positions (as MSE averages over its units).
 
-    Per example ``l_b = logsumexp(z_b) - z_b[y_b]``, with the row maximum subtracted inside the log-sum-exp.
-    Its gradient is the classic fused form: ``d l_b / d z_b = softmax(z_b) - onehot(y_b)``, so
-    ``d value / d z = (softmax(z) - onehot(y)) / batch``, bounded for any logits.
+    Per example and position ``l = logsumexp(z) - z[y]``, with the row maximum subtracted inside the log-sum-exp.
+    Its gradient is the classic fused form: ``d l / d z = softmax(z) - onehot(y)``, so
+    ``d value / d z = (softmax(z) - onehot(y)) / (batch * positions)``, bounded for any logits.
     """
 
     name = "softmax_cross_entropy"
 
     def _check(self, logits: Array, labels: Array) -> None:
-        if logits.ndim != 2:
+        if logits.ndim < 2:
             raise LossError(f"{self.name}: expects logits of shape (batch, classes), got {tuple(logits.shape)}")
-        if labels.shape != (logits.shape[0],):
-            raise LossError(
-                f"{self.name}: expects integer labels of shape ({logits.shape[0]},), got {tuple(labels.shape)}"
-            )
+        if labels.shape != logits.shape[:-1]:
+            expected = "(" + ", ".join(map(str, logits.shape[:-1])) + ("," if logits.ndim == 2 else "") + ")"
+            raise LossError(f"{self.name}: expects integer labels of shape {expected}, got {tuple(labels.shape)}")
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise LossError(f"{self.name}: expects integer class ids, got labels of dtype {labels.dtype}")
         if not isinstance(labels, jax.core.Tracer):
-            check_labels(labels, logits.shape[1], self.name)
+            check_labels(labels, logits.shape[-1], self.name)
+
+    @staticmethod
+    def _positions(logits: Array) -> int:
+        return math.prod(logits.shape[1:-1])
 
     def per_example(self, logits: Array, labels: Array) -> Array:
         self._check(logits, labels)
-        shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
-        log_normaliser = jnp.log(jnp.sum(jnp.exp(shifted), axis=1))
-        picked = jnp.take_along_axis(shifted, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
-        return jnp.where(_in_range(labels, logits.shape[1]), log_normaliser - picked, jnp.nan)
+        shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        log_normaliser = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+        picked = jnp.take_along_axis(shifted, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        losses = jnp.where(_in_range(labels, logits.shape[-1]), log_normaliser - picked, jnp.nan)
+        return jnp.mean(losses.reshape(logits.shape[0], -1), axis=1)
 
     def per_example_grad(self, logits: Array, labels: Array) -> Array:
         self._check(logits, labels)
@@ -159,32 +165,43 @@ class SoftmaxCrossEntropy(Loss):
         # The one-hot is subtracted as a scatter of -1 at (b, y_b), so no dense one-hot is built. The label
         # indexing then stays an operation of its own in the compiled step, which lets XLA's CPU runtime start
         # the step on its worker threads (BENCHMARKS.md, "The W1 float32 gap").
-        rows = jnp.arange(logits.shape[0])
-        gradient = probabilities.at[rows, labels.astype(jnp.int32)].add(-1)
-        return jnp.where(_in_range(labels, logits.shape[1])[:, None], gradient, jnp.nan)
+        rows = jnp.indices(labels.shape, sparse=True)
+        gradient = probabilities.at[(*rows, labels.astype(jnp.int32))].add(-1)
+        gradient = jnp.where(_in_range(labels, logits.shape[-1])[..., None], gradient, jnp.nan)
+        positions = self._positions(logits)
+        return gradient if positions == 1 else gradient / positions
 
     def hessian_sqrt(self, logits: Array, labels: Array) -> Array:
         """``H_b = diag(p) - p p^T`` (independent of the label), factored as ``S S^T`` with column
         ``c = sqrt(p_c) (e_c - p)``: ``sum_c p_c (e_c - p)(e_c - p)^T = diag(p) - 2 p p^T + p p^T``, as
-        ``sum_c p_c = 1``."""
+        ``sum_c p_c = 1``. With positions, ``H_b`` is block-diagonal (one such block per position, divided by
+        the number of positions ``P``): a column per (position, class), zero at every other position."""
         self._check(logits, labels)
         p, _ = activations.softmax(logits)
-        classes = logits.shape[1]
-        return jnp.sqrt(p).T[:, :, None] * (jnp.eye(classes, dtype=p.dtype)[:, None, :] - p[None])
+        classes, positions = logits.shape[-1], self._positions(logits)
+        per_position = jnp.sqrt(p)[..., :, None] * (jnp.eye(classes, dtype=p.dtype) - p[..., None, :])  # [.., c, c']
+        if logits.ndim == 2:
+            return per_position.transpose(1, 0, 2)
+        batch, grid = logits.shape[0], logits.shape[1:-1]
+        per_position = per_position.reshape(batch, positions, classes, classes) / math.sqrt(positions)
+        at = jnp.eye(positions, dtype=p.dtype)  # [position of the column, position of the entry]
+        columns = jnp.einsum("qr,bqcd->qcbrd", at, per_position)
+        return columns.reshape((positions * classes, batch, *grid, classes))
 
     def hessian_vector(self, logits: Array, labels: Array, v: Array) -> Array:
-        """``H_b v = p * (v - <p, v>)``: the softmax's Jacobian, symmetric."""
+        """``H_b v = p * (v - <p, v>)`` at every position (the softmax's Jacobian, symmetric), over ``P``."""
         self._check(logits, labels)
         p, _ = activations.softmax(logits)
-        return activations.softmax_backward(p, v) / logits.shape[0]
+        return activations.softmax_backward(p, v) / (logits.shape[0] * self._positions(logits))
 
     def sampled_hessian_sqrt(self, logits: Array, labels: Array, key: Array, samples: int) -> Array:
-        """``p - e_y`` with ``y`` drawn from ``softmax(z_b)``: the gradient at a sampled label, whose outer
-        product has mean ``diag(p) - p p^T``."""
+        """``p - e_y`` with ``y`` drawn from ``softmax(z)`` at every position independently: the gradient at
+        sampled labels, whose outer product has mean ``diag(p) - p p^T`` per position and zero across them."""
         self._check(logits, labels)
         p, _ = activations.softmax(logits)
-        drawn = jax.random.categorical(key, logits, axis=-1, shape=(samples, logits.shape[0]))
-        return (p[None] - jax.nn.one_hot(drawn, logits.shape[1], dtype=p.dtype)) / math.sqrt(samples)
+        drawn = jax.random.categorical(key, logits, axis=-1, shape=(samples, *logits.shape[:-1]))
+        scale = math.sqrt(samples * self._positions(logits))
+        return (p[None] - jax.nn.one_hot(drawn, logits.shape[-1], dtype=p.dtype)) / scale
 
 
 def _unit_columns(outputs: Array, scale: Array) -> Array:

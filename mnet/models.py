@@ -75,21 +75,25 @@ def digits_cnn(classes: int = 10) -> Serial:
     )
 
 
-def transformer_block(width: int, heads: int, hidden: int | None = None, causal: bool = False) -> Serial:
+def transformer_block(
+    width: int, heads: int, hidden: int | None = None, causal: bool = False, block_size: int | None = None
+) -> Serial:
     """A pre-norm transformer block: ``x + attention(LayerNorm(x))``, then ``x + MLP(LayerNorm(x))`` with a GELU
-    MLP of ``hidden`` units (default ``2 * width``)."""
+    MLP of ``hidden`` units (default ``2 * width``); ``block_size``: blockwise attention (O(T) memory)."""
     return serial(
-        residual(serial(LayerNorm(), MultiHeadSelfAttention(heads, causal=causal))),
+        residual(serial(LayerNorm(), MultiHeadSelfAttention(heads, causal=causal, block_size=block_size))),
         residual(serial(LayerNorm(), Dense(hidden or 2 * width), Gelu(), Dense(width))),
     )
 
 
-def transformer_classifier(vocab: int, classes: int, width: int = 32, heads: int = 4, blocks: int = 1) -> Serial:
+def transformer_classifier(
+    vocab: int, classes: int, width: int = 32, heads: int = 4, blocks: int = 1, block_size: int | None = None
+) -> Serial:
     """Token ids ``(batch, T)`` to class logits: ``Embedding(vocab, width)``, ``blocks`` transformer blocks, a final
     LayerNorm, then every position's features flattened into one linear read-out."""
     return serial(
         Embedding(vocab, width),
-        *[transformer_block(width, heads) for _ in range(blocks)],
+        *[transformer_block(width, heads, block_size=block_size) for _ in range(blocks)],
         LayerNorm(),
         Flatten(),
         Dense(classes),

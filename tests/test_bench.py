@@ -12,7 +12,7 @@ def test_bench_quick_json():
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["matmul_peak_gflops"] > 0 and data["machine"]["backend"]
     names = {row["name"] for row in data["rows"]}
-    assert {"W1", "W1bf16", "W2", "W3", "D1", "D2", "D3", "D3w", "D4", "C1", "T1", "G1", "G2", "G3", "G4"} <= names
+    assert {"W1", "W1bf16", "W2", "W3", "D1", "D2", "D3", "D3w", "D4", "C1", "T1", "G1", "G2", "G3", "G4", "M1-256"} <= names
     for row in data["rows"]:
         assert row["seconds"] and all(s > 0 for s in row["seconds"].values()), row
         assert row["ratios"][row["baseline"]] == 1.0

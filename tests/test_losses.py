@@ -118,3 +118,27 @@ def test_fit_refuses_labels_the_network_cannot_output():
     dataset = mnet.data.Dataset(x, np.array([0, 1, 2, 3]), x, np.array([0, 1, 2, 0]), 4, "toy")
     with pytest.raises(LossError, match=r"fit: the training labels: label 3 \(at index 3\) is outside \[0, 3\)"):
         mnet.fit(net, mnet.losses.softmax_cross_entropy, params, dataset, epochs=1, batch_size=2)
+
+
+def test_cross_entropy_over_sequences_of_labels():
+    """Logits (batch, T, classes) and labels (batch, T): each example's loss is the mean over its positions; the
+    gradient, the Hessian square root, the Hessian-vector product and the sampled square root against jax."""
+    rng = np.random.default_rng(11)
+    z = jnp.asarray(rng.normal(size=(3, 4, 5)) * 2)
+    labels = jnp.asarray(rng.integers(0, 5, (3, 4)))
+    reference = lambda o: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(o, labels), axis=1)  # noqa: E731
+    assert_trees_close(CE.per_example(z, labels), reference(z), 1e-13)
+    assert_trees_close(jax.jit(CE.grad)(z, labels), jax.grad(lambda o: jnp.mean(reference(o)))(z), 1e-13)
+    hessians = jax.vmap(jax.hessian(lambda o, t: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(o, t))))(
+        z, labels)  # (batch, T, C, T, C): each example's own loss
+    S = CE.hessian_sqrt(z, labels)
+    assert S.shape == (20, 3, 4, 5)
+    assert_trees_close(jnp.einsum("kbqc,kbrd->bqcrd", S, S), hessians, 1e-12)
+    v = jnp.asarray(rng.normal(size=z.shape))
+    assert_trees_close(CE.hessian_vector(z, labels, v), jnp.einsum("bqcrd,brd->bqc", hessians, v) / 3, 1e-12)
+    drawn = CE.sampled_hessian_sqrt(z, labels, jax.random.key(0), 20000)
+    assert_trees_close(jnp.einsum("kbqc,kbrd->bqcrd", drawn, drawn), hessians, 0.05, tree_scale=True)
+    with pytest.raises(LossError, match=r"expects integer labels of shape \(3, 4\), got \(3,\)"):
+        CE.value(z, labels[:, 0])
+    with pytest.raises(LossError, match=r"expects integer labels of shape \(3,\), got \(3, 4\)"):
+        CE.value(z[:, 0], labels)

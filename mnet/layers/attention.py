@@ -162,6 +162,10 @@ class MultiHeadSelfAttention(Compound):
         causal: mask the future (for autoregressive models).
         out_dim: output width (default ``D``, so that the layer fits in a residual block).
         use_bias: biases in the four projections (default True).
+        block_size: compute the core in blocks of this many queries and keys
+            (:class:`mnet.layers.blockwise_attention.BlockwiseAttentionCore`): the cache then holds ``Q, K, V``, the
+            output and one log-sum-exp per query instead of the ``T x T`` probabilities, and the backward
+            recomputes each block's probabilities. Memory O(T) instead of O(T^2); results equal to rounding.
     """
 
     num_heads: int
@@ -169,9 +173,10 @@ class MultiHeadSelfAttention(Compound):
     causal: bool = False
     out_dim: int | None = None
     use_bias: bool = True
+    block_size: int | None = None
 
     def __post_init__(self):
-        for name in ("num_heads", "head_dim", "out_dim"):
+        for name in ("num_heads", "head_dim", "out_dim", "block_size"):
             value = getattr(self, name)
             if value is not None or name == "num_heads":
                 positive_int(value, name, "MultiHeadSelfAttention")
@@ -179,6 +184,7 @@ class MultiHeadSelfAttention(Compound):
     def __repr__(self) -> str:
         options = "" if self.head_dim is None else f", head_dim={self.head_dim}"
         options += ", causal=True" if self.causal else ""
+        options += "" if self.block_size is None else f", block_size={self.block_size}"
         return f"MultiHeadSelfAttention({self.num_heads}{options})"
 
     def _parts(self, model_dim: int) -> Serial:
@@ -186,10 +192,16 @@ class MultiHeadSelfAttention(Compound):
         head_dim = self.head_dim or model_dim // self.num_heads
         inner = self.num_heads * head_dim
         projections = Parallel(tuple(Dense(inner, use_bias=self.use_bias) for _ in "qkv"))
+        if self.block_size is None:
+            core = AttentionCore(self.num_heads, head_dim, self.causal)
+        else:
+            from mnet.layers.blockwise_attention import BlockwiseAttentionCore  # it builds on AttentionCore
+
+            core = BlockwiseAttentionCore(self.num_heads, head_dim, self.causal, self.block_size)
         return Serial(
             (
                 projections,
-                AttentionCore(self.num_heads, head_dim, self.causal),
+                core,
                 Dense(self.out_dim or model_dim, use_bias=self.use_bias),
             )
         )

@@ -126,25 +126,22 @@ def col2im(cols: Array, g: Geometry) -> Array:
     """The transpose of :func:`im2col`: ``(batch, out_h, out_w, kh * kw, C) -> (batch, H, W, C)``, every window
     entry added back at the image position it was read from (padding positions are dropped).
 
-    Each kernel offset ``(u, v)`` contributes one strided grid of positions; ``lax.pad`` with interior padding
-    ``stride - 1`` places that grid on the padded image without a scatter, and the grids are summed."""
+    Each kernel offset ``(u, v)`` contributes one strided grid of positions, added in place into one padded image
+    (``.at[u::sh, v::sw].add``). Summing the grids as ``kh * kw`` separately padded images instead (``lax.pad``
+    with interior padding) left XLA's CPU schedule holding four of them at once beside the window gradient: in the
+    digits CNN step that made the hand path's temporary memory 1.09x autodiff's; in place it is 0.84x
+    (BENCHMARKS.md, "Memory of long sequences")."""
     (sh, sw), (ph, pw) = g.stride, g.padded
     (out_h, out_w) = g.out
-    total = None
+    total = jnp.zeros((cols.shape[0], ph, pw, cols.shape[-1]), cols.dtype)
     for index in range(g.window_size):
         u, v = divmod(index, g.kernel[1])
-        placed = jax.lax.pad(
-            cols[:, :, :, index, :],
-            jnp.zeros((), cols.dtype),
-            (
-                (0, 0, 0),
-                (u, ph - u - (sh * (out_h - 1) + 1), sh - 1),
-                (v, pw - v - (sw * (out_w - 1) + 1), sw - 1),
-                (0, 0, 0),
-            ),
-        )
-        total = placed if total is None else total + placed
-    assert total is not None  # a window has at least one entry
+        if (sh, sw) == (1, 1):  # a contiguous block: read, add, write back in place (no scatter)
+            block = jax.lax.slice(total, (0, u, v, 0), (total.shape[0], u + out_h, v + out_w, total.shape[3]))
+            total = jax.lax.dynamic_update_slice(total, block + cols[:, :, :, index, :], (0, u, v, 0))
+        else:
+            grid = (slice(None), slice(u, u + sh * (out_h - 1) + 1, sh), slice(v, v + sw * (out_w - 1) + 1, sw))
+            total = total.at[grid].add(cols[:, :, :, index, :])
     (top, _), (left, _) = g.pads
     return total[:, top : top + g.image[0], left : left + g.image[1], :]
 

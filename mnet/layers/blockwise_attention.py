@@ -26,7 +26,7 @@ Then for every pair of blocks, with ``p = exp(s - L_q)`` recomputed from the cac
 
 The sweep runs over key blocks outside (``dk_j``, ``dv_j`` accumulate in the loop) and query blocks inside
 (``dq`` accumulates into its block of the whole ``dQ``). With ``causal=True`` a key block after the query block
-is entirely masked and skipped: the loops run over ``j <= i`` only, about half the pairs.
+is entirely masked and skipped (a ``lax.cond``): only the pairs ``j <= i`` are computed, about half.
 
 Forward mode and the Hessian-vector rule use the same sweeps; their derivations are on the methods. The
 recomputation in the backward reads the cache through ``lax.optimization_barrier``, so that XLA cannot merge it

@@ -111,11 +111,16 @@ class BlockwiseAttentionCore(AttentionCore):
             allowed = allowed & block
         return allowed
 
-    def _probabilities(self, mask, length, i, j, q, k, logsumexp) -> tuple[Array, Array]:
-        """``(s, p)`` of a block pair from the cache: ``s = q k^T / sqrt(d)``, ``p = exp(s - L)``, 0 where masked."""
+    def _probabilities(self, mask, length, i, j, q, k, logsumexp) -> Array:
+        """``p = exp(q k^T / sqrt(d) - L)`` of a block pair, recomputed from the cache; 0 where masked."""
         s = jnp.einsum("bhsd,bhtd->bhst", q, k) / math.sqrt(self.head_dim)
-        p = jnp.where(self._allowed(mask, length, i, j), jnp.exp(s - logsumexp[..., None]), 0)
-        return s, p
+        return jnp.where(self._allowed(mask, length, i, j), jnp.exp(s - logsumexp[..., None]), 0)
+
+    def _score_tangent(self, q, k, q_t, k_t) -> Array:
+        """``S_t = (Q_t K^T + Q K_t^T) / sqrt(d)`` of a block pair: the tangent of the scores."""
+        return (jnp.einsum("bhsd,bhtd->bhst", q_t, k) + jnp.einsum("bhsd,bhtd->bhst", q, k_t)) / math.sqrt(
+            self.head_dim
+        )
 
     # --- the two sweeps -----------------------------------------------------------------------------------------
     # Both loops have static bounds, so that JAX can differentiate the forward pass in reverse (autodiff is the
@@ -195,7 +200,7 @@ class BlockwiseAttentionCore(AttentionCore):
         D = jnp.sum(dO * O, axis=-1)
 
         def step(i, j, key_state):
-            s, p = self._probabilities(mask, length, i, j, Q[i], K[j], logsumexp[i])
+            p = self._probabilities(mask, length, i, j, Q[i], K[j], logsumexp[i])
             dp = jnp.einsum("bhsd,bhtd->bhst", dO[i], V[j])
             ds = p * (dp - D[i][..., None])
             dq = jnp.einsum("bhst,bhtd->bhsd", ds, K[j]) * scale
@@ -204,8 +209,7 @@ class BlockwiseAttentionCore(AttentionCore):
             if tangents is None:
                 return (dq,), jax.tree_util.tree_map(jnp.add, key_state, (dk, dv))
             Q_t, K_t, V_t, dO_t, c, RD = tangents
-            s_t = (jnp.einsum("bhsd,bhtd->bhst", Q_t[i], K[j]) + jnp.einsum("bhsd,bhtd->bhst", Q[i], K_t[j])) * scale
-            p_t = p * (s_t - c[i][..., None])
+            p_t = p * (self._score_tangent(Q[i], K[j], Q_t[i], K_t[j]) - c[i][..., None])
             rdp = jnp.einsum("bhsd,bhtd->bhst", dO_t[i], V[j]) + jnp.einsum("bhsd,bhtd->bhst", dO[i], V_t[j])
             rds = p_t * (dp - D[i][..., None]) + p * (rdp - RD[i][..., None])
             rdq = (jnp.einsum("bhst,bhtd->bhsd", rds, K[j]) + jnp.einsum("bhst,bhtd->bhsd", ds, K_t[j])) * scale
@@ -232,13 +236,11 @@ class BlockwiseAttentionCore(AttentionCore):
         Q, K, V, O, logsumexp, mask = cache
         length = dqkv.shape[1]
         Q_t, K_t, V_t = self._split(dqkv)
-        scale = 1 / math.sqrt(self.head_dim)
 
         def step(i, j, state):
             acc, c = state
-            s, p = self._probabilities(mask, length, i, j, Q[i], K[j], logsumexp[i])
-            ps_t = p * (jnp.einsum("bhsd,bhtd->bhst", Q_t[i], K[j]) + jnp.einsum("bhsd,bhtd->bhst", Q[i], K_t[j]))
-            ps_t = ps_t * scale
+            p = self._probabilities(mask, length, i, j, Q[i], K[j], logsumexp[i])
+            ps_t = p * self._score_tangent(Q[i], K[j], Q_t[i], K_t[j])
             acc = acc + jnp.einsum("bhst,bhtd->bhsd", ps_t, V[j]) + jnp.einsum("bhst,bhtd->bhsd", p, V_t[j])
             return acc, c + jnp.sum(ps_t, axis=-1)
 
@@ -261,13 +263,11 @@ class BlockwiseAttentionCore(AttentionCore):
         length = dout.shape[1]
         Q_t, K_t, V_t = self._split(qkv_tangent)
         dO, dO_t = (self._blocks(self._heads(part)) for part in (dout, dout_tangent))
-        scale = 1 / math.sqrt(self.head_dim)
 
         def step(i, j, state):
             c, u, e = state
-            s, p = self._probabilities(mask, length, i, j, Q[i], K[j], logsumexp[i])
-            s_t = (jnp.einsum("bhsd,bhtd->bhst", Q_t[i], K[j]) + jnp.einsum("bhsd,bhtd->bhst", Q[i], K_t[j])) * scale
-            ps_t = p * s_t
+            p = self._probabilities(mask, length, i, j, Q[i], K[j], logsumexp[i])
+            ps_t = p * self._score_tangent(Q[i], K[j], Q_t[i], K_t[j])
             dp = jnp.einsum("bhsd,bhtd->bhst", dO[i], V[j])
             u = u + jnp.sum(dO[i] * jnp.einsum("bhst,bhtd->bhsd", p, V_t[j]), axis=-1)
             return c + jnp.sum(ps_t, axis=-1), u, e + jnp.sum(dp * ps_t, axis=-1)

@@ -2,7 +2,7 @@
 derived by hand beside it and checked against ``jax.grad``."""
 
 from mnet import activations, data, errors, initializers, layers, losses, models, reference, train
-from mnet.backprop import grad, value_and_grad, with_manual_backward
+from mnet.backprop import grad, value_and_grad, value_grad_and_state, with_manual_backward
 from mnet.check import GradientReport, compare_cost, compare_gradients, compare_jvp
 from mnet.checkpoint import load_params, save_params
 from mnet.curvature import (
@@ -27,7 +27,11 @@ from mnet.kfac import KFACState, kfac, kfac_preconditioner
 from mnet.laplace import Laplace, laplace
 from mnet.layer_check import LayerReport, check_layer
 from mnet.layers import (
+    GRU,
+    LSTM,
+    RNN,
     AvgPool2D,
+    BatchNorm,
     Conv2D,
     Dense,
     Dropout,
@@ -37,6 +41,7 @@ from mnet.layers import (
     Flatten,
     Gelu,
     Identity,
+    LastStep,
     Layer,
     LayerNorm,
     LayerProtocol,
@@ -57,6 +62,7 @@ from mnet.layers import (
     residual,
     serial,
 )
+from mnet.layers.state import init_state, update_state
 from mnet.models import mlp
 from mnet.reference import autodiff_value_and_grad
 from mnet.train import fit
@@ -64,6 +70,14 @@ from mnet.train import fit
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
+    "init_state",
+    "update_state",
+    "value_grad_and_state",
+    "GRU",
+    "LSTM",
+    "LastStep",
+    "RNN",
     "AvgPool2D",
     "CheckpointError",
     "Conv2D",

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from mnet.layers.base import Array, LayerProtocol, Params, apply_layer, call_forward
+from mnet.layers.state import update_state
 from mnet.losses import Loss
 
 
@@ -39,6 +40,32 @@ def value_and_grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, A
         return loss.value(outputs, targets), grads
 
     return value_and_grad_fn
+
+
+def value_grad_and_state(net: LayerProtocol, loss: Loss) -> Callable[..., tuple[Array, Params, Any]]:
+    """A training step's derivatives for a network that keeps state (BatchNorm):
+    ``f(params, state, x, targets, *, key=None) -> (loss value, grads, new state)``.
+
+    The forward pass runs in training mode (batch statistics), the hand-derived backward carries the loss gradient
+    back through it, and :func:`mnet.update_state` reads the same pass's cache for the next running statistics. For
+    a network without state, ``state`` is ``()`` and comes back unchanged.
+
+    Arguments:
+        net: any layer; loss: a loss from :mod:`mnet.losses`.
+
+    Returns:
+        A pure function, to be wrapped in ``jax.jit``; its reference is
+        :func:`mnet.reference.autodiff_value_grad_and_state`.
+    """
+
+    def value_grad_and_state_fn(
+        params: Params, state: Any, x: Array, targets: Array, *, key: Array | None = None
+    ) -> tuple[Array, Params, Any]:
+        outputs, cache = call_forward(net, params, x, key, True, state)
+        grads, _ = net.backward(params, cache, loss.grad(outputs, targets))
+        return loss.value(outputs, targets), grads, update_state(net, state, cache)
+
+    return value_grad_and_state_fn
 
 
 def grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Params]:

@@ -33,6 +33,7 @@ from mnet.layers.base import (
     LayerProtocol,
     MissingRule,
     Params,
+    call_forward,
     sum_stack,
     walk,
 )
@@ -79,8 +80,10 @@ def per_example_diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None 
     """
     _check_samples(mc_samples)
 
-    def per_example_diag_ggn_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None) -> Params:
-        outputs, cache = net.forward(params, x)
+    def per_example_diag_ggn_fn(
+        params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None
+    ) -> Params:
+        outputs, cache = call_forward(net, params, x, state=state)
         S = _square_root(loss, outputs, targets, mc_samples, key)
         try:
             return PER_EXAMPLE_DIAG_GGN.run(net, params, cache, S)[0]
@@ -101,8 +104,8 @@ def diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None = None) -> C
     """
     _check_samples(mc_samples)
 
-    def diag_ggn_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None) -> Params:
-        outputs, cache = net.forward(params, x)
+    def diag_ggn_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None) -> Params:
+        outputs, cache = call_forward(net, params, x, state=state)
         total = summed_diag_ggn(net, params, x, cache, _square_root(loss, outputs, targets, mc_samples, key))
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
 
@@ -133,8 +136,8 @@ def diag_hessian(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
         A pytree like ``params``.
     """
 
-    def diag_hessian_fn(params: Params, x: Array, targets: Array) -> Params:
-        outputs, cache = net.forward(params, x)
+    def diag_hessian_fn(params: Params, x: Array, targets: Array, *, state: Any = None) -> Params:
+        outputs, cache = call_forward(net, params, x, state=state)
         start = Curvature.start(loss.per_example_grad(outputs, targets), loss.hessian_sqrt(outputs, targets))
         total = walk(net, DIAG_HESSIAN, params, (cache,), (start,))[0]
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
@@ -151,8 +154,8 @@ def ggn_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Arra
     backward pass takes the result back to every parameter: one forward, one tangent and one backward pass.
     """
 
-    def ggn_vector_product_fn(params: Params, x: Array, targets: Array, v: Params) -> Params:
-        outputs, cache, output_tangent, _ = forward_with_tangent(net, params, x, v, None)
+    def ggn_vector_product_fn(params: Params, x: Array, targets: Array, v: Params, *, state: Any = None) -> Params:
+        outputs, cache, output_tangent, _ = forward_with_tangent(net, params, x, v, None, state=state)
         return net.backward(params, cache, loss.hessian_vector(outputs, targets, output_tangent))[0]
 
     return ggn_vector_product_fn
@@ -168,8 +171,8 @@ def hessian_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, 
     Embedding, LayerNorm and the combinators have the rule; a layer without one is refused by name.
     """
 
-    def hessian_vector_product_fn(params: Params, x: Array, targets: Array, v: Params) -> Params:
-        outputs, cache, output_tangent, record = forward_with_tangent(net, params, x, v, None)
+    def hessian_vector_product_fn(params: Params, x: Array, targets: Array, v: Params, *, state: Any = None) -> Params:
+        outputs, cache, output_tangent, record = forward_with_tangent(net, params, x, v, None, state=state)
         start = (loss.grad(outputs, targets), loss.hessian_vector(outputs, targets, output_tangent))
         return walk(net, HESSIAN_VECTOR, params, (cache, record), start)[0]
 
@@ -217,8 +220,10 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
     if kind not in KRONECKER_KINDS:
         raise ValueError(f"kfac_factors: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
 
-    def kfac_factors_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None) -> Any:
-        outputs, cache = net.forward(params, x)
+    def kfac_factors_fn(
+        params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None
+    ) -> Any:
+        outputs, cache = call_forward(net, params, x, state=state)
         if kind == "kflr":
             S = loss.hessian_sqrt(outputs, targets)
         elif key is None:

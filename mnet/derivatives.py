@@ -32,6 +32,7 @@ from mnet.layers.base import (
     MissingRule,
     Params,
     batch_sq_norms,
+    call_forward,
 )
 from mnet.losses import Loss
 
@@ -52,8 +53,8 @@ def per_example_grads(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array
         A pytree like ``params`` whose every leaf has a leading batch axis.
     """
 
-    def per_example_grads_fn(params: Params, x: Array, targets: Array) -> Params:
-        outputs, cache = net.forward(params, x)
+    def per_example_grads_fn(params: Params, x: Array, targets: Array, *, state: Any = None) -> Params:
+        outputs, cache = call_forward(net, params, x, state=state)
         try:
             return PER_EXAMPLE_BACKWARD.run(net, params, cache, loss.per_example_grad(outputs, targets))[0]
         except MissingRule:
@@ -78,8 +79,8 @@ def per_example_grad_norms(net: LayerProtocol, loss: Loss) -> Callable[[Params, 
     cost is one forward and one backward pass of cotangents, plus O(batch * width) per layer.
     """
 
-    def norms_fn(params: Params, x: Array, targets: Array) -> Array:
-        outputs, cache = net.forward(params, x)
+    def norms_fn(params: Params, x: Array, targets: Array, *, state: Any = None) -> Array:
+        outputs, cache = call_forward(net, params, x, state=state)
         return jnp.sqrt(_sq_norms(net, loss, params, cache, x, targets, outputs))
 
     return norms_fn
@@ -163,8 +164,8 @@ def jacobian(net: LayerProtocol) -> Callable[[Params, Array], Params]:
     transposed to rows-are-examples (its ``W^m_{ij}`` is mnet's ``W[j, i]``).
     """
 
-    def jacobian_fn(params: Params, x: Array) -> Params:
-        outputs, cache = net.forward(params, x)
+    def jacobian_fn(params: Params, x: Array, *, state: Any = None) -> Params:
+        outputs, cache = call_forward(net, params, x, state=state)
         basis = _output_basis(outputs)
         try:
             per_output = jax.vmap(lambda e: PER_EXAMPLE_BACKWARD.run(net, params, cache, e)[0])(basis)
@@ -190,9 +191,9 @@ def ntk(net: LayerProtocol) -> Callable[[Params, Array, Array], Array]:
     ``k`` at its pre-activation.
     """
 
-    def ntk_fn(params: Params, x1: Array, x2: Array) -> Array:
-        y1, cache1 = net.forward(params, x1)
-        y2, cache2 = net.forward(params, x2)
+    def ntk_fn(params: Params, x1: Array, x2: Array, *, state: Any = None) -> Array:
+        y1, cache1 = call_forward(net, params, x1, state=state)
+        y2, cache2 = call_forward(net, params, x2, state=state)
         try:
             return NTK.run_pair(net, params, (cache1, cache2), (_output_basis(y1), _output_basis(y2)))
         except MissingRule:

@@ -27,11 +27,18 @@ def input_tangent(x: Array, dx: Array | None) -> Array | None:
 
 
 def forward_with_tangent(
-    net: LayerProtocol, params: Params, x: Array, dparams: Params, dx: Array | None, key=None, train: bool = False
+    net: LayerProtocol,
+    params: Params,
+    x: Array,
+    dparams: Params,
+    dx: Array | None,
+    key=None,
+    train: bool = False,
+    state: Any = None,
 ) -> tuple[Array, Cache, Array, Any]:
     """``(y, cache, dy, record)``: the forward pass, then the tangent pass through its cache; ``record`` holds the
     tangents that reached every unit (see :func:`mnet.layers.base.tangent_walk`)."""
-    y, cache = call_forward(net, params, x, key, train)
+    y, cache = call_forward(net, params, x, key, train, state)
     dy, record = tangent_walk(net, params, cache, dparams, input_tangent(x, dx))
     return y, cache, (jnp.zeros_like(y) if dy is None else dy), record
 
@@ -43,16 +50,24 @@ def jvp(net: LayerProtocol) -> Callable[..., tuple[Array, Array]]:
         net: any layer or network whose units have ``tangent`` rules (every built-in layer has one).
 
     Returns:
-        ``f(params, x, dparams, dx, *, key=None, train=False) -> (y, dy)``, equal to
+        ``f(params, x, dparams, dx, *, key=None, train=False, state=None) -> (y, dy)``, equal to
         ``jax.jvp(net.apply, (params, x), (dparams, dx))``: ``dparams`` is like ``params``; ``dx`` like ``x``, or
-        None for a zero input tangent (integer inputs always have one).
+        None for a zero input tangent (integer inputs always have one). ``state`` (BatchNorm's running statistics)
+        selects evaluation mode; without it a BatchNorm uses the batch's statistics.
     """
 
     def jvp_fn(
-        params: Params, x: Array, dparams: Params, dx: Array | None = None, *, key=None, train: bool = False
+        params: Params,
+        x: Array,
+        dparams: Params,
+        dx: Array | None = None,
+        *,
+        key=None,
+        train: bool = False,
+        state: Any = None,
     ) -> tuple[Array, Array]:
         _check_like(params, dparams)
-        y, _, dy, _ = forward_with_tangent(net, params, x, dparams, dx, key, train)
+        y, _, dy, _ = forward_with_tangent(net, params, x, dparams, dx, key, train, state)
         return y, dy
 
     return jvp_fn

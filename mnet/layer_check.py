@@ -27,7 +27,7 @@ default (mnet then runs the network one example at a time): its row says so and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -50,6 +50,7 @@ from mnet.layers.base import (
     call_forward,
     has_params,
     init_layer,
+    is_stateful,
     is_stochastic,
     own_rule,
     require_layer,
@@ -57,6 +58,7 @@ from mnet.layers.base import (
     walk,
 )
 from mnet.layers.r_operator import HESSIAN_VECTOR
+from mnet.layers.state import init_state
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,55 @@ def check_layer(layer: LayerProtocol, input_shape: Shape, *, batch: int = 4, see
         return _check(layer, tuple(input_shape), batch, seed)
 
 
+class _Evaluating:
+    """A layer that keeps state (BatchNorm), run in evaluation mode at a fixed state: every rule is the layer's own,
+    only ``forward`` passes the state. check_layer checks the per-example rules this way, since in training mode
+    they are refused (each example's output depends on the whole batch)."""
+
+    stateful = False  # the state is fixed inside
+
+    def __init__(self, layer: Any, state: Any):
+        self.layer, self.state = layer, state
+
+    def init(self, key, input_shape, dtype=None):
+        return init_layer(self.layer, key, input_shape, dtype)
+
+    def forward(self, params, x):
+        return self.layer.forward(params, x, state=self.state, train=False)
+
+    def apply(self, params, x):
+        return self.forward(params, x)[0]
+
+    def __getattr__(self, name: str):
+        return getattr(self.layer, name)
+
+    def __repr__(self) -> str:
+        return repr(self.layer)
+
+
 def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> LayerReport:
+    if is_stateful(layer):
+        training = _check_rules(layer, input_shape, batch, seed, stateless=True)
+        _, params = init_layer(layer, jax.random.key(seed), input_shape, jnp.float64)
+        rng = np.random.default_rng(seed + 7)
+        state = jax.tree_util.tree_map(  # running statistics away from 0 and 1, the variance positive
+            lambda s: s + jnp.asarray(np.abs(rng.normal(size=np.shape(s))), s.dtype),
+            init_state(layer, params, input_shape, jnp.float64),
+        )
+        evaluating = _check_rules(_Evaluating(layer, state), input_shape, batch, seed)
+        rows = tuple(replace(row, rule=f"{row.rule}[train]") for row in training.rows if row.rule in TRAINING_RULES)
+        return replace(evaluating, rows=evaluating.rows + rows)
+    return _check_rules(layer, input_shape, batch, seed)
+
+
+#: The rules of a stateful layer that training mode has (the per-example ones refuse it).
+TRAINING_RULES = ("backward", "tangent", "backward_tangent")
+
+
+def _check_rules(
+    layer: Any, input_shape: tuple[int, ...], batch: int, seed: int, stateless: bool = False
+) -> LayerReport:
+    """Every rule of ``layer`` against autodiff; ``stateless`` leaves out the per-example rows."""
     rng = np.random.default_rng(seed)
     output_shape, params = init_layer(layer, jax.random.key(seed), input_shape, jnp.float64)
     # Moved off their initial values, so that a zero-initialised bias cannot hide a wrong bias rule.
@@ -353,7 +403,7 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
                 (params, x, columns),
             )
         )
-    for rule, hand, ref, arguments in checks:
+    for rule, hand, ref, arguments in [] if stateless else checks:
         source = _source(layer, rule, params)
         try:
             mine = jax.jit(hand)(*arguments)

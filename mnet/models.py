@@ -7,6 +7,7 @@ from typing import Any
 
 from mnet.layers import (
     ACTIVATIONS_BY_NAME,
+    BatchNorm,
     Conv2D,
     Dense,
     Embedding,
@@ -54,22 +55,29 @@ def mlp(widths: Sequence[int], activation: str | Any = "relu", compute_dtype: st
     return serial(*layers, Dense(widths[-1], policy=last))
 
 
-def digits_cnn(classes: int = 10) -> Serial:
+def digits_cnn(classes: int = 10, batch_norm: bool = False) -> Serial:
     """A small CNN for 8x8 grey images given as 64 flat features (the bundled digits)::
 
     Reshape(8, 8, 1) -> Conv2D(16, 3, SAME) -> Relu -> MaxPool2D(2)
                      -> Conv2D(32, 3, SAME) -> Relu -> MaxPool2D(2) -> Flatten -> Dense(64) -> Relu -> Dense(classes)
+
+    ``batch_norm=True`` puts a :class:`BatchNorm` after each convolution and the hidden dense layer (before the
+    ReLU); the network then keeps state (see :func:`mnet.init_state`).
     """
+    norm = (BatchNorm(),) if batch_norm else ()
     return serial(
         Reshape((8, 8, 1)),
         Conv2D(16, 3, padding="SAME"),
+        *norm,
         Relu(),
         MaxPool2D(2),
         Conv2D(32, 3, padding="SAME"),
+        *norm,
         Relu(),
         MaxPool2D(2),
         Flatten(),
         Dense(64),
+        *norm,
         Relu(),
         Dense(classes),
     )

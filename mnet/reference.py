@@ -14,6 +14,7 @@ from typing import Any
 import jax
 
 from mnet.layers.base import Array, Params, call_forward, contract_stacks
+from mnet.layers.state import update_state
 from mnet.losses import Loss
 
 
@@ -27,6 +28,21 @@ def autodiff_value_and_grad(net: Any, loss: Loss) -> Callable[..., tuple[Array, 
         return loss.value(call_forward(net, params, x, key, train)[0], targets)
 
     return jax.value_and_grad(objective)
+
+
+def autodiff_value_grad_and_state(net: Any, loss: Loss) -> Callable[..., tuple[Array, Params, Any]]:
+    """The reference for :func:`mnet.value_grad_and_state`: ``jax.value_and_grad`` of the training-mode loss, the
+    new state read from the same pass's cache (an auxiliary output)."""
+
+    def objective(params: Params, state: Any, x: Array, targets: Array, key) -> tuple[Array, Any]:
+        outputs, cache = call_forward(net, params, x, key, True, state)
+        return loss.value(outputs, targets), update_state(net, state, cache)
+
+    def value_grad_and_state_fn(params: Params, state: Any, x: Array, targets: Array, *, key=None):
+        (value, new_state), grads = jax.value_and_grad(objective, has_aux=True)(params, state, x, targets, key)
+        return value, grads, new_state
+
+    return value_grad_and_state_fn
 
 
 def layer_vjp(

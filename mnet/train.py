@@ -23,12 +23,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnet import checkpoint, losses
-from mnet.backprop import value_and_grad
+from mnet.backprop import value_and_grad, value_grad_and_state
 from mnet.data import Dataset
 from mnet.errors import CheckpointError, DivergenceError
 from mnet.layers.base import LayerProtocol as Layer
-from mnet.layers.base import Params, apply_layer, is_stochastic
-from mnet.reference import autodiff_value_and_grad
+from mnet.layers.base import Params, apply_layer, call_forward, is_stateful, is_stochastic
+from mnet.layers.state import init_state
+from mnet.reference import autodiff_value_and_grad, autodiff_value_grad_and_state
 
 GRADIENT_MODES = ("manual", "autodiff")
 
@@ -64,6 +65,7 @@ class FitResult:
     params: Params
     opt_state: Any
     history: History
+    state: Any = ()  # the model state (BatchNorm's running statistics); () for a network without one
 
 
 def gradient_function(net: Layer, loss: losses.Loss, grad: str | Callable):
@@ -76,6 +78,19 @@ def gradient_function(net: Layer, loss: losses.Loss, grad: str | Callable):
     if grad == "autodiff":
         return autodiff_value_and_grad(net, loss)
     raise ValueError(f"grad must be one of {GRADIENT_MODES}, got {grad!r}")
+
+
+def stateful_gradient_function(net: Layer, loss: losses.Loss, grad: str | Callable):
+    """For a network that keeps state: ``value_grad_and_state`` by hand or its autodiff reference; a function of
+    its own is refused (it could not return the new running statistics)."""
+    if grad == "manual":
+        return value_grad_and_state(net, loss)
+    if grad == "autodiff":
+        return autodiff_value_grad_and_state(net, loss)
+    raise ValueError(
+        f"{net!r} keeps state (BatchNorm), so fit needs grad='manual' or 'autodiff' to update the running statistics, "
+        f"got {grad!r}"
+    )
 
 
 def make_step(value_and_grad_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
@@ -91,6 +106,20 @@ def make_step(value_and_grad_fn: Callable, optimizer: optax.GradientTransformati
         else:
             updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
+def make_stateful_step(value_grad_and_state_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """:func:`make_step` carrying the model state: ``(params, opt_state, state, x, y, optimizer_key=None, **kwargs)
+    -> (params, opt_state, state, loss value)``. The step's new state comes from the same forward pass as the
+    gradient (training mode)."""
+
+    def step(params, opt_state, state, x, y, optimizer_key=None, **kwargs):
+        value, grads, state = value_grad_and_state_fn(params, state, x, y, key=kwargs.get("key"))
+        gradient = lambda *_, **__: (value, grads)  # noqa: E731
+        params, opt_state, value = make_step(gradient, optimizer)(params, opt_state, x, y, optimizer_key)
+        return params, opt_state, state, value
 
     return step
 
@@ -119,14 +148,23 @@ def make_epoch(
     grad: str | Callable = "manual",
     mesh: Mesh | None = None,
 ) -> Callable:
-    """The jitted epoch ``(params, opt_state, x, y, key) -> (params, opt_state, mean loss)``.
+    """The jitted epoch ``(params, opt_state, state, x, y, key) -> (params, opt_state, state, mean loss)``; ``state``
+    is the model state (BatchNorm's running statistics), ``()`` for a network without one.
 
     ``len(x) // batch_size`` minibatches per epoch (the few examples left over change with every epoch's
     permutation); params and optimizer state are donated. With a ``mesh``, every minibatch is sharded along
     its batch axis over the mesh's ``"data"`` axis while parameters stay replicated; XLA partitions the step and
     inserts the all-reduce that sums the gradient, so the update is the single-device one.
     """
-    update = make_step(gradient_function(net, loss, grad), optimizer)
+    if is_stateful(net):
+        update = make_stateful_step(stateful_gradient_function(net, loss, grad), optimizer)
+    else:
+        stateless = make_step(gradient_function(net, loss, grad), optimizer)
+
+        def update(params, opt_state, state, x, y, optimizer_key=None, **extra):
+            params, opt_state, value = stateless(params, opt_state, x, y, optimizer_key, **extra)
+            return params, opt_state, state, value
+
     if mesh is not None and batch_size % mesh.size:
         raise ValueError(f"batch_size {batch_size} must be divisible by the {mesh.size} devices")
     shard = (
@@ -135,37 +173,35 @@ def make_epoch(
         else (lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
     )
 
-    def epoch(params, opt_state, x, y, key):
+    def epoch(params, opt_state, state, x, y, key):
         steps = x.shape[0] // batch_size
         shuffle_key, dropout_key = jax.random.split(key)
         order = jax.random.permutation(shuffle_key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
         step_keys = jax.random.split(dropout_key, steps)
 
         def step(carry, batch_and_key):
-            params, opt_state = carry
             batch, step_key = batch_and_key
             # A network with randomness (dropout) trains in training mode with a fresh key every step.
             extra = {"key": step_key, "train": True} if is_stochastic(net) else {}
             optimizer_key = jax.random.fold_in(step_key, 1)  # independent of the dropout draws
-            params, opt_state, value = update(
-                params, opt_state, shard(x[batch]), shard(y[batch]), optimizer_key, **extra
-            )
-            return (params, opt_state), value
+            *carry, value = update(*carry, shard(x[batch]), shard(y[batch]), optimizer_key, **extra)
+            return tuple(carry), value
 
-        (params, opt_state), values = jax.lax.scan(step, (params, opt_state), (order, step_keys))
-        return params, opt_state, jnp.mean(values)
+        (params, opt_state, state), values = jax.lax.scan(step, (params, opt_state, state), (order, step_keys))
+        return params, opt_state, state, jnp.mean(values)
 
     if mesh is None:
-        return jax.jit(epoch, donate_argnums=(0, 1))
+        return jax.jit(epoch, donate_argnums=(0, 1, 2))
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(epoch, donate_argnums=(0, 1), in_shardings=replicated, out_shardings=replicated)
+    return jax.jit(epoch, donate_argnums=(0, 1, 2), in_shardings=replicated, out_shardings=replicated)
 
 
 def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
-    """Jitted ``(params, x, y) -> (loss, accuracy)``; accuracy is NaN for losses that are not classifiers."""
+    """Jitted ``(params, x, y, state=()) -> (loss, accuracy)``; accuracy is NaN for losses that are not classifiers.
+    A network that keeps state is evaluated with its running statistics (evaluation mode)."""
 
-    def evaluate(params, x, y):
-        outputs = apply_layer(net, params, x)
+    def evaluate(params, x, y, state=()):
+        outputs = call_forward(net, params, x, state=state)[0] if is_stateful(net) else apply_layer(net, params, x)
         if loss is losses.softmax_cross_entropy:
             accuracy = jnp.mean(jnp.argmax(outputs, axis=-1) == y)
         elif loss is losses.sigmoid_binary_cross_entropy:
@@ -221,8 +257,9 @@ def fit(
         grad: ``"manual"`` (hand-derived, the default) or ``"autodiff"`` (``jax.value_and_grad``), through the
             same loop; or a function ``(params, x, targets) -> (value, grads)`` such as
             :func:`mnet.clipped_value_and_grad` for DP-SGD.
-        checkpoint_path: if given, a training checkpoint (params, optimizer state, epoch, seed, history,
-            ``config``) is written atomically after every epoch whose loss is finite.
+        checkpoint_path: if given, a training checkpoint (params, optimizer state, the model state of a network
+            with BatchNorm, epoch, seed, history, ``config``) is written atomically after every epoch whose loss is
+            finite.
         resume: continue from ``checkpoint_path`` if it exists (it must match the parameters and optimizer).
         config: JSON-serialisable description stored in the checkpoint; resuming refuses a different one.
         on_epoch: called as ``on_epoch(epoch, record)`` after every epoch, for progress display.
@@ -230,7 +267,9 @@ def fit(
             replicated; None or 1 trains on the default device.
 
     Returns:
-        :class:`FitResult` with the final params, optimizer state and :class:`History`.
+        :class:`FitResult` with the final params, optimizer state, :class:`History` and model state (``state``:
+        the running statistics of a network with BatchNorm, made by :func:`mnet.init_state` and moved every step in
+        training mode; the test figures use them, in evaluation mode).
 
     Raises:
         DivergenceError: the training loss became NaN or infinite; names the epoch, and the checkpoint (if any)
@@ -245,10 +284,16 @@ def fit(
         )
     params = jax.tree_util.tree_map(jnp.array, params)  # a private copy, since the epoch donates its buffers
     opt_state = optimizer.init(params)
+    # The model state (BatchNorm's running statistics) is trained beside the params and saved with them; a network
+    # without state has () and its checkpoints hold (params, optimizer state) exactly as before.
+    stateful = is_stateful(net)
+    state = init_state(net, params, np.shape(data.x_train)[1:]) if stateful else ()
+    saved = (lambda: (params, opt_state, state)) if stateful else (lambda: (params, opt_state))
     history, start = History(), 0
     config = dict(config or {}, seed=seed, batch_size=batch_size)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        (params, opt_state), meta = checkpoint.read_tree(checkpoint_path, (params, opt_state))
+        restored, meta = checkpoint.read_tree(checkpoint_path, saved())
+        params, opt_state, state = restored if stateful else (*restored, ())
         if meta.get("config") != config:
             raise CheckpointError(
                 f"{checkpoint_path}: written by a different configuration "
@@ -268,14 +313,16 @@ def fit(
 
     for epoch in range(start + 1, epochs + 1):
         began = time.perf_counter()
-        new_params, new_opt_state, train_loss = run_epoch(params, opt_state, x_train, y_train, epoch_key(seed, epoch))
+        new_params, new_opt_state, new_state, train_loss = run_epoch(
+            params, opt_state, state, x_train, y_train, epoch_key(seed, epoch)
+        )
         train_loss = float(train_loss)
         if not math.isfinite(train_loss):
             kept = f"; {checkpoint_path} still holds epoch {epoch - 1}" if checkpoint_path and epoch > 1 else ""
             raise DivergenceError(f"training diverged at epoch {epoch}: the training loss is {train_loss}{kept}")
-        params, opt_state = new_params, new_opt_state
-        _, train_accuracy = evaluate(params, x_train, y_train)
-        test_loss, test_accuracy = evaluate(params, x_test, y_test) if len(data.x_test) else (np.nan, np.nan)
+        params, opt_state, state = new_params, new_opt_state, new_state
+        _, train_accuracy = evaluate(params, x_train, y_train, state)
+        test_loss, test_accuracy = evaluate(params, x_test, y_test, state) if len(data.x_test) else (np.nan, np.nan)
         record = dict(
             epoch=epoch,
             train_loss=train_loss,
@@ -287,11 +334,11 @@ def fit(
         history.append(**record)
         if checkpoint_path is not None:
             checkpoint.save_tree(
-                checkpoint_path, (params, opt_state), {"epoch": epoch, "config": config, "history": history.to_dict()}
+                checkpoint_path, saved(), {"epoch": epoch, "config": config, "history": history.to_dict()}
             )
         if on_epoch is not None:
             on_epoch(epoch, record)
-    return FitResult(params, opt_state, history)
+    return FitResult(params, opt_state, history, state)
 
 
 def plot_history(history: History, path: str | Path, title: str = "") -> None:

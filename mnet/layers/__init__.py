@@ -41,12 +41,19 @@ from mnet.layers.elementwise import (
     Tanh,
 )
 from mnet.layers.embedding import Embedding
-from mnet.layers.normalization import LayerNorm
+from mnet.layers.normalization import BatchNorm, LayerNorm
 from mnet.layers.pooling import AvgPool2D, MaxPool2D
+from mnet.layers.recurrent import GRU, LSTM, RNN, LastStep, Recurrent
 from mnet.layers.shape import Flatten, Reshape
 from mnet.layers.windows import Windows
 
 __all__ = [
+    "BatchNorm",
+    "GRU",
+    "LSTM",
+    "LastStep",
+    "RNN",
+    "Recurrent",
     "ACTIVATIONS_BY_NAME",
     "Array",
     "AttentionCore",

@@ -100,10 +100,24 @@ def is_stochastic(layer: Any) -> bool:
     return bool(getattr(layer, "stochastic", False))
 
 
-def call_forward(layer: Any, params: Params, x: Array, key: Array | None = None, train: bool = False):
-    """``layer.forward``, with the key and train flag passed only to a layer that has randomness, so that the
-    deterministic call ``forward(params, x)`` works for every layer."""
-    return layer.forward(params, x, key=key, train=train) if is_stochastic(layer) else layer.forward(params, x)
+def is_stateful(layer: Any) -> bool:
+    """Whether the layer keeps state beside its params (BatchNorm's running statistics, or a combinator holding
+    such a layer): it then takes ``state`` and ``train`` in ``forward`` (see :mod:`mnet.layers.state`)."""
+    return bool(getattr(layer, "stateful", False))
+
+
+def call_forward(
+    layer: Any, params: Params, x: Array, key: Array | None = None, train: bool = False, state: Any = None
+):
+    """``layer.forward``, with the key and train flag passed only to a layer that has randomness, and the state and
+    train flag only to a layer that keeps state, so that the deterministic call ``forward(params, x)`` works for
+    every layer."""
+    kwargs: dict[str, Any] = {}
+    if is_stochastic(layer):
+        kwargs.update(key=key, train=train)
+    if is_stateful(layer):
+        kwargs.update(state=state, train=train)
+    return layer.forward(params, x, **kwargs)
 
 
 def apply_layer(layer: Any, params: Params, x: Array, **kwargs) -> Array:
@@ -271,6 +285,8 @@ def own_rule(layer: Any, name: str):
 
 def walk(layer: Any, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
     """Carry ``quantity`` down through ``layer``: ``(tree like params, carried values at the layer's input)``."""
+    if quantity.skips(layer):
+        return (), carried
     through = getattr(layer, "walk", None)
     if callable(through):
         return through(quantity, params, caches, carried)
@@ -321,6 +337,11 @@ class Quantity:
     rules every layer has. :meth:`finish` turns the tree of shares into the quantity (a sum, for norms)."""
 
     rule = ""
+
+    def skips(self, layer: Any) -> bool:
+        """Whether the walk passes ``layer`` by whole (its share ``()``, the carried values unchanged): only for a
+        quantity that concerns some layers alone, such as the state of the layers that keep one."""
+        return False
 
     def at_unit(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
         own = own_rule(layer, self.rule)

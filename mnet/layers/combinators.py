@@ -23,6 +23,7 @@ from mnet.layers.base import (
     call_forward,
     describe,
     init_layer,
+    is_stateful,
     is_stochastic,
     located,
     require_layer,
@@ -34,6 +35,19 @@ from mnet.layers.base import (
 def _split(key: Array | None, count: int) -> list:
     """One key per child (or None for each when no key was given)."""
     return [None] * count if key is None else list(jax.random.split(key, count))
+
+
+def _states(owner: Any, state: Any, count: int) -> list:
+    """One state entry per child (None for each when no state was given): the state is a tuple like the params."""
+    if state is None:
+        return [None] * count
+    if not isinstance(state, tuple) or len(state) != count:
+        raise LayerError(
+            owner,
+            f"expects a state tuple of {count} entries (one per layer, () for a layer without state), "
+            f"got {describe(state)}; make it with mnet.init_state(net, params, input_shape)",
+        )
+    return list(state)
 
 
 @dataclass(frozen=True, repr=False)
@@ -60,6 +74,10 @@ class Serial(Composite):
     @property
     def stochastic(self) -> bool:
         return any(is_stochastic(layer) for layer in self.layers)
+
+    @property
+    def stateful(self) -> bool:
+        return any(is_stateful(layer) for layer in self.layers)
 
     @property
     def input_vocab(self) -> int | None:
@@ -89,14 +107,15 @@ class Serial(Composite):
             )
 
     def forward(
-        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False
+        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False, state: Any = None
     ) -> tuple[Array, Cache]:
         self._check_params(params)
         keys = _split(key, len(self.layers))
+        states = _states(self, state, len(self.layers))
         caches = []
         for index, (layer, layer_params) in enumerate(zip(self.layers, params)):
             try:
-                x, cache = call_forward(layer, layer_params, x, keys[index], train)
+                x, cache = call_forward(layer, layer_params, x, keys[index], train, states[index])
             except LayerError as error:
                 raise located(index, error) from None
             caches.append(cache)
@@ -144,6 +163,10 @@ class Residual(Composite):
     def stochastic(self) -> bool:
         return is_stochastic(self.block)
 
+    @property
+    def stateful(self) -> bool:
+        return is_stateful(self.block)
+
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         try:
             output_shape, params = init_layer(self.block, key, input_shape, dtype)
@@ -158,10 +181,10 @@ class Residual(Composite):
         return tuple(input_shape), params
 
     def forward(
-        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False
+        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False, state: Any = None
     ) -> tuple[Array, Cache]:
         try:
-            y, cache = call_forward(self.block, params, x, key, train)
+            y, cache = call_forward(self.block, params, x, key, train, state)
         except LayerError as error:
             raise located(0, error) from None
         if y.shape != x.shape:
@@ -209,6 +232,10 @@ class Parallel(Composite):
     def stochastic(self) -> bool:
         return any(is_stochastic(block) for block in self.blocks)
 
+    @property
+    def stateful(self) -> bool:
+        return any(is_stateful(block) for block in self.blocks)
+
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         shapes, params = [], []
         for index, (block, block_key) in enumerate(zip(self.blocks, jax.random.split(key, len(self.blocks)))):
@@ -226,16 +253,17 @@ class Parallel(Composite):
         return out, tuple(params)
 
     def forward(
-        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False
+        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False, state: Any = None
     ) -> tuple[Array, Cache]:
         if not isinstance(params, tuple) or len(params) != len(self.blocks):
             raise LayerError(self, f"expects a tuple of {len(self.blocks)} parameter entries, got {describe(params)}")
+        states = _states(self, state, len(self.blocks))
         outputs, caches = [], []
-        for index, (block, block_params, block_key) in enumerate(
-            zip(self.blocks, params, _split(key, len(self.blocks)))
+        for index, (block, block_params, block_key, block_state) in enumerate(
+            zip(self.blocks, params, _split(key, len(self.blocks)), states)
         ):
             try:
-                y, cache = call_forward(block, block_params, x, block_key, train)
+                y, cache = call_forward(block, block_params, x, block_key, train, block_state)
             except LayerError as error:
                 raise located(index, error) from None
             outputs.append(y)

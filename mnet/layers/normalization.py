@@ -1,8 +1,24 @@
-"""Layer normalisation: each example normalised over its last axis, then scaled and shifted."""
+"""Normalisation layers: each example over its features (LayerNorm), or each feature over the batch (BatchNorm).
+
+Both normalise ``x`` over some axes, then scale and shift: ``y = gamma * xhat + beta`` with ::
+
+    mu = mean(x),  var = mean((x - mu)^2),  r = 1 / sqrt(var + eps),  xhat = (x - mu) r
+
+(the means over the normalised axes: the last axis for LayerNorm; every axis but the last, the batch included, for
+BatchNorm in training). With ``g = dy * gamma`` the normalisation's Jacobian-vector product has the closed form ::
+
+    dx = N g = r * (g - mean(g) - xhat * mean(g * xhat))
+
+(the two means remove the components along the directions that normalisation itself removed: the constant vector
+and ``xhat``), and ``dgamma = sum(dy * xhat)``, ``dbeta = sum(dy)`` over every axis but the last. ``N`` is symmetric,
+so forward mode applies the same map. :class:`_Normalization` holds these rules once; the two layers differ only in
+the axes of the means (and BatchNorm's evaluation mode, an affine map).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,21 +26,95 @@ import jax.numpy as jnp
 from mnet.layers.base import Array, Cache, Layer, Params, Shape, default_float_dtype, describe
 
 
+class _Normalization(Layer):
+    """The rules shared by LayerNorm and BatchNorm in training: ``_axes(ndim)`` names the normalised axes."""
+
+    eps: float
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _mean(self, v: Array) -> Array:
+        return jnp.mean(v, axis=self._axes(v.ndim), keepdims=True)
+
+    def _normalized(self, xhat: Array, rstd: Array, v: Array) -> Array:
+        """``N v = rstd (v - mean(v) - xhat mean(v xhat))``: the symmetric Jacobian of ``xhat`` applied to ``v``."""
+        return rstd * (v - self._mean(v) - xhat * self._mean(v * xhat))
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        dtype = default_float_dtype() if dtype is None else dtype
+        return shape, {"gamma": jnp.ones(shape[-1:], dtype), "beta": jnp.zeros(shape[-1:], dtype)}
+
+    def _check(self, params: Params, x: Array) -> None:
+        self._check_input(x)
+        if not isinstance(params, dict) or set(params) != {"gamma", "beta"}:
+            raise self._fail(f"expects params with keys ['beta', 'gamma'], got {describe(params)}")
+        if params["gamma"].shape != x.shape[-1:]:
+            raise self._fail(f"expects input width {params['gamma'].shape[0]}, got input of shape {tuple(x.shape)}")
+
+    def _statistics(self, x: Array) -> tuple[Array, Array, Array, Array]:
+        """``(xhat, rstd, mu, var)`` over the normalised axes (kept as size-1 axes)."""
+        mean = self._mean(x)
+        centred = x - mean
+        var = self._mean(centred * centred)
+        rstd = jax.lax.rsqrt(var + self.eps)
+        return centred * rstd, rstd, mean, var
+
+    @staticmethod
+    def _feature_sums(v: Array) -> Array:
+        return jnp.sum(v.reshape(-1, v.shape[-1]), axis=0)
+
+    def _affine_grads(self, xhat: Array, dy: Array) -> Params:
+        return {"gamma": self._feature_sums(dy * xhat), "beta": self._feature_sums(dy)}
+
+    def _train_backward(self, params: Params, xhat: Array, rstd: Array, dy: Array) -> tuple[Params, Array]:
+        return self._affine_grads(xhat, dy), self._normalized(xhat, rstd, dy * params["gamma"])
+
+    def _train_tangent(self, params: Params, xhat: Array, rstd: Array, dparams: Params, dx: Array | None) -> Array:
+        """``dy = gamma * N dx + xhat * dgamma + dbeta``: ``N`` is symmetric, so forward mode applies backward's map."""
+        dy = xhat * dparams["gamma"] + dparams["beta"]
+        return dy if dx is None else dy + params["gamma"] * self._normalized(xhat, rstd, dx)
+
+    def _train_backward_tangent(
+        self, params: Params, xhat: Array, rstd: Array, tangents: tuple, dy: Array, dy_tangent: Array
+    ) -> tuple[Params, Array, Array]:
+        """The backward pass differentiated along the tangent (Hessian-vector products). With ``R{x} = x_t``,
+        ``R{xhat} = N x_t``, ``R{rstd} = -rstd^2 mean(xhat x_t)`` and ``g = gamma * dy``::
+
+            R{dgamma} = sum(R{dy} xhat + dy R{xhat})        R{dbeta} = sum(R{dy})
+            R{dx} = N (gamma R{dy} + R{gamma} dy) - rstd mean(xhat x_t) N g
+                    - rstd (R{xhat} mean(g xhat) + xhat mean(g R{xhat}))
+        """
+        dparams, x_tangent = tangents
+        g = dy * params["gamma"]
+        dx = self._normalized(xhat, rstd, g)
+        hv, dx_tangent = self._train_backward(params, xhat, rstd, dy_tangent)
+        dx_tangent = dx_tangent + self._normalized(xhat, rstd, dy * dparams["gamma"])
+        if x_tangent is not None:
+            xhat_tangent = self._normalized(xhat, rstd, x_tangent)
+            hv["gamma"] = hv["gamma"] + self._feature_sums(dy * xhat_tangent)
+            dx_tangent = dx_tangent - rstd * (
+                self._mean(xhat * x_tangent) * dx
+                + xhat_tangent * self._mean(g * xhat)
+                + xhat * self._mean(g * xhat_tangent)
+            )
+        return hv, dx, dx_tangent
+
+    @staticmethod
+    def _per_example_affine_grads(xhat: Array, dy: Array) -> Params:
+        """Example ``b``'s own ``dgamma_b = sum(dy_b * xhat_b)``, ``dbeta_b = sum(dy_b)`` over its positions."""
+        batch, n = dy.shape[0], xhat.shape[-1]
+        return {
+            "gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1),
+            "beta": jnp.sum(dy.reshape(batch, -1, n), axis=1),
+        }
+
+
 @dataclass(frozen=True, repr=False)
-class LayerNorm(Layer):
-    """Normalise each example over its last axis, then scale and shift: ``y = gamma * xhat + beta``.
-
-    Forward, per row of ``n`` features::
-
-        mu = mean(x),  var = mean((x - mu)^2),  r = 1 / sqrt(var + eps),  xhat = (x - mu) r
-
-    Backward: ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)`` over every row; with ``g = dy * gamma`` the
-    closed form of the normalisation's Jacobian-vector product is ::
-
-        dx = r * (g - mean(g) - xhat * mean(g * xhat))
-
-    (the two means remove the components along the directions that normalisation itself removed: the constant
-    vector and ``xhat``). Cache: ``xhat`` and ``r``.
+class LayerNorm(_Normalization):
+    """Normalise each example over its last axis, then scale and shift: ``y = gamma * xhat + beta`` (the rules are
+    in :mod:`mnet.layers.normalization`'s docstring). Cache: ``xhat`` and ``r``.
 
     Arguments:
         eps: added to the variance (default 1e-5, as PyTorch).
@@ -35,77 +125,167 @@ class LayerNorm(Layer):
     def __repr__(self) -> str:
         return "LayerNorm()" if self.eps == 1e-5 else f"LayerNorm(eps={self.eps})"
 
-    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
-        shape = self._check_input_shape(input_shape)
-        dtype = default_float_dtype() if dtype is None else dtype
-        return shape, {"gamma": jnp.ones(shape[-1:], dtype), "beta": jnp.zeros(shape[-1:], dtype)}
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        return (ndim - 1,)
 
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
-        self._check_input(x)
-        if not isinstance(params, dict) or set(params) != {"gamma", "beta"}:
-            raise self._fail(f"expects params with keys ['beta', 'gamma'], got {describe(params)}")
-        if params["gamma"].shape != x.shape[-1:]:
-            raise self._fail(f"expects input width {params['gamma'].shape[0]}, got input of shape {tuple(x.shape)}")
-        centred = x - jnp.mean(x, axis=-1, keepdims=True)
-        rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
-        xhat = centred * rstd
+        self._check(params, x)
+        xhat, rstd, _, _ = self._statistics(x)
         return params["gamma"] * xhat + params["beta"], (xhat, rstd)
 
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
-        xhat, rstd = cache
-        n = xhat.shape[-1]
-        grads = {"gamma": jnp.sum((dy * xhat).reshape(-1, n), axis=0), "beta": jnp.sum(dy.reshape(-1, n), axis=0)}
-        return grads, self._dx(params, xhat, rstd, dy)
-
-    def _dx(self, params: Params, xhat: Array, rstd: Array, dy: Array) -> Array:
-        return _normalized(xhat, rstd, dy * params["gamma"])
+        return self._train_backward(params, *cache, dy)
 
     def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array:
-        """``dy = gamma * N dx + xhat * dgamma + dbeta`` with ``N = rstd (I - 11^T / n - xhat xhat^T / n)``, the
-        Jacobian of ``xhat`` in ``x``: it is symmetric, so the forward rule applies the backward one's map."""
-        xhat, rstd = cache
-        dy = xhat * dparams["gamma"] + dparams["beta"]
-        return dy if dx is None else dy + params["gamma"] * _normalized(xhat, rstd, dx)
+        return self._train_tangent(params, *cache, dparams, dx)
 
     def backward_tangent(
         self, params: Params, cache: Cache, tangents: tuple, dy: Array, dy_tangent: Array
     ) -> tuple[Params, Array, Array]:
-        """The backward pass differentiated along the tangent (Hessian-vector products). With ``R{x} = x_t``,
-        ``R{xhat} = N x_t``, ``R{rstd} = -rstd^2 mean(xhat x_t)`` and ``g = gamma * dy``::
-
-            R{dgamma} = sum(R{dy} xhat + dy R{xhat})        R{dbeta} = sum(R{dy})
-            R{dx} = N (gamma R{dy} + R{gamma} dy) - rstd mean(xhat x_t) N g
-                    - rstd (R{xhat} mean(g xhat) + xhat mean(g R{xhat}))
-        """
-        xhat, rstd = cache
-        dparams, x_tangent = tangents
-        n = xhat.shape[-1]
-        g = dy * params["gamma"]
-        dx = _normalized(xhat, rstd, g)
-        hv, dx_tangent = self.backward(params, cache, dy_tangent)
-        dx_tangent = dx_tangent + _normalized(xhat, rstd, dy * dparams["gamma"])
-        if x_tangent is not None:
-            xhat_tangent = _normalized(xhat, rstd, x_tangent)
-            hv["gamma"] = hv["gamma"] + jnp.sum((dy * xhat_tangent).reshape(-1, n), axis=0)
-            dx_tangent = dx_tangent - rstd * (
-                jnp.mean(xhat * x_tangent, axis=-1, keepdims=True) * dx
-                + xhat_tangent * jnp.mean(g * xhat, axis=-1, keepdims=True)
-                + xhat * jnp.mean(g * xhat_tangent, axis=-1, keepdims=True)
-            )
-        return hv, dx, dx_tangent
+        return self._train_backward_tangent(params, *cache, tangents, dy, dy_tangent)
 
     def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
-        """Example ``b``'s own ``dgamma_b = sum(dy_b * xhat_b)``, ``dbeta_b = sum(dy_b)`` over its positions."""
         xhat, rstd = cache
-        batch, n = dy.shape[0], xhat.shape[-1]
-        grads = {
-            "gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1),
-            "beta": jnp.sum(dy.reshape(batch, -1, n), axis=1),
+        return self._per_example_affine_grads(xhat, dy), self._normalized(xhat, rstd, dy * params["gamma"])
+
+
+@dataclass(frozen=True, repr=False)
+class BatchNorm(_Normalization):
+    """Batch normalisation (Ioffe and Szegedy, 2015) of dense ``(batch, features)`` and NHWC ``(batch, H, W, C)``
+    inputs: every feature (channel) normalised over the batch and every position, then scaled and shifted.
+
+    Two modes, by what the call passes:
+
+    * **Training** (``forward(params, x)``, or ``forward(params, x, state=s, train=True)``): the batch's own
+      statistics, with the closed-form backward of the module docstring (the means over the batch couple the
+      examples). The cache keeps the batch mean and (biased) variance, from which :func:`mnet.update_state` moves
+      the running statistics.
+    * **Evaluation** (``forward(params, x, state=s)``, ``train=False``): the running statistics of ``s``, an affine
+      map ``y = gamma * (x - mean) r + beta`` with ``r = 1 / sqrt(var + eps)``: ``dx = gamma r dy`` and each
+      example's output depends on it alone.
+
+    The running statistics live in an explicit state pytree ``{"mean", "var"}`` (made by :func:`mnet.init_state`,
+    zeros and ones), never in params and never changed in place. After a training step ::
+
+        mean <- (1 - momentum) * mean + momentum * batch mean
+        var  <- (1 - momentum) * var  + momentum * batch variance * n / (n - 1)     (n values per feature)
+
+    which is PyTorch's convention (``momentum=0.1`` is the weight of the new batch, the running variance unbiased);
+    Flax's ``momentum`` is the weight kept, so Flax's 0.99 is ``momentum=0.01`` here (and Flax keeps the biased
+    variance).
+
+    Per-example gradients, their norms, the NTK, the GGN diagonal and Kronecker factors need each example's output
+    to depend on that example alone, which the batch statistics break: in training mode they refuse the layer
+    (as Opacus does); in evaluation mode they work.
+
+    Arguments:
+        momentum: the new batch's weight in the running statistics (default 0.1, as PyTorch).
+        eps: added to the variance (default 1e-5, as PyTorch).
+    """
+
+    momentum: float = 0.1
+    eps: float = 1e-5
+    stateful = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"BatchNorm: momentum must be in [0, 1] (the new batch's weight), got {self.momentum}")
+
+    def __repr__(self) -> str:
+        extra = [f"momentum={self.momentum}"] if self.momentum != 0.1 else []
+        extra += [f"eps={self.eps}"] if self.eps != 1e-5 else []
+        return f"BatchNorm({', '.join(extra)})"
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        return tuple(range(ndim - 1))
+
+    def initial_state(self, params: Params, cache: Cache) -> dict:
+        """Running mean 0 and variance 1 per feature (PyTorch's start)."""
+        return {"mean": jnp.zeros_like(params["gamma"]), "var": jnp.ones_like(params["gamma"])}
+
+    def _check_state(self, state: Any, x: Array) -> None:
+        width = x.shape[-1:]
+        if not isinstance(state, dict) or set(state) != {"mean", "var"}:
+            raise self._fail(
+                f"expects a state {{'mean', 'var'}} of shape {width} each, got {describe(state)}; "
+                "make it with mnet.init_state(net, params, input_shape)"
+            )
+        if any(getattr(state[name], "shape", None) != width for name in ("mean", "var")):
+            raise self._fail(f"expects a state of shape {width} for input {tuple(x.shape)}, got {describe(state)}")
+
+    def forward(self, params: Params, x: Array, *, state: Any = None, train: bool = False) -> tuple[Array, Cache]:
+        self._check(params, x)
+        if state is not None:
+            self._check_state(state, x)
+        if state is None or train:
+            xhat, rstd, mean, var = self._statistics(x)
+            return params["gamma"] * xhat + params["beta"], (xhat, rstd, mean.reshape(-1), var.reshape(-1))
+        rstd = jax.lax.rsqrt(state["var"] + self.eps)
+        xhat = (x - state["mean"]) * rstd
+        return params["gamma"] * xhat + params["beta"], (xhat, rstd)
+
+    @staticmethod
+    def _training(cache: Cache) -> bool:
+        """Training caches keep the batch statistics; evaluation caches only ``xhat`` and ``r``."""
+        return len(cache) == 4
+
+    def updated_state(self, state: dict, cache: Cache) -> dict:
+        """The running statistics moved towards the batch's (see the class docstring); unchanged after an
+        evaluation pass."""
+        if not self._training(cache):
+            return state
+        xhat, _, mean, var = cache
+        count = xhat.size // xhat.shape[-1]
+        unbiased = var * (count / max(count - 1, 1))
+        keep = 1 - self.momentum
+        return {
+            "mean": keep * state["mean"] + self.momentum * mean,
+            "var": keep * state["var"] + self.momentum * unbiased,
         }
-        return grads, self._dx(params, xhat, rstd, dy)
 
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        if self._training(cache):
+            return self._train_backward(params, cache[0], cache[1], dy)
+        xhat, rstd = cache
+        return self._affine_grads(xhat, dy), dy * params["gamma"] * rstd
 
-def _normalized(xhat: Array, rstd: Array, v: Array) -> Array:
-    """``N v = rstd (v - mean(v) - xhat mean(v xhat))`` over the last axis: the symmetric Jacobian of
-    ``xhat = (x - mean x) rstd`` applied to ``v``."""
-    return rstd * (v - jnp.mean(v, axis=-1, keepdims=True) - xhat * jnp.mean(v * xhat, axis=-1, keepdims=True))
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array:
+        if self._training(cache):
+            return self._train_tangent(params, cache[0], cache[1], dparams, dx)
+        xhat, rstd = cache
+        dy = xhat * dparams["gamma"] + dparams["beta"]
+        return dy if dx is None else dy + params["gamma"] * rstd * dx
+
+    def backward_tangent(
+        self, params: Params, cache: Cache, tangents: tuple, dy: Array, dy_tangent: Array
+    ) -> tuple[Params, Array, Array]:
+        """Training: the normalisation's rule (module docstring). Evaluation, an affine map with
+        ``R{xhat} = r x_t``: ``R{dgamma} = sum(R{dy} xhat + dy R{xhat})``, ``R{dx} = r (gamma R{dy} + R{gamma} dy)``."""
+        if self._training(cache):
+            return self._train_backward_tangent(params, cache[0], cache[1], tangents, dy, dy_tangent)
+        xhat, rstd = cache
+        dparams, x_tangent = tangents
+        hv, dx_tangent = self.backward(params, cache, dy_tangent)
+        dx_tangent = dx_tangent + dy * dparams["gamma"] * rstd
+        if x_tangent is not None:
+            hv["gamma"] = hv["gamma"] + self._feature_sums(dy * x_tangent * rstd)
+        return hv, dy * params["gamma"] * rstd, dx_tangent
+
+    def _refuse_coupled(self, cache: Cache) -> None:
+        if self._training(cache):
+            raise self._fail(
+                "normalises with the statistics of the whole batch in training mode, so each example's output "
+                "depends on the other examples and has no gradient of its own: per-example gradients, their norms, "
+                "the NTK, the GGN diagonal and Kronecker factors are refused (as Opacus does). Pass the running "
+                "statistics, state=..., for evaluation mode, or use LayerNorm"
+            )
+
+    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        self._refuse_coupled(cache)
+        xhat, rstd = cache
+        return self._per_example_affine_grads(xhat, dy), dy * params["gamma"] * rstd
+
+    def kronecker_factors(self, params: Params, cache: Cache, S: Array) -> None:
+        """No Kronecker structure (like LayerNorm's ``None``), and refused in training mode."""
+        self._refuse_coupled(cache)
+        return None

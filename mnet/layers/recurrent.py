@@ -1,0 +1,481 @@
+"""Recurrent layers (RNN, LSTM, GRU) with backpropagation through time written out, and ``LastStep``.
+
+Every recurrence here is one product for the inputs of all steps, then a scan of one product per step::
+
+    A = x W_ih + b_ih                          (batch, T, G*hidden): every step's input projection at once
+    B_t = h_{t-1} W_hh + b_hh                  (batch, G*hidden): the hidden projection, one step at a time
+    (h_t, c_t) = cell(A_t, B_t, h_{t-1}, c_{t-1})
+
+with ``G`` gate blocks (RNN 1, LSTM 4, GRU 3) laid out as in ``torch.nn.RNN/LSTM/GRU``, so ``W_ih`` is
+``weight_ih_l0.T`` and the other three parameters follow.
+
+Backpropagation through time. The parameters enter through two dense products, so their gradients are those of
+two dense layers whose output cotangents are ``dA_t`` and ``dB_t``, the gradients of the step's two projections::
+
+    dW_ih = sum_t x_t^T dA_t      db_ih = sum_t dA_t      dx_t = dA_t W_ih^T
+    dW_hh = sum_t h_{t-1}^T dB_t  db_hh = sum_t dB_t
+
+``dA_t`` and ``dB_t`` come from a reverse scan that carries the state's gradient back one step at a time::
+
+    (dh_t, dc_t) = (dy_t + carried dh_t, carried dc_t)
+    (dA_t, dB_t, direct) = cell_backward(A_t, B_t, h_{t-1}, c_{t-1}; dh_t, dc_t)
+    carried dh_{t-1} = dB_t W_hh^T + direct dh,   carried dc_{t-1} = direct dc
+
+For RNN and LSTM ``dA_t = dB_t`` (the gate pre-activation is ``A_t + B_t``); GRU's candidate gate multiplies its
+hidden part by the reset gate, so there ``dB_t`` is ``dA_t`` with that block scaled by ``r_t``.
+
+What is kept: the forward pass caches the input and the states after every step (``h``, and ``c`` for an LSTM),
+time-major; nothing else. The backward pass recomputes ``A`` in one product and each step's ``B_t`` and gates
+from ``h_{t-1}``: one more ``(batch, hidden) x (hidden, G*hidden)`` product per step buys a cache of ``1`` (or
+``2``) ``hidden``-wide arrays per step instead of the ``G*hidden``-wide gates that ``jax.grad`` through
+``lax.scan`` keeps (see ``BENCHMARKS.md``, rows R1 and R2).
+
+Since the parameter gradients are two dense layers', every rule that a dense layer has with positions (per-example
+gradients, squared norms by the Gram form over time steps, NTK, GGN diagonal) is that rule applied to the two
+products with the time steps as positions: only the reverse scan is the recurrence's own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from mnet.layers.base import (
+    Array,
+    Cache,
+    Layer,
+    Params,
+    Shape,
+    check_param_keys,
+    default_float_dtype,
+    positive_int,
+    shape_record,
+)
+from mnet.layers.dense import Dense
+
+State = tuple[Array, ...]
+_KEYS = {"W_ih", "W_hh", "b_ih", "b_hh"}
+
+
+def _sigmoid_slope(s: Array) -> Array:
+    """``sigma'(z)`` from ``s = sigma(z)``."""
+    return s * (1 - s)
+
+
+def _tanh_slope(t: Array) -> Array:
+    """``tanh'(z)`` from ``t = tanh(z)``."""
+    return 1 - t * t
+
+
+def _take(a: Array, columns: tuple[slice, ...]) -> Array:
+    """The last axis' ``columns`` (slices), side by side."""
+    if columns == (slice(None),):
+        return a
+    return jnp.concatenate([a[..., column] for column in columns], axis=-1)
+
+
+def _time_major(a: Array) -> Array:
+    return jnp.swapaxes(a, 0, 1)
+
+
+@dataclass(frozen=True, repr=False)
+class Recurrent(Layer):
+    """What RNN, LSTM and GRU share: parameters, the two products, the scans and every rule through time.
+
+    A cell reads each step through ``p_t = pre(A_t, B_t)``, what its gates need of the two projections (their sum
+    for RNN and LSTM; GRU keeps the candidate's hidden part apart). It says how one step maps ``p_t`` and the
+    previous state to the next state (``cell``), that step's backward (``cell_backward``: the gradient of ``A_t``,
+    and the part of the previous state's gradient that does not pass through ``B_t``), ``hidden_gradient`` (``dB_t``
+    from ``dA_t``) and forward mode (``cell_tangent``; ``pre`` is linear, so ``p_t' = pre(A_t', B_t')``)."""
+
+    hidden: int
+    gates: ClassVar[int] = 1
+    state_count: ClassVar[int] = 1  # h only; an LSTM also carries c
+
+    def __post_init__(self):
+        positive_int(self.hidden, "hidden", type(self).__name__)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.hidden})"
+
+    def pre(self, a: Array, b: Array) -> Array:
+        return a + b
+
+    def cell(self, p: Array, previous: State) -> State:
+        raise NotImplementedError
+
+    def cell_backward(self, p: Array, previous: State, d_state: State) -> tuple[Array, State]:
+        raise NotImplementedError
+
+    def hidden_gradient(self, p: Array, d_a: Array) -> Array:
+        return d_a
+
+    def store(self, d_a: Array, d_b: Array) -> Array:
+        """What the backward pass keeps of a step, in the width of ``p_t`` (it overwrites ``p_t``)."""
+        return d_a
+
+    def columns(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """Which columns of the store are ``dA`` and which ``dB``."""
+        everything = (slice(None),)
+        return everything, everything
+
+    def stored(self, buffer: Array) -> tuple[Array, Array]:
+        """``(dA, dB)`` from the stored steps."""
+        ih, hh = self.columns()
+        return _take(buffer, ih), _take(buffer, hh)
+
+    def cell_tangent(self, p: Array, previous: State, p_t: Array, previous_t: State) -> State:
+        raise NotImplementedError
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        """PyTorch's initialisation: every parameter uniform in ``[-1/sqrt(hidden), 1/sqrt(hidden)]``."""
+        shape = self._check_input_shape(input_shape, min_rank=2)
+        if len(shape) != 2:
+            raise self._fail(f"expects an example shape (T, features), got {shape}")
+        dtype = default_float_dtype() if dtype is None else dtype
+        width, bound = self.gates * self.hidden, 1 / math.sqrt(self.hidden)
+        shapes = {"W_ih": (shape[1], width), "W_hh": (self.hidden, width), "b_ih": (width,), "b_hh": (width,)}
+        keys = dict(zip(sorted(shapes), jax.random.split(key, 4)))
+        params = {name: jax.random.uniform(keys[name], size, dtype, -bound, bound) for name, size in shapes.items()}
+        return (shape[0], self.hidden), params
+
+    def _check(self, params: Params, x: Array) -> None:
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer):
+            raise self._fail(
+                f"expects float features (batch, T, features), got integer input of shape {tuple(x.shape)}; "
+                "for token ids put an mnet.Embedding before it"
+            )
+        self._check_input(x, min_rank=3)
+        if x.ndim != 3:
+            raise self._fail(f"expects input (batch, T, features), got shape {tuple(x.shape)}")
+        check_param_keys(self, params, _KEYS)
+        width = self.gates * self.hidden
+        expected = {
+            "W_ih": (x.shape[-1], width),
+            "W_hh": (self.hidden, width),
+            "b_ih": (width,),
+            "b_hh": (width,),
+        }
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise self._fail(
+                    f"expects {name} of shape {shape} for input {tuple(x.shape)}, got {tuple(params[name].shape)}"
+                )
+
+    def _input_projection(self, params: Params, x: Array) -> Array:
+        """``A = x W_ih + b_ih`` for every step in one product, time-major ``(T, batch, G*hidden)``."""
+        return jnp.einsum("btf,fg->tbg", x, params["W_ih"]) + params["b_ih"]
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check(params, x)
+        W_hh, b_hh = params["W_hh"], params["b_hh"]
+        zero = jnp.zeros((x.shape[0], self.hidden), jnp.result_type(x.dtype, W_hh.dtype))
+
+        def step(state: State, a: Array) -> tuple[State, tuple[State, Array]]:
+            p = self.pre(a, state[0] @ W_hh + b_hh)
+            return self.cell(p, state), (state, p)
+
+        last, (previous, pre) = jax.lax.scan(step, (zero,) * self.state_count, self._input_projection(params, x))
+        outputs = jnp.concatenate([previous[0][1:], last[0][None]])
+        return _time_major(outputs), (x, previous, pre)
+
+    def _through_time(self, params: Params, cache: Cache, dy: Array) -> Array:
+        """The reverse loop over the steps: every step's stored gradients (:meth:`store`), time-major."""
+        x, previous, pre = cache
+        W_hh = params["W_hh"]
+
+        dy = _time_major(dy)
+        length = pre.shape[0]
+
+        def step(k: Array, carried: tuple) -> tuple:
+            d_state, buffer = carried
+            t = length - 1 - k
+            p, before = buffer[t], tuple(s[t] for s in previous)
+            d_a, direct = self.cell_backward(p, before, (d_state[0] + dy[t],) + d_state[1:])
+            d_b = self.hidden_gradient(p, d_a)
+            back = d_b @ W_hh.T
+            d_state = (back if direct[0] is None else back + direct[0],) + direct[1:]
+            # Each step's pre-activations are read once, then overwritten by their gradients: one buffer for both.
+            return d_state, jax.lax.dynamic_update_index_in_dim(buffer, self.store(d_a, d_b), t, 0)
+
+        zeros = tuple(jnp.zeros_like(s[0]) for s in previous)
+        return jax.lax.fori_loop(0, length, step, (zeros, pre))[1]
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        """The four sums over time as products with the stored gradients whole (for GRU, whose store holds ``dA`` and
+        ``dB``'s candidate block side by side, the products run over all of it and the small results keep the
+        columns that belong to each parameter: no copy of a ``(T, batch, G*hidden)`` array)."""
+        x, previous = cache[0], cache[1]
+        stored = self._through_time(params, cache, dy)
+        ih, hh = self.columns()
+        sums = jnp.sum(stored, axis=(0, 1))
+        grads = {
+            "W_ih": _take(jnp.einsum("btf,tbg->fg", x, stored), ih),
+            "b_ih": _take(sums, ih),
+            "W_hh": _take(jnp.einsum("tbh,tbg->hg", previous[0], stored), hh),
+            "b_hh": _take(sums, hh),
+        }
+        W_ih = params["W_ih"]
+        if stored.shape[-1] != W_ih.shape[-1]:  # the input gradient reads dA's columns alone
+            W_ih = jnp.concatenate(
+                [W_ih, jnp.zeros(W_ih.shape[:1] + (stored.shape[-1] - W_ih.shape[-1],), W_ih.dtype)], -1
+            )
+        return grads, jnp.einsum("tbg,fg->btf", stored, W_ih)
+
+    # Every other rule: the two dense products' rule, the time steps as positions.
+    def _products(self, params: Params) -> tuple[Dense, dict, dict]:
+        return (
+            Dense(self.gates * self.hidden),
+            {"W": params["W_ih"], "b": params["b_ih"]},
+            {"W": params["W_hh"], "b": params["b_hh"]},
+        )
+
+    @staticmethod
+    def _layout(ih: Params, hh: Params) -> Params:
+        return {"W_ih": ih["W"], "b_ih": ih["b"], "W_hh": hh["W"], "b_hh": hh["b"]}
+
+    def _batch_major(self, params: Params, cache: Cache, dy: Array) -> tuple[Array, Array, Array]:
+        d_a, d_b = self.stored(self._through_time(params, cache, dy))
+        return _time_major(d_a), _time_major(d_b), _time_major(cache[1][0])
+
+    def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        """``dW_ih_b = X_b^T dA_b`` and ``dW_hh_b = H_b^T dB_b`` over the example's time steps."""
+        dense, ih, hh = self._products(params)
+        d_a, d_b, h_prev = self._batch_major(params, cache, dy)
+        ih_grads, dx = dense.per_example_backward(ih, cache[0], d_a)
+        hh_grads, _ = dense.per_example_backward(hh, h_prev, d_b)
+        return self._layout(ih_grads, hh_grads), dx
+
+    def per_example_sq_norms(self, params: Params, cache: Cache, dy: Array) -> tuple[Array, Array]:
+        """Weight sharing across time, as in convolution: ``||X_b^T dA_b||^2 = <X_b X_b^T, dA_b dA_b^T>`` over the
+        ``T x T`` Gram matrices when that is cheaper than building ``dW_b`` (Dense's rule decides)."""
+        dense, ih, hh = self._products(params)
+        d_a, d_b, h_prev = self._batch_major(params, cache, dy)
+        ih_sq, dx = dense.per_example_sq_norms(ih, cache[0], d_a)
+        hh_sq, _ = dense.per_example_sq_norms(hh, h_prev, d_b)
+        return ih_sq + hh_sq, dx
+
+    def _stacks(self, params: Params, cache: Cache, stack: Array) -> tuple[Array, Array, Array]:
+        """The projection gradients of every entry of a ``(K, batch, T, hidden)`` stack, batch-major."""
+        d_a, d_b = self.stored(jax.vmap(lambda dy: self._through_time(params, cache, dy))(stack))
+        return jnp.swapaxes(d_a, 1, 2), jnp.swapaxes(d_b, 1, 2), _time_major(cache[1][0])
+
+    def ntk_contribution(self, params: Params, cache1: Cache, cache2: Cache, dys1: Array, dys2: Array) -> Array:
+        dense, ih, hh = self._products(params)
+        a1, b1, h1 = self._stacks(params, cache1, dys1)
+        a2, b2, h2 = self._stacks(params, cache2, dys2)
+        return dense.ntk_contribution(ih, cache1[0], cache2[0], a1, a2) + dense.ntk_contribution(hh, h1, h2, b1, b2)
+
+    def per_example_diag_ggn(self, params: Params, cache: Cache, S: Array) -> Params:
+        dense, ih, hh = self._products(params)
+        s_a, s_b, h_prev = self._stacks(params, cache, S)
+        return self._layout(dense.per_example_diag_ggn(ih, cache[0], s_a), dense.per_example_diag_ggn(hh, h_prev, s_b))
+
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array:
+        """Forward mode, a scan forward beside the recurrence, reading the cached states::
+
+        A_t' = x_t' W_ih + x_t W_ih' + b_ih'          (every step in one product)
+        B_t' = h_{t-1}' W_hh + h_{t-1} W_hh' + b_hh'
+        (h_t', c_t') = cell_tangent(A_t, B_t, state_{t-1}; A_t', B_t', state_{t-1}')
+        """
+        x, previous, pre = cache
+        W_hh = params["W_hh"]
+        a_t = jnp.einsum("btf,fg->tbg", x, dparams["W_ih"]) + dparams["b_ih"]
+        if dx is not None:
+            a_t = a_t + jnp.einsum("btf,fg->tbg", dx, params["W_ih"])
+        b_t = jnp.einsum("tbh,hg->tbg", previous[0], dparams["W_hh"]) + dparams["b_hh"]
+
+        def step(previous_t: State, inputs: tuple) -> tuple[State, Array]:
+            p, before, a_tangent, b_tangent = inputs
+            state_t = self.cell_tangent(p, before, self.pre(a_tangent, b_tangent + previous_t[0] @ W_hh), previous_t)
+            return state_t, state_t[0]
+
+        zeros = tuple(jnp.zeros_like(s[0]) for s in previous)
+        _, h_t = jax.lax.scan(step, zeros, (pre, previous, a_t, b_t))
+        return _time_major(h_t)
+
+
+@dataclass(frozen=True, repr=False)
+class RNN(Recurrent):
+    """The Elman recurrence ``h_t = phi(A_t + B_t)`` (``torch.nn.RNN``, ``nonlinearity`` tanh or relu).
+
+    Step backward: ``dA_t = dB_t = dh_t * phi'(A_t + B_t)``; the previous state's gradient passes only through
+    ``B_t``. Forward mode: ``h_t' = phi'(z_t) (A_t' + B_t')``.
+
+    Arguments:
+        hidden: the state width.
+        activation: ``"tanh"`` (default) or ``"relu"``.
+    """
+
+    activation: str = "tanh"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.activation not in ("tanh", "relu"):
+            raise ValueError(f"RNN: activation must be 'tanh' or 'relu', got {self.activation!r}")
+
+    def __repr__(self) -> str:
+        return f"RNN({self.hidden})" if self.activation == "tanh" else f"RNN({self.hidden}, activation='relu')"
+
+    def _slope(self, z: Array) -> Array:
+        return _tanh_slope(jnp.tanh(z)) if self.activation == "tanh" else (z > 0).astype(z.dtype)
+
+    def cell(self, p, previous):
+        return (jnp.tanh(p) if self.activation == "tanh" else jnp.maximum(p, 0),)
+
+    def cell_backward(self, p, previous, d_state):
+        return d_state[0] * self._slope(p), (None,)
+
+    def cell_tangent(self, p, previous, p_t, previous_t):
+        return (self._slope(p) * p_t,)
+
+
+@dataclass(frozen=True, repr=False)
+class LSTM(Recurrent):
+    """Long short-term memory (``torch.nn.LSTM``), gates ``i, f, g, o`` in that order::
+
+        [i, f, g, o] = [sigma, sigma, tanh, sigma](A_t + B_t)
+        c_t = f * c_{t-1} + i * g           h_t = o * tanh(c_t)
+
+    Step backward, with ``dc = dc_t + dh_t * o * (1 - tanh(c_t)^2)``::
+
+        do = dh_t * tanh(c_t)   di = dc * g   df = dc * c_{t-1}   dg = dc * i     direct dc_{t-1} = dc * f
+        dA_t = dB_t = [di * i(1-i), df * f(1-f), dg * (1-g^2), do * o(1-o)]
+
+    Forward mode: the gates' tangents ``i' = i(1-i) z_i'`` (and alike), then
+    ``c_t' = f' c_{t-1} + f c_{t-1}' + i' g + i g'`` and ``h_t' = o' tanh(c_t) + o (1 - tanh(c_t)^2) c_t'``.
+    """
+
+    gates: ClassVar[int] = 4
+    state_count: ClassVar[int] = 2
+
+    def _gates(self, p: Array) -> tuple[Array, Array, Array, Array]:
+        zi, zf, zg, zo = jnp.split(p, 4, axis=-1)
+        return jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
+
+    def cell(self, p, previous):
+        i, f, g, o = self._gates(p)
+        c = f * previous[1] + i * g
+        return o * jnp.tanh(c), c
+
+    def cell_backward(self, p, previous, d_state):
+        i, f, g, o = self._gates(p)
+        c_prev = previous[1]
+        tanh_c = jnp.tanh(f * c_prev + i * g)
+        dh, dc_carried = d_state
+        dc = dc_carried + dh * o * _tanh_slope(tanh_c)
+        dz = jnp.concatenate(
+            [
+                dc * g * _sigmoid_slope(i),
+                dc * c_prev * _sigmoid_slope(f),
+                dc * i * _tanh_slope(g),
+                dh * tanh_c * _sigmoid_slope(o),
+            ],
+            axis=-1,
+        )
+        return dz, (None, dc * f)
+
+    def cell_tangent(self, p, previous, p_t, previous_t):
+        i, f, g, o = self._gates(p)
+        zi, zf, zg, zo = jnp.split(p_t, 4, axis=-1)
+        i_t, f_t, g_t, o_t = zi * _sigmoid_slope(i), zf * _sigmoid_slope(f), zg * _tanh_slope(g), zo * _sigmoid_slope(o)
+        c_prev = previous[1]
+        tanh_c = jnp.tanh(f * c_prev + i * g)
+        c_t = f_t * c_prev + f * previous_t[1] + i_t * g + i * g_t
+        return o_t * tanh_c + o * _tanh_slope(tanh_c) * c_t, c_t
+
+
+@dataclass(frozen=True, repr=False)
+class GRU(Recurrent):
+    """Gated recurrent unit (``torch.nn.GRU``), gates ``r, z, n`` in that order, the candidate's hidden part
+    inside the reset gate (``B_n`` includes ``b_hn``)::
+
+        r = sigma(A_r + B_r)    z = sigma(A_z + B_z)    n = tanh(A_n + r * B_n)
+        h_t = (1 - z) * n + z * h_{t-1}
+
+    Step backward, with ``dn = dh_t (1 - z) (1 - n^2)`` the gradient of the candidate's pre-activation::
+
+        dr = dn * B_n * r(1-r)     dz = dh_t (h_{t-1} - n) z(1-z)     direct dh_{t-1} = dh_t * z
+        dA_t = [dr, dz, dn]        dB_t = [dr, dz, dn * r]
+
+    Forward mode: ``r' = r(1-r)(A_r' + B_r')``, ``z'`` alike, ``n' = (1-n^2)(A_n' + r' B_n + r B_n')`` and
+    ``h_t' = z' (h_{t-1} - n) + (1 - z) n' + z h_{t-1}'``.
+    """
+
+    gates: ClassVar[int] = 3
+
+    def pre(self, a: Array, b: Array) -> Array:
+        """``[A_r + B_r, A_z + B_z, A_n, B_n]``: the candidate's hidden part stays apart, since ``r`` scales it."""
+        hidden = self.hidden
+        return jnp.concatenate(
+            [a[..., : 2 * hidden] + b[..., : 2 * hidden], a[..., 2 * hidden :], b[..., 2 * hidden :]], -1
+        )
+
+    def _gates(self, p: Array) -> tuple[Array, Array, Array, Array]:
+        z_r, z_z, a_n, b_n = jnp.split(p, 4, axis=-1)
+        r = jax.nn.sigmoid(z_r)
+        return r, jax.nn.sigmoid(z_z), jnp.tanh(a_n + r * b_n), b_n
+
+    def cell(self, p, previous):
+        r, z, n, _ = self._gates(p)
+        return ((1 - z) * n + z * previous[0],)
+
+    def cell_backward(self, p, previous, d_state):
+        r, z, n, b_n = self._gates(p)
+        dh = d_state[0]
+        dn = dh * (1 - z) * _tanh_slope(n)
+        dr = dn * b_n * _sigmoid_slope(r)
+        dz = dh * (previous[0] - n) * _sigmoid_slope(z)
+        return jnp.concatenate([dr, dz, dn], axis=-1), (dh * z,)
+
+    def hidden_gradient(self, p, d_a):
+        """``dB_t = [dr, dz, dn * r]``: the candidate's hidden part enters through the reset gate."""
+        hidden = self.hidden
+        r = jax.nn.sigmoid(p[..., :hidden])
+        return jnp.concatenate([d_a[..., : 2 * hidden], d_a[..., 2 * hidden :] * r], axis=-1)
+
+    def store(self, d_a, d_b):
+        """``[dr, dz, dn, dn * r]``: ``dA_t`` and the candidate's block of ``dB_t``, as wide as ``p_t``."""
+        return jnp.concatenate([d_a, d_b[..., 2 * self.hidden :]], axis=-1)
+
+    def columns(self):
+        hidden = self.hidden
+        return (slice(0, 3 * hidden),), (slice(0, 2 * hidden), slice(3 * hidden, 4 * hidden))
+
+    def cell_tangent(self, p, previous, p_t, previous_t):
+        r, z, n, b_n = self._gates(p)
+        zr, zz, an, bn = jnp.split(p_t, 4, axis=-1)
+        r_t, z_t = zr * _sigmoid_slope(r), zz * _sigmoid_slope(z)
+        n_t = (an + r_t * b_n + r * bn) * _tanh_slope(n)
+        return (z_t * (previous[0] - n) + (1 - z) * n_t + z * previous_t[0],)
+
+
+@dataclass(frozen=True, repr=False)
+class LastStep(Layer):
+    """``(batch, T, d) -> (batch, d)``: the last time step, for classifying a sequence by a recurrence's final
+    state. Backward places ``dy`` at the last step and zeros elsewhere."""
+
+    curvature_free = True
+
+    def __repr__(self) -> str:
+        return "LastStep()"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape, min_rank=2)
+        return shape[1:], ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_no_params(params)
+        self._check_input(x, min_rank=3)
+        return x[:, -1], shape_record(x)
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        dx = jnp.zeros(dy.shape[:1] + cache.shape[1:], dy.dtype)
+        return (), dx.at[:, -1].set(dy)
+
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array | None:
+        return None if dx is None else dx[:, -1]

@@ -1,7 +1,10 @@
 """A small CNN (im2col convolutions, max pooling) trained on the bundled 8x8 digits with hand-derived gradients,
 then the same network trained with jax.grad, and the time per training step of both side by side.
 
-    python experiments/cnn_digits.py [--epochs 20] [--seed 0] [--out experiments/out]
+    python experiments/cnn_digits.py [--epochs 20] [--seed 0] [--batch-norm] [--out experiments/out]
+
+``--batch-norm`` puts a BatchNorm after each convolution and the hidden dense layer (``digits_cnn(batch_norm=True)``):
+fit then carries the running statistics, and the test accuracy uses them (evaluation mode).
 
 Prints the test accuracy of both runs, the largest parameter difference between them and the step times;
 writes ``cnn_digits.png`` (training curves).
@@ -24,11 +27,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch-norm", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("experiments/out"))
     args = parser.parse_args()
 
     dataset = mnet.data.load_digits(args.seed)
-    net = mnet.models.digits_cnn()
+    net = mnet.models.digits_cnn(batch_norm=args.batch_norm)
     _, params = net.init(jax.random.key(args.seed), dataset.example_shape, jnp.float32)
     loss = mnet.losses.softmax_cross_entropy
     print(net)
@@ -44,7 +48,8 @@ def main() -> None:
     y = jnp.asarray(dataset.y_train[: args.batch])
     print(describe_step_seconds(step_seconds(net, params, x, y, rounds=30), args.batch, 30))
     args.out.mkdir(parents=True, exist_ok=True)
-    mnet.train.plot_history(runs["manual"].history, args.out / "cnn_digits.png", "digits CNN, hand-derived gradients")
+    name = "cnn_digits_batch_norm.png" if args.batch_norm else "cnn_digits.png"
+    mnet.train.plot_history(runs["manual"].history, args.out / name, "digits CNN, hand-derived gradients")
 
 
 if __name__ == "__main__":

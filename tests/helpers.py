@@ -103,8 +103,10 @@ def assert_trees_close(actual, expected, rtol=None, tree_scale=False):
         assert a.dtype == b.dtype, f"{jax.tree_util.keystr(path)}: dtype {a.dtype} != {b.dtype}"
         limit = tolerance(b.dtype) if rtol is None else rtol
         agreement = Agreement.of(a, b, limit, scale)
-        assert agreement.ok, (f"{jax.tree_util.keystr(path)}: relative error {agreement.max_rel_error:.3g} > {limit:.3g}"
-                              f" (absolute {agreement.max_abs_error:.3g}, tree scale {scale:.3g})")
+        assert agreement.ok, (
+            f"{jax.tree_util.keystr(path)}: relative error {agreement.max_rel_error:.3g} > {limit:.3g}"
+            f" (absolute {agreement.max_abs_error:.3g}, tree scale {scale:.3g})"
+        )
 
 
 class AutodiffUsed(AssertionError):
@@ -157,8 +159,10 @@ def reference_norms(grads, batch):
 def reference_ntk(net, params, x1, x2):
     j1, j2 = jax.jacrev(net.apply)(params, x1), jax.jacrev(net.apply)(params, x2)
     k = net.apply(params, x1[:1]).shape[1]
-    return sum(jnp.einsum("akp,ckp->ac", a.reshape(x1.shape[0], k, -1), b.reshape(x2.shape[0], k, -1))
-               for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2)))
+    return sum(
+        jnp.einsum("akp,ckp->ac", a.reshape(x1.shape[0], k, -1), b.reshape(x2.shape[0], k, -1))
+        for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2))
+    )
 
 
 def check_all(problem, rtol, jit, tree_scale=False, x2=None):

@@ -62,10 +62,14 @@ def test_attention_forward_and_backward_with_random_masks(layer, shape):
         if mask_kind == "keys":  # padded sequences: the first key always valid
             mask = jnp.asarray(rng.uniform(size=(batch, 1, 1, length)) < 0.7).at[..., 0].set(True)
         elif mask_kind == "full":  # an arbitrary pattern per head, the diagonal kept
-            mask = jnp.asarray(rng.uniform(size=(batch, layer.num_heads, length, length)) < 0.5) | jnp.eye(length, dtype=bool)
+            mask = jnp.asarray(rng.uniform(size=(batch, layer.num_heads, length, length)) < 0.5) | jnp.eye(
+                length, dtype=bool
+            )
         else:
             mask = None
-        y, expected, hand, reference = attention_checks(layer, params, x, mask, jnp.asarray(rng.normal(size=(batch, length, layer.out_dim or shape[1]))))
+        y, expected, hand, reference = attention_checks(
+            layer, params, x, mask, jnp.asarray(rng.normal(size=(batch, length, layer.out_dim or shape[1])))
+        )
         np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-13)
         assert_trees_close(hand, reference, 1e-10, tree_scale=True)  # the key bias's gradient is exactly zero
 
@@ -122,7 +126,9 @@ TRANSFORMER = mnet.serial(
     mnet.Embedding(7, 8),
     mnet.residual(mnet.serial(mnet.LayerNorm(), mnet.MultiHeadSelfAttention(2, causal=True))),
     mnet.residual(mnet.serial(mnet.LayerNorm(), mnet.Dense(16), mnet.Gelu(), mnet.Dropout(0.1), mnet.Dense(8))),
-    mnet.LayerNorm(), mnet.Flatten(), mnet.Dense(3),
+    mnet.LayerNorm(),
+    mnet.Flatten(),
+    mnet.Dense(3),
 )
 
 
@@ -135,15 +141,27 @@ def transformer_problem(dtype=jnp.float64, batch=4, length=5):
 @pytest.mark.parametrize("train", [False, True])
 def test_transformer_value_and_grad_against_autodiff(train):
     params, ids, y = transformer_problem()
-    check_value_and_grad(TRANSFORMER, mnet.losses.softmax_cross_entropy, params, ids, y, 1e-12, tree_scale=True,
-                         key=jax.random.key(2), train=train)
+    check_value_and_grad(
+        TRANSFORMER,
+        mnet.losses.softmax_cross_entropy,
+        params,
+        ids,
+        y,
+        1e-12,
+        tree_scale=True,
+        key=jax.random.key(2),
+        train=train,
+    )
 
 
 def test_transformer_float32_report_and_manual_backward():
     loss = mnet.losses.softmax_cross_entropy
     params, ids, y = transformer_problem(jnp.float32)
-    assert_trees_close(jax.jit(mnet.value_and_grad(TRANSFORMER, loss))(params, ids, y),
-                       jax.jit(mnet.autodiff_value_and_grad(TRANSFORMER, loss))(params, ids, y), tree_scale=True)
+    assert_trees_close(
+        jax.jit(mnet.value_and_grad(TRANSFORMER, loss))(params, ids, y),
+        jax.jit(mnet.autodiff_value_and_grad(TRANSFORMER, loss))(params, ids, y),
+        tree_scale=True,
+    )
     report = mnet.compare_gradients(TRANSFORMER, loss, *transformer_problem(), finite_differences=True)
     assert report.ok, report
     bridged = mnet.with_manual_backward(TRANSFORMER)
@@ -156,7 +174,9 @@ def test_transformer_derivatives():
     over positions), DP clipping, the Jacobian and the NTK, on integer inputs."""
     params, ids, y = transformer_problem()
     ids2 = jnp.asarray(np.random.default_rng(5).integers(0, 7, (3, 5)))
-    check_all((TRANSFORMER, mnet.losses.softmax_cross_entropy, params, ids, y), 1e-9, jit=True, tree_scale=True, x2=ids2)
+    check_all(
+        (TRANSFORMER, mnet.losses.softmax_cross_entropy, params, ids, y), 1e-9, jit=True, tree_scale=True, x2=ids2
+    )
 
 
 def test_embedding_norms_when_the_vocabulary_is_small():
@@ -165,13 +185,20 @@ def test_embedding_norms_when_the_vocabulary_is_small():
     rng = np.random.default_rng(1)
     params = random_params(net, (6,), jnp.float64, rng)
     ids, t = jnp.asarray(rng.integers(0, 3, (4, 6))), jnp.asarray(rng.integers(0, 2, 4))
-    check_all((net, mnet.losses.softmax_cross_entropy, params, ids, t), 1e-10, jit=True,
-              x2=jnp.asarray(rng.integers(0, 3, (2, 6))))
+    check_all(
+        (net, mnet.losses.softmax_cross_entropy, params, ids, t),
+        1e-10,
+        jit=True,
+        x2=jnp.asarray(rng.integers(0, 3, (2, 6))),
+    )
 
 
 def test_bad_configurations_are_named_at_init():
-    with pytest.raises(LayerError, match=r"MultiHeadSelfAttention\(3\) at position \[1\].*D = 8 \(input \(5, 8\)\) "
-                                         r"does not divide into 3 heads"):
+    with pytest.raises(
+        LayerError,
+        match=r"MultiHeadSelfAttention\(3\) at position \[1\].*D = 8 \(input \(5, 8\)\) "
+        r"does not divide into 3 heads",
+    ):
         mnet.serial(mnet.Embedding(4, 8), mnet.MultiHeadSelfAttention(3)).init(jax.random.key(0), (5,))
     mnet.MultiHeadSelfAttention(3, head_dim=4).init(jax.random.key(0), (5, 8))  # explicit head_dim: fine
     with pytest.raises(LayerError, match=r"MultiHeadSelfAttention\(2\).*shape \(T, D\).*got \(64,\)"):
@@ -180,9 +207,14 @@ def test_bad_configurations_are_named_at_init():
     _, params = layer.init(jax.random.key(0), (5, 4))
     with pytest.raises(LayerError, match=r"rank >= 3 \(batch, ...\), got shape \(5, 4\); add a leading batch axis"):
         layer.apply(params, jnp.ones((5, 4)))
-    with pytest.raises(LayerError, match=r"boolean mask broadcastable to .* \(2, 2, 5, 5\), got bool of shape \(3, 5\)"):
+    with pytest.raises(
+        LayerError, match=r"boolean mask broadcastable to .* \(2, 2, 5, 5\), got bool of shape \(3, 5\)"
+    ):
         layer.apply(params, jnp.ones((2, 5, 4)), mask=jnp.ones((3, 5), bool))
-    with pytest.raises(LayerError, match=r"Embedding\(4, 2\) at position \[0\] of the network: expects integer ids, got float64 with shape \(2, 3\)"):
+    with pytest.raises(
+        LayerError,
+        match=r"Embedding\(4, 2\) at position \[0\] of the network: expects integer ids, got float64 with shape \(2, 3\)",
+    ):
         mnet.serial(mnet.Embedding(4, 2)).apply(({"W": jnp.ones((4, 2))},), jnp.ones((2, 3)))
     with pytest.raises(LayerError, match=r"ids must lie in \[0, 4\), found 4 in ids of shape \(2, 2\)"):
         mnet.Embedding(4, 2).apply({"W": jnp.ones((4, 2))}, jnp.array([[0, 1], [2, 4]]))
@@ -197,8 +229,11 @@ def test_fit_trains_on_token_ids():
     x = rng.integers(0, 6, (512, 4)).astype(np.int32)
     y = (x[:, 0] > x[:, 1]).astype(np.int32)
     data = mnet.data.Dataset(x[:400], y[:400], x[400:], y[400:], 2, "order")
-    net = mnet.serial(mnet.Embedding(6, 8), mnet.residual(mnet.MultiHeadSelfAttention(2)), mnet.Flatten(), mnet.Dense(2))
+    net = mnet.serial(
+        mnet.Embedding(6, 8), mnet.residual(mnet.MultiHeadSelfAttention(2)), mnet.Flatten(), mnet.Dense(2)
+    )
     _, params = net.init(jax.random.key(0), (4,), jnp.float32)
-    history = mnet.fit(net, mnet.losses.softmax_cross_entropy, params, data, epochs=30,
-                       optimizer=optax.adam(1e-2)).history
+    history = mnet.fit(
+        net, mnet.losses.softmax_cross_entropy, params, data, epochs=30, optimizer=optax.adam(1e-2)
+    ).history
     assert history.test_accuracy[-1] > 0.95

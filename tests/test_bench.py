@@ -6,13 +6,31 @@ import sys
 
 
 def test_bench_quick_json():
-    result = subprocess.run([sys.executable, "-m", "mnet", "bench", "--quick", "--json"], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnet", "bench", "--quick", "--json"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["matmul_peak_gflops"] > 0 and data["machine"]["backend"]
     names = {row["name"] for row in data["rows"]}
-    assert {"W1", "W1bf16", "W2", "W3", "D1", "D2", "D3", "D3w", "D4", "C1", "T1", "G1", "G2", "G3", "G4", "M1-256"} <= names
+    assert {
+        "W1",
+        "W1bf16",
+        "W2",
+        "W3",
+        "D1",
+        "D2",
+        "D3",
+        "D3w",
+        "D4",
+        "C1",
+        "T1",
+        "G1",
+        "G2",
+        "G3",
+        "G4",
+        "M1-256",
+    } <= names
     for row in data["rows"]:
         assert row["seconds"] and all(s > 0 for s in row["seconds"].values()), row
         assert row["ratios"][row["baseline"]] == 1.0
@@ -27,6 +45,7 @@ def test_bench_quick_json():
 
 
 def test_bench_bad_row_name_is_one_line():
-    result = subprocess.run([sys.executable, "-m", "mnet", "bench", "--quick", "--rows", "W9"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnet", "bench", "--quick", "--rows", "W9"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "W9" in result.stderr

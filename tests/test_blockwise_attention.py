@@ -41,8 +41,11 @@ def test_blockwise_layer_equals_softmax_attention_and_jax_vjp(heads, head_dim, l
     x = jnp.asarray(rng.normal(size=(batch, length, width)))
     dy = jnp.asarray(rng.normal(size=(batch, length, width)))
     valid = np.arange(length)[None, :] < rng.integers(1, length + 1, batch)[:, None]  # padded sequences
-    masks = [None, jnp.asarray(valid[:, None, None, :]),
-             jnp.asarray(rng.random((batch, heads, length, length)) < 0.6)]  # rows with no key included
+    masks = [
+        None,
+        jnp.asarray(valid[:, None, None, :]),
+        jnp.asarray(rng.random((batch, heads, length, length)) < 0.6),
+    ]  # rows with no key included
     for mask in masks:
         y, expected, hand, reference, cache = layer_checks(layer, params, x, mask, dy)
         np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
@@ -68,9 +71,15 @@ def test_blockwise_core_rules_equal_the_unblocked_core(heads, head_dim, length, 
         results = []
         for core in (dense, blockwise):
             y, cache = core.forward((), qkv, mask)
-            results.append((y, core.backward((), cache, dy)[1], core.tangent((), cache, (), t),
-                            core.backward_tangent((), cache, ((), t), dy, dy_t)[1:],
-                            core.backward_tangent((), cache, ((), None), dy, dy_t)[2]))
+            results.append(
+                (
+                    y,
+                    core.backward((), cache, dy)[1],
+                    core.tangent((), cache, (), t),
+                    core.backward_tangent((), cache, ((), t), dy, dy_t)[1:],
+                    core.backward_tangent((), cache, ((), None), dy, dy_t)[2],
+                )
+            )
         return results
 
     dy, dy_t = (jnp.asarray(rng.normal(size=(2, length, heads * head_dim))) for _ in range(2))
@@ -82,7 +91,9 @@ BLOCKWISE_TRANSFORMER = mnet.serial(
     mnet.Embedding(7, 8),
     mnet.residual(mnet.serial(mnet.LayerNorm(), mnet.MultiHeadSelfAttention(2, causal=True, block_size=2))),
     mnet.residual(mnet.serial(mnet.LayerNorm(), mnet.Dense(16), mnet.Gelu(), mnet.Dense(8))),
-    mnet.LayerNorm(), mnet.Flatten(), mnet.Dense(3),
+    mnet.LayerNorm(),
+    mnet.Flatten(),
+    mnet.Dense(3),
 )
 
 
@@ -99,18 +110,27 @@ def test_every_derivative_through_blockwise_attention():
     params, ids, y = blockwise_problem()
     loss = mnet.losses.softmax_cross_entropy
     expected = jax.jit(mnet.autodiff_value_and_grad(BLOCKWISE_TRANSFORMER, loss))(params, ids, y)
-    unblocked = mnet.serial(mnet.Embedding(7, 8), mnet.residual(mnet.serial(
-        mnet.LayerNorm(), mnet.MultiHeadSelfAttention(2, causal=True))), *BLOCKWISE_TRANSFORMER.layers[2:])
+    unblocked = mnet.serial(
+        mnet.Embedding(7, 8),
+        mnet.residual(mnet.serial(mnet.LayerNorm(), mnet.MultiHeadSelfAttention(2, causal=True))),
+        *BLOCKWISE_TRANSFORMER.layers[2:],
+    )
     v = jax.tree_util.tree_map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params)
 
     @jax.jit(static_argnums=0)
     def quantities(net):
-        return (mnet.value_and_grad(net, loss)(params, ids, y), mnet.per_example_grads(net, loss)(params, ids, y),
-                mnet.per_example_grad_norms(net, loss)(params, ids, y),
-                mnet.clipped_value_and_grad(net, loss, 0.5)(params, ids, y), mnet.jacobian(net)(params, ids),
-                mnet.ntk(net)(params, ids, ids[::-1][:3]), mnet.diag_ggn(net, loss)(params, ids, y),
-                mnet.kfac_factors(net, loss)(params, ids, y), mnet.jvp(net)(params, ids, v, None),
-                mnet.hessian_vector_product(net, loss)(params, ids, y, v))
+        return (
+            mnet.value_and_grad(net, loss)(params, ids, y),
+            mnet.per_example_grads(net, loss)(params, ids, y),
+            mnet.per_example_grad_norms(net, loss)(params, ids, y),
+            mnet.clipped_value_and_grad(net, loss, 0.5)(params, ids, y),
+            mnet.jacobian(net)(params, ids),
+            mnet.ntk(net)(params, ids, ids[::-1][:3]),
+            mnet.diag_ggn(net, loss)(params, ids, y),
+            mnet.kfac_factors(net, loss)(params, ids, y),
+            mnet.jvp(net)(params, ids, v, None),
+            mnet.hessian_vector_product(net, loss)(params, ids, y, v),
+        )
 
     with no_autodiff():
         blocked = quantities(BLOCKWISE_TRANSFORMER)
@@ -122,8 +142,9 @@ def test_blockwise_step_keeps_a_quarter_of_autodiffs_memory_at_1024():
     """The memory claim on compiled programs (XLA's memory analysis; no timing): one training step of the M1
     transformer (width 64, 4 heads, batch 4) at T = 1024 with blockwise attention needs under a quarter of the
     temporary bytes of the same step under jax.grad."""
-    figures = {name: compiled_memory(step.func.lower(*step.args).compile())
-               for name, step in memory_problem(1024).items()}
+    figures = {
+        name: compiled_memory(step.func.lower(*step.args).compile()) for name, step in memory_problem(1024).items()
+    }
     if figures["jax.grad"] == "n/a":
         pytest.skip("this backend has no memory analysis")
     blockwise, autodiff = figures["hand blockwise"]["temp_bytes"], figures["jax.grad"]["temp_bytes"]
@@ -134,8 +155,10 @@ def test_blockwise_step_keeps_a_quarter_of_autodiffs_memory_at_1024():
 def test_bad_block_size_is_named():
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         mnet.MultiHeadSelfAttention(2, block_size=0)
-    assert repr(mnet.MultiHeadSelfAttention(2, causal=True, block_size=64)) == \
-        "MultiHeadSelfAttention(2, causal=True, block_size=64)"
+    assert (
+        repr(mnet.MultiHeadSelfAttention(2, causal=True, block_size=64))
+        == "MultiHeadSelfAttention(2, causal=True, block_size=64)"
+    )
 
 
 def test_char_lm_experiment_quick(tmp_path):
@@ -147,8 +170,9 @@ def test_char_lm_experiment_quick(tmp_path):
     assert all(np.isfinite(bits)) and bits[-1] < bits[0] - 0.3, bits
     assert result["sample"].startswith("def ") and len(result["sample"]) == 44
     memory = result["memory"]
-    assert memory["hand, blockwise attention"] < min(value for name, value in memory.items()
-                                                    if name != "hand, blockwise attention"), memory
+    assert memory["hand, blockwise attention"] < min(
+        value for name, value in memory.items() if name != "hand, blockwise attention"
+    ), memory
     assert (tmp_path / "char_lm.png").stat().st_size > 10_000
 
 

@@ -134,10 +134,12 @@ def test_memory_analysis_never_reports_a_zero():
         def memory_analysis(self):
             raise NotImplementedError
 
-    zeros = SimpleNamespace(temp_size_in_bytes=0, argument_size_in_bytes=0, output_size_in_bytes=0,
-                            alias_size_in_bytes=0)
-    some = SimpleNamespace(temp_size_in_bytes=100, argument_size_in_bytes=40, output_size_in_bytes=8,
-                           alias_size_in_bytes=8)
+    zeros = SimpleNamespace(
+        temp_size_in_bytes=0, argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0
+    )
+    some = SimpleNamespace(
+        temp_size_in_bytes=100, argument_size_in_bytes=40, output_size_in_bytes=8, alias_size_in_bytes=8
+    )
     assert compiled_memory(Missing()) == {"temp_bytes": "n/a", "peak_bytes": "n/a"}
     assert compiled_memory(SimpleNamespace(memory_analysis=lambda: zeros)) == {"temp_bytes": "n/a", "peak_bytes": "n/a"}
     assert compiled_memory(SimpleNamespace(memory_analysis=lambda: None))["temp_bytes"] == "n/a"
@@ -155,8 +157,22 @@ def test_cli_check_default_prints_table_and_exits_0():
 
 
 def test_cli_check_json_with_everything():
-    result = run_cli("check", "--layers", "5,7,3", "--activation", "tanh", "--loss", "mse", "--dtype", "float64",
-                     "--batch", "4", "--finite-differences", "--cost", "--json")
+    result = run_cli(
+        "check",
+        "--layers",
+        "5,7,3",
+        "--activation",
+        "tanh",
+        "--loss",
+        "mse",
+        "--dtype",
+        "float64",
+        "--batch",
+        "4",
+        "--finite-differences",
+        "--cost",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["ok"] is True and data["dtype"] == "float64" and len(data["leaves"]) == 4

@@ -42,7 +42,7 @@ def test_missing_truncated_corrupted(tmp_path, params):
     # Flip one byte inside a weight's payload: the zip CRC or the SHA-256 must catch it.
     W_bytes = np.asarray(params[0]["W"]).tobytes()
     where = good.index(W_bytes) + 5
-    path.write_bytes(good[:where] + bytes([good[where] ^ 0x40]) + good[where + 1:])
+    path.write_bytes(good[:where] + bytes([good[where] ^ 0x40]) + good[where + 1 :])
     with pytest.raises(CheckpointError, match=r"p.npz: (truncated or corrupted|corrupted checkpoint)"):
         mnet.load_params(path, params)
 

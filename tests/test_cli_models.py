@@ -56,8 +56,9 @@ def run_cli(*args, cwd=None):
 
 
 def test_check_a_users_network_and_the_built_in_models(workdir):
-    result = run_cli("check", "--net", "user_nets:image_net", "--input-shape", "6,6,2", "--dtype", "float64",
-                     "--json", cwd=workdir)
+    result = run_cli(
+        "check", "--net", "user_nets:image_net", "--input-shape", "6,6,2", "--dtype", "float64", "--json", cwd=workdir
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["ok"] and "Conv2D(3" in report["network"] and len(report["leaves"]) == 4
@@ -79,25 +80,35 @@ def test_train_a_users_network_and_the_cnn(workdir):
 
 
 def test_train_the_transformer_on_the_sequence_task():
-    result = run_cli("train", "--model", "transformer", "--epochs", "1", "--batch-size", "128", "--lr", "3e-3",
-                     "--json")
+    result = run_cli(
+        "train", "--model", "transformer", "--epochs", "1", "--batch-size", "128", "--lr", "3e-3", "--json"
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.splitlines()[-1])
     assert "odd one out" in result.stderr and summary["train_loss"] < 2.77  # below log(16): it learns something
 
 
-@pytest.mark.parametrize("args, message", [
-    (["check", "--net", "no_such_module:net", "--input-shape", "4"], "cannot import module 'no_such_module'"),
-    (["check", "--net", "broken_nets:net", "--input-shape", "4"], "ModuleNotFoundError"),
-    (["check", "--net", "user_nets:missing", "--input-shape", "4"], "has no attribute 'missing'"),
-    (["check", "--net", "user_nets:not_a_layer", "--input-shape", "4"], "not a layer"),
-    (["check", "--net", "user_nets", "--input-shape", "4"], "expected one of mlp, cnn, transformer or MODULE:ATTR"),
-    (["check", "--net", "user_nets:image_net"], "give one example's shape with --input-shape"),
-    (["check", "--net", "user_nets:image_net", "--input-shape", "6,x"], "expected comma-separated positive integers"),
-    (["check", "--net", "user_nets:image_net", "--input-shape", "2,2,1"], "kernel (3, 3) is larger than the padded"),
-    (["train", "--model", "user_nets:wrong_width", "--epochs", "1"], "its output must be (10,)"),
-    (["train", "--model", "user_nets:not_a_layer", "--epochs", "1"], "not a layer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["check", "--net", "no_such_module:net", "--input-shape", "4"], "cannot import module 'no_such_module'"),
+        (["check", "--net", "broken_nets:net", "--input-shape", "4"], "ModuleNotFoundError"),
+        (["check", "--net", "user_nets:missing", "--input-shape", "4"], "has no attribute 'missing'"),
+        (["check", "--net", "user_nets:not_a_layer", "--input-shape", "4"], "not a layer"),
+        (["check", "--net", "user_nets", "--input-shape", "4"], "expected one of mlp, cnn, transformer or MODULE:ATTR"),
+        (["check", "--net", "user_nets:image_net"], "give one example's shape with --input-shape"),
+        (
+            ["check", "--net", "user_nets:image_net", "--input-shape", "6,x"],
+            "expected comma-separated positive integers",
+        ),
+        (
+            ["check", "--net", "user_nets:image_net", "--input-shape", "2,2,1"],
+            "kernel (3, 3) is larger than the padded",
+        ),
+        (["train", "--model", "user_nets:wrong_width", "--epochs", "1"], "its output must be (10,)"),
+        (["train", "--model", "user_nets:not_a_layer", "--epochs", "1"], "not a layer"),
+    ],
+)
 def test_bad_values_are_one_line_and_exit_2(workdir, args, message):
     result = run_cli(*args, cwd=workdir)
     assert result.returncode == 2, result.stdout + result.stderr

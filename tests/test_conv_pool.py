@@ -10,7 +10,14 @@ import pytest
 import mnet
 from mnet.errors import LayerError
 from mnet.layers.windows import Geometry
-from tests.helpers import assert_trees_close, check_all, check_value_and_grad, random_params, reference_norms, reference_per_example_grads
+from tests.helpers import (
+    assert_trees_close,
+    check_all,
+    check_value_and_grad,
+    random_params,
+    reference_norms,
+    reference_per_example_grads,
+)
 
 PADDINGS = ["VALID", "SAME", 0, 1, 2, ((1, 0), (0, 2))]
 
@@ -34,8 +41,13 @@ def lax_conv(layer, params, x):
     """The independent reference: XLA's convolution with the HWIO view of W."""
     (kh, kw), c_in = layer.kernel_size, x.shape[-1]
     pads = Geometry.of(x.shape[1:3], layer.kernel_size, layer.stride, layer.padding).pads
-    y = jax.lax.conv_general_dilated(x, params["W"].reshape(kh, kw, c_in, layer.out_channels), layer.stride, pads,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        x,
+        params["W"].reshape(kh, kw, c_in, layer.out_channels),
+        layer.stride,
+        pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return y + params["b"] if layer.use_bias else y
 
 
@@ -82,8 +94,9 @@ def test_conv2d_same_padding_keeps_the_size_and_its_layout_is_hwio():
 
 def lax_max_pool(layer, x):
     pads = Geometry.of(x.shape[1:3], layer.window, layer.stride, layer.padding).pads
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *layer.window, 1), (1, *layer.stride, 1),
-                                 ((0, 0), *pads, (0, 0)))
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, *layer.window, 1), (1, *layer.stride, 1), ((0, 0), *pads, (0, 0))
+    )
 
 
 def lax_avg_pool(layer, x):
@@ -94,8 +107,13 @@ def lax_avg_pool(layer, x):
 
 
 POOLS = [
-    mnet.MaxPool2D(2), mnet.MaxPool2D(3, 1, "SAME"), mnet.MaxPool2D((2, 3), (1, 2), 1), mnet.MaxPool2D(3, 2, "SAME"),
-    mnet.AvgPool2D(2), mnet.AvgPool2D(3, 1, "SAME"), mnet.AvgPool2D(3, 2, 1, count_include_pad=False),
+    mnet.MaxPool2D(2),
+    mnet.MaxPool2D(3, 1, "SAME"),
+    mnet.MaxPool2D((2, 3), (1, 2), 1),
+    mnet.MaxPool2D(3, 2, "SAME"),
+    mnet.AvgPool2D(2),
+    mnet.AvgPool2D(3, 1, "SAME"),
+    mnet.AvgPool2D(3, 2, 1, count_include_pad=False),
     mnet.AvgPool2D((2, 3), 1, "SAME", count_include_pad=False),
 ]
 
@@ -112,8 +130,12 @@ def test_pools_against_lax_reduce_window_and_vjp(layer):
         np.testing.assert_allclose(y, reference(layer, x), rtol=1e-13)
         # And against the gradient of the reference itself (XLA's select_and_scatter for max).
         dy = jnp.asarray(rng.normal(size=y.shape))
-        hand, from_reference = jax.jit(lambda x, dy: (layer.backward((), layer.forward((), x)[1], dy)[1],
-                                                      jax.vjp(lambda x: reference(layer, x), x)[1](dy)[0]))(x, dy)
+        hand, from_reference = jax.jit(
+            lambda x, dy: (
+                layer.backward((), layer.forward((), x)[1], dy)[1],
+                jax.vjp(lambda x: reference(layer, x), x)[1](dy)[0],
+            )
+        )(x, dy)
         assert_trees_close(hand, from_reference, 1e-12)
 
 
@@ -133,10 +155,17 @@ def test_max_pool_ties_send_the_gradient_to_the_first_maximum():
 
 
 CNN = mnet.serial(
-    mnet.Reshape((6, 6, 1)), mnet.Conv2D(3, 3, padding="SAME"), mnet.Relu(), mnet.MaxPool2D(2),
+    mnet.Reshape((6, 6, 1)),
+    mnet.Conv2D(3, 3, padding="SAME"),
+    mnet.Relu(),
+    mnet.MaxPool2D(2),
     mnet.residual(mnet.serial(mnet.Conv2D(3, 2, padding="SAME"), mnet.Tanh())),
-    mnet.parallel(mnet.Conv2D(2, 1), mnet.AvgPool2D(3, 1, "SAME")), mnet.LayerNorm(), mnet.Dropout(0.2),
-    mnet.Conv2D(4, 2, stride=2, padding=1), mnet.Flatten(), mnet.Dense(3),
+    mnet.parallel(mnet.Conv2D(2, 1), mnet.AvgPool2D(3, 1, "SAME")),
+    mnet.LayerNorm(),
+    mnet.Dropout(0.2),
+    mnet.Conv2D(4, 2, stride=2, padding=1),
+    mnet.Flatten(),
+    mnet.Dense(3),
 )
 
 
@@ -149,14 +178,18 @@ def cnn_problem(dtype=jnp.float64, batch=4):
 @pytest.mark.parametrize("train", [False, True])
 def test_cnn_value_and_grad_against_autodiff(train):
     params, x, y = cnn_problem()
-    check_value_and_grad(CNN, mnet.losses.softmax_cross_entropy, params, x, y, 1e-12, key=jax.random.key(3), train=train)
+    check_value_and_grad(
+        CNN, mnet.losses.softmax_cross_entropy, params, x, y, 1e-12, key=jax.random.key(3), train=train
+    )
 
 
 def test_cnn_float32_and_report():
     params, x, y = cnn_problem(jnp.float32)
     loss = mnet.losses.softmax_cross_entropy
-    assert_trees_close(jax.jit(mnet.value_and_grad(CNN, loss))(params, x, y),
-                       jax.jit(mnet.autodiff_value_and_grad(CNN, loss))(params, x, y))
+    assert_trees_close(
+        jax.jit(mnet.value_and_grad(CNN, loss))(params, x, y),
+        jax.jit(mnet.autodiff_value_and_grad(CNN, loss))(params, x, y),
+    )
     report = mnet.compare_gradients(CNN, loss, *cnn_problem())
     assert report.ok and len(report.layers) == len(CNN), report
 
@@ -171,8 +204,10 @@ def test_cnn_derivatives():
 def test_conv_norms_by_both_forms():
     """A wide conv on a small image takes the Gram form, a narrow one on a larger image builds dW_b."""
     rng = np.random.default_rng(4)
-    for net, shape in [(mnet.serial(mnet.Conv2D(40, 2), mnet.Flatten(), mnet.Dense(2)), (3, 3, 8)),
-                       (mnet.serial(mnet.Conv2D(2, 3), mnet.Flatten(), mnet.Dense(2)), (9, 9, 1))]:
+    for net, shape in [
+        (mnet.serial(mnet.Conv2D(40, 2), mnet.Flatten(), mnet.Dense(2)), (3, 3, 8)),
+        (mnet.serial(mnet.Conv2D(2, 3), mnet.Flatten(), mnet.Dense(2)), (9, 9, 1)),
+    ]:
         params = random_params(net, shape, jnp.float64, rng)
         x = jnp.asarray(rng.normal(size=(3, *shape)))
         t = jnp.asarray(rng.normal(size=(3, 2)))
@@ -182,11 +217,16 @@ def test_conv_norms_by_both_forms():
 
 
 def test_bad_configurations_are_named_at_init():
-    with pytest.raises(LayerError, match=r"Conv2D\(4, \(5, 5\)\) at position \[1\].*kernel \(5, 5\) is larger than "
-                                         r"the padded input \(4, 4\).*input shape \(4, 4, 1\)"):
+    with pytest.raises(
+        LayerError,
+        match=r"Conv2D\(4, \(5, 5\)\) at position \[1\].*kernel \(5, 5\) is larger than "
+        r"the padded input \(4, 4\).*input shape \(4, 4, 1\)",
+    ):
         mnet.serial(mnet.Reshape((4, 4, 1)), mnet.Conv2D(4, 5)).init(jax.random.key(0), (16,))
     mnet.Conv2D(4, 5, padding=1).init(jax.random.key(0), (4, 4, 1))  # padded to 6x6: fits
-    with pytest.raises(LayerError, match=r"Conv2D\(4, \(3, 3\)\) at position \[0\].*\(height, width, channels\), got \(64,\)"):
+    with pytest.raises(
+        LayerError, match=r"Conv2D\(4, \(3, 3\)\) at position \[0\].*\(height, width, channels\), got \(64,\)"
+    ):
         mnet.serial(mnet.Conv2D(4, 3)).init(jax.random.key(0), (64,))
     with pytest.raises(LayerError, match=r"MaxPool2D\(\(3, 3\)\).*larger than the padded input \(2, 2\)"):
         mnet.MaxPool2D(3).init(jax.random.key(0), (2, 2, 1))

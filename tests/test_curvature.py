@@ -32,16 +32,58 @@ def reference_per_example_diag_ggn(net, loss, params, x, targets):
 
 
 NETWORKS = [  # (network, example shape, integer ids?)
-    (mnet.serial(mnet.Dense(5), mnet.Tanh(), mnet.Dense(4), mnet.Gelu(), mnet.Dropout(0.5), mnet.Dense(3)), (4,), False),
-    (mnet.serial(mnet.Dense(5), mnet.Softmax(), mnet.LayerNorm(), mnet.Dense(5), mnet.Sigmoid(), mnet.Flatten(),
-                 mnet.Dense(3)),
-     (2, 4), False),
-    (mnet.serial(mnet.Reshape((5, 5, 1)), mnet.Conv2D(3, 3, stride=2, padding="SAME"), mnet.Elu(),
-                 mnet.MaxPool2D(2, stride=1), mnet.AvgPool2D(2, padding=1), mnet.Flatten(), mnet.Dense(3)), (25,), False),
-    (mnet.serial(mnet.Embedding(6, 4), mnet.residual(mnet.MultiHeadSelfAttention(2)), mnet.LayerNorm(),
-                 mnet.Flatten(), mnet.Dense(3)), (3,), True),
-    (mnet.serial(mnet.parallel(mnet.Dense(3), GatedLinearUnit(2), combine="concat"), mnet.Tanh(),
-                 mnet.residual(mnet.serial(mnet.Dense(5), mnet.Relu(), mnet.Dense(5))), mnet.Dense(3)), (4,), False),
+    (
+        mnet.serial(mnet.Dense(5), mnet.Tanh(), mnet.Dense(4), mnet.Gelu(), mnet.Dropout(0.5), mnet.Dense(3)),
+        (4,),
+        False,
+    ),
+    (
+        mnet.serial(
+            mnet.Dense(5),
+            mnet.Softmax(),
+            mnet.LayerNorm(),
+            mnet.Dense(5),
+            mnet.Sigmoid(),
+            mnet.Flatten(),
+            mnet.Dense(3),
+        ),
+        (2, 4),
+        False,
+    ),
+    (
+        mnet.serial(
+            mnet.Reshape((5, 5, 1)),
+            mnet.Conv2D(3, 3, stride=2, padding="SAME"),
+            mnet.Elu(),
+            mnet.MaxPool2D(2, stride=1),
+            mnet.AvgPool2D(2, padding=1),
+            mnet.Flatten(),
+            mnet.Dense(3),
+        ),
+        (25,),
+        False,
+    ),
+    (
+        mnet.serial(
+            mnet.Embedding(6, 4),
+            mnet.residual(mnet.MultiHeadSelfAttention(2)),
+            mnet.LayerNorm(),
+            mnet.Flatten(),
+            mnet.Dense(3),
+        ),
+        (3,),
+        True,
+    ),
+    (
+        mnet.serial(
+            mnet.parallel(mnet.Dense(3), GatedLinearUnit(2), combine="concat"),
+            mnet.Tanh(),
+            mnet.residual(mnet.serial(mnet.Dense(5), mnet.Relu(), mnet.Dense(5))),
+            mnet.Dense(3),
+        ),
+        (4,),
+        False,
+    ),
 ]
 
 
@@ -50,8 +92,11 @@ def problem(index, loss, dtype=jnp.float64, batch=3):
     rng = np.random.default_rng(index)
     _, params = net.init(jax.random.key(index), shape, dtype)
     params = jax.tree_util.tree_map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
-    x = (jnp.asarray(rng.integers(0, 6, (batch,) + shape)) if ids
-         else jnp.asarray(rng.normal(size=(batch,) + shape), dtype))
+    x = (
+        jnp.asarray(rng.integers(0, 6, (batch,) + shape))
+        if ids
+        else jnp.asarray(rng.normal(size=(batch,) + shape), dtype)
+    )
     targets = random_targets(rng, loss, (batch, 3), dtype)
     return net, params, x, targets
 
@@ -63,8 +108,7 @@ CASES = [(0, CE), (0, MSE), (0, BCE), (1, MSE), (2, CE), (3, BCE), (4, CE)]
 @pytest.mark.parametrize("index, loss", CASES, ids=[f"{index}-{loss.name}" for index, loss in CASES])
 def test_exact_diagonals_equal_the_dense_reference(index, loss):
     net, params, x, targets = problem(index, loss)
-    expected = jax.jit(lambda p, inputs, t: reference_per_example_diag_ggn(net, loss, p, inputs, t))(
-        params, x, targets)
+    expected = jax.jit(lambda p, inputs, t: reference_per_example_diag_ggn(net, loss, p, inputs, t))(params, x, targets)
     per_example = jax.jit(mnet.per_example_diag_ggn(net, loss))(params, x, targets)
     assert_trees_close(per_example, expected, 1e-9, tree_scale=True)
     mean = jax.jit(mnet.diag_ggn(net, loss))(params, x, targets)
@@ -74,11 +118,15 @@ def test_exact_diagonals_equal_the_dense_reference(index, loss):
 def test_float32_with_dtype_aware_tolerance():
     net, params, x, targets = problem(2, CE, jnp.float32, batch=4)
     expected = jax.jit(lambda p, inputs, t: reference_per_example_diag_ggn(net, CE, p, inputs, t))(
-        jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params), x.astype(jnp.float64), targets)
+        jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params), x.astype(jnp.float64), targets
+    )
     got = jax.jit(mnet.diag_ggn(net, CE))(params, x, targets)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(got)} == {jnp.dtype(jnp.float32)}
-    assert_trees_close(jax.tree_util.tree_map(lambda g: g.astype(jnp.float64), got),
-                       jax.tree_util.tree_map(lambda d: d.mean(0), expected), 1e-4)
+    assert_trees_close(
+        jax.tree_util.tree_map(lambda g: g.astype(jnp.float64), got),
+        jax.tree_util.tree_map(lambda d: d.mean(0), expected),
+        1e-4,
+    )
 
 
 def test_batch_mean_convention_in_closed_form():
@@ -104,9 +152,11 @@ def test_monte_carlo_is_unbiased(loss):
     estimate = jax.jit(jax.vmap(lambda key: mnet.diag_ggn(net, loss, mc_samples=3)(params, x, targets, key=key)))
     replicates = 400
     draws = estimate(jax.random.split(jax.random.key(7), replicates))
-    for mean, spread, truth in zip(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda d: d.mean(0), draws)),
-                                   jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda d: d.std(0), draws)),
-                                   jax.tree_util.tree_leaves(exact)):
+    for mean, spread, truth in zip(
+        jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda d: d.mean(0), draws)),
+        jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda d: d.std(0), draws)),
+        jax.tree_util.tree_leaves(exact),
+    ):
         assert bool(jnp.all(jnp.abs(mean - truth) <= 6 * spread / np.sqrt(replicates) + 1e-12))
     per_example = mnet.per_example_diag_ggn(net, loss, mc_samples=2)(params, x, targets, key=jax.random.key(1))
     assert jax.tree_util.tree_leaves(per_example)[0].shape[0] == x.shape[0]
@@ -116,9 +166,11 @@ def test_no_autodiff_in_the_curvature_path():
     net, params, x, targets = problem(4, CE)
     expected = jax.jit(lambda p, inputs, t: reference_per_example_diag_ggn(net, CE, p, inputs, t))(params, x, targets)
     with no_autodiff():
-        got = {"per_example": jax.jit(mnet.per_example_diag_ggn(net, CE))(params, x, targets),
-               "mean": jax.jit(mnet.diag_ggn(net, CE))(params, x, targets),
-               "sampled": mnet.diag_ggn(net, CE, mc_samples=2)(params, x, targets, key=jax.random.key(0))}
+        got = {
+            "per_example": jax.jit(mnet.per_example_diag_ggn(net, CE))(params, x, targets),
+            "mean": jax.jit(mnet.diag_ggn(net, CE))(params, x, targets),
+            "sampled": mnet.diag_ggn(net, CE, mc_samples=2)(params, x, targets, key=jax.random.key(0)),
+        }
     assert_trees_close(got["per_example"], expected, 1e-10)
     assert_trees_close(got["mean"], jax.tree_util.tree_map(lambda d: d.mean(0), expected), 1e-10)
     assert jax.tree_util.tree_structure(got["sampled"]) == jax.tree_util.tree_structure(params)

@@ -27,8 +27,11 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_four_devices_equal_one():
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+    )
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -39,15 +42,33 @@ def test_four_devices_equal_one():
 
 
 def test_cli_devices_errors_and_runs():
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    ok = subprocess.run([sys.executable, "-m", "mnet", "train", "--devices", "2", "--epochs", "1", "--json"],
-                        capture_output=True, text=True, timeout=300, env=env)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+    )
+    ok = subprocess.run(
+        [sys.executable, "-m", "mnet", "train", "--devices", "2", "--epochs", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout.splitlines()[-1])["test_accuracy"] > 0.5
-    bad = subprocess.run([sys.executable, "-m", "mnet", "train", "--devices", "8", "--epochs", "1"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mnet", "train", "--devices", "8", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert bad.returncode == 2 and "asked for 8 devices but only 2" in bad.stderr and "Traceback" not in bad.stderr
-    odd = subprocess.run([sys.executable, "-m", "mnet", "train", "--devices", "2", "--batch-size", "33", "--epochs", "1"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    odd = subprocess.run(
+        [sys.executable, "-m", "mnet", "train", "--devices", "2", "--batch-size", "33", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert odd.returncode == 2 and "divisible by the 2 devices" in odd.stderr

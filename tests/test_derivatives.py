@@ -11,8 +11,15 @@ import pytest
 from hypothesis import given, settings
 
 import mnet
-from tests.helpers import (assert_trees_close, check_all, mlp_problems, no_autodiff, reference_norms, reference_ntk,
-                           reference_per_example_grads)
+from tests.helpers import (
+    assert_trees_close,
+    check_all,
+    mlp_problems,
+    no_autodiff,
+    reference_norms,
+    reference_ntk,
+    reference_per_example_grads,
+)
 
 
 @settings(max_examples=4)
@@ -103,8 +110,11 @@ class TestDerivationDocument:
         params = jax.tree_util.tree_map(lambda p: p + 0.2, params)
         x = np.asarray(jax.random.normal(jax.random.key(4), (2, 3)))
         columns = [(np.asarray(params[i]["W"]).T, np.asarray(params[i]["b"])) for i in (0, 2, 4)]
-        derivatives = [lambda z: 1 - np.tanh(z) ** 2, lambda z: (s := 1 / (1 + np.exp(-z))) * (1 - s),
-                       lambda z: 1 - np.tanh(z) ** 2]
+        derivatives = [
+            lambda z: 1 - np.tanh(z) ** 2,
+            lambda z: (s := 1 / (1 + np.exp(-z))) * (1 - s),
+            lambda z: 1 - np.tanh(z) ** 2,
+        ]
         activations = [np.tanh, lambda z: 1 / (1 + np.exp(-z)), np.tanh]
         return net, params, x, columns, activations, derivatives
 
@@ -148,13 +158,20 @@ class TestDerivationDocument:
             zs, inputs = self.forward_columns(columns, activations, x[example])
             W = columns[m][0]
             for i in range(W.shape[0]):
-                np.testing.assert_allclose(J_b[example, :, i], self.formula(m, i, None, columns, derivatives, zs, inputs),
-                                           rtol=1e-12, atol=1e-15)
+                np.testing.assert_allclose(
+                    J_b[example, :, i],
+                    self.formula(m, i, None, columns, derivatives, zs, inputs),
+                    rtol=1e-12,
+                    atol=1e-15,
+                )
                 for j in range(W.shape[1]):
                     # the document's W^m_ij is mnet's W[j, i]
-                    np.testing.assert_allclose(J_W[example, :, j, i],
-                                               self.formula(m, i, j, columns, derivatives, zs, inputs),
-                                               rtol=1e-12, atol=1e-15)
+                    np.testing.assert_allclose(
+                        J_W[example, :, j, i],
+                        self.formula(m, i, j, columns, derivatives, zs, inputs),
+                        rtol=1e-12,
+                        atol=1e-15,
+                    )
 
 
 def test_dp_noise_statistics_and_dp_training():
@@ -173,6 +190,14 @@ def test_dp_noise_statistics_and_dp_training():
     _, params = net.init(jax.random.key(0), (64,))
     loss = mnet.losses.softmax_cross_entropy
     private = optax.chain(mnet.dp_noise(1.0, 0.5, 64, jax.random.key(1)), optax.adam(2e-3))
-    result = mnet.fit(net, loss, params, dataset, optimizer=private, epochs=8, batch_size=64,
-                      grad=mnet.clipped_value_and_grad(net, loss, 1.0))
+    result = mnet.fit(
+        net,
+        loss,
+        params,
+        dataset,
+        optimizer=private,
+        epochs=8,
+        batch_size=64,
+        grad=mnet.clipped_value_and_grad(net, loss, 1.0),
+    )
     assert result.history.test_accuracy[-1] > 0.85

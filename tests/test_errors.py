@@ -12,8 +12,11 @@ _, PARAMS = NET.init(jax.random.key(0), (5,))
 
 
 def test_wrong_input_width():
-    with pytest.raises(LayerError, match=r"^Dense\(8\) at position \[0\] of the network: expects input width 5 "
-                       r"\(W is \(5, 8\)\), got input of shape \(3, 7\)$"):
+    with pytest.raises(
+        LayerError,
+        match=r"^Dense\(8\) at position \[0\] of the network: expects input width 5 "
+        r"\(W is \(5, 8\)\), got input of shape \(3, 7\)$",
+    ):
         NET.apply(PARAMS, jnp.ones((3, 7)))
 
 

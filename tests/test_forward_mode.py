@@ -19,21 +19,72 @@ from tests.test_second_order import random_network
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
 
 EVERY_KIND = [  # (network, example shape, integer inputs): together, every built-in layer and combinator
-    (mnet.serial(mnet.Dense(5), mnet.Tanh(), mnet.Dense(4), mnet.Gelu(), mnet.Dense(4), mnet.Softplus(),
-                 mnet.Dense(4), mnet.Elu(), mnet.LeakyRelu(0.1), mnet.Sigmoid(), mnet.Dense(4), mnet.Relu(),
-                 mnet.Gelu(approximate=True), mnet.Identity(), mnet.Softmax(), mnet.Dense(3)), (4,), False),
-    (mnet.serial(mnet.Reshape((5, 5, 1)), mnet.Conv2D(3, 3, stride=2, padding="SAME"), mnet.Elu(),
-                 mnet.MaxPool2D(2, stride=1), mnet.AvgPool2D(2, padding=1, count_include_pad=False), mnet.Tanh(),
-                 mnet.Flatten(), mnet.Dense(3)), (25,), False),
-    (mnet.serial(mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Dense(2), mnet.Tanh()), combine="concat"),
-                 mnet.Sigmoid(), mnet.residual(mnet.serial(mnet.Dense(5), mnet.Softplus(), mnet.Dense(5))),
-                 mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Tanh(), mnet.Dense(3)), combine="sum"),
-                 mnet.LayerNorm(), mnet.Dense(3)), (4,), False),
-    (mnet.serial(mnet.Embedding(6, 4), mnet.MultiHeadSelfAttention(2, causal=True), mnet.Gelu(), mnet.LayerNorm(),
-                 mnet.residual(mnet.MultiHeadSelfAttention(2, head_dim=3)), mnet.Flatten(), mnet.Dense(3)),
-     (5,), True),
-    (mnet.serial(mnet.Dense(4), mnet.parallel(mnet.Identity(), mnet.Dense(2)), mnet.Tanh(), mnet.Dense(3)),
-     (3,), False),
+    (
+        mnet.serial(
+            mnet.Dense(5),
+            mnet.Tanh(),
+            mnet.Dense(4),
+            mnet.Gelu(),
+            mnet.Dense(4),
+            mnet.Softplus(),
+            mnet.Dense(4),
+            mnet.Elu(),
+            mnet.LeakyRelu(0.1),
+            mnet.Sigmoid(),
+            mnet.Dense(4),
+            mnet.Relu(),
+            mnet.Gelu(approximate=True),
+            mnet.Identity(),
+            mnet.Softmax(),
+            mnet.Dense(3),
+        ),
+        (4,),
+        False,
+    ),
+    (
+        mnet.serial(
+            mnet.Reshape((5, 5, 1)),
+            mnet.Conv2D(3, 3, stride=2, padding="SAME"),
+            mnet.Elu(),
+            mnet.MaxPool2D(2, stride=1),
+            mnet.AvgPool2D(2, padding=1, count_include_pad=False),
+            mnet.Tanh(),
+            mnet.Flatten(),
+            mnet.Dense(3),
+        ),
+        (25,),
+        False,
+    ),
+    (
+        mnet.serial(
+            mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Dense(2), mnet.Tanh()), combine="concat"),
+            mnet.Sigmoid(),
+            mnet.residual(mnet.serial(mnet.Dense(5), mnet.Softplus(), mnet.Dense(5))),
+            mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Tanh(), mnet.Dense(3)), combine="sum"),
+            mnet.LayerNorm(),
+            mnet.Dense(3),
+        ),
+        (4,),
+        False,
+    ),
+    (
+        mnet.serial(
+            mnet.Embedding(6, 4),
+            mnet.MultiHeadSelfAttention(2, causal=True),
+            mnet.Gelu(),
+            mnet.LayerNorm(),
+            mnet.residual(mnet.MultiHeadSelfAttention(2, head_dim=3)),
+            mnet.Flatten(),
+            mnet.Dense(3),
+        ),
+        (5,),
+        True,
+    ),
+    (
+        mnet.serial(mnet.Dense(4), mnet.parallel(mnet.Identity(), mnet.Dense(2)), mnet.Tanh(), mnet.Dense(3)),
+        (3,),
+        False,
+    ),
 ]
 NAMES = ["activations", "cnn", "combinators", "transformer", "parallel-identity"]
 
@@ -72,11 +123,18 @@ def test_jvp_and_curvature_products_of_every_layer_kind_equal_autodiff(index):
     params, x, targets, v, dx = problem(net, shape, ids, index, loss)
 
     def both(params, v, dx):  # hand and reference in one compilation
-        hand = (mnet.jvp(net)(params, x, v, dx), mnet.jvp(net)(params, x, v),
-                mnet.ggn_vector_product(net, loss)(params, x, targets, v),
-                mnet.hessian_vector_product(net, loss)(params, x, targets, v))
-        reference = (reference_jvp(net, params, x, v, dx), reference_jvp(net, params, x, v, None),
-                     reference_gvp(net, loss, params, x, targets, v), reference_hvp(net, loss, params, x, targets, v))
+        hand = (
+            mnet.jvp(net)(params, x, v, dx),
+            mnet.jvp(net)(params, x, v),
+            mnet.ggn_vector_product(net, loss)(params, x, targets, v),
+            mnet.hessian_vector_product(net, loss)(params, x, targets, v),
+        )
+        reference = (
+            reference_jvp(net, params, x, v, dx),
+            reference_jvp(net, params, x, v, None),
+            reference_gvp(net, loss, params, x, targets, v),
+            reference_hvp(net, loss, params, x, targets, v),
+        )
         return hand, reference
 
     (jvp_dx, jvp_fixed, ggn_v, h_v), (ref_dx, ref_fixed, ref_ggn_v, ref_h_v) = jax.jit(both)(params, v, dx)
@@ -93,10 +151,16 @@ def test_jvp_and_products_on_random_architectures():
         params, x, targets, v, dx = problem(net, (3,), False, trial, loss, batch=4)
 
         def both(params, v, dx, net=net, loss=loss, x=x, targets=targets):  # hand and reference in one compilation
-            hand = (mnet.jvp(net)(params, x, v, dx), mnet.hessian_vector_product(net, loss)(params, x, targets, v),
-                    mnet.ggn_vector_product(net, loss)(params, x, targets, v))
-            return hand, (reference_jvp(net, params, x, v, dx), reference_hvp(net, loss, params, x, targets, v),
-                          reference_gvp(net, loss, params, x, targets, v))
+            hand = (
+                mnet.jvp(net)(params, x, v, dx),
+                mnet.hessian_vector_product(net, loss)(params, x, targets, v),
+                mnet.ggn_vector_product(net, loss)(params, x, targets, v),
+            )
+            return hand, (
+                reference_jvp(net, params, x, v, dx),
+                reference_hvp(net, loss, params, x, targets, v),
+                reference_gvp(net, loss, params, x, targets, v),
+            )
 
         got, expected = jax.jit(both)(params, v, dx)
         assert_trees_close(got, expected, 1e-9, tree_scale=True)
@@ -110,12 +174,17 @@ def test_products_against_dense_matrices_on_a_tiny_network():
     flat, unravel = ravel_pytree(params)
     H = jax.jit(jax.hessian(lambda f: CE.value(net.apply(unravel(f), x), targets)))(flat)
     hvp, gvp = mnet.hessian_vector_product(net, CE), mnet.ggn_vector_product(net, CE)
-    np.testing.assert_allclose(ravel_pytree(jax.jit(hvp)(params, x, targets, v))[0], H @ ravel_pytree(v)[0],
-                               rtol=1e-10, atol=1e-12 * np.abs(H).max())
+    np.testing.assert_allclose(
+        ravel_pytree(jax.jit(hvp)(params, x, targets, v))[0],
+        H @ ravel_pytree(v)[0],
+        rtol=1e-10,
+        atol=1e-12 * np.abs(H).max(),
+    )
     columns = jax.jit(jax.vmap(lambda e: ravel_pytree(gvp(params, x, targets, unravel(e)))[0]))(jnp.eye(flat.size))
     np.testing.assert_allclose(columns, columns.T, atol=1e-14)  # symmetric
-    np.testing.assert_allclose(jnp.diag(columns), ravel_pytree(mnet.diag_ggn(net, CE)(params, x, targets))[0],
-                               rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(
+        jnp.diag(columns), ravel_pytree(mnet.diag_ggn(net, CE)(params, x, targets))[0], rtol=1e-10, atol=1e-15
+    )
     assert np.linalg.eigvalsh(np.asarray(H)).min() < -1e-6  # the Hessian here is indefinite ...
     directions = jnp.asarray(np.random.default_rng(0).normal(size=(20, flat.size)))
     quadratic = jax.jit(jax.vmap(lambda d: d @ ravel_pytree(gvp(params, x, targets, unravel(d)))[0]))(directions)
@@ -132,8 +201,9 @@ def test_loss_hessian_vector_against_jax_hessian():
         expected = jnp.einsum("bkcl,cl->bk", H, v)
         np.testing.assert_allclose(loss.hessian_vector(outputs, targets, v), expected, rtol=1e-12, atol=1e-15)
         # the default from the Hessian's square root, which a user's loss with hessian_sqrt inherits
-        np.testing.assert_allclose(mnet.losses.Loss.hessian_vector(loss, outputs, targets, v), expected,
-                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            mnet.losses.Loss.hessian_vector(loss, outputs, targets, v), expected, rtol=1e-12, atol=1e-15
+        )
 
 
 def test_float32_jvp_and_products_within_float32_tolerance():
@@ -141,10 +211,15 @@ def test_float32_jvp_and_products_within_float32_tolerance():
     params, x, targets, v, dx = problem(net, shape, False, 1, MSE)
     as32 = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
     p32, x32, t32, v32, dx32 = as32((params, x, targets, v, dx))
-    assert_trees_close(mnet.jvp(net)(p32, x32, v32, dx32), as32(reference_jvp(net, params, x, v, dx)), 2e-5,
-                       tree_scale=True)
-    assert_trees_close(mnet.hessian_vector_product(net, MSE)(p32, x32, t32, v32),
-                       as32(reference_hvp(net, MSE, params, x, targets, v)), 5e-5, tree_scale=True)
+    assert_trees_close(
+        mnet.jvp(net)(p32, x32, v32, dx32), as32(reference_jvp(net, params, x, v, dx)), 2e-5, tree_scale=True
+    )
+    assert_trees_close(
+        mnet.hessian_vector_product(net, MSE)(p32, x32, t32, v32),
+        as32(reference_hvp(net, MSE, params, x, targets, v)),
+        5e-5,
+        tree_scale=True,
+    )
 
 
 def test_dropout_tangent_uses_the_forward_mask():
@@ -159,11 +234,19 @@ def test_dropout_tangent_uses_the_forward_mask():
 def test_no_autodiff_in_jvp_and_products():
     net, shape, ids = EVERY_KIND[3]
     params, x, targets, v, _ = problem(net, shape, ids, 3)
-    expected = (reference_jvp(net, params, x, v, None), reference_gvp(net, CE, params, x, targets, v),
-                reference_hvp(net, CE, params, x, targets, v))
+    expected = (
+        reference_jvp(net, params, x, v, None),
+        reference_gvp(net, CE, params, x, targets, v),
+        reference_hvp(net, CE, params, x, targets, v),
+    )
     with no_autodiff():
-        got = jax.jit(lambda p, v: (mnet.jvp(net)(p, x, v), mnet.ggn_vector_product(net, CE)(p, x, targets, v),
-                                    mnet.hessian_vector_product(net, CE)(p, x, targets, v)))(params, v)
+        got = jax.jit(
+            lambda p, v: (
+                mnet.jvp(net)(p, x, v),
+                mnet.ggn_vector_product(net, CE)(p, x, targets, v),
+                mnet.hessian_vector_product(net, CE)(p, x, targets, v),
+            )
+        )(params, v)
     assert_trees_close(got, expected, 1e-9, tree_scale=True)
 
 

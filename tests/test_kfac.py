@@ -89,8 +89,15 @@ def test_kfac_trains_digits_and_resumes_exactly(tmp_path):
 
 
 def test_kfac_step_runs_without_autodiff_on_a_cnn():
-    net = mnet.serial(mnet.Reshape((8, 8, 1)), mnet.Conv2D(4, 3), mnet.Relu(), mnet.MaxPool2D(2), mnet.Flatten(),
-                      mnet.LayerNorm(), mnet.Dense(10))
+    net = mnet.serial(
+        mnet.Reshape((8, 8, 1)),
+        mnet.Conv2D(4, 3),
+        mnet.Relu(),
+        mnet.MaxPool2D(2),
+        mnet.Flatten(),
+        mnet.LayerNorm(),
+        mnet.Dense(10),
+    )
     dataset = small_digits(64)
     _, params = net.init(jax.random.key(0), (64,))
     x, y = jnp.asarray(dataset.x_train, jnp.float32), jnp.asarray(dataset.y_train)
@@ -110,13 +117,16 @@ def test_cli_trains_with_kfac(capsys):
     assert result["test_accuracy"] > 0.95
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"damping": 0.0}, "damping must be > 0"),
-    ({"damping": -1.0}, "damping must be > 0"),
-    ({"decay": 1.0}, "decay must be in"),
-    ({"inverse_every": 0}, "inverse_every must be a positive int"),
-    ({"kind": "exact"}, "kind must be one of"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"damping": 0.0}, "damping must be > 0"),
+        ({"damping": -1.0}, "damping must be > 0"),
+        ({"decay": 1.0}, "decay must be in"),
+        ({"inverse_every": 0}, "inverse_every must be a positive int"),
+        ({"kind": "exact"}, "kind must be one of"),
+    ],
+)
 def test_bad_settings_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         mnet.kfac(mnet.Dense(2), CE, (3,), **options)

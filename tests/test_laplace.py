@@ -253,7 +253,9 @@ def test_the_predictive_holds_one_layers_block_of_the_jacobian_not_the_whole():
             net = mnet.mlp([64] * depth + [10])
             _, params = net.init(jax.random.key(0), (64,), dtype=jnp.float32)
             la = mnet.laplace(net, CE, params, x, y, structure=structure)
-            compiled = _functional_covariance.lower(net, la.entries, la.curvature, params, x, la.prior_precision).compile()
+            compiled = _functional_covariance.lower(
+                net, la.entries, la.curvature, params, x, la.prior_precision
+            ).compile()
             temporary[depth] = compiled.memory_analysis().temp_size_in_bytes
         jacobian_bytes = 32 * 10 * sum(p.size for p in jax.tree_util.tree_leaves(params)) * 4
         assert 0 < temporary[8] <= 1.1 * temporary[4], (structure, temporary)
@@ -328,7 +330,13 @@ def test_laplace_digits_experiment_quick(tmp_path):
     module = load_experiment("laplace_digits")
     with jax.enable_x64(False):
         results = module.main(["--quick", "--out", str(tmp_path)])
-    assert set(results) == {"MAP", "LA diag, evidence", "LA diag, validation", "LA kron, evidence", "LA kron, validation"}
+    assert set(results) == {
+        "MAP",
+        "LA diag, evidence",
+        "LA diag, validation",
+        "LA kron, evidence",
+        "LA kron, validation",
+    }
     labels = np.asarray(mnet.data.load_digits(0).y_test)
     for name, r in results.items():
         probs = r["probabilities"]
@@ -337,8 +345,11 @@ def test_laplace_digits_experiment_quick(tmp_path):
         confidence = probs.max(axis=1)
         bins = np.minimum((confidence * module.BINS).astype(int), module.BINS - 1)
         correct = probs.argmax(axis=1) == labels
-        ece = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * np.mean(bins == b)
-                  for b in range(module.BINS) if np.any(bins == b))
+        ece = sum(
+            abs(correct[bins == b].mean() - confidence[bins == b].mean()) * np.mean(bins == b)
+            for b in range(module.BINS)
+            if np.any(bins == b)
+        )
         np.testing.assert_allclose(r["ece"], ece, rtol=1e-6, atol=1e-9)
         if name != "MAP":
             assert r["entropy"]["noise"] > results["MAP"]["entropy"]["noise"]

@@ -66,8 +66,14 @@ def test_activation_backward_at_large_inputs(layer):
 
 
 def test_layers_are_hashable_and_immutable():
-    for layer in LAYER_CASES + [mnet.Conv2D(3, 2, padding="SAME"), mnet.MaxPool2D(2), mnet.AvgPool2D(3, 1),
-                                mnet.MultiHeadSelfAttention(2, causal=True), mnet.Embedding(5, 2), mnet.Reshape((2, 3))]:
+    for layer in LAYER_CASES + [
+        mnet.Conv2D(3, 2, padding="SAME"),
+        mnet.MaxPool2D(2),
+        mnet.AvgPool2D(3, 1),
+        mnet.MultiHeadSelfAttention(2, causal=True),
+        mnet.Embedding(5, 2),
+        mnet.Reshape((2, 3)),
+    ]:
         assert hash(layer) == hash(layer)
         with pytest.raises(AttributeError):
             layer.extra = 1

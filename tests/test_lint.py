@@ -19,8 +19,11 @@ def tool(name):
     return found
 
 
-@pytest.mark.parametrize("command", [["ruff", "check", "mnet"], ["ruff", "format", "--check", "mnet"],
-                                     ["mypy", "mnet"]], ids=["ruff-check", "ruff-format", "mypy"])
+@pytest.mark.parametrize(
+    "command",
+    [["ruff", "check", "mnet"], ["ruff", "format", "--check", "mnet"], ["mypy", "mnet"]],
+    ids=["ruff-check", "ruff-format", "mypy"],
+)
 def test_mnet_is_clean(command):
     result = subprocess.run([tool(command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

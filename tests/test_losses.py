@@ -104,11 +104,13 @@ def test_out_of_range_labels_are_refused_or_nan():
         with pytest.raises(LossError, match=f"label {bad}"):
             ce.grad(logits, labels)
         value, per_example, grad = jax.jit(lambda z, y: (ce.value(z, y), ce.per_example(z, y), ce.grad(z, y)))(
-            logits, labels)
+            logits, labels
+        )
         assert bool(jnp.isnan(value)) and bool(jnp.isfinite(per_example[0])) and bool(jnp.isnan(per_example[1]))
         assert bool(jnp.all(jnp.isfinite(grad[0]))) and bool(jnp.all(jnp.isnan(grad[1])))
-    np.testing.assert_allclose(ce.value(logits, jnp.array([2, 2])), jnp.mean(jax.nn.logsumexp(logits, 1) - logits[:, 2]),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        ce.value(logits, jnp.array([2, 2])), jnp.mean(jax.nn.logsumexp(logits, 1) - logits[:, 2]), rtol=1e-12
+    )
 
 
 def test_fit_refuses_labels_the_network_cannot_output():
@@ -130,7 +132,8 @@ def test_cross_entropy_over_sequences_of_labels():
     assert_trees_close(CE.per_example(z, labels), reference(z), 1e-13)
     assert_trees_close(jax.jit(CE.grad)(z, labels), jax.grad(lambda o: jnp.mean(reference(o)))(z), 1e-13)
     hessians = jax.vmap(jax.hessian(lambda o, t: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(o, t))))(
-        z, labels)  # (batch, T, C, T, C): each example's own loss
+        z, labels
+    )  # (batch, T, C, T, C): each example's own loss
     S = CE.hessian_sqrt(z, labels)
     assert S.shape == (20, 3, 4, 5)
     assert_trees_close(jnp.einsum("kbqc,kbrd->bqcrd", S, S), hessians, 1e-12)

@@ -41,17 +41,20 @@ def test_dropout_is_the_identity_when_not_training_and_needs_a_key_when_training
     assert_trees_close(mnet.Dropout(0.5).apply((), x), x, 0)
     assert_trees_close(mnet.Dropout(0.5).apply((), x, key=jax.random.key(1), train=False), x, 0)
     with pytest.raises(LayerError, match=r"Dropout\(0.5\) at position \[1\].*needs an explicit key"):
-        mnet.serial(mnet.Dense(4), mnet.Dropout(0.5)).forward(mnet.serial(mnet.Dense(4), mnet.Dropout(0.5)).init(
-            jax.random.key(0), (4,))[1], x, train=True)
+        mnet.serial(mnet.Dense(4), mnet.Dropout(0.5)).forward(
+            mnet.serial(mnet.Dense(4), mnet.Dropout(0.5)).init(jax.random.key(0), (4,))[1], x, train=True
+        )
     with pytest.raises(ValueError, match="probability of dropping"):
         mnet.Dropout(1.0)
 
 
 MIXED = mnet.serial(
-    mnet.Dense(8), mnet.LayerNorm(),
+    mnet.Dense(8),
+    mnet.LayerNorm(),
     mnet.residual(mnet.serial(mnet.Dense(8), mnet.Gelu(), mnet.Dropout(0.2), mnet.Dense(8))),
     mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Dense(4), mnet.Tanh())),
-    mnet.Relu(), mnet.Dropout(0.1),
+    mnet.Relu(),
+    mnet.Dropout(0.1),
     mnet.parallel(mnet.Dense(5), mnet.serial(mnet.LayerNorm(), mnet.Dense(5)), combine="sum"),
 )
 
@@ -71,8 +74,10 @@ def test_mixed_network_value_and_grad(train):
 def test_mixed_network_float32():
     params, x, y = mixed_problem(jnp.float32)
     kwargs = {"key": jax.random.key(3), "train": True}
-    assert_trees_close(jax.jit(mnet.value_and_grad(MIXED, LOSS), static_argnames="train")(params, x, y, **kwargs),
-                       jax.jit(mnet.autodiff_value_and_grad(MIXED, LOSS), static_argnames="train")(params, x, y, **kwargs))
+    assert_trees_close(
+        jax.jit(mnet.value_and_grad(MIXED, LOSS), static_argnames="train")(params, x, y, **kwargs),
+        jax.jit(mnet.autodiff_value_and_grad(MIXED, LOSS), static_argnames="train")(params, x, y, **kwargs),
+    )
 
 
 def test_mixed_network_derivatives():
@@ -84,8 +89,13 @@ def test_mixed_network_reports_agreement_and_trains_with_dropout():
     params, x, y = mixed_problem()
     assert mnet.compare_gradients(MIXED, LOSS, params, x, y, finite_differences=True).ok
     dataset = mnet.data.load_digits(0)
-    net = mnet.serial(mnet.Dense(64), mnet.LayerNorm(), mnet.residual(mnet.serial(mnet.Dense(64), mnet.Relu())),
-                      mnet.Dropout(0.2), mnet.Dense(10))
+    net = mnet.serial(
+        mnet.Dense(64),
+        mnet.LayerNorm(),
+        mnet.residual(mnet.serial(mnet.Dense(64), mnet.Relu())),
+        mnet.Dropout(0.2),
+        mnet.Dense(10),
+    )
     _, params = net.init(jax.random.key(0), (64,), jnp.float32)
     history = mnet.fit(net, LOSS, params, dataset, epochs=10).history
     assert history.test_accuracy[-1] > 0.95
@@ -98,7 +108,9 @@ def test_bad_configurations_name_the_layer_and_shapes():
         mnet.parallel(mnet.Dense(3), mnet.Dense(4), combine="sum").init(jax.random.key(0), (2,))
     with pytest.raises(LayerError, match=r"Dense\(2\) at position \[0\]\[1\]"):
         mnet.serial(mnet.parallel(mnet.Dense(3), mnet.Dense(2))).apply(
-            ((({"W": jnp.ones((4, 3)), "b": jnp.ones(3)}, {"W": jnp.ones((5, 2)), "b": jnp.ones(2)}),)), jnp.ones((2, 4)))
+            ((({"W": jnp.ones((4, 3)), "b": jnp.ones(3)}, {"W": jnp.ones((5, 2)), "b": jnp.ones(2)}),)),
+            jnp.ones((2, 4)),
+        )
     with pytest.raises(ValueError, match="combine must be 'sum' or 'concat'"):
         mnet.parallel(mnet.Dense(3), combine="max")
 

@@ -62,7 +62,9 @@ def test_grad_is_the_second_half_of_value_and_grad():
     net = mnet.serial(mnet.Dense(3), mnet.Sigmoid(), mnet.Dense(2))
     _, params = net.init(jax.random.key(0), (4,))
     x, t = jnp.ones((5, 4)), jnp.zeros((5, 2))
-    assert_trees_close(mnet.grad(net, mnet.losses.mse)(params, x, t), mnet.value_and_grad(net, mnet.losses.mse)(params, x, t)[1], 0)
+    assert_trees_close(
+        mnet.grad(net, mnet.losses.mse)(params, x, t), mnet.value_and_grad(net, mnet.losses.mse)(params, x, t)[1], 0
+    )
 
 
 @given(mlp_problems(jnp.float64))
@@ -84,5 +86,7 @@ def test_dtype_follows_params_and_inputs():
     net = mnet.serial(mnet.Dense(3), mnet.Gelu(), mnet.Dense(2))
     for dtype in (jnp.float32, jnp.float64):
         _, params = net.init(jax.random.key(0), (4,), dtype)
-        value, grads = mnet.value_and_grad(net, mnet.losses.mse)(params, jnp.ones((2, 4), dtype), jnp.ones((2, 2), dtype))
+        value, grads = mnet.value_and_grad(net, mnet.losses.mse)(
+            params, jnp.ones((2, 4), dtype), jnp.ones((2, 2), dtype)
+        )
         assert value.dtype == dtype and {g.dtype for g in jax.tree_util.tree_leaves(grads)} == {np.dtype(dtype)}

@@ -44,8 +44,14 @@ def test_the_guard_really_stops_autodiff():
 
 # Every loss once and both modes once: eager and jitted run the same hand code (jit only traces it), so the full
 # product of the two adds about 15 s of compilation on 2 cores and no coverage.
-@pytest.mark.parametrize("loss, jit", [(mnet.losses.mse, False), (mnet.losses.softmax_cross_entropy, True),
-                                       (mnet.losses.sigmoid_binary_cross_entropy, True)])
+@pytest.mark.parametrize(
+    "loss, jit",
+    [
+        (mnet.losses.mse, False),
+        (mnet.losses.softmax_cross_entropy, True),
+        (mnet.losses.sigmoid_binary_cross_entropy, True),
+    ],
+)
 def test_value_and_grad_runs_without_autodiff(loss, jit):
     params, x, targets = problem(loss)
     expected = mnet.autodiff_value_and_grad(NET, loss)(params, x, targets)

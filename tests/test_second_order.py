@@ -22,15 +22,41 @@ def reference_diag_hessian(net, loss, params, x, targets):
 
 
 HAND_PICKED = [  # (network, example shape): every layer kind that must have a second-order rule
-    (mnet.serial(mnet.Dense(5), mnet.Tanh(), mnet.Dense(4), mnet.Gelu(), mnet.Dropout(0.5), mnet.Dense(4),
-                 mnet.Softplus(), mnet.Dense(3)), (4,)),
-    (mnet.serial(mnet.Reshape((5, 5, 1)), mnet.Conv2D(3, 3, stride=2, padding="SAME"), mnet.Elu(),
-                 mnet.MaxPool2D(2, stride=1), mnet.AvgPool2D(2, padding=1), mnet.Sigmoid(), mnet.Flatten(),
-                 mnet.Dense(3)), (25,)),
-    (mnet.serial(mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Dense(2), mnet.Gelu(approximate=True)),
-                               combine="concat"), mnet.Tanh(),
-                 mnet.residual(mnet.serial(mnet.Dense(5), mnet.Sigmoid(), mnet.Dense(5))),
-                 mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Tanh(), mnet.Dense(3)), combine="sum")), (4,)),
+    (
+        mnet.serial(
+            mnet.Dense(5),
+            mnet.Tanh(),
+            mnet.Dense(4),
+            mnet.Gelu(),
+            mnet.Dropout(0.5),
+            mnet.Dense(4),
+            mnet.Softplus(),
+            mnet.Dense(3),
+        ),
+        (4,),
+    ),
+    (
+        mnet.serial(
+            mnet.Reshape((5, 5, 1)),
+            mnet.Conv2D(3, 3, stride=2, padding="SAME"),
+            mnet.Elu(),
+            mnet.MaxPool2D(2, stride=1),
+            mnet.AvgPool2D(2, padding=1),
+            mnet.Sigmoid(),
+            mnet.Flatten(),
+            mnet.Dense(3),
+        ),
+        (25,),
+    ),
+    (
+        mnet.serial(
+            mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Dense(2), mnet.Gelu(approximate=True)), combine="concat"),
+            mnet.Tanh(),
+            mnet.residual(mnet.serial(mnet.Dense(5), mnet.Sigmoid(), mnet.Dense(5))),
+            mnet.parallel(mnet.Dense(3), mnet.serial(mnet.Tanh(), mnet.Dense(3)), combine="sum"),
+        ),
+        (4,),
+    ),
     (mnet.serial(mnet.Embedding(6, 4), mnet.Tanh(), mnet.Flatten(), mnet.Dense(3)), (3,)),
 ]
 CASES = [(0, CE), (0, MSE), (0, BCE), (1, CE), (2, MSE), (3, CE)]
@@ -47,19 +73,27 @@ def random_network(rng):
         if kind == 0:
             layers += [mnet.Dense(width), activation]
         elif kind == 1:
-            layers += [mnet.Dense(width), mnet.residual(mnet.serial(activation, mnet.Dense(width))),
-                       SMOOTH[rng.integers(len(SMOOTH))]()]
+            layers += [
+                mnet.Dense(width),
+                mnet.residual(mnet.serial(activation, mnet.Dense(width))),
+                SMOOTH[rng.integers(len(SMOOTH))](),
+            ]
         else:
-            layers += [mnet.parallel(mnet.Dense(width), mnet.serial(mnet.Dense(1), activation)),
-                       SMOOTH[rng.integers(len(SMOOTH))]()]
+            layers += [
+                mnet.parallel(mnet.Dense(width), mnet.serial(mnet.Dense(1), activation)),
+                SMOOTH[rng.integers(len(SMOOTH))](),
+            ]
     return mnet.serial(*layers, mnet.Dense(3))
 
 
 def problem(net, shape, loss, seed, dtype=jnp.float64, batch=3, ids=False):
     rng = np.random.default_rng(seed)
     _, params = net.init(jax.random.key(seed), shape, dtype)
-    x = jnp.asarray(rng.integers(0, 6, (batch,) + shape)) if ids else jnp.asarray(rng.normal(size=(batch,) + shape),
-                                                                                   dtype)
+    x = (
+        jnp.asarray(rng.integers(0, 6, (batch,) + shape))
+        if ids
+        else jnp.asarray(rng.normal(size=(batch,) + shape), dtype)
+    )
     return params, x, random_targets(rng, loss, (batch, 3), dtype)
 
 
@@ -85,23 +119,35 @@ def test_diag_hessian_on_random_architectures():
 def test_diag_hessian_in_float32():
     net, shape = HAND_PICKED[0]
     params, x, targets = problem(net, shape, CE, 0, jnp.float32, batch=4)
-    expected = reference_diag_hessian(net, CE, jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params),
-                                      x.astype(jnp.float64), targets)
+    expected = reference_diag_hessian(
+        net, CE, jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params), x.astype(jnp.float64), targets
+    )
     got = jax.jit(mnet.diag_hessian(net, CE))(params, x, targets)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(got)} == {jnp.dtype(jnp.float32)}
-    assert_trees_close(jax.tree_util.tree_map(lambda g: g.astype(jnp.float64), got), expected, 1e-4,
-                       tree_scale=True)
+    assert_trees_close(jax.tree_util.tree_map(lambda g: g.astype(jnp.float64), got), expected, 1e-4, tree_scale=True)
 
 
 def test_diag_hessian_is_the_ggn_on_piecewise_linear_networks():
     """With ReLU and max-pooling every layer's own second derivative vanishes, so ``H = GGN`` and the two
     diagonals agree; with tanh they do not (the test can fail)."""
-    net = mnet.serial(mnet.Reshape((4, 4, 1)), mnet.Conv2D(2, 2), mnet.Relu(), mnet.MaxPool2D(2), mnet.Flatten(),
-                      mnet.Dense(5), mnet.LeakyRelu(0.1), mnet.residual(mnet.serial(mnet.Dense(5), mnet.Relu())),
-                      mnet.Dense(3))
+    net = mnet.serial(
+        mnet.Reshape((4, 4, 1)),
+        mnet.Conv2D(2, 2),
+        mnet.Relu(),
+        mnet.MaxPool2D(2),
+        mnet.Flatten(),
+        mnet.Dense(5),
+        mnet.LeakyRelu(0.1),
+        mnet.residual(mnet.serial(mnet.Dense(5), mnet.Relu())),
+        mnet.Dense(3),
+    )
     params, x, targets = problem(net, (16,), CE, 3, batch=4)
-    assert_trees_close(mnet.diag_hessian(net, CE)(params, x, targets), mnet.diag_ggn(net, CE)(params, x, targets),
-                       1e-10, tree_scale=True)
+    assert_trees_close(
+        mnet.diag_hessian(net, CE)(params, x, targets),
+        mnet.diag_ggn(net, CE)(params, x, targets),
+        1e-10,
+        tree_scale=True,
+    )
     smooth = mnet.serial(mnet.Dense(5), mnet.Tanh(), mnet.Dense(3))
     params, x, targets = problem(smooth, (4,), CE, 4)
     hessian, ggn = mnet.diag_hessian(smooth, CE)(params, x, targets), mnet.diag_ggn(smooth, CE)(params, x, targets)
@@ -124,7 +170,7 @@ def ggn_block(net, loss, params, x, targets, index):
 
     def outputs(flat):
         W = flat.reshape(stacked.shape)
-        return net.apply(params[:index] + ({"W": W[:-1], "b": W[-1]},) + params[index + 1:], x)
+        return net.apply(params[:index] + ({"W": W[:-1], "b": W[-1]},) + params[index + 1 :], x)
 
     J = jax.jacrev(lambda f: outputs(f).reshape(-1))(stacked.reshape(-1))
     out = net.apply(params, x)
@@ -140,8 +186,9 @@ def test_kflr_factors_are_the_ggn_block_at_batch_one():
         assert factors[1] == () and factors[3] is None  # parameterless; parameters but no Kronecker structure
         for index in (0, 2, 4):
             A, G = factors[index]["A"], factors[index]["G"]
-            np.testing.assert_allclose(jnp.kron(A, G), ggn_block(net, loss, params, x, targets, index), rtol=1e-10,
-                                       atol=1e-12)
+            np.testing.assert_allclose(
+                jnp.kron(A, G), ggn_block(net, loss, params, x, targets, index), rtol=1e-10, atol=1e-12
+            )
 
 
 def test_kronecker_factors_over_a_batch_and_over_positions():
@@ -153,8 +200,9 @@ def test_kronecker_factors_over_a_batch_and_over_positions():
     net = mnet.serial(conv, head)
     params, x, targets = problem(net, (5, 5, 2), CE, 7, batch=3)
     factors = jax.jit(mnet.kfac_factors(net, CE))(params, x, targets)
-    patches = jax.lax.conv_general_dilated_patches(x, (3, 3), (2, 2), "SAME",
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (3, 3), (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     # conv_general_dilated_patches orders each window's entries channel-major; mnet's W rows are (kh, kw, c_in).
     patches = patches.reshape(patches.shape[:3] + (2, 9)).swapaxes(-1, -2).reshape(-1, 18)
     a = jnp.concatenate([patches, jnp.ones((patches.shape[0], 1))], axis=1)
@@ -163,8 +211,9 @@ def test_kronecker_factors_over_a_batch_and_over_positions():
     outputs, tail = jax.vjp(lambda z_: head.apply(params[1], z_), z)
     S = CE.hessian_sqrt(outputs, targets)
     columns = jax.vmap(lambda s: tail(s)[0])(S).reshape(S.shape[0], -1, 2)
-    np.testing.assert_allclose(factors[0]["G"], jnp.einsum("cri,crj->ij", columns, columns) / columns.shape[1],
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        factors[0]["G"], jnp.einsum("cri,crj->ij", columns, columns) / columns.shape[1], rtol=1e-10
+    )
     attention = mnet.serial(mnet.MultiHeadSelfAttention(2), mnet.Flatten(), mnet.Dense(3))
     params, x, targets = problem(attention, (3, 4), CE, 8)
     factors = mnet.kfac_factors(attention, CE)(params, x, targets)
@@ -180,7 +229,8 @@ def test_kfac_sampling_is_unbiased_for_kflr():
         exact = mnet.kfac_factors(net, loss)(params, x, targets)
         replicates = 2000
         draws = jax.jit(jax.vmap(lambda key: mnet.kfac_factors(net, loss, kind="kfac")(params, x, targets, key=key)))(
-            jax.random.split(jax.random.key(3), replicates))
+            jax.random.split(jax.random.key(3), replicates)
+        )
         for index in (0, 2):
             G, truth = draws[index]["G"], exact[index]["G"]
             assert bool(jnp.all(jnp.abs(G.mean(0) - truth) <= 6 * G.std(0) / np.sqrt(replicates) + 1e-12))
@@ -204,8 +254,11 @@ def test_no_autodiff_in_the_second_order_path():
 def test_bad_input_is_refused_clearly():
     net = mnet.serial(mnet.Dense(4), mnet.residual(mnet.serial(mnet.LayerNorm(), mnet.Dense(4))), mnet.Dense(3))
     params, x, targets = problem(net, (3,), CE, 0)
-    with pytest.raises(LayerError, match=r"LayerNorm\(\) at position \[1\]\[0\] of the network: has no "
-                                         r"second-order rule"):
+    with pytest.raises(
+        LayerError,
+        match=r"LayerNorm\(\) at position \[1\]\[0\] of the network: has no "
+        r"second-order rule",
+    ):
         mnet.diag_hessian(net, CE)(params, x, targets)
     with pytest.raises(ValueError, match='kind="kfac"\\) samples from the predictive distribution: pass key='):
         mnet.kfac_factors(net, CE, kind="kfac")(params, x, targets)

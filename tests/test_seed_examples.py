@@ -16,8 +16,10 @@ import pytest
 import mnet
 
 CHEAP = "--xla_backend_optimization_level=0"
-default_compiler = pytest.mark.skipif(CHEAP in os.environ.get("XLA_FLAGS", ""), reason="run with the default "
-                                      "compiler by test_the_examples_under_the_default_compiler")
+default_compiler = pytest.mark.skipif(
+    CHEAP in os.environ.get("XLA_FLAGS", ""),
+    reason="run with the default compiler by test_the_examples_under_the_default_compiler",
+)
 
 A_PREV = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 W = jnp.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
@@ -56,7 +58,13 @@ def test_example_3_weight_gradient_and_the_rest_of_the_backward():
 def test_the_examples_under_the_default_compiler():
     flags = os.environ.get("XLA_FLAGS", "").replace(CHEAP, "").strip()
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            cwd=root, capture_output=True, text=True, timeout=120, env=dict(os.environ, XLA_FLAGS=flags, MNET_TESTS_DEFAULT_COMPILER="1"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, XLA_FLAGS=flags, MNET_TESTS_DEFAULT_COMPILER="1"),
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "3 passed" in result.stdout, result.stdout[-3000:]

@@ -27,8 +27,12 @@ def test_hand_and_autodiff_training_follow_the_same_path_in_float64():
     dataset = small_digits()
     net = mnet.serial(mnet.Dense(32), mnet.Tanh(), mnet.Dense(16), mnet.Gelu(), mnet.Dense(10))
     _, params = net.init(jax.random.key(0), (64,), jnp.float64)
-    runs = {grad: train.fit(net, CE, params, dataset, optimizer=optax.sgd(0.05, momentum=0.9), epochs=4,
-                            batch_size=25, grad=grad) for grad in ("manual", "autodiff")}
+    runs = {
+        grad: train.fit(
+            net, CE, params, dataset, optimizer=optax.sgd(0.05, momentum=0.9), epochs=4, batch_size=25, grad=grad
+        )
+        for grad in ("manual", "autodiff")
+    }
     assert runs["manual"].params[0]["W"].dtype == jnp.float64
     assert_trees_close(runs["manual"].params, runs["autodiff"].params, 1e-9)
     np.testing.assert_allclose(runs["manual"].history.train_loss, runs["autodiff"].history.train_loss, rtol=1e-10)
@@ -58,8 +62,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert_trees_close(resumed.opt_state, whole.opt_state, 0)
     np.testing.assert_array_equal(resumed.history.train_loss, whole.history.train_loss)
     with pytest.raises(CheckpointError, match="different configuration"):
-        train.fit(net, CE, params, dataset, epochs=6, checkpoint_path=path, resume=True,
-                  **{**options, "batch_size": 16})
+        train.fit(
+            net, CE, params, dataset, epochs=6, checkpoint_path=path, resume=True, **{**options, "batch_size": 16}
+        )
 
 
 def test_truncated_training_checkpoint_is_refused(tmp_path):
@@ -121,7 +126,10 @@ def test_cli_resume_continues_to_the_same_result(tmp_path):
     first = run_cli("train", "--epochs", "2", *common)
     resumed = run_cli("train", "--epochs", "4", "--resume", *common)
     assert first.returncode == resumed.returncode == whole.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout.splitlines()[-1])["test_accuracy"] == json.loads(whole.stdout.splitlines()[-1])["test_accuracy"]
+    assert (
+        json.loads(resumed.stdout.splitlines()[-1])["test_accuracy"]
+        == json.loads(whole.stdout.splitlines()[-1])["test_accuracy"]
+    )
     assert "epoch 3/4" in resumed.stderr and "epoch 1/4" not in resumed.stderr
 
 
@@ -160,14 +168,26 @@ def write_bad_data(tmp_path, case):
         (tmp_path / "d.csv").write_text("1,2,0\n3,4\n")
         return tmp_path / "d.csv", "line 2 has 2 fields, expected 3"
     if case == "idx_truncated":
-        (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") * 3 + b"\x00" * 10)
+        (tmp_path / "train-images-idx3-ubyte").write_bytes(
+            b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") * 3 + b"\x00" * 10
+        )
         (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x00" * 5)
         return tmp_path / "train-images-idx3-ubyte", "IDX header promises (5, 5, 5)"
     raise AssertionError(case)
 
 
-BAD_CASES = ["missing", "format", "not_npz", "npz_keys", "lengths", "non_numeric", "fractional_labels",
-             "negative_labels", "ragged_csv", "idx_truncated"]
+BAD_CASES = [
+    "missing",
+    "format",
+    "not_npz",
+    "npz_keys",
+    "lengths",
+    "non_numeric",
+    "fractional_labels",
+    "negative_labels",
+    "ragged_csv",
+    "idx_truncated",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -183,7 +203,9 @@ def test_cli_bad_data_exits_nonzero_without_traceback(tmp_path, case):
     path, message = write_bad_data(tmp_path, case)
     result = run_cli("train", "--data", str(path), "--epochs", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1 and message in result.stderr and result.stderr.startswith("mnet train: error:")
+    assert (
+        result.stderr.count("\n") == 1 and message in result.stderr and result.stderr.startswith("mnet train: error:")
+    )
 
 
 def test_user_data_formats_load_and_train(tmp_path):
@@ -198,7 +220,9 @@ def test_user_data_formats_load_and_train(tmp_path):
         dataset = data.load(tmp_path / name, seed=3)
         assert dataset.num_classes == 3 and dataset.example_shape == (4,) and len(dataset.x_train) == 48
         np.testing.assert_allclose(dataset.x_train.mean(0), 0, atol=1e-6)
-    np.testing.assert_array_equal(data.load(tmp_path / "d.npz", seed=3).y_test, data.load(tmp_path / "d.csv", seed=3).y_test)
+    np.testing.assert_array_equal(
+        data.load(tmp_path / "d.npz", seed=3).y_test, data.load(tmp_path / "d.csv", seed=3).y_test
+    )
     result = run_cli("train", "--data", str(tmp_path / "d.csv"), "--epochs", "2", "--batch-size", "8", "--json")
     assert result.returncode == 0, result.stderr
 

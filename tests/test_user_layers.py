@@ -72,8 +72,11 @@ def test_duck_typed_layer_everywhere(name):
     if name != "serial":  # the serial case is the parallel one's first branch; its derivatives are covered there
         check_all((net, loss, params, x, targets), 1e-10, jit=True)
     y, vjp = jax.vjp(mnet.with_manual_backward(net), params, x)
-    assert_trees_close(vjp(jnp.ones_like(y)), jax.vjp(lambda p, inputs: net.forward(p, inputs)[0], params, x)[1](
-        jnp.ones_like(y)), 1e-12)
+    assert_trees_close(
+        vjp(jnp.ones_like(y)),
+        jax.vjp(lambda p, inputs: net.forward(p, inputs)[0], params, x)[1](jnp.ones_like(y)),
+        1e-12,
+    )
 
 
 def test_fit_trains_a_duck_typed_layer():
@@ -81,8 +84,19 @@ def test_fit_trains_a_duck_typed_layer():
     dataset = data.Dataset(full.x_train[:256], full.y_train[:256], full.x_test[:64], full.y_test[:64], 10, "digits")
     net = mnet.serial(GatedLinearUnit(32), mnet.Dense(10))
     _, params = net.init(jax.random.key(0), (64,))
-    runs = {grad: train.fit(net, mnet.losses.softmax_cross_entropy, params, dataset, optimizer=optax.adam(1e-2),
-                            epochs=4, batch_size=32, grad=grad) for grad in ("manual", "autodiff")}
+    runs = {
+        grad: train.fit(
+            net,
+            mnet.losses.softmax_cross_entropy,
+            params,
+            dataset,
+            optimizer=optax.adam(1e-2),
+            epochs=4,
+            batch_size=32,
+            grad=grad,
+        )
+        for grad in ("manual", "autodiff")
+    }
     history = runs["manual"].history
     assert history.train_loss[-1] < 0.3 * history.train_loss[0] and history.test_accuracy[-1] > 0.8
     assert_trees_close(runs["manual"].params, runs["autodiff"].params, 1e-4)
@@ -106,9 +120,13 @@ BUILT_IN = [
     # network's rules as it checks a layer's, so a wrong activation rule would still be caught.
     (mnet.serial(mnet.Relu(), mnet.Sigmoid(), mnet.Tanh(), mnet.LeakyRelu(0.2), mnet.Elu()), (5,)),
     (mnet.serial(mnet.Gelu(), mnet.Gelu(approximate=True), mnet.Softplus(), mnet.Identity(), mnet.Softmax()), (5,)),
-    (mnet.Flatten(), (2, 3)), (mnet.Reshape((3, 2)), (6,)), (mnet.LayerNorm(), (3, 4)), (mnet.Dropout(0.3), (5,)),
+    (mnet.Flatten(), (2, 3)),
+    (mnet.Reshape((3, 2)), (6,)),
+    (mnet.LayerNorm(), (3, 4)),
+    (mnet.Dropout(0.3), (5,)),
     (mnet.Conv2D(2, 3, stride=2, padding="SAME"), (5, 5, 2)),
-    (mnet.MaxPool2D(2), (4, 4, 2)), (mnet.AvgPool2D(3, stride=2, padding=1, count_include_pad=False), (5, 5, 1)),
+    (mnet.MaxPool2D(2), (4, 4, 2)),
+    (mnet.AvgPool2D(3, stride=2, padding=1, count_include_pad=False), (5, 5, 1)),
     (mnet.Embedding(7, 3), (4,)),
     (mnet.MultiHeadSelfAttention(2, causal=True), (3, 4)),
     (mnet.residual(mnet.serial(mnet.Dense(4), mnet.Tanh())), (4,)),
@@ -123,8 +141,15 @@ def test_check_layer_passes_every_built_in_layer(layer, shape):
     report = mnet.check_layer(layer, shape, batch=3)
     assert report.ok, str(report)
     rules = {row.rule: row for row in report.rows}
-    assert {"init", "backward", "per_example_backward", "per_example_sq_norms", "ntk_contribution", "tangent",
-            "backward_tangent"} <= set(rules)
+    assert {
+        "init",
+        "backward",
+        "per_example_backward",
+        "per_example_sq_norms",
+        "ntk_contribution",
+        "tangent",
+        "backward_tangent",
+    } <= set(rules)
     if layer is not GLU:  # every built-in layer has forward mode and a Hessian-vector rule (own, walk or default)
         assert rules["tangent"].source != "absent" and rules["backward_tangent"].source != "absent", str(report)
     for row in report.rows:
@@ -159,8 +184,10 @@ class WrongNTK(mnet.Dense):
         return super().ntk_contribution(params, x1, x2, dzs1, dzs2) + 1e-3
 
 
-@pytest.mark.parametrize("layer, rule", [(WrongBackward(3), "backward"), (WrongPerExample(3), "per_example_backward"),
-                                         (WrongNTK(3), "ntk_contribution")])
+@pytest.mark.parametrize(
+    "layer, rule",
+    [(WrongBackward(3), "backward"), (WrongPerExample(3), "per_example_backward"), (WrongNTK(3), "ntk_contribution")],
+)
 def test_check_layer_names_the_wrong_rule(layer, rule):
     report = mnet.check_layer(layer, (4,))
     # A wrong backward also makes the Hessian-vector rule built on it wrong, and the check says so after it.
@@ -211,15 +238,35 @@ class DenseWithOwnSum(mnet.Dense):
         return jax.tree_util.tree_map(lambda g: -g.reshape(g.shape[0], -1).sum(1), grads), dx
 
 
-@pytest.mark.parametrize("net, x", [
-    (mnet.serial(mnet.Reshape((6, 6, 1)), mnet.Conv2D(2, 3, padding="SAME"), mnet.Relu(), mnet.MaxPool2D(2),
-                 mnet.Flatten(), mnet.residual(mnet.serial(mnet.Dense(18), mnet.Tanh())),
-                 mnet.parallel(mnet.Dense(2), mnet.Elu()), mnet.Dense(3)),
-     jax.random.normal(jax.random.key(3), (4, 36))),
-    (mnet.serial(mnet.Embedding(5, 4), mnet.residual(mnet.MultiHeadSelfAttention(2)), mnet.LayerNorm(),
-                 mnet.Flatten(), mnet.Dense(3)),
-     jax.random.randint(jax.random.key(3), (4, 3), 0, 5)),
-], ids=["cnn-residual-parallel", "attention"])
+@pytest.mark.parametrize(
+    "net, x",
+    [
+        (
+            mnet.serial(
+                mnet.Reshape((6, 6, 1)),
+                mnet.Conv2D(2, 3, padding="SAME"),
+                mnet.Relu(),
+                mnet.MaxPool2D(2),
+                mnet.Flatten(),
+                mnet.residual(mnet.serial(mnet.Dense(18), mnet.Tanh())),
+                mnet.parallel(mnet.Dense(2), mnet.Elu()),
+                mnet.Dense(3),
+            ),
+            jax.random.normal(jax.random.key(3), (4, 36)),
+        ),
+        (
+            mnet.serial(
+                mnet.Embedding(5, 4),
+                mnet.residual(mnet.MultiHeadSelfAttention(2)),
+                mnet.LayerNorm(),
+                mnet.Flatten(),
+                mnet.Dense(3),
+            ),
+            jax.random.randint(jax.random.key(3), (4, 3), 0, 5),
+        ),
+    ],
+    ids=["cnn-residual-parallel", "attention"],
+)
 def test_a_new_quantity_needs_no_combinator_change(net, x):
     _, params = net.init(jax.random.key(0), x.shape[1:], jnp.float64)
     outputs = net.forward(params, x)[0]

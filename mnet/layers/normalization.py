@@ -134,15 +134,18 @@ class LayerNorm(_Normalization):
         return params["gamma"] * xhat + params["beta"], (xhat, rstd)
 
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
-        return self._train_backward(params, *cache, dy)
+        xhat, rstd = cache
+        return self._train_backward(params, xhat, rstd, dy)
 
     def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array:
-        return self._train_tangent(params, *cache, dparams, dx)
+        xhat, rstd = cache
+        return self._train_tangent(params, xhat, rstd, dparams, dx)
 
     def backward_tangent(
         self, params: Params, cache: Cache, tangents: tuple, dy: Array, dy_tangent: Array
     ) -> tuple[Params, Array, Array]:
-        return self._train_backward_tangent(params, *cache, tangents, dy, dy_tangent)
+        xhat, rstd = cache
+        return self._train_backward_tangent(params, xhat, rstd, tangents, dy, dy_tangent)
 
     def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         xhat, rstd = cache

@@ -101,13 +101,18 @@ def make_step(value_and_grad_fn: Callable, optimizer: optax.GradientTransformati
 
     def step(params, opt_state, x, y, optimizer_key=None, **kwargs):
         value, grads = value_and_grad_fn(params, x, y, **kwargs)
-        if isinstance(optimizer, optax.GradientTransformationExtraArgs):
-            updates, opt_state = optimizer.update(grads, opt_state, params, inputs=x, targets=y, key=optimizer_key)
-        else:
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return (*_apply_update(optimizer, grads, params, opt_state, x, y, optimizer_key), value)
 
     return step
+
+
+def _apply_update(optimizer: optax.GradientTransformation, grads, params, opt_state, x, y, optimizer_key):
+    """``(params, opt_state)`` after one update; an optimizer that takes extra arguments also gets the batch."""
+    if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        updates, opt_state = optimizer.update(grads, opt_state, params, inputs=x, targets=y, key=optimizer_key)
+    else:
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def make_stateful_step(value_grad_and_state_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
@@ -117,8 +122,7 @@ def make_stateful_step(value_grad_and_state_fn: Callable, optimizer: optax.Gradi
 
     def step(params, opt_state, state, x, y, optimizer_key=None, **kwargs):
         value, grads, state = value_grad_and_state_fn(params, state, x, y, key=kwargs.get("key"))
-        gradient = lambda *_, **__: (value, grads)  # noqa: E731
-        params, opt_state, value = make_step(gradient, optimizer)(params, opt_state, x, y, optimizer_key)
+        params, opt_state = _apply_update(optimizer, grads, params, opt_state, x, y, optimizer_key)
         return params, opt_state, state, value
 
     return step

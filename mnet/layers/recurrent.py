@@ -18,17 +18,18 @@ two dense layers whose output cotangents are ``dA_t`` and ``dB_t``, the gradient
 ``dA_t`` and ``dB_t`` come from a reverse scan that carries the state's gradient back one step at a time::
 
     (dh_t, dc_t) = (dy_t + carried dh_t, carried dc_t)
-    (dA_t, dB_t, direct) = cell_backward(A_t, B_t, h_{t-1}, c_{t-1}; dh_t, dc_t)
+    (dA_t, direct) = cell_backward(p_t, h_{t-1}, c_{t-1}; dh_t, dc_t)       p_t = pre(A_t, B_t)
     carried dh_{t-1} = dB_t W_hh^T + direct dh,   carried dc_{t-1} = direct dc
 
 For RNN and LSTM ``dA_t = dB_t`` (the gate pre-activation is ``A_t + B_t``); GRU's candidate gate multiplies its
 hidden part by the reset gate, so there ``dB_t`` is ``dA_t`` with that block scaled by ``r_t``.
 
-What is kept: the forward pass caches the input and the states after every step (``h``, and ``c`` for an LSTM),
-time-major; nothing else. The backward pass recomputes ``A`` in one product and each step's ``B_t`` and gates
-from ``h_{t-1}``: one more ``(batch, hidden) x (hidden, G*hidden)`` product per step buys a cache of ``1`` (or
-``2``) ``hidden``-wide arrays per step instead of the ``G*hidden``-wide gates that ``jax.grad`` through
-``lax.scan`` keeps (see ``BENCHMARKS.md``, rows R1 and R2).
+What is kept: the forward pass caches the input, the states before every step (``h``, and ``c`` for an LSTM) and
+every step's gate pre-activations ``p_t``, time-major. The reverse loop reads step ``t``'s ``p_t`` once and writes
+that step's gradients into the same place (:meth:`Recurrent.store`), so the backward needs no second
+``(T, batch, G*hidden)`` array, and the four weight sums are then single products over all steps. Recomputing
+``B_t`` instead of caching ``p_t`` keeps less but costs one more product per step, which made the step slower than
+``jax.grad``'s (see ``BENCHMARKS.md``, rows R1 and R2).
 
 Since the parameter gradients are two dense layers', every rule that a dense layer has with positions (per-example
 gradients, squared norms by the Gram form over time steps, NTK, GGN diagonal) is that rule applied to the two

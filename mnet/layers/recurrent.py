@@ -132,6 +132,17 @@ class Recurrent(Layer):
     def cell_tangent(self, p: Array, previous: State, p_t: Array, previous_t: State) -> State:
         raise NotImplementedError
 
+    def cell_backward_tangent(
+        self, p: Array, previous: State, d_state: State, p_t: Array, previous_t: State, d_state_t: State
+    ) -> tuple[Array, State, Array, State]:
+        """:meth:`cell_backward` and its derivative along the tangents of ``p``, the previous state and the state's
+        gradient: ``(dA, direct, R{dA}, R{direct})``."""
+        raise NotImplementedError
+
+    def hidden_gradient_tangent(self, p: Array, d_a: Array, p_t: Array, d_a_t: Array) -> Array:
+        """``R{dB_t}``, the derivative of :meth:`hidden_gradient` along the tangents."""
+        return d_a_t
+
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         """PyTorch's initialisation: every parameter uniform in ``[-1/sqrt(hidden), 1/sqrt(hidden)]``."""
         shape = self._check_input_shape(input_shape, min_rank=2)
@@ -186,46 +197,104 @@ class Recurrent(Layer):
 
     def _through_time(self, params: Params, cache: Cache, dy: Array) -> Array:
         """The reverse loop over the steps: every step's stored gradients (:meth:`store`), time-major."""
+        return self._reverse(params, cache, dy)[0]
+
+    def _reverse(self, params: Params, cache: Cache, dy: Array, tangents: tuple | None = None) -> tuple:
+        """The reverse loop, and with ``tangents = (dW_hh, p_t, previous_t, dy_t)`` (every step's ``R{p_t}`` and
+        ``R{state_{t-1}}`` time-major, from :meth:`_tangent_scan`) its derivative along them in the same pass::
+
+            R{dh_t} = R{dy_t} + R{carried dh_t}
+            (R{dA_t}, R{direct}) = R{cell_backward}          R{dB_t} = R{hidden_gradient}
+            R{carried dh_{t-1}} = R{dB_t} W_hh^T + dB_t dW_hh^T + R{direct dh}
+
+        Returns the stored gradients and, with tangents, their tangents (stored alike), both time-major."""
         x, previous, pre = cache
         W_hh = params["W_hh"]
-
         dy = _time_major(dy)
         length = pre.shape[0]
 
+        def combine(back: Array, direct: State) -> State:
+            return (back if direct[0] is None else back + direct[0],) + direct[1:]
+
         def step(k: Array, carried: tuple) -> tuple:
-            d_state, buffer = carried
+            d_state, buffer, rest = carried
             t = length - 1 - k
             p, before = buffer[t], tuple(s[t] for s in previous)
-            d_a, direct = self.cell_backward(p, before, (d_state[0] + dy[t],) + d_state[1:])
-            d_b = self.hidden_gradient(p, d_a)
-            back = d_b @ W_hh.T
-            d_state = (back if direct[0] is None else back + direct[0],) + direct[1:]
-            # Each step's pre-activations are read once, then overwritten by their gradients: one buffer for both.
-            return d_state, jax.lax.dynamic_update_index_in_dim(buffer, self.store(d_a, d_b), t, 0)
+            d_state = (d_state[0] + dy[t],) + d_state[1:]
+            if rest is None:
+                d_a, direct = self.cell_backward(p, before, d_state)
+                d_b = self.hidden_gradient(p, d_a)
+            else:
+                assert tangents is not None
+                (d_state_t, buffer_t), (dW_hh, _, previous_t, dy_t) = rest, tangents
+                p_t, d_state_t = buffer_t[t], (d_state_t[0] + dy_t[t],) + d_state_t[1:]
+                d_a, direct, d_a_t, direct_t = self.cell_backward_tangent(
+                    p, before, d_state, p_t, tuple(s[t] for s in previous_t), d_state_t
+                )
+                d_b, d_b_t = self.hidden_gradient(p, d_a), self.hidden_gradient_tangent(p, d_a, p_t, d_a_t)
+                rest = (
+                    combine(d_b_t @ W_hh.T + d_b @ dW_hh.T, direct_t),
+                    jax.lax.dynamic_update_index_in_dim(buffer_t, self.store(d_a_t, d_b_t), t, 0),
+                )
+            # Each step's pre-activations are read once, then overwritten by their gradients: one buffer for both
+            # (and likewise their tangents, for the R-operator).
+            buffer = jax.lax.dynamic_update_index_in_dim(buffer, self.store(d_a, d_b), t, 0)
+            return combine(d_b @ W_hh.T, direct), buffer, rest
 
         zeros = tuple(jnp.zeros_like(s[0]) for s in previous)
-        return jax.lax.fori_loop(0, length, step, (zeros, pre))[1]
+        rest = None if tangents is None else (zeros, tangents[1])
+        _, stored, rest = jax.lax.fori_loop(0, length, step, (zeros, pre, rest))
+        return stored, (None if rest is None else rest[1])
 
-    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
-        """The four sums over time as products with the stored gradients whole (for GRU, whose store holds ``dA`` and
-        ``dB``'s candidate block side by side, the products run over all of it and the small results keep the
-        columns that belong to each parameter: no copy of a ``(T, batch, G*hidden)`` array)."""
-        x, previous = cache[0], cache[1]
-        stored = self._through_time(params, cache, dy)
+    def _weight_sums(self, x: Array | None, h_prev: Array, stored: Array, biases: bool = True) -> Params:
+        """``sum_t x_t^T dA_t`` and ``sum_t h_{t-1}^T dB_t`` (and the bias sums) from the stored steps whole (for
+        GRU, whose store holds ``dA`` and ``dB``'s candidate block side by side, the products run over all of it and
+        the small results keep the columns that belong to each parameter: no copy of a ``(T, batch, G*hidden)``
+        array). ``x`` is batch-major, ``h_prev`` and ``stored`` time-major; ``x=None`` is a zero input."""
         ih, hh = self.columns()
-        sums = jnp.sum(stored, axis=(0, 1))
-        grads = {
-            "W_ih": _take(jnp.einsum("btf,tbg->fg", x, stored), ih),
-            "b_ih": _take(sums, ih),
-            "W_hh": _take(jnp.einsum("tbh,tbg->hg", previous[0], stored), hh),
-            "b_hh": _take(sums, hh),
-        }
-        W_ih = params["W_ih"]
-        if stored.shape[-1] != W_ih.shape[-1]:  # the input gradient reads dA's columns alone
+        grads = {"W_hh": _take(jnp.einsum("tbh,tbg->hg", h_prev, stored), hh)}
+        if x is not None:
+            grads["W_ih"] = _take(jnp.einsum("btf,tbg->fg", x, stored), ih)
+        if biases:
+            sums = jnp.sum(stored, axis=(0, 1))
+            grads["b_ih"], grads["b_hh"] = _take(sums, ih), _take(sums, hh)
+        return grads
+
+    def _input_gradient(self, W_ih: Array, stored: Array) -> Array:
+        """``dx_t = dA_t W_ih^T``, batch-major, reading ``dA``'s columns of the store alone."""
+        if stored.shape[-1] != W_ih.shape[-1]:
             W_ih = jnp.concatenate(
                 [W_ih, jnp.zeros(W_ih.shape[:1] + (stored.shape[-1] - W_ih.shape[-1],), W_ih.dtype)], -1
             )
-        return grads, jnp.einsum("tbg,fg->btf", stored, W_ih)
+        return jnp.einsum("tbg,fg->btf", stored, W_ih)
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        """The four sums over time as products with the stored gradients whole (:meth:`_weight_sums`)."""
+        stored = self._through_time(params, cache, dy)
+        return self._weight_sums(cache[0], cache[1][0], stored), self._input_gradient(params["W_ih"], stored)
+
+    def backward_tangent(
+        self, params: Params, cache: Cache, tangents: tuple, dy: Array, dy_tangent: Array
+    ) -> tuple[Params, Array, Array]:
+        """The R-operator of backpropagation through time: the tangent scan again (for every step's ``R{p_t}`` and
+        ``R{state_{t-1}}``), then one reverse loop carrying the state's gradient and its tangent
+        (:meth:`_reverse`), then the sums, each with the cross term of its dense product::
+
+            R{dW_ih} = sum_t x_t'^T dA_t + x_t^T R{dA_t}         R{db_ih} = sum_t R{dA_t}
+            R{dW_hh} = sum_t h_{t-1}'^T dB_t + h_{t-1}^T R{dB_t}  R{db_hh} = sum_t R{dB_t}
+            R{dx_t} = R{dA_t} W_ih^T + dA_t W_ih'^T
+
+        Returns ``(R{dparams}, dx, R{dx})``."""
+        dparams, dx_tangent = tangents
+        x, previous = cache[0], cache[1]
+        p_t, previous_t, _ = self._tangent_scan(params, cache, dparams, dx_tangent)
+        stored, stored_t = self._reverse(params, cache, dy, (dparams["W_hh"], p_t, previous_t, _time_major(dy_tangent)))
+        hv = self._weight_sums(x, previous[0], stored_t)
+        cross = self._weight_sums(dx_tangent, previous_t[0], stored, biases=False)
+        hv = {name: hv[name] + cross[name] if name in cross else hv[name] for name in hv}
+        down = self._input_gradient(params["W_ih"], stored)
+        down_t = self._input_gradient(params["W_ih"], stored_t) + self._input_gradient(dparams["W_ih"], stored)
+        return hv, down, down_t
 
     # Every other rule: the two dense products' rule, the time steps as positions.
     def _products(self, params: Params) -> tuple[Dense, dict, dict]:
@@ -276,13 +345,9 @@ class Recurrent(Layer):
         s_a, s_b, h_prev = self._stacks(params, cache, S)
         return self._layout(dense.per_example_diag_ggn(ih, cache[0], s_a), dense.per_example_diag_ggn(hh, h_prev, s_b))
 
-    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array:
-        """Forward mode, a scan forward beside the recurrence, reading the cached states::
-
-        A_t' = x_t' W_ih + x_t W_ih' + b_ih'          (every step in one product)
-        B_t' = h_{t-1}' W_hh + h_{t-1} W_hh' + b_hh'
-        (h_t', c_t') = cell_tangent(A_t, B_t, state_{t-1}; A_t', B_t', state_{t-1}')
-        """
+    def _tangent_scan(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> tuple:
+        """The forward scan along the tangent: every step's ``R{p_t}`` and ``R{state_{t-1}}`` (time-major, as the
+        cache keeps ``p_t`` and the states) and the last state's tangent."""
         x, previous, pre = cache
         W_hh = params["W_hh"]
         a_t = jnp.einsum("btf,fg->tbg", x, dparams["W_ih"]) + dparams["b_ih"]
@@ -290,14 +355,24 @@ class Recurrent(Layer):
             a_t = a_t + jnp.einsum("btf,fg->tbg", dx, params["W_ih"])
         b_t = jnp.einsum("tbh,hg->tbg", previous[0], dparams["W_hh"]) + dparams["b_hh"]
 
-        def step(previous_t: State, inputs: tuple) -> tuple[State, Array]:
+        def step(previous_t: State, inputs: tuple) -> tuple[State, tuple[Array, State]]:
             p, before, a_tangent, b_tangent = inputs
-            state_t = self.cell_tangent(p, before, self.pre(a_tangent, b_tangent + previous_t[0] @ W_hh), previous_t)
-            return state_t, state_t[0]
+            p_t = self.pre(a_tangent, b_tangent + previous_t[0] @ W_hh)
+            return self.cell_tangent(p, before, p_t, previous_t), (p_t, previous_t)
 
         zeros = tuple(jnp.zeros_like(s[0]) for s in previous)
-        _, h_t = jax.lax.scan(step, zeros, (pre, previous, a_t, b_t))
-        return _time_major(h_t)
+        last_t, (p_t, previous_t) = jax.lax.scan(step, zeros, (pre, previous, a_t, b_t))
+        return p_t, previous_t, last_t
+
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array:
+        """Forward mode, a scan forward beside the recurrence, reading the cached states::
+
+        A_t' = x_t' W_ih + x_t W_ih' + b_ih'          (every step in one product)
+        B_t' = h_{t-1}' W_hh + h_{t-1} W_hh' + b_hh'
+        (h_t', c_t') = cell_tangent(A_t, B_t, state_{t-1}; A_t', B_t', state_{t-1}')
+        """
+        _, previous_t, last_t = self._tangent_scan(params, cache, dparams, dx)
+        return _time_major(jnp.concatenate([previous_t[0][1:], last_t[0][None]]))
 
 
 @dataclass(frozen=True, repr=False)
@@ -333,6 +408,15 @@ class RNN(Recurrent):
 
     def cell_tangent(self, p, previous, p_t, previous_t):
         return (self._slope(p) * p_t,)
+
+    def cell_backward_tangent(self, p, previous, d_state, p_t, previous_t, d_state_t):
+        """``R{dA_t} = R{dh_t} phi'(z_t) + dh_t phi''(z_t) R{z_t}``, with ``tanh'' = -2 tanh tanh'`` and
+        ``relu'' = 0``."""
+        slope = self._slope(p)
+        d_a_t = d_state_t[0] * slope
+        if self.activation == "tanh":
+            d_a_t = d_a_t - 2 * d_state[0] * jnp.tanh(p) * slope * p_t
+        return d_state[0] * slope, (None,), d_a_t, (None,)
 
 
 @dataclass(frozen=True, repr=False)
@@ -388,6 +472,32 @@ class LSTM(Recurrent):
         tanh_c = jnp.tanh(f * c_prev + i * g)
         c_t = f_t * c_prev + f * previous_t[1] + i_t * g + i * g_t
         return o_t * tanh_c + o * _tanh_slope(tanh_c) * c_t, c_t
+
+    def cell_backward_tangent(self, p, previous, d_state, p_t, previous_t, d_state_t):
+        """Each product of :meth:`cell_backward` by the product rule, with the gates' tangents of
+        :meth:`cell_tangent` and the slopes' ``R{s(1-s)} = (1-2s) s'`` and ``R{1-t^2} = -2 t t'``."""
+        i, f, g, o = self._gates(p)
+        zi, zf, zg, zo = jnp.split(p_t, 4, axis=-1)
+        si, sf, sg, so = _sigmoid_slope(i), _sigmoid_slope(f), _tanh_slope(g), _sigmoid_slope(o)
+        i_t, f_t, g_t, o_t = zi * si, zf * sf, zg * sg, zo * so
+        c_prev, c_prev_t = previous[1], previous_t[1]
+        tanh_c = jnp.tanh(f * c_prev + i * g)
+        sc = _tanh_slope(tanh_c)
+        tanh_c_t = sc * (f_t * c_prev + f * c_prev_t + i_t * g + i * g_t)
+        (dh, dc_carried), (dh_t, dc_carried_t) = d_state, d_state_t
+        dc = dc_carried + dh * o * sc
+        dc_t = dc_carried_t + dh_t * o * sc + dh * o_t * sc - 2 * dh * o * tanh_c * tanh_c_t
+        dz = jnp.concatenate([dc * g * si, dc * c_prev * sf, dc * i * sg, dh * tanh_c * so], axis=-1)
+        dz_t = jnp.concatenate(
+            [
+                dc_t * g * si + dc * g_t * si + dc * g * (1 - 2 * i) * i_t,
+                dc_t * c_prev * sf + dc * c_prev_t * sf + dc * c_prev * (1 - 2 * f) * f_t,
+                dc_t * i * sg + dc * i_t * sg - 2 * dc * i * g * g_t,
+                dh_t * tanh_c * so + dh * tanh_c_t * so + dh * tanh_c * (1 - 2 * o) * o_t,
+            ],
+            axis=-1,
+        )
+        return dz, (None, dc * f), dz_t, (None, dc_t * f + dc * f_t)
 
 
 @dataclass(frozen=True, repr=False)
@@ -453,6 +563,35 @@ class GRU(Recurrent):
         r_t, z_t = zr * _sigmoid_slope(r), zz * _sigmoid_slope(z)
         n_t = (an + r_t * b_n + r * bn) * _tanh_slope(n)
         return (z_t * (previous[0] - n) + (1 - z) * n_t + z * previous_t[0],)
+
+    def cell_backward_tangent(self, p, previous, d_state, p_t, previous_t, d_state_t):
+        """Each product of :meth:`cell_backward` by the product rule, with the tangents of :meth:`cell_tangent`."""
+        r, z, n, b_n = self._gates(p)
+        zr, zz, an, bn = jnp.split(p_t, 4, axis=-1)
+        sr, sz, sn = _sigmoid_slope(r), _sigmoid_slope(z), _tanh_slope(n)
+        r_t, z_t = zr * sr, zz * sz
+        n_t = (an + r_t * b_n + r * bn) * sn
+        (dh,), (dh_t,), (h_prev,), (h_prev_t,) = d_state, d_state_t, previous, previous_t
+        dn = dh * (1 - z) * sn
+        dn_t = dh_t * (1 - z) * sn - dh * z_t * sn - 2 * dh * (1 - z) * n * n_t
+        dr = dn * b_n * sr
+        dr_t = dn_t * b_n * sr + dn * bn * sr + dn * b_n * (1 - 2 * r) * r_t
+        dz = dh * (h_prev - n) * sz
+        dz_t = dh_t * (h_prev - n) * sz + dh * (h_prev_t - n_t) * sz + dh * (h_prev - n) * (1 - 2 * z) * z_t
+        return (
+            jnp.concatenate([dr, dz, dn], axis=-1),
+            (dh * z,),
+            jnp.concatenate([dr_t, dz_t, dn_t], axis=-1),
+            (dh_t * z + dh * z_t,),
+        )
+
+    def hidden_gradient_tangent(self, p, d_a, p_t, d_a_t):
+        """``R{dn * r} = R{dn} r + dn r'``."""
+        hidden = self.hidden
+        r = jax.nn.sigmoid(p[..., :hidden])
+        r_t = p_t[..., :hidden] * _sigmoid_slope(r)
+        candidate = d_a_t[..., 2 * hidden :] * r + d_a[..., 2 * hidden :] * r_t
+        return jnp.concatenate([d_a_t[..., : 2 * hidden], candidate], axis=-1)
 
 
 @dataclass(frozen=True, repr=False)

@@ -219,15 +219,15 @@ class Recurrent(Layer):
         def step(k: Array, carried: tuple) -> tuple:
             d_state, buffer, rest = carried
             t = length - 1 - k
-            p, before = buffer[t], tuple(s[t] for s in previous)
+            p, before = (buffer if rest is None else pre)[t], tuple(s[t] for s in previous)
             d_state = (d_state[0] + dy[t],) + d_state[1:]
             if rest is None:
                 d_a, direct = self.cell_backward(p, before, d_state)
                 d_b = self.hidden_gradient(p, d_a)
             else:
                 assert tangents is not None
-                (d_state_t, buffer_t), (dW_hh, _, previous_t, dy_t) = rest, tangents
-                p_t, d_state_t = buffer_t[t], (d_state_t[0] + dy_t[t],) + d_state_t[1:]
+                (d_state_t, buffer_t), (dW_hh, p_tangents, previous_t, dy_t) = rest, tangents
+                p_t, d_state_t = p_tangents[t], (d_state_t[0] + dy_t[t],) + d_state_t[1:]
                 d_a, direct, d_a_t, direct_t = self.cell_backward_tangent(
                     p, before, d_state, p_t, tuple(s[t] for s in previous_t), d_state_t
                 )
@@ -236,15 +236,19 @@ class Recurrent(Layer):
                     combine(d_b_t @ W_hh.T + d_b @ dW_hh.T, direct_t),
                     jax.lax.dynamic_update_index_in_dim(buffer_t, self.store(d_a_t, d_b_t), t, 0),
                 )
-            # Each step's pre-activations are read once, then overwritten by their gradients: one buffer for both
-            # (and likewise their tangents, for the R-operator).
+            # Each step's pre-activations are read once, then overwritten by their gradients: one buffer for both.
             buffer = jax.lax.dynamic_update_index_in_dim(buffer, self.store(d_a, d_b), t, 0)
             return combine(d_b @ W_hh.T, direct), buffer, rest
 
         zeros = tuple(jnp.zeros_like(s[0]) for s in previous)
-        rest = None if tangents is None else (zeros, tangents[1])
-        _, stored, rest = jax.lax.fori_loop(0, length, step, (zeros, pre, rest))
-        return stored, (None if rest is None else rest[1])
+        if tangents is None:
+            _, stored, _ = jax.lax.fori_loop(0, length, step, (zeros, pre, None))
+            return stored, None
+        # With tangents, the stores are buffers of their own and p_t, R{p_t} are only read: written in place over
+        # what they store, XLA copied a whole store every step (a step's p_t also feeds fusions that it schedules
+        # after the write), which made the R-operator 2 to 3 times slower.
+        _, stored, rest = jax.lax.fori_loop(0, length, step, (zeros, jnp.zeros_like(pre), (zeros, jnp.zeros_like(pre))))
+        return stored, rest[1]
 
     def _weight_sums(self, x: Array | None, h_prev: Array, stored: Array, biases: bool = True) -> Params:
         """``sum_t x_t^T dA_t`` and ``sum_t h_{t-1}^T dB_t`` (and the bias sums) from the stored steps whole (for

@@ -1,7 +1,19 @@
 """mnet: neural networks as pure functions over parameter pytrees, forward in explicit matrix algebra, backward
 derived by hand beside it and checked against ``jax.grad``."""
 
-from mnet import activations, data, errors, initializers, layers, losses, models, reference, train
+from mnet import (
+    activations,
+    data,
+    distributed,
+    errors,
+    initializers,
+    layers,
+    losses,
+    models,
+    reference,
+    sharding,
+    train,
+)
 from mnet.backprop import grad, value_and_grad, value_grad_and_state, with_manual_backward
 from mnet.check import GradientReport, compare_cost, compare_gradients, compare_jvp
 from mnet.checkpoint import load_params, save_params
@@ -124,6 +136,7 @@ __all__ = [
     "data",
     "diag_ggn",
     "diag_hessian",
+    "distributed",
     "kfac_factors",
     "dp_noise",
     "errors",
@@ -151,6 +164,7 @@ __all__ = [
     "residual",
     "save_params",
     "serial",
+    "sharding",
     "train",
     "value_and_grad",
     "with_manual_backward",

@@ -25,7 +25,7 @@ import optax
 
 from mnet import derivatives, models
 from mnet.backprop import value_and_grad
-from mnet.check import compiled_memory
+from mnet.check import NOT_AVAILABLE, compiled_memory
 from mnet.layers.base import LayerProtocol as Layer
 from mnet.layers.base import apply_layer, batch_sq_norms
 from mnet.losses import softmax_cross_entropy
@@ -87,8 +87,6 @@ def interleaved_samples(
             samples[name].append((time.perf_counter() - start) / numbers[name])
     return samples
 
-
-NOT_AVAILABLE: dict[str, int | str] = {"temp_bytes": "n/a", "peak_bytes": "n/a"}
 
 #: While a row runs (:func:`run`), the memory analysis of every contender it times, by name.
 _ROW_MEMORY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("row_memory", default=None)

@@ -590,10 +590,15 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+#: The memory analysis of a program that has none (a Python loop of programs, a backend without the analysis).
+NOT_AVAILABLE: dict[str, int | str] = {"temp_bytes": "n/a", "peak_bytes": "n/a", "argument_bytes": "n/a"}
+
+
 def compiled_memory(compiled: Any) -> dict[str, int | str]:
     """XLA's memory analysis of a compiled program: ``temp_bytes`` (its scratch buffers: the activations and
-    intermediates it keeps) and ``peak_bytes`` (the estimate temporary + arguments + outputs - aliased). A backend
-    without the analysis, or one that reports only zeros, gives ``"n/a"`` for both, never a zero."""
+    intermediates it keeps), ``argument_bytes`` (its inputs; per device for a program partitioned over several) and
+    ``peak_bytes`` (the estimate temporary + arguments + outputs - aliased). A backend without the analysis, or one
+    that reports only zeros, gives ``"n/a"`` for each, never a zero."""
     try:
         stats = compiled.memory_analysis()
     except Exception:  # some backends do not implement it
@@ -604,9 +609,9 @@ def compiled_memory(compiled: Any) -> dict[str, int | str]:
         else [0, 0, 0, 0]
     )
     if not any(sizes):
-        return {"temp_bytes": "n/a", "peak_bytes": "n/a"}
+        return dict(NOT_AVAILABLE)
     temp, arguments, outputs, aliased = (int(size) for size in sizes)
-    return {"temp_bytes": temp, "peak_bytes": temp + arguments + outputs - aliased}
+    return {"temp_bytes": temp, "peak_bytes": temp + arguments + outputs - aliased, "argument_bytes": arguments}
 
 
 def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Array, *, repeats: int = 50) -> dict:

@@ -341,10 +341,14 @@ def training_summary(args: argparse.Namespace, history, worst: float, say) -> di
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from mnet import distributed
+
+    # Before any JAX computation: with several processes, jax.devices() then lists every process's devices.
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     import jax
 
     import mnet
-    from mnet import train
+    from mnet import sharding, train
 
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint PATH")
@@ -361,7 +365,8 @@ def run_train(args: argparse.Namespace) -> int:
             f"{tuple(output_shape)}, but {dataset.name} has {dataset.num_classes} classes; its output must be "
             f"({dataset.num_classes},)"
         )
-    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    leader = distributed.is_leader()
+    say = (lambda text: None) if not leader else (lambda text: print(text, file=sys.stderr)) if args.json else print
     say(f"{dataset}")
     say(f"network {net!r}, {args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.grad} gradients")
     worst = gradient_check(net, loss, params, dataset, min(args.batch_size, len(dataset.x_train)), say)
@@ -393,15 +398,29 @@ def run_train(args: argparse.Namespace) -> int:
             config=config,
             on_epoch=reporter,
             devices=args.devices,
+            layout=args.layout,
+            model_devices=args.model_devices,
         )
     finally:
         reporter.close()
-    if args.plot:
-        train.plot_history(result.history, args.plot, f"{dataset.name}: {net!r}")
-    if args.save_params:
-        mnet.save_params(args.save_params, result.params)
-    training_summary(args, result.history, worst, say)
+    final = sharding.to_host(result.params)  # whole on every process, even where they were sharded across them
+    # The last collective before the summary: gloo's own lines about new connections come before it on stdout.
+    distributed.barrier("mnet train done")
+    if leader:
+        if args.plot:
+            train.plot_history(result.history, args.plot, f"{dataset.name}: {net!r}")
+        if args.save_params:
+            mnet.save_params(args.save_params, final)
+        training_summary(args, result.history, worst, say)
     return 0
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from mnet import distributed
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    distributed.command_line(command)  # refuses an empty command before anything starts
+    return distributed.launch(args.processes, command, local_devices=args.local_devices, grace_seconds=args.grace)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -529,8 +548,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="data-parallel over N devices (0: all available); default: one device",
     )
+    train.add_argument(
+        "--layout",
+        choices=["replicated", "fsdp", "tensor"],
+        default="replicated",
+        help="where parameters and optimizer state live on the --devices: all on each, split (fully sharded), or "
+        "paired dense layers split column- then row-wise (tensor parallel)",
+    )
+    train.add_argument(
+        "--model-devices", type=_positive_int, default=None, metavar="K", help="tensor-parallel group size"
+    )
+    train.add_argument(
+        "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (several processes)"
+    )
+    train.add_argument("--num-processes", type=_positive_int, default=None, metavar="N")
+    train.add_argument("--process-id", type=int, default=None, metavar="I")
     train.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     train.set_defaults(run=run_train)
+
+    launch = commands.add_parser(
+        "launch", help="run a command as N processes joined into one group on this machine (mnet launch -n 2 -- train)"
+    )
+    launch.add_argument("-n", "--processes", type=_positive_int, required=True, metavar="N")
+    launch.add_argument(
+        "--local-devices", type=_positive_int, default=None, metavar="K", help="give each process K CPU devices"
+    )
+    launch.add_argument(
+        "--grace", type=float, default=30.0, metavar="SECONDS", help="after one process fails, kill the rest after this"
+    )
+    launch.add_argument("command", nargs=argparse.REMAINDER, help="an mnet subcommand (train ...) or any command")
+    launch.set_defaults(run=run_launch)
 
     bench = commands.add_parser("bench", help="hand-derived vs autodiff benchmarks, side by side")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repetitions: seconds, for a smoke test")

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mnet import checkpoint, losses
+from mnet import checkpoint, distributed, losses, sharding
 from mnet.backprop import value_and_grad, value_grad_and_state
 from mnet.data import Dataset
 from mnet.errors import CheckpointError, DivergenceError
@@ -128,20 +128,59 @@ def make_stateful_step(value_grad_and_state_fn: Callable, optimizer: optax.Gradi
     return step
 
 
-def data_parallel_mesh(devices: int | None) -> Mesh | None:
-    """A one-axis ``Mesh`` named ``"data"`` over the first ``devices`` devices (all of them for 0), or None for
-    plain single-device training. For several hosts, call ``jax.distributed.initialize()`` first: ``jax.devices()``
-    then lists every host's devices and the same mesh spans them."""
-    if devices is None or devices == 1:
+def data_parallel_mesh(devices: int | None, model: int = 1) -> Mesh | None:
+    """A ``("data", "model")`` mesh over the first ``devices`` devices (all of them for 0, every process's once
+    :func:`mnet.distributed.initialize` has run), ``model`` per tensor-parallel group; None for plain
+    single-device training (see :func:`mnet.sharding.make_mesh`)."""
+    if devices is None or (devices == 1 and model == 1):
         return None
-    available = jax.devices()
-    count = len(available) if devices == 0 else devices
-    if not 1 <= count <= len(available):
-        raise ValueError(
-            f"asked for {devices} devices but only {len(available)} are available "
-            f"({available[0].platform}); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N adds more"
+    return sharding.make_mesh(devices, model)
+
+
+def epoch_plan(key: jax.Array, examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """The epoch's minibatches, ``(steps, batch_size)`` example indices from a permutation, and one key per step
+    (dropout masks, a stochastic optimizer): the same on every device and every process."""
+    steps = examples // batch_size
+    shuffle_key, dropout_key = jax.random.split(key)
+    order = jax.random.permutation(shuffle_key, examples)[: steps * batch_size].reshape(steps, batch_size)
+    return order, jax.random.split(dropout_key, steps)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the arrays of a run on a mesh live: ``params``, ``opt_state`` and ``batches`` (``(steps, batch, ...)``
+    split over ``"data"``) as shardings, everything else replicated (see :mod:`mnet.sharding`)."""
+
+    mesh: Mesh
+    params: Any
+    opt_state: Any
+
+    @classmethod
+    def build(cls, mesh: Mesh, net: Layer, params: Params, opt_state: Any, layout: str) -> Layout:
+        specs = sharding.parameter_specs(net, params, layout, mesh)
+        return cls(
+            mesh,
+            sharding.shardings(mesh, specs),
+            sharding.shardings(mesh, sharding.follow_parameters(opt_state, params, specs)),
         )
-    return Mesh(np.array(available[:count]), ("data",))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def batches(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(None, "data"))
+
+    def gather_batches(self, host: np.ndarray, order: np.ndarray) -> jax.Array:
+        """``host[order]`` as one global array split over ``"data"``: each process reads from ``host`` only the rows
+        its own devices hold (a memory-mapped dataset is read only there)."""
+        shape = order.shape + np.shape(host)[1:]
+
+        def rows(index: Any) -> np.ndarray:
+            return host[order[index[0], index[1]]]
+
+        return jax.make_array_from_callback(shape, self.batches, rows)
 
 
 def make_epoch(
@@ -151,14 +190,21 @@ def make_epoch(
     batch_size: int,
     grad: str | Callable = "manual",
     mesh: Mesh | None = None,
+    layout: Layout | None = None,
 ) -> Callable:
-    """The jitted epoch ``(params, opt_state, state, x, y, key) -> (params, opt_state, state, mean loss)``; ``state``
-    is the model state (BatchNorm's running statistics), ``()`` for a network without one.
+    """The jitted epoch; params, optimizer state and model state are donated. ``state`` is the model state
+    (BatchNorm's running statistics), ``()`` for a network without one.
 
-    ``len(x) // batch_size`` minibatches per epoch (the few examples left over change with every epoch's
-    permutation); params and optimizer state are donated. With a ``mesh``, every minibatch is sharded along
-    its batch axis over the mesh's ``"data"`` axis while parameters stay replicated; XLA partitions the step and
-    inserts the all-reduce that sums the gradient, so the update is the single-device one.
+    On one device, ``(params, opt_state, state, x, y, key) -> (params, opt_state, state, mean loss)``: the whole
+    training set goes in, and ``len(x) // batch_size`` minibatches of :func:`epoch_plan` are cut from it inside
+    (the few examples left over change with every epoch's permutation).
+
+    On a mesh (``layout``, or a data-parallel ``mesh`` with replicated parameters),
+    ``(params, opt_state, state, xs, ys, key_data) -> ...``: the minibatches arrive cut already, ``(steps, batch,
+    ...)`` split over ``"data"`` (:meth:`Layout.gather_batches`), and ``key_data`` is the epoch key's raw data. The
+    parameters and optimizer state stay where ``layout`` puts them; XLA partitions the step and inserts the
+    collectives (the all-reduce that sums the gradient, the gathers of sharded weights), so the update is the
+    single-device one up to the order of the sums.
     """
     if is_stateful(net):
         update = make_stateful_step(stateful_gradient_function(net, loss, grad), optimizer)
@@ -169,35 +215,101 @@ def make_epoch(
             params, opt_state, value = stateless(params, opt_state, x, y, optimizer_key, **extra)
             return params, opt_state, state, value
 
-    if mesh is not None and batch_size % mesh.size:
-        raise ValueError(f"batch_size {batch_size} must be divisible by the {mesh.size} devices")
-    shard = (
+    if layout is None and mesh is not None:
+        layout = Layout(mesh, NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec()))
+    data_devices = 1 if layout is None else layout.mesh.shape["data"]
+    if batch_size % data_devices:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {data_devices} devices")
+    split = (
         (lambda a: a)
-        if mesh is None
-        else (lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
+        if layout is None
+        else (lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(layout.mesh, PartitionSpec("data"))))
     )
 
-    def epoch(params, opt_state, state, x, y, key):
-        steps = x.shape[0] // batch_size
-        shuffle_key, dropout_key = jax.random.split(key)
-        order = jax.random.permutation(shuffle_key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
-        step_keys = jax.random.split(dropout_key, steps)
-
-        def step(carry, batch_and_key):
-            batch, step_key = batch_and_key
+    def scan_steps(params, opt_state, state, batches, fetch):
+        def step(carry, batch):
+            x, y, step_key = fetch(batch)
             # A network with randomness (dropout) trains in training mode with a fresh key every step.
             extra = {"key": step_key, "train": True} if is_stochastic(net) else {}
             optimizer_key = jax.random.fold_in(step_key, 1)  # independent of the dropout draws
-            *carry, value = update(*carry, shard(x[batch]), shard(y[batch]), optimizer_key, **extra)
+            *carry, value = update(*carry, split(x), split(y), optimizer_key, **extra)
             return tuple(carry), value
 
-        (params, opt_state, state), values = jax.lax.scan(step, (params, opt_state, state), (order, step_keys))
+        (params, opt_state, state), values = jax.lax.scan(step, (params, opt_state, state), batches)
         return params, opt_state, state, jnp.mean(values)
 
-    if mesh is None:
+    if layout is None:
+
+        def epoch(params, opt_state, state, x, y, key):
+            order, step_keys = epoch_plan(key, x.shape[0], batch_size)
+            return scan_steps(params, opt_state, state, (order, step_keys), lambda b: (x[b[0]], y[b[0]], b[1]))
+
         return jax.jit(epoch, donate_argnums=(0, 1, 2))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(epoch, donate_argnums=(0, 1, 2), in_shardings=replicated, out_shardings=replicated)
+
+    def sharded_epoch(params, opt_state, state, xs, ys, key_data):
+        # The step keys depend on the key and the number of steps alone (the unused permutation is dropped by XLA).
+        _, step_keys = epoch_plan(jax.random.wrap_key_data(key_data), xs.shape[0] * batch_size, batch_size)
+        return scan_steps(params, opt_state, state, (xs, ys, step_keys), lambda b: b)
+
+    everywhere = layout.replicated
+    return jax.jit(
+        sharded_epoch,
+        donate_argnums=(0, 1, 2),
+        in_shardings=(layout.params, layout.opt_state, everywhere, layout.batches, layout.batches, everywhere),
+        out_shardings=(layout.params, layout.opt_state, everywhere, everywhere),
+    )
+
+
+def layout_memory(
+    net: Layer,
+    loss: losses.Loss,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    example: Any,
+    batch_size: int,
+    *,
+    devices: int,
+    layout: str = "replicated",
+    model_devices: int = 1,
+) -> dict[str, Any]:
+    """What one device holds for a training step under ``layout``, compiled, never run: a one-step epoch is lowered
+    with abstract inputs laid out as :func:`fit` lays them out.
+
+    Arguments:
+        example: one example (its shape and dtype: ``x_train[0]``).
+
+    Returns:
+        ``parameters`` and ``optimizer_state`` (bytes of this device's shards), ``batch`` (its share of
+        ``batch_size`` examples and labels), and XLA's memory analysis of the compiled step
+        (:func:`mnet.check.compiled_memory`: ``argument_bytes``, ``temp_bytes``, ``peak_bytes``, per device).
+    """
+    from mnet.check import compiled_memory
+
+    mesh = sharding.make_mesh(devices, model_devices)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    plan = Layout.build(mesh, net, params, opt_state, layout)
+    example = np.asarray(example)
+    xs = jax.ShapeDtypeStruct((1, batch_size) + example.shape, example.dtype, sharding=plan.batches)
+    ys = jax.ShapeDtypeStruct((1, batch_size), np.int32, sharding=plan.batches)
+    key_data = jax.ShapeDtypeStruct((2,), np.uint32, sharding=plan.replicated)
+
+    def abstract(tree: Any, where: Any) -> Any:
+        return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), tree, where)
+
+    def held(tree: Any, where: Any) -> int:  # bytes of the shards on the mesh's first device
+        return sum(
+            int(np.prod(s.shard_shape(np.shape(a)))) * jnp.dtype(a.dtype).itemsize
+            for a, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(where))
+        )
+
+    epoch: Any = make_epoch(net, loss, optimizer, batch_size, layout=plan)  # jitted: it has .lower
+    compiled = epoch.lower(abstract(params, plan.params), abstract(opt_state, plan.opt_state), (), xs, ys, key_data)
+    return {
+        "parameters": held(params, plan.params),
+        "optimizer_state": held(opt_state, plan.opt_state),
+        "batch": held((xs, ys), (plan.batches, plan.batches)),
+        **compiled_memory(compiled.compile()),
+    }
 
 
 def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
@@ -247,6 +359,8 @@ def fit(
     config: dict | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     devices: int | None = None,
+    layout: str = "replicated",
+    model_devices: int | None = None,
 ) -> FitResult:
     """Train ``net`` on ``data``; named after Keras's ``fit`` since it is the same job: epochs over a dataset.
 
@@ -267,8 +381,14 @@ def fit(
         resume: continue from ``checkpoint_path`` if it exists (it must match the parameters and optimizer).
         config: JSON-serialisable description stored in the checkpoint; resuming refuses a different one.
         on_epoch: called as ``on_epoch(epoch, record)`` after every epoch, for progress display.
-        devices: data-parallel training over this many devices (0: all), batch sharded and parameters
-            replicated; None or 1 trains on the default device.
+        devices: data-parallel training over this many devices (0: all; every process's devices when several
+            processes have joined through :func:`mnet.distributed.initialize`, which is also the default then), the
+            batch split over them; None or 1 trains on the default device.
+        layout: where the parameters and the optimizer state live on those devices (:mod:`mnet.sharding`):
+            ``"replicated"`` (every device holds all), ``"fsdp"`` (each weight split over the devices) or
+            ``"tensor"`` (paired dense layers split column- then row-wise over ``model_devices``).
+        model_devices: the tensor-parallel group size for ``layout="tensor"`` (default: all the devices); the
+            batch is split over the ``devices // model_devices`` groups.
 
     Returns:
         :class:`FitResult` with the final params, optimizer state, :class:`History` and model state (``state``:
@@ -286,6 +406,12 @@ def fit(
         raise ValueError(
             f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}"
         )
+    if devices is None and jax.process_count() > 1:
+        devices = 0  # processes that have joined train together, over all their devices
+    if layout not in sharding.LAYOUTS:
+        raise ValueError(f"layout must be one of {sharding.LAYOUTS}, got {layout!r}")
+    if layout != "replicated" and devices is None:
+        raise ValueError(f"layout {layout!r} shards the parameters over devices: pass devices= as well")
     params = jax.tree_util.tree_map(jnp.array, params)  # a private copy, since the epoch donates its buffers
     opt_state = optimizer.init(params)
     # The model state (BatchNorm's running statistics) is trained beside the params and saved with them; a network
@@ -308,25 +434,47 @@ def fit(
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     # Features follow the parameters' dtype; integer features (token ids for an Embedding) stay integers.
     feature_dtype = None if np.issubdtype(np.asarray(data.x_train).dtype, np.integer) else dtype
-    x_train, y_train = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
-    x_test, y_test = jnp.asarray(data.x_test, feature_dtype), jnp.asarray(data.y_test)
-    check_targets(net, loss, params, x_train, y_train, y_test)
-    mesh = data_parallel_mesh(devices)
-    run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, mesh)
+    check_targets(net, loss, params, jnp.asarray(data.x_train[:1], feature_dtype), data.y_train, data.y_test)
     evaluate = make_evaluate(net, loss)
+    model = 1
+    if layout == "tensor":
+        model = model_devices or (len(jax.devices()) if devices == 0 else int(devices or 1))
+    mesh = data_parallel_mesh(devices, model)
+    x_train: Any
+    y_train: Any
+    if mesh is None:
+        x_train, y_train = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
+        run_epoch = make_epoch(net, loss, optimizer, batch_size, grad)
+    else:
+        # Every array of the run is a global array on the mesh; each process fills only its own devices' shards.
+        plan = Layout.build(mesh, net, params, opt_state, layout)
+        params, opt_state = sharding.place(params, plan.params), sharding.place(opt_state, plan.opt_state)
+        state = sharding.place(state, plan.replicated)
+        x_train, y_train = np.asarray(data.x_train, feature_dtype), np.asarray(data.y_train)
+        run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, layout=plan)
+    x_test, y_test = np.asarray(data.x_test, feature_dtype), np.asarray(data.y_test)
+    alone = jax.process_count() == 1
 
     for epoch in range(start + 1, epochs + 1):
         began = time.perf_counter()
-        new_params, new_opt_state, new_state, train_loss = run_epoch(
-            params, opt_state, state, x_train, y_train, epoch_key(seed, epoch)
-        )
-        train_loss = float(train_loss)
+        if mesh is None:
+            inputs = (x_train, y_train, epoch_key(seed, epoch))
+        else:
+            order = np.asarray(epoch_plan(epoch_key(seed, epoch), len(x_train), batch_size)[0])
+            key_data = sharding.place(np.asarray(jax.random.key_data(epoch_key(seed, epoch))), plan.replicated)
+            inputs = (plan.gather_batches(x_train, order), plan.gather_batches(y_train, order), key_data)
+        new_params, new_opt_state, new_state, train_loss = run_epoch(params, opt_state, state, *inputs)
+        train_loss = float(sharding.to_host(train_loss))
         if not math.isfinite(train_loss):
             kept = f"; {checkpoint_path} still holds epoch {epoch - 1}" if checkpoint_path and epoch > 1 else ""
             raise DivergenceError(f"training diverged at epoch {epoch}: the training loss is {train_loss}{kept}")
         params, opt_state, state = new_params, new_opt_state, new_state
-        _, train_accuracy = evaluate(params, x_train, y_train, state)
-        test_loss, test_accuracy = evaluate(params, x_test, y_test, state) if len(data.x_test) else (np.nan, np.nan)
+        # Across processes the figures are computed by every process alike, from the parameters gathered whole.
+        measured = (params, state) if alone else sharding.to_host((params, state))
+        _, train_accuracy = evaluate(measured[0], x_train, y_train, measured[1])
+        test_loss, test_accuracy = (
+            evaluate(measured[0], x_test, y_test, measured[1]) if len(data.x_test) else (np.nan, np.nan)
+        )
         record = dict(
             epoch=epoch,
             train_loss=train_loss,
@@ -337,9 +485,14 @@ def fit(
         )
         history.append(**record)
         if checkpoint_path is not None:
-            checkpoint.save_tree(
-                checkpoint_path, saved(), {"epoch": epoch, "config": config, "history": history.to_dict()}
-            )
+            # Process 0 writes (atomically) what every process holds alike; the barrier keeps the others from
+            # running ahead of a checkpoint that is not on disk yet.
+            tree = sharding.to_host(saved())
+            if distributed.is_leader():
+                checkpoint.save_tree(
+                    checkpoint_path, tree, {"epoch": epoch, "config": config, "history": history.to_dict()}
+                )
+            distributed.barrier(f"mnet checkpoint epoch {epoch}")
         if on_epoch is not None:
             on_epoch(epoch, record)
     return FitResult(params, opt_state, history, state)

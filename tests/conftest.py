@@ -10,6 +10,11 @@ import os
 if os.environ.get("MNET_TESTS_DEFAULT_COMPILER") != "1":
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+# Deliberate float32 products: GPUs run float32 matmuls as TF32 by default (about 1e-3 relative), which the
+# float32 tolerances here are not written for; "highest" is full float32 there and changes nothing on CPU. Set
+# through the environment so that the tests' subprocesses get it too.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

@@ -39,7 +39,7 @@ def test_bench_quick_json():
         assert set(row["memory"]) == set(row["seconds"]), row
         for name, memory in row["memory"].items():
             if name.endswith("loop"):
-                assert memory == {"temp_bytes": "n/a", "peak_bytes": "n/a"}, (row["name"], name)
+                assert set(memory.values()) == {"n/a"}, (row["name"], name)
             else:
                 assert memory["temp_bytes"] > 0 and memory["peak_bytes"] > memory["temp_bytes"], (row["name"], name)
 

@@ -140,10 +140,15 @@ def test_memory_analysis_never_reports_a_zero():
     some = SimpleNamespace(
         temp_size_in_bytes=100, argument_size_in_bytes=40, output_size_in_bytes=8, alias_size_in_bytes=8
     )
-    assert compiled_memory(Missing()) == {"temp_bytes": "n/a", "peak_bytes": "n/a"}
-    assert compiled_memory(SimpleNamespace(memory_analysis=lambda: zeros)) == {"temp_bytes": "n/a", "peak_bytes": "n/a"}
+    unknown = {"temp_bytes": "n/a", "peak_bytes": "n/a", "argument_bytes": "n/a"}
+    assert compiled_memory(Missing()) == unknown
+    assert compiled_memory(SimpleNamespace(memory_analysis=lambda: zeros)) == unknown
     assert compiled_memory(SimpleNamespace(memory_analysis=lambda: None))["temp_bytes"] == "n/a"
-    assert compiled_memory(SimpleNamespace(memory_analysis=lambda: some)) == {"temp_bytes": 100, "peak_bytes": 140}
+    assert compiled_memory(SimpleNamespace(memory_analysis=lambda: some)) == {
+        "temp_bytes": 100,
+        "peak_bytes": 140,
+        "argument_bytes": 40,
+    }
 
 
 def run_cli(*args):

@@ -166,6 +166,15 @@ def start(
     return processes
 
 
+def stop(processes: Sequence[subprocess.Popen]) -> None:
+    """Kill whichever of ``processes`` still run, and reap them all: nothing is left behind."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    for process in processes:
+        process.wait()
+
+
 def _describe(code: int) -> str:
     if code < 0:
         try:
@@ -176,18 +185,29 @@ def _describe(code: int) -> str:
 
 
 def supervise(
-    processes: Sequence[subprocess.Popen], *, grace_seconds: float = 30, say: Callable[[str], None] | None = None
+    processes: Sequence[subprocess.Popen],
+    *,
+    grace_seconds: float = 30,
+    timeout_seconds: float | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> int:
     """Wait for every process. When one fails, report it, give the others ``grace_seconds`` to stop by themselves
-    (JAX stops them once the heartbeat is missed), then kill the rest.
+    (JAX stops them once the heartbeat is missed), then kill the rest. After ``timeout_seconds`` (if given), kill
+    them all.
 
     Returns:
-        0 when all succeed, else the first failure's status (128 + the signal for a killed process).
+        0 when all succeed, else the first failure's status (128 + the signal for a killed process; 124 for the
+        timeout).
     """
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     failed: tuple[int, int] | None = None
     deadline = None
+    began = time.monotonic()
     while True:
+        if timeout_seconds is not None and time.monotonic() - began > timeout_seconds:
+            stop(processes)
+            say(f"mnet launch: the {len(processes)} processes ran past {timeout_seconds:g} s; stopped them all")
+            return 124
         codes = [process.poll() for process in processes]
         if failed is None:
             bad = [(index, code) for index, code in enumerate(codes) if code not in (None, 0)]
@@ -201,11 +221,7 @@ def supervise(
         if all(code is not None for code in codes):
             break
         if deadline is not None and time.monotonic() > deadline:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-            for process in processes:
-                process.wait()
+            stop(processes)
             break
         time.sleep(0.05)
     if failed is None:
@@ -232,9 +248,5 @@ def launch(
     try:
         return supervise(processes, grace_seconds=grace_seconds)
     except KeyboardInterrupt:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-        for process in processes:
-            process.wait()
+        stop(processes)
         raise

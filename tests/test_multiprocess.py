@@ -65,13 +65,10 @@ def run_group(count: int, argv: list[str], log, *, devices: int = 2, kill_when=N
             processes[1].send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
         said = []
-        status = distributed.supervise(processes, grace_seconds=30, say=said.append)
+        status = distributed.supervise(processes, grace_seconds=30, timeout_seconds=240, say=said.append)
         log.write("\n".join(said))
     finally:
-        for process in processes:  # whatever failed above, leave nothing running
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        distributed.stop(processes)  # whatever failed above, leave nothing running
     return status, processes, (0.0 if killed_at is None else time.monotonic() - killed_at)
 
 
@@ -156,3 +153,20 @@ def test_launch_refuses_bad_input():
         distributed.settings(coordinator="127.0.0.1:1234")
     with pytest.raises(ValueError, match="not in"):
         distributed.settings("127.0.0.1:1234", 2, 2)
+
+
+def test_supervise_stops_the_rest_after_a_failure_and_at_the_timeout():
+    """Plain processes (no JAX): one fails, the other would sleep for a minute; the launcher reports the failure,
+    kills the sleeper after its grace and reaps both. A group that runs too long is stopped whole."""
+    code = "import os, sys, time; sys.exit(3) if os.environ['MNET_PROCESS_ID'] == '1' else time.sleep(60)"
+    began, said = time.monotonic(), []
+    processes = distributed.start(2, [sys.executable, "-c", code])
+    assert distributed.supervise(processes, grace_seconds=1, say=said.append) == 3
+    assert time.monotonic() - began < 20 and all(p.poll() is not None for p in processes)
+    assert said == [
+        "mnet launch: process 1 of 2 exited with status 3; stopping the others (a run with a checkpoint resumes "
+        "from its last good epoch with --resume)"
+    ]
+    processes = distributed.start(1, [sys.executable, "-c", "import time; time.sleep(60)"])
+    assert distributed.supervise(processes, timeout_seconds=1, say=said.append) == 124
+    assert processes[0].poll() is not None and "ran past 1 s" in said[-1]

@@ -67,7 +67,7 @@ def test_forward_backward_tangent_against_autodiff(make):
             assert_trees_close((hv, down, down_tangent), (expected_r[0], expected[1], expected_r[1]), 1e-10)
 
 
-# check_layer (every rule, LSTM -> GRU -> RNN -> LastStep) runs with the other built-in layers in test_user_layers.
+# check_layer (every rule, LSTM -> GRU -> LastStep) runs with the other built-in layers in test_user_layers.
 
 
 def test_every_derivative_through_a_recurrent_classifier():

@@ -163,12 +163,3 @@ def to_host(tree: Any) -> Any:
         return np.asarray(leaf)
 
     return jax.tree_util.tree_map(one, tree)
-
-
-def bytes_per_device(tree: Any) -> int:
-    """The bytes of ``tree``'s leaves that the first addressable device holds (its shards)."""
-    total = 0
-    for leaf in jax.tree_util.tree_leaves(tree):
-        shard = leaf.addressable_shards[0]
-        total += shard.data.nbytes
-    return total

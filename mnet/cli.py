@@ -419,7 +419,6 @@ def run_launch(args: argparse.Namespace) -> int:
     from mnet import distributed
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    distributed.command_line(command)  # refuses an empty command before anything starts
     return distributed.launch(args.processes, command, local_devices=args.local_devices, grace_seconds=args.grace)
 
 

@@ -137,13 +137,17 @@ def data_parallel_mesh(devices: int | None, model: int = 1) -> Mesh | None:
     return sharding.make_mesh(devices, model)
 
 
-def epoch_plan(key: jax.Array, examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
-    """The epoch's minibatches, ``(steps, batch_size)`` example indices from a permutation, and one key per step
-    (dropout masks, a stochastic optimizer): the same on every device and every process."""
+def epoch_order(key: jax.Array, examples: int, batch_size: int) -> jax.Array:
+    """The epoch's minibatches: ``(steps, batch_size)`` example indices from a permutation drawn from ``key``, the
+    same on every device and every process (the few examples left over change with every epoch)."""
     steps = examples // batch_size
-    shuffle_key, dropout_key = jax.random.split(key)
-    order = jax.random.permutation(shuffle_key, examples)[: steps * batch_size].reshape(steps, batch_size)
-    return order, jax.random.split(dropout_key, steps)
+    shuffle_key = jax.random.split(key)[0]
+    return jax.random.permutation(shuffle_key, examples)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def step_keys(key: jax.Array, steps: int) -> jax.Array:
+    """One key per step of the epoch (dropout masks, a stochastic optimizer), independent of the shuffle."""
+    return jax.random.split(jax.random.split(key)[1], steps)
 
 
 @dataclass(frozen=True)
@@ -189,18 +193,15 @@ def make_epoch(
     optimizer: optax.GradientTransformation,
     batch_size: int,
     grad: str | Callable = "manual",
-    mesh: Mesh | None = None,
     layout: Layout | None = None,
 ) -> Callable:
     """The jitted epoch; params, optimizer state and model state are donated. ``state`` is the model state
     (BatchNorm's running statistics), ``()`` for a network without one.
 
     On one device, ``(params, opt_state, state, x, y, key) -> (params, opt_state, state, mean loss)``: the whole
-    training set goes in, and ``len(x) // batch_size`` minibatches of :func:`epoch_plan` are cut from it inside
-    (the few examples left over change with every epoch's permutation).
+    training set goes in, and the minibatches of :func:`epoch_order` are cut from it inside.
 
-    On a mesh (``layout``, or a data-parallel ``mesh`` with replicated parameters),
-    ``(params, opt_state, state, xs, ys, key_data) -> ...``: the minibatches arrive cut already, ``(steps, batch,
+    On a mesh (``layout``), ``(params, opt_state, state, xs, ys, key_data) -> ...``: the minibatches arrive cut already, ``(steps, batch,
     ...)`` split over ``"data"`` (:meth:`Layout.gather_batches`), and ``key_data`` is the epoch key's raw data. The
     parameters and optimizer state stay where ``layout`` puts them; XLA partitions the step and inserts the
     collectives (the all-reduce that sums the gradient, the gathers of sharded weights), so the update is the
@@ -215,8 +216,6 @@ def make_epoch(
             params, opt_state, value = stateless(params, opt_state, x, y, optimizer_key, **extra)
             return params, opt_state, state, value
 
-    if layout is None and mesh is not None:
-        layout = Layout(mesh, NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec()))
     data_devices = 1 if layout is None else layout.mesh.shape["data"]
     if batch_size % data_devices:
         raise ValueError(f"batch_size {batch_size} must be divisible by the {data_devices} devices")
@@ -241,15 +240,15 @@ def make_epoch(
     if layout is None:
 
         def epoch(params, opt_state, state, x, y, key):
-            order, step_keys = epoch_plan(key, x.shape[0], batch_size)
-            return scan_steps(params, opt_state, state, (order, step_keys), lambda b: (x[b[0]], y[b[0]], b[1]))
+            order = epoch_order(key, x.shape[0], batch_size)
+            batches = (order, step_keys(key, order.shape[0]))
+            return scan_steps(params, opt_state, state, batches, lambda b: (x[b[0]], y[b[0]], b[1]))
 
         return jax.jit(epoch, donate_argnums=(0, 1, 2))
 
     def sharded_epoch(params, opt_state, state, xs, ys, key_data):
-        # The step keys depend on the key and the number of steps alone (the unused permutation is dropped by XLA).
-        _, step_keys = epoch_plan(jax.random.wrap_key_data(key_data), xs.shape[0] * batch_size, batch_size)
-        return scan_steps(params, opt_state, state, (xs, ys, step_keys), lambda b: b)
+        keys = step_keys(jax.random.wrap_key_data(key_data), xs.shape[0])
+        return scan_steps(params, opt_state, state, (xs, ys, keys), lambda b: b)
 
     everywhere = layout.replicated
     return jax.jit(
@@ -440,10 +439,13 @@ def fit(
     if layout == "tensor":
         model = model_devices or (len(jax.devices()) if devices == 0 else int(devices or 1))
     mesh = data_parallel_mesh(devices, model)
+    # Evaluation reads the data from the default device, put there once.
+    x_seen, y_seen = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test, feature_dtype), jnp.asarray(data.y_test)
     x_train: Any
     y_train: Any
     if mesh is None:
-        x_train, y_train = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
+        x_train, y_train = x_seen, y_seen
         run_epoch = make_epoch(net, loss, optimizer, batch_size, grad)
     else:
         # Every array of the run is a global array on the mesh; each process fills only its own devices' shards.
@@ -452,16 +454,16 @@ def fit(
         state = sharding.place(state, plan.replicated)
         x_train, y_train = np.asarray(data.x_train, feature_dtype), np.asarray(data.y_train)
         run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, layout=plan)
-    x_test, y_test = np.asarray(data.x_test, feature_dtype), np.asarray(data.y_test)
     alone = jax.process_count() == 1
 
     for epoch in range(start + 1, epochs + 1):
         began = time.perf_counter()
+        key = epoch_key(seed, epoch)
         if mesh is None:
-            inputs = (x_train, y_train, epoch_key(seed, epoch))
+            inputs = (x_train, y_train, key)
         else:
-            order = np.asarray(epoch_plan(epoch_key(seed, epoch), len(x_train), batch_size)[0])
-            key_data = sharding.place(np.asarray(jax.random.key_data(epoch_key(seed, epoch))), plan.replicated)
+            order = np.asarray(epoch_order(key, len(x_train), batch_size))
+            key_data = sharding.place(np.asarray(jax.random.key_data(key)), plan.replicated)
             inputs = (plan.gather_batches(x_train, order), plan.gather_batches(y_train, order), key_data)
         new_params, new_opt_state, new_state, train_loss = run_epoch(params, opt_state, state, *inputs)
         train_loss = float(sharding.to_host(train_loss))
@@ -471,7 +473,7 @@ def fit(
         params, opt_state, state = new_params, new_opt_state, new_state
         # Across processes the figures are computed by every process alike, from the parameters gathered whole.
         measured = (params, state) if alone else sharding.to_host((params, state))
-        _, train_accuracy = evaluate(measured[0], x_train, y_train, measured[1])
+        _, train_accuracy = evaluate(measured[0], x_seen, y_seen, measured[1])
         test_loss, test_accuracy = (
             evaluate(measured[0], x_test, y_test, measured[1]) if len(data.x_test) else (np.nan, np.nan)
         )

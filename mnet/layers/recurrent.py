@@ -295,7 +295,7 @@ class Recurrent(Layer):
         stored, stored_t = self._reverse(params, cache, dy, (dparams["W_hh"], p_t, previous_t, _time_major(dy_tangent)))
         hv = self._weight_sums(x, previous[0], stored_t)
         cross = self._weight_sums(dx_tangent, previous_t[0], stored, biases=False)
-        hv = {name: hv[name] + cross[name] if name in cross else hv[name] for name in hv}
+        hv = {name: value + cross.get(name, 0) for name, value in hv.items()}
         down = self._input_gradient(params["W_ih"], stored)
         down_t = self._input_gradient(params["W_ih"], stored_t) + self._input_gradient(dparams["W_ih"], stored)
         return hv, down, down_t

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mnet.bench_memory import BATCH, BLOCK, HEADS, WIDTH, memory_problem
-from mnet.check import compiled_memory
+from mnet.bench.memory import BATCH, BLOCK, HEADS, WIDTH, memory_problem
+from mnet.compiled import compiled_memory
 
 
 def measure(lengths: list[int]) -> dict[str, list[float]]:

@@ -13,7 +13,7 @@ import datetime
 import json
 from pathlib import Path
 
-from mnet.bench import contender_figures
+from mnet.bench.suite import contender_figures
 
 
 def markdown(result: dict) -> str:
@@ -43,7 +43,7 @@ def main() -> None:
     if args.from_json:
         result = json.loads(args.from_json.read_text())
     else:
-        from mnet.bench import run
+        from mnet.bench.suite import run
 
         result = run(quick=args.quick, large=args.large)
     if args.save_json:

@@ -30,8 +30,8 @@ import numpy as np
 import optax
 
 import mnet
-from mnet.check import compiled_memory
-from mnet.train import make_step
+from mnet.compiled import compiled_memory
+from mnet.training.steps import make_step
 
 LOSS = mnet.losses.softmax_cross_entropy
 UNKNOWN, NEWLINE, FIRST_PRINTABLE = 0, 96, 32

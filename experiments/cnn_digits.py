@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import mnet
-from mnet.bench import describe_step_seconds, step_seconds
+from mnet.bench.problems import describe_step_seconds, step_seconds
 
 
 def main() -> None:

@@ -102,7 +102,7 @@ def main() -> None:
                            ("autodiff_vs_fd", "jax.grad vs FD (float64)")):
             axis.hist(np.maximum([row[key] for row in subset], 1e-19), bins=bins, alpha=0.55, label=label)
         axis.set(xscale="log", xlabel="largest relative error over one network's leaves (exact 0 drawn at 1e-19)", title=dtype)
-        axis.axvline(mnet.check.tolerance(dtype), color="k", ls="--", lw=1, label="tolerance")
+        axis.axvline(mnet.checking.agreement.tolerance(dtype), color="k", ls="--", lw=1, label="tolerance")
         axis.legend(fontsize=8)
     axes[0].set_ylabel("networks")
     figure.suptitle("Hand-derived gradients vs jax.grad vs finite differences, random MLPs")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import mnet
-from mnet.checkpoint import atomic_write
+from mnet.training.checkpoint import atomic_write
 
 
 def models(vocab: int, width: int) -> dict:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import mnet
-from mnet.bench import describe_step_seconds, step_seconds
+from mnet.bench.problems import describe_step_seconds, step_seconds
 
 
 def main() -> None:

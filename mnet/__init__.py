@@ -1,43 +1,24 @@
 """mnet: neural networks as pure functions over parameter pytrees, forward in explicit matrix algebra, backward
-derived by hand beside it and checked against ``jax.grad``."""
+derived by hand beside it and checked against ``jax.grad``.
 
-from mnet import (
-    activations,
-    data,
-    distributed,
-    errors,
-    initializers,
-    layers,
-    losses,
-    models,
-    reference,
-    sharding,
-    train,
-)
-from mnet.backprop import grad, value_and_grad, value_grad_and_state, with_manual_backward
-from mnet.check import GradientReport, compare_cost, compare_gradients, compare_jvp
-from mnet.checkpoint import load_params, save_params
-from mnet.curvature import (
-    diag_ggn,
-    diag_hessian,
-    ggn_vector_product,
-    hessian_vector_product,
-    kfac_factors,
-    per_example_diag_ggn,
-)
-from mnet.derivatives import (
-    clipped_value_and_grad,
-    dp_noise,
-    jacobian,
-    ntk,
-    per_example_grad_norms,
-    per_example_grads,
-)
+This module only re-exports: the public surface of ``API.md``, one explicit list. The rooms behind it are
+``mnet.core`` (what a layer is, the walks), ``mnet.layers``, ``mnet.quantities`` (one module per derivative
+quantity), ``mnet.optim``, ``mnet.laplace``, ``mnet.checking`` (the autodiff referee), ``mnet.training``,
+``mnet.bench`` and ``mnet.cli``.
+"""
+
+from mnet import activations, errors, initializers, layers, losses, models, training
+from mnet.checking import reference
+from mnet.checking.cost import compare_cost
+from mnet.checking.gradients import GradientReport, compare_gradients, compare_jvp
+from mnet.checking.layer_check import LayerReport, check_layer
+from mnet.checking.network_check import check_network
+from mnet.checking.reference import autodiff_value_and_grad
+from mnet.core.layer import Layer
+from mnet.core.protocol import LayerProtocol
+from mnet.core.state import init_state, update_state
 from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
-from mnet.forward_mode import jvp
-from mnet.kfac import KFACState, kfac, kfac_preconditioner
 from mnet.laplace import Laplace, laplace
-from mnet.layer_check import LayerReport, check_layer
 from mnet.layers import (
     GRU,
     LSTM,
@@ -54,9 +35,7 @@ from mnet.layers import (
     Gelu,
     Identity,
     LastStep,
-    Layer,
     LayerNorm,
-    LayerProtocol,
     LeakyRelu,
     MaxPool2D,
     MultiHeadSelfAttention,
@@ -74,23 +53,30 @@ from mnet.layers import (
     residual,
     serial,
 )
-from mnet.layers.state import init_state, update_state
 from mnet.models import mlp
-from mnet.reference import autodiff_value_and_grad
-from mnet.train import fit
+from mnet.optim.dp import clipped_value_and_grad, dp_noise
+from mnet.optim.kfac import KFACState, kfac, kfac_preconditioner
+from mnet.quantities.diag_hessian import diag_hessian
+from mnet.quantities.ggn import diag_ggn, ggn_vector_product, per_example_diag_ggn
+from mnet.quantities.gradient import grad, value_and_grad, value_grad_and_state, with_manual_backward
+from mnet.quantities.hessian_vector import hessian_vector_product
+from mnet.quantities.jacobian import jacobian
+from mnet.quantities.kronecker import kfac_factors
+from mnet.quantities.ntk import ntk
+from mnet.quantities.per_example import per_example_grad_norms, per_example_grads
+from mnet.quantities.tangent import jvp
+from mnet.training import checkpoint, data, distributed, launch, sharding
+from mnet.training.checkpoint import load_params, save_params
+from mnet.training.fit import fit
+
+# The modules that held these names before the package had rooms; kept so that ``mnet.train.fit`` and the like work.
+train = training
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNorm",
-    "init_state",
-    "update_state",
-    "value_grad_and_state",
-    "GRU",
-    "LSTM",
-    "LastStep",
-    "RNN",
     "AvgPool2D",
+    "BatchNorm",
     "CheckpointError",
     "Conv2D",
     "DataError",
@@ -101,11 +87,14 @@ __all__ = [
     "Elu",
     "Embedding",
     "Flatten",
+    "GRU",
     "Gelu",
     "GradientReport",
-    "KFACState",
     "Identity",
+    "KFACState",
+    "LSTM",
     "Laplace",
+    "LastStep",
     "Layer",
     "LayerError",
     "LayerNorm",
@@ -118,6 +107,7 @@ __all__ = [
     "MultiHeadSelfAttention",
     "Parallel",
     "Policy",
+    "RNN",
     "Relu",
     "Reshape",
     "Residual",
@@ -128,7 +118,9 @@ __all__ = [
     "Tanh",
     "activations",
     "autodiff_value_and_grad",
+    "checkpoint",
     "check_layer",
+    "check_network",
     "clipped_value_and_grad",
     "compare_cost",
     "compare_gradients",
@@ -137,24 +129,26 @@ __all__ = [
     "diag_ggn",
     "diag_hessian",
     "distributed",
-    "kfac_factors",
     "dp_noise",
     "errors",
     "fit",
     "ggn_vector_product",
     "grad",
     "hessian_vector_product",
+    "init_state",
     "initializers",
     "jacobian",
     "jvp",
     "kfac",
+    "kfac_factors",
     "kfac_preconditioner",
     "laplace",
+    "launch",
     "layers",
     "load_params",
     "losses",
-    "models",
     "mlp",
+    "models",
     "ntk",
     "parallel",
     "per_example_diag_ggn",
@@ -166,6 +160,9 @@ __all__ = [
     "serial",
     "sharding",
     "train",
+    "training",
+    "update_state",
     "value_and_grad",
+    "value_grad_and_state",
     "with_manual_backward",
 ]

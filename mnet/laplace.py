@@ -55,19 +55,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mnet.curvature import _check_samples, _square_root, is_factor_pair, stack_bias, summed_diag_ggn, unstack_bias
-from mnet.derivatives import _output_basis, jacobian
-from mnet.layers.base import (
-    KroneckerFactors,
-    LayerProtocol,
-    MissingRule,
-    Params,
-    StackedQuantity,
-    _per_example_stack,
-    tangent_walk,
-    walk,
-)
-from mnet.losses import Loss, MeanSquaredError, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from mnet.core.protocol import LayerProtocol, Params
+from mnet.core.tangent import tangent_walk
+from mnet.core.walk import MissingRule, StackedQuantity, walk
+from mnet.losses import Loss
+from mnet.quantities.ggn import check_samples, loss_square_root, summed_diag_ggn
+from mnet.quantities.jacobian import jacobian, output_basis
+from mnet.quantities.kronecker import KroneckerFactors, is_factor_pair, stack_bias, unstack_bias
+from mnet.quantities.per_example import per_example_stack
 
 Array = jax.Array
 STRUCTURES = ("diag", "kron")
@@ -117,26 +112,6 @@ class _DataKronecker(KroneckerFactors):
 DATA_KRONECKER = _DataKronecker()
 
 
-def _likelihood(loss: Loss) -> str:
-    if isinstance(loss, MeanSquaredError):
-        return "regression"
-    if isinstance(loss, (SoftmaxCrossEntropy, SigmoidBinaryCrossEntropy)):
-        return "classification"
-    raise ValueError(
-        f"laplace: {loss!r} has no known likelihood; supported: losses.mse (Gaussian), "
-        "losses.softmax_cross_entropy (categorical), losses.sigmoid_binary_cross_entropy (Bernoulli)"
-    )
-
-
-def _nll_scale_and_constant(loss: Loss, units: int, sigma_noise: float) -> tuple[float, float]:
-    """``(s, c)`` with ``-log p(t | f) = s * l + c`` for one example of ``units`` outputs."""
-    if isinstance(loss, MeanSquaredError):
-        return units / (2 * sigma_noise**2), units / 2 * math.log(2 * math.pi * sigma_noise**2)
-    if isinstance(loss, SigmoidBinaryCrossEntropy):
-        return float(units), 0.0
-    return 1.0, 0.0
-
-
 def _positive(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"laplace: {name} must be a positive number, got {value!r}")
@@ -148,12 +123,12 @@ def _chunks(n: int, batch_size: int) -> list[slice]:
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _fit_chunk(net, loss, structure, mc_samples, params, x, targets, key):
+def fit_chunk(net, loss, structure, mc_samples, params, x, targets, key):
     """One chunk's summed negative log-likelihood (in loss units), summed GGN diagonal, and (for ``"kron"``) its
     factors with positions folded in; the factors are means over the chunk."""
     outputs, cache = net.forward(params, x)
     loss_sum = jnp.sum(loss.per_example(outputs, targets))
-    S = _square_root(loss, outputs, targets, mc_samples, key)
+    S = loss_square_root(loss, outputs, targets, mc_samples, key)
     diagonal = summed_diag_ggn(net, params, x, cache, S)
     factors = walk(net, DATA_KRONECKER, params, (cache,), (S,))[0] if structure == "kron" else None
     return loss_sum, diagonal, factors
@@ -185,7 +160,7 @@ class Laplace:
     ):
         self.net, self.loss, self.params = net, loss, params
         self.structure, self.curvature, self.entries = structure, curvature, entries
-        self.likelihood = _likelihood(loss)
+        self.likelihood = loss.likelihood("laplace")
         self.prior_precision, self.sigma_noise = prior_precision, sigma_noise
         self.n_data, self.log_likelihood = n_data, log_likelihood
         leaves = jax.tree_util.tree_leaves(params)
@@ -286,13 +261,7 @@ class Laplace:
             )
         probs = self.predict(x)
         assert not isinstance(probs, tuple)
-        tiny = jnp.finfo(probs.dtype).tiny
-        if isinstance(self.loss, SoftmaxCrossEntropy):
-            picked = jnp.take_along_axis(probs, jnp.asarray(targets)[:, None], axis=1)
-            return float(-jnp.mean(jnp.log(jnp.maximum(picked, tiny))))
-        t = jnp.asarray(targets, probs.dtype)
-        each = t * jnp.log(jnp.maximum(probs, tiny)) + (1 - t) * jnp.log(jnp.maximum(1 - probs, tiny))
-        return float(-jnp.mean(jnp.sum(each.reshape(each.shape[0], -1), axis=1)))
+        return float(self.loss.predictive_negative_log_likelihood(probs, targets))
 
     # -- the posterior --------------------------------------------------------------------------------------------
 
@@ -318,7 +287,7 @@ class Laplace:
         """``samples`` draws from the posterior: like params, every leaf with a leading ``samples`` axis."""
         keys = jax.random.split(key, samples)
         return jax.vmap(
-            lambda k: jax.tree_util.tree_map(jnp.add, self.params, self.scale_by_root(_normal_like(k, self.params)))
+            lambda k: jax.tree_util.tree_map(jnp.add, self.params, self.scale_by_root(normal_like(k, self.params)))
         )(keys)
 
     # -- the linearised predictive --------------------------------------------------------------------------------
@@ -328,7 +297,7 @@ class Laplace:
         outputs flattened, ``(batch, K, K)``; computed ``batch_size`` examples at a time."""
         outs, covs = [], []
         for part in _chunks(x.shape[0], batch_size):
-            f, cov = _functional_covariance(
+            f, cov = batch_functional_covariance(
                 self.net, self.entries, self.curvature, self.params, x[part], self.prior_precision
             )
             outs.append(f)
@@ -388,14 +357,10 @@ class Laplace:
             variance = jnp.diagonal(cov, axis1=1, axis2=2).reshape(f.shape)
         if self.likelihood == "regression":
             return f, variance + noise
-        return _probabilities(self.loss, f / jnp.sqrt(1 + math.pi / 8 * variance))
+        return self.loss.predictive(f / jnp.sqrt(1 + math.pi / 8 * variance))
 
 
-def _probabilities(loss: Loss, logits: Array) -> Array:
-    return jax.nn.softmax(logits, axis=-1) if isinstance(loss, SoftmaxCrossEntropy) else jax.nn.sigmoid(logits)
-
-
-def _normal_like(key: Array, like: Params) -> Params:
+def normal_like(key: Array, like: Params) -> Params:
     leaves, treedef = jax.tree_util.tree_flatten(like)
     keys = jax.random.split(key, len(leaves))
     return jax.tree_util.tree_unflatten(
@@ -449,7 +414,7 @@ class _FunctionCovariance(StackedQuantity):
         if any(id(leaf) not in self.table for leaf in leaves):
             raise MissingRule(layer, self.rule)
         found = [self.table[id(leaf)] for leaf in leaves]
-        J = _per_example_stack(layer, params, caches[0], carried[0])
+        J = per_example_stack(layer, params, caches[0], carried[0])
         blocks = [entry for entry, _ in found if isinstance(entry, KronBlock)]
         if blocks:  # a dense-like unit: one Kronecker block over its [W; b]
             return _block_covariance(J, blocks[0], None, self.alpha)
@@ -478,11 +443,11 @@ def _posterior_table(entries: Any, curvature: Any, params: Params, alpha: Array)
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _functional_covariance(net, entries, curvature, params, x, alpha):
+def batch_functional_covariance(net, entries, curvature, params, x, alpha):
     f, cache = net.forward(params, x)
     try:
         quantity = _FunctionCovariance(_posterior_table(entries, curvature, params, alpha), alpha)
-        return f, quantity.run(net, params, cache, _output_basis(f))[0]
+        return f, quantity.run(net, params, cache, output_basis(f))[0]
     except MissingRule:
         pass
     # The whole Jacobian of the batch, contracted entry by entry.
@@ -506,12 +471,11 @@ def _sampled_moments(net, loss, entries, curvature, params, x, alpha, key, sampl
     """The mean over ``samples`` draws of the linearised model's prediction (probabilities for classification,
     outputs for regression), and of its square."""
     f, cache = net.forward(params, x)
-    regression = isinstance(loss, MeanSquaredError)
 
     def one(carry, k):
-        delta = _scale_by_root(entries, curvature, _normal_like(k, params), params, alpha)
+        delta = _scale_by_root(entries, curvature, normal_like(k, params), params, alpha)
         df, _ = tangent_walk(net, params, cache, delta, None)
-        value = f + df if regression else _probabilities(loss, f + df)
+        value = loss.predictive(f + df)
         return (carry[0] + value, carry[1] + value * value), None
 
     (first, second), _ = jax.lax.scan(one, (jnp.zeros_like(f), jnp.zeros_like(f)), jax.random.split(key, samples))
@@ -591,8 +555,8 @@ def laplace(
         raise ValueError(f"laplace: structure must be one of {STRUCTURES}, got {structure!r}")
     alpha = _positive(prior_precision, "prior_precision")
     sigma = _positive(sigma_noise, "sigma_noise")
-    _likelihood(loss)
-    _check_samples(mc_samples)
+    loss.likelihood("laplace")
+    check_samples(mc_samples)
     if mc_samples is not None and key is None:
         raise ValueError(
             f"laplace(mc_samples={mc_samples}) estimates the GGN by sampling: pass key=jax.random.key(...)"
@@ -608,7 +572,7 @@ def laplace(
     loss_sum, diagonal, factors = 0.0, None, None
     for i, part in enumerate(_chunks(n, batch_size)):
         chunk_key = None if key is None else jax.random.fold_in(key, i)
-        total, diag, kron = _fit_chunk(net, loss, structure, mc_samples, params, x[part], targets[part], chunk_key)
+        total, diag, kron = fit_chunk(net, loss, structure, mc_samples, params, x[part], targets[part], chunk_key)
         size = part.stop - part.start
         loss_sum = loss_sum + total
         diagonal = diag if diagonal is None else jax.tree_util.tree_map(jnp.add, diagonal, diag)
@@ -616,7 +580,7 @@ def laplace(
             weighted = jax.tree_util.tree_map(lambda f, size=size: f * size, kron)
             factors = weighted if factors is None else jax.tree_util.tree_map(jnp.add, factors, weighted)
     units = math.prod(jax.eval_shape(lambda p, xs: net.forward(p, xs)[0], params, x[:1]).shape[1:])
-    scale, constant = _nll_scale_and_constant(loss, units, sigma)
+    scale, constant = loss.negative_log_likelihood_affine(units, sigma)
     log_likelihood = -(scale * loss_sum + n * constant)
     curvature = jax.tree_util.tree_map(lambda d: scale * d, diagonal)
     entries = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +45,17 @@ def _units(outputs: Array) -> int:
 
 
 class Loss:
-    """Base class: subclasses define ``per_example`` and ``grad``; ``value`` is the batch mean."""
+    """Base class: subclasses define ``per_example`` and ``grad``; ``value`` is the batch mean.
+
+    Everything else that depends on which loss this is lives here too, so that training, the checks and the
+    Laplace approximation never ask which loss they hold: ``kind`` (``"regression"``, ``"classification"``, or
+    None for a loss without a likelihood), :meth:`accuracy`, :meth:`check_targets`, :meth:`random_targets`,
+    :meth:`predictive` and :meth:`negative_log_likelihood_affine`."""
 
     name = "loss"
+    #: ``"regression"`` or ``"classification"`` for a loss that is a negative log-likelihood (up to an affine map);
+    #: None for any other.
+    kind: str | None = None
 
     def value(self, outputs: Array, targets: Array) -> Array:
         """The mean over the batch of the per-example losses (a scalar)."""
@@ -79,6 +88,43 @@ class Loss:
         ``H_b``, divided by ``sqrt(samples)`` so that the sum over columns is the average of the draws."""
         raise LossError(f"{self.name}: this loss has no sampled Hessian square root (sampled_hessian_sqrt)")
 
+    def accuracy(self, outputs: Array, targets: Array) -> Array:
+        """The fraction of examples classified right; NaN for a loss that is not a classifier's."""
+        return jnp.asarray(jnp.nan)
+
+    def check_targets(self, outputs_shape: tuple[int, ...], targets: Any, where: str) -> None:
+        """Refuse concrete targets that the outputs cannot hold (inside a jitted epoch they would only show as a NaN
+        loss) with a :class:`mnet.errors.LossError` naming ``where``; by default every target is accepted."""
+
+    def random_targets(self, outputs: Any, key: Array) -> Array:
+        """Random targets this loss accepts for ``outputs`` (an array or a ``jax.ShapeDtypeStruct``): for checks."""
+        return jax.random.normal(key, outputs.shape, outputs.dtype)
+
+    def predictive(self, outputs: Array) -> Array:
+        """The mean of the predictive distribution the loss is the negative log-likelihood of: the outputs for
+        regression, the probabilities for classification."""
+        return outputs
+
+    def likelihood(self, where: str) -> str:
+        """``kind``, or a :class:`mnet.errors.LossError` naming ``where`` for a loss that is no negative
+        log-likelihood."""
+        if self.kind is None:
+            raise LossError(
+                f"{where}: {self!r} has no known likelihood; supported: losses.mse (Gaussian), "
+                "losses.softmax_cross_entropy (categorical), losses.sigmoid_binary_cross_entropy (Bernoulli)"
+            )
+        return self.kind
+
+    def negative_log_likelihood_affine(self, units: int, sigma_noise: float) -> tuple[float, float]:
+        """``(s, c)`` with ``-log p(t | f) = s * l + c`` for one example of ``units`` outputs, ``l`` this loss per
+        example (``sigma_noise`` the Gaussian's standard deviation, for regression)."""
+        raise LossError(f"{self!r}: " + self.likelihood("negative_log_likelihood_affine"))
+
+    def predictive_negative_log_likelihood(self, predictive: Array, targets: Array) -> Array:
+        """The mean over examples of ``-log p(t)`` under the predictive distribution given by its mean
+        ``predictive`` (:meth:`predictive`'s output: probabilities for a classifier)."""
+        raise LossError(f"{self!r}: no predictive negative log-likelihood")
+
     def __repr__(self) -> str:
         return f"losses.{self.name}"
 
@@ -93,6 +139,12 @@ class Loss:
 @dataclass(frozen=True, repr=False)
 class MeanSquaredError(Loss):
     """``l_b = mean_j (o_bj - t_bj)^2`` per example; ``d l_b / d o_b = 2 (o_b - t_b) / units``."""
+
+    kind = "regression"
+
+    def negative_log_likelihood_affine(self, units: int, sigma_noise: float) -> tuple[float, float]:
+        """A Gaussian of standard deviation ``sigma_noise`` per unit: ``-log p = units / (2 s^2) l + c``."""
+        return units / (2 * sigma_noise**2), units / 2 * math.log(2 * math.pi * sigma_noise**2)
 
     name = "mse"
 
@@ -135,6 +187,33 @@ class SoftmaxCrossEntropy(Loss):
     """
 
     name = "softmax_cross_entropy"
+    kind = "classification"
+
+    def accuracy(self, logits: Array, labels: Array) -> Array:
+        return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+    def check_targets(self, outputs_shape: tuple[int, ...], labels: Any, where: str) -> None:
+        check_labels(labels, outputs_shape[-1], where)
+
+    def random_targets(self, logits: Any, key: Array) -> Array:
+        if len(logits.shape) < 2 or logits.shape[-1] < 2:
+            raise LossError(
+                f"{self.name} needs outputs of shape (batch, classes) (or (batch, T, classes)) with at least 2 output "
+                f"classes, the network gives {tuple(logits.shape)}"
+            )
+        return jax.random.randint(key, logits.shape[:-1], 0, logits.shape[-1])
+
+    def predictive(self, logits: Array) -> Array:
+        return jax.nn.softmax(logits, axis=-1)
+
+    def negative_log_likelihood_affine(self, units: int, sigma_noise: float) -> tuple[float, float]:
+        """Categorical: the loss is the negative log-likelihood itself."""
+        return 1.0, 0.0
+
+    def predictive_negative_log_likelihood(self, probabilities: Array, labels: Array) -> Array:
+        tiny = jnp.finfo(probabilities.dtype).tiny
+        picked = jnp.take_along_axis(probabilities, jnp.asarray(labels)[:, None], axis=1)
+        return -jnp.mean(jnp.log(jnp.maximum(picked, tiny)))
 
     def _check(self, logits: Array, labels: Array) -> None:
         if logits.ndim < 2:
@@ -236,6 +315,26 @@ class SigmoidBinaryCrossEntropy(Loss):
     """
 
     name = "sigmoid_binary_cross_entropy"
+    kind = "classification"
+
+    def accuracy(self, logits: Array, targets: Array) -> Array:
+        return jnp.mean((logits > 0) == (targets > 0.5))
+
+    def random_targets(self, logits: Any, key: Array) -> Array:
+        return jax.random.uniform(key, logits.shape, logits.dtype)
+
+    def predictive(self, logits: Array) -> Array:
+        return jax.nn.sigmoid(logits)
+
+    def negative_log_likelihood_affine(self, units: int, sigma_noise: float) -> tuple[float, float]:
+        """Bernoulli per unit: the loss averages over the units, the log-likelihood sums."""
+        return float(units), 0.0
+
+    def predictive_negative_log_likelihood(self, probabilities: Array, targets: Array) -> Array:
+        tiny = jnp.finfo(probabilities.dtype).tiny
+        t = jnp.asarray(targets, probabilities.dtype)
+        each = t * jnp.log(jnp.maximum(probabilities, tiny)) + (1 - t) * jnp.log(jnp.maximum(1 - probabilities, tiny))
+        return -jnp.mean(jnp.sum(each.reshape(each.shape[0], -1), axis=1))
 
     def per_example(self, logits: Array, targets: Array) -> Array:
         self._check_same_shape(logits, targets)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mnet.core.protocol import is_layer
 from mnet.layers import (
     ACTIVATIONS_BY_NAME,
     BatchNorm,
@@ -20,7 +21,6 @@ from mnet.layers import (
     Relu,
     Reshape,
     Serial,
-    is_layer,
     residual,
     serial,
 )

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jax._src.interpreters import ad
 
 import mnet
-from mnet.check import Agreement, largest_entry, tolerance
+from mnet.checking.agreement import Agreement, largest_entry, tolerance
 
 ACTIVATIONS = [
     mnet.Relu(),
@@ -89,9 +89,9 @@ def mlp_problems(draw, dtype=jnp.float64, losses=tuple(LOSSES)):
 
 def assert_trees_close(actual, expected, rtol=None, tree_scale=False):
     """Same structure, same dtypes, and every leaf within ``rtol`` relative to the reference leaf's largest entry
-    (default: :func:`mnet.check.tolerance` of the leaf's dtype). With ``tree_scale``, a leaf may instead be within
+    (default: :func:`mnet.checking.agreement.tolerance` of the leaf's dtype). With ``tree_scale``, a leaf may instead be within
     ``rtol`` of the whole reference tree's largest entry: for leaves that are zero in exact arithmetic (see
-    :attr:`mnet.check.Agreement.ok`). ``float0`` leaves (no gradient for integer inputs) must match in shape."""
+    :attr:`mnet.checking.agreement.Agreement.ok`). ``float0`` leaves (no gradient for integer inputs) must match in shape."""
     assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
     scale = largest_entry(expected) if tree_scale else 0.0
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):

@@ -11,9 +11,9 @@ import pytest
 from helpers import assert_trees_close, no_autodiff
 
 import mnet
-from mnet.data import load_digits
+from mnet.checking.reference import autodiff_value_grad_and_state
 from mnet.errors import LayerError
-from mnet.reference import autodiff_value_grad_and_state
+from mnet.training.data import load_digits
 
 LOSS = mnet.losses.softmax_cross_entropy
 

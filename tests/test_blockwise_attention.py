@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import mnet
-from mnet.bench_memory import memory_problem
-from mnet.check import compiled_memory
-from mnet.layers.attention import AttentionCore
-from mnet.layers.blockwise_attention import BlockwiseAttentionCore
+from mnet.bench.memory import memory_problem
+from mnet.compiled import compiled_memory
+from mnet.layers.attention.blockwise import BlockwiseAttentionCore
+from mnet.layers.attention.core import AttentionCore
 from tests.helpers import assert_trees_close, load_experiment, no_autodiff, random_params
 from tests.test_attention_embedding import reference_attention
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import mnet
-from mnet.check import FINITE_DIFFERENCE_TOLERANCE, compare_cost, tolerance
+from mnet.checking.agreement import FINITE_DIFFERENCE_TOLERANCE, tolerance
+from mnet.checking.cost import compare_cost
 
 
 @dataclass(frozen=True, repr=False)
@@ -128,7 +129,7 @@ def test_memory_analysis_never_reports_a_zero():
     """A backend whose analysis is missing or all zeros is reported as "n/a"."""
     from types import SimpleNamespace
 
-    from mnet.check import compiled_memory
+    from mnet.compiled import compiled_memory
 
     class Missing:
         def memory_analysis(self):

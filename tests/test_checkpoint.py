@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import mnet
-from mnet import checkpoint
 from mnet.errors import CheckpointError
 from tests.helpers import assert_trees_close
 

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 import mnet
-from mnet import cli, data, train
+from mnet import cli, train
+from mnet.training import data
 from tests.helpers import assert_trees_close, load_experiment, no_autodiff
 
 CE = mnet.losses.softmax_cross_entropy

@@ -10,7 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import mnet
-from mnet.laplace import KronBlock, _fit_chunk, _normal_like
+from mnet.laplace import KronBlock, fit_chunk, normal_like
 from tests.helpers import load_experiment, no_autodiff
 
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
@@ -180,7 +180,7 @@ def test_predictive_probabilities_sum_to_one_and_sampling_is_the_linearised_mode
         flat, unravel = ravel_pytree(params)
         jac = jax.jacrev(lambda p: net.apply(unravel(p), x_new))(flat)
         keys = jax.random.split(jax.random.fold_in(key, 0), 16)
-        draws = [ravel_pytree(la.scale_by_root(_normal_like(k, params)))[0] for k in keys]
+        draws = [ravel_pytree(la.scale_by_root(normal_like(k, params)))[0] for k in keys]
         f = net.apply(params, x_new)
         expected = sum(jax.nn.softmax(f + jac @ d) for d in draws) / 16
         np.testing.assert_allclose(sampled, expected, rtol=1e-10)
@@ -230,7 +230,7 @@ def test_the_diagonal_fit_never_holds_a_jacobian_and_grows_with_the_outputs_by_a
         net = mnet.serial(mnet.Dense(widths[1]), mnet.Relu(), mnet.Dense(outputs))
         _, params = net.init(jax.random.key(0), (widths[0],), dtype=jnp.float32)
         x, y = jnp.ones((batch, widths[0]), jnp.float32), jnp.zeros((batch,), jnp.int32)
-        compiled = _fit_chunk.lower(net, CE, "diag", None, params, x, y, None).compile()
+        compiled = fit_chunk.lower(net, CE, "diag", None, params, x, y, None).compile()
         return compiled.memory_analysis().temp_size_in_bytes, sum(p.size for p in jax.tree_util.tree_leaves(params))
 
     small, _ = temporary(50)
@@ -244,7 +244,7 @@ def test_the_diagonal_fit_never_holds_a_jacobian_and_grows_with_the_outputs_by_a
 def test_the_predictive_holds_one_layers_block_of_the_jacobian_not_the_whole():
     """XLA's memory analysis of the compiled functional covariance: the same from 4 to 8 hidden layers (a few of one
     layer's per-example blocks, ``outputs x batch x 65 x 64``), so at depth 8 well under the whole Jacobian."""
-    from mnet.laplace import _functional_covariance
+    from mnet.laplace import batch_functional_covariance
 
     x, y = jnp.ones((32, 64), jnp.float32), jnp.zeros((32,), jnp.int32)
     for structure in ("diag", "kron"):
@@ -253,7 +253,7 @@ def test_the_predictive_holds_one_layers_block_of_the_jacobian_not_the_whole():
             net = mnet.mlp([64] * depth + [10])
             _, params = net.init(jax.random.key(0), (64,), dtype=jnp.float32)
             la = mnet.laplace(net, CE, params, x, y, structure=structure)
-            compiled = _functional_covariance.lower(
+            compiled = batch_functional_covariance.lower(
                 net, la.entries, la.curvature, params, x, la.prior_precision
             ).compile()
             temporary[depth] = compiled.memory_analysis().temp_size_in_bytes
@@ -368,7 +368,7 @@ def test_the_whole_jacobian_fallback_equals_the_walk(monkeypatch):
         walked = la.functional_covariance(x)[1]
         with monkeypatch.context() as patch:
             patch.setattr(module, "_posterior_table", lambda *args: {})
-            module._functional_covariance.clear_cache()
+            module.batch_functional_covariance.clear_cache()
             whole = la.functional_covariance(x)[1]
-        module._functional_covariance.clear_cache()
+        module.batch_functional_covariance.clear_cache()
         np.testing.assert_allclose(whole, walked, rtol=1e-10, atol=1e-14)

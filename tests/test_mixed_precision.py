@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mnet
-from mnet.check import tolerance
+from mnet.checking.agreement import tolerance
 from tests.helpers import assert_trees_close
 
 LOSS = mnet.losses.softmax_cross_entropy

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mnet import distributed
+from mnet.training import distributed, launch
 
 pytestmark = pytest.mark.skipif(
     "jax_cpu_collectives_implementation" not in jax.config.values,
@@ -53,7 +53,7 @@ def four_devices_env() -> dict:
 def run_group(count: int, argv: list[str], log, *, devices: int = 2, kill_when=None) -> tuple[int, list, float]:
     """Start ``count`` processes of ``argv`` and supervise them; ``kill_when()`` true kills process 1 (SIGKILL).
     Returns the launcher's status, the processes, and the seconds from the kill to the end."""
-    processes = distributed.start(count, argv, local_devices=devices, stdout=log, stderr=subprocess.STDOUT)
+    processes = launch.start(count, argv, local_devices=devices, stdout=log, stderr=subprocess.STDOUT)
     killed_at = None
     try:
         if kill_when is not None:
@@ -65,10 +65,10 @@ def run_group(count: int, argv: list[str], log, *, devices: int = 2, kill_when=N
             processes[1].send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
         said = []
-        status = distributed.supervise(processes, grace_seconds=30, timeout_seconds=240, say=said.append)
+        status = launch.supervise(processes, grace_seconds=30, timeout_seconds=240, say=said.append)
         log.write("\n".join(said))
     finally:
-        distributed.stop(processes)  # whatever failed above, leave nothing running
+        launch.stop(processes)  # whatever failed above, leave nothing running
     return status, processes, (0.0 if killed_at is None else time.monotonic() - killed_at)
 
 
@@ -160,13 +160,13 @@ def test_supervise_stops_the_rest_after_a_failure_and_at_the_timeout():
     kills the sleeper after its grace and reaps both. A group that runs too long is stopped whole."""
     code = "import os, sys, time; sys.exit(3) if os.environ['MNET_PROCESS_ID'] == '1' else time.sleep(60)"
     began, said = time.monotonic(), []
-    processes = distributed.start(2, [sys.executable, "-c", code])
-    assert distributed.supervise(processes, grace_seconds=1, say=said.append) == 3
+    processes = launch.start(2, [sys.executable, "-c", code])
+    assert launch.supervise(processes, grace_seconds=1, say=said.append) == 3
     assert time.monotonic() - began < 20 and all(p.poll() is not None for p in processes)
     assert said == [
         "mnet launch: process 1 of 2 exited with status 3; stopping the others (a run with a checkpoint resumes "
         "from its last good epoch with --resume)"
     ]
-    processes = distributed.start(1, [sys.executable, "-c", "import time; time.sleep(60)"])
-    assert distributed.supervise(processes, timeout_seconds=1, say=said.append) == 124
+    processes = launch.start(1, [sys.executable, "-c", "import time; time.sleep(60)"])
+    assert launch.supervise(processes, timeout_seconds=1, say=said.append) == 124
     assert processes[0].poll() is not None and "ran past 1 s" in said[-1]

@@ -8,7 +8,7 @@ import pytest
 from helpers import assert_trees_close, check_all, load_experiment, no_autodiff
 
 import mnet
-from mnet import reference
+from mnet.checking import reference
 from mnet.errors import LayerError
 
 
@@ -114,8 +114,9 @@ def test_hessian_vector_product_through_every_recurrence():
 def test_the_backward_keeps_less_than_autodiff():
     """A property of the compiled programs: the hand-derived training step of an LSTM keeps at most 0.65 of the
     temporary memory that jax.grad through the scan keeps."""
-    from mnet.bench import compiled_memory, step_contenders
-    from mnet.bench_memory import recurrent_problem
+    from mnet.bench.memory import recurrent_problem
+    from mnet.bench.problems import step_contenders
+    from mnet.compiled import compiled_memory
 
     for cell in (mnet.LSTM, mnet.GRU):
         net, params, x, y = recurrent_problem(cell, length=40, batch=16, features=16, hidden=64, classes=4)

@@ -11,8 +11,9 @@ import optax
 import pytest
 
 import mnet
-from mnet import checkpoint, data, train
+from mnet import train
 from mnet.errors import CheckpointError, DivergenceError
+from mnet.training import checkpoint, data
 from tests.helpers import assert_trees_close
 
 CE = mnet.losses.softmax_cross_entropy

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 import mnet
-from mnet import data, train
+from mnet import train
+from mnet.training import data
 from tests.helpers import assert_trees_close, check_all, check_value_and_grad, reference_per_example_grads
 
 
@@ -158,7 +159,7 @@ def test_check_layer_passes_every_built_in_layer(layer, shape):
         if row.agreement is not None and row.rule != "init":
             a = row.agreement  # leaves that are zero in exact arithmetic (attention's key bias) by the whole scale
             assert min(a.max_rel_error, a.max_abs_error / max(a.global_scale, 1e-300)) < 1e-11, str(report)
-    has_params = bool(jax.tree_util.tree_leaves(mnet.layers.init_layer(layer, jax.random.key(0), shape)[1]))
+    has_params = bool(jax.tree_util.tree_leaves(mnet.core.init_layer(layer, jax.random.key(0), shape)[1]))
     if layer is GLU:
         assert rules["per_example_backward"].source == "absent" and "one example at a time" in str(report)
     elif not has_params:
@@ -218,14 +219,14 @@ def test_per_example_rules_follow_the_policy():
     np.testing.assert_allclose(sq, (per["W"] ** 2).sum((1, 2)) + (per["b"] ** 2).sum(1), rtol=1e-2)
 
 
-class PerExampleGradientSum(mnet.layers.Quantity):
+class PerExampleGradientSum(mnet.core.Quantity):
     """A quantity mnet does not have, defined here with a default only: each example's sum of the entries of its
     gradient, leaf by leaf. No combinator or composite layer knows of it, yet the walk carries it through all."""
 
     rule = "per_example_gradient_sum"
 
     def default(self, layer, params, caches, carried):
-        grads, down = mnet.layers.base.PER_EXAMPLE_BACKWARD.at_unit(layer, params, caches, carried)
+        grads, down = mnet.quantities.per_example.PER_EXAMPLE_BACKWARD.at_unit(layer, params, caches, carried)
         if not jax.tree_util.tree_leaves(params):
             return (), down
         return jax.tree_util.tree_map(lambda g: g.reshape(g.shape[0], -1).sum(1), grads), down
@@ -289,7 +290,7 @@ def test_a_layers_own_rule_for_a_new_quantity_is_used():
     x = jax.random.normal(jax.random.key(1), (5, 3))
     outputs, cache = net.forward(params, x)
     sums, _ = PerExampleGradientSum().run(net, params, cache, jnp.ones_like(outputs))
-    per, _ = mnet.layers.base.PER_EXAMPLE_BACKWARD.run(net, params, cache, jnp.ones_like(outputs))
+    per, _ = mnet.quantities.per_example.PER_EXAMPLE_BACKWARD.run(net, params, cache, jnp.ones_like(outputs))
     np.testing.assert_allclose(sums[2]["W"], -per[2]["W"].sum((1, 2)), rtol=1e-12)
     np.testing.assert_allclose(sums[0]["W"], per[0]["W"].sum((1, 2)), rtol=1e-12)
 

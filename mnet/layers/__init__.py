@@ -1,28 +1,7 @@
-"""mnet's layers, one concept per module; :mod:`mnet.layers.base` says what a layer is and how every quantity
-walks through a network (see ``docs/ARCHITECTURE.md``)."""
+"""mnet's concrete layers, one concept (or one family) per module, each with all of its rules beside its forward;
+what a layer is and how every quantity walks through a network is :mod:`mnet.core` (see ``docs/ARCHITECTURE.md``)."""
 
-from mnet.layers.attention import AttentionCore, MultiHeadSelfAttention
-from mnet.layers.base import (
-    Array,
-    Cache,
-    Composite,
-    Compound,
-    Layer,
-    LayerProtocol,
-    MissingRule,
-    Params,
-    Quantity,
-    Shape,
-    apply_layer,
-    batch_sq_norms,
-    call_forward,
-    default_float_dtype,
-    init_layer,
-    is_layer,
-    positive_int,
-    shape_record,
-    walk,
-)
+from mnet.layers.attention import AttentionCore, BlockwiseAttentionCore, MultiHeadSelfAttention
 from mnet.layers.combinators import Parallel, Residual, Serial, parallel, residual, serial
 from mnet.layers.convolution import Conv2D
 from mnet.layers.dense import Dense, Policy
@@ -55,12 +34,9 @@ __all__ = [
     "RNN",
     "Recurrent",
     "ACTIVATIONS_BY_NAME",
-    "Array",
     "AttentionCore",
     "AvgPool2D",
-    "Cache",
-    "Composite",
-    "Compound",
+    "BlockwiseAttentionCore",
     "Conv2D",
     "Dense",
     "Dropout",
@@ -70,37 +46,22 @@ __all__ = [
     "Flatten",
     "Gelu",
     "Identity",
-    "Layer",
     "LayerNorm",
-    "LayerProtocol",
     "LeakyRelu",
     "MaxPool2D",
-    "MissingRule",
     "MultiHeadSelfAttention",
-    "Params",
     "Parallel",
     "Policy",
-    "Quantity",
     "Relu",
     "Reshape",
     "Residual",
     "Serial",
-    "Shape",
     "Sigmoid",
     "Softmax",
     "Softplus",
     "Tanh",
     "Windows",
-    "apply_layer",
-    "batch_sq_norms",
-    "call_forward",
-    "default_float_dtype",
-    "init_layer",
-    "is_layer",
     "parallel",
-    "positive_int",
     "residual",
     "serial",
-    "shape_record",
-    "walk",
 ]

@@ -11,25 +11,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnet.errors import LayerError
-from mnet.layers.base import (
+from mnet.core.layer import describe, located
+from mnet.core.protocol import (
     Array,
     Cache,
-    Composite,
     Params,
-    Quantity,
     Shape,
-    add_tangents,
     call_forward,
-    describe,
     init_layer,
     is_stateful,
     is_stochastic,
-    located,
     require_layer,
-    tangent_walk,
-    walk,
 )
+from mnet.core.sums import add_tangents
+from mnet.core.tangent import tangent_walk
+from mnet.core.walk import Composite, Quantity, walk
+from mnet.errors import LayerError
 
 
 def _split(key: Array | None, count: int) -> list:

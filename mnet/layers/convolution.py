@@ -8,7 +8,9 @@ from typing import Any
 import jax
 
 from mnet import initializers
-from mnet.layers.base import Array, Cache, Compound, Params, Shape, check_param_keys, default_float_dtype, positive_int
+from mnet.core.layer import check_param_keys, positive_int
+from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
+from mnet.core.walk import Compound
 from mnet.layers.combinators import Serial
 from mnet.layers.dense import Dense, Policy
 from mnet.layers.windows import Windows, check_image_input, check_padding, image_geometry, pair

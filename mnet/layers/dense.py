@@ -9,18 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from mnet import initializers
-from mnet.layers.base import (
-    Array,
-    Cache,
-    Layer,
-    Params,
-    Shape,
-    default_float_dtype,
-    describe,
-    positive_int,
-    sum_stack,
-)
-from mnet.layers.second_order import Columns, Curvature, Group, WeightedRows, next_origin, signed_square_sum
+from mnet.core.curvature import Columns, Curvature, Group, WeightedRows, next_origin, signed_square_sum
+from mnet.core.layer import Layer, describe, positive_int
+from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
+from mnet.core.sums import sum_stack
 
 
 @dataclass(frozen=True)

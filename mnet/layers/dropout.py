@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from mnet.layers.base import Array, Cache, Layer, Params, Shape
-from mnet.layers.second_order import Curvature
+from mnet.core.curvature import Curvature
+from mnet.core.layer import Layer
+from mnet.core.protocol import Array, Cache, Params, Shape
 
 
 @dataclass(frozen=True, repr=False)

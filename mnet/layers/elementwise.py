@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from mnet import activations
-from mnet.layers.base import Array, Cache, Layer, Params, Shape
-from mnet.layers.second_order import Curvature, no_rule
+from mnet.core.curvature import Curvature, no_rule
+from mnet.core.layer import Layer
+from mnet.core.protocol import Array, Cache, Params, Shape
 
 
 class Elementwise(Layer):

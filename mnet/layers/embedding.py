@@ -10,17 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet import initializers
-from mnet.layers.base import (
-    Array,
-    Cache,
-    Layer,
-    Params,
-    Shape,
-    batch_sq_norms,
-    default_float_dtype,
-    describe,
-    positive_int,
-)
+from mnet.core.layer import Layer, describe, positive_int
+from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
+from mnet.core.sums import batch_sq_norms
 
 
 @dataclass(frozen=True, repr=False)

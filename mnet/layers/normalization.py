@@ -23,7 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnet.layers.base import Array, Cache, Layer, Params, Shape, default_float_dtype, describe
+from mnet.core.layer import Layer, describe
+from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
 
 
 class _Normalization(Layer):

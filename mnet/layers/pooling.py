@@ -7,7 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from mnet.layers.base import Array, Cache, Layer, Params, Shape, shape_record
+from mnet.core.layer import Layer, shape_record
+from mnet.core.protocol import Array, Cache, Params, Shape
 from mnet.layers.windows import Geometry, check_image_input, check_padding, col2im, im2col, image_geometry, pair
 
 

@@ -45,17 +45,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from mnet.layers.base import (
-    Array,
-    Cache,
-    Layer,
-    Params,
-    Shape,
-    check_param_keys,
-    default_float_dtype,
-    positive_int,
-    shape_record,
-)
+from mnet.core.layer import Layer, check_param_keys, positive_int, shape_record
+from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
 from mnet.layers.dense import Dense
 
 State = tuple[Array, ...]

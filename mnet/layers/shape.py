@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mnet.layers.base import Array, Cache, Layer, Params, Shape, shape_record
-from mnet.layers.second_order import Curvature
+from mnet.core.curvature import Curvature
+from mnet.core.layer import Layer, shape_record
+from mnet.core.protocol import Array, Cache, Params, Shape
 
 
 class _Rearrange(Layer):

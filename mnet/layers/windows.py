@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from mnet.layers.base import Array, Cache, Layer, Params, Shape, shape_record
+from mnet.core.layer import Layer, shape_record
+from mnet.core.protocol import Array, Cache, Params, Shape
 
 Pair = tuple[int, ...]  # (rows, columns)
 

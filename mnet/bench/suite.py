@@ -1,0 +1,103 @@
+"""The benchmark suite: every row's plan, the run, and the table it prints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+from mnet.bench import curvature, memory
+from mnet.bench.gradients import (
+    row_cnn_step,
+    row_compile_time,
+    row_fused_training,
+    row_jacobian,
+    row_ntk,
+    row_per_example_grads,
+    row_per_example_norms,
+    row_training_step,
+    row_transformer_step,
+)
+from mnet.bench.timing import PEAK_SIZES, Row, machine, matmul_peak, with_memory
+from mnet.compiled import NOT_AVAILABLE
+
+
+def run(quick: bool = False, only: set[str] | None = None, large: bool = False) -> dict:
+    """Run the suite. ``quick`` shrinks sizes and repetitions so that it finishes in seconds (a smoke test);
+    ``large`` adds the accelerator-sized training step (MLP 4096-4096-4096-4096, batch 4096, float32 and bfloat16)."""
+    r = 3 if quick else 30
+    plans: dict[str, Callable[[], Row]] = {
+        "W1": lambda: row_training_step(
+            [784, 128, 128, 10] if quick else [784, 1024, 1024, 10], 64 if quick else 256, r
+        ),
+        "W1bf16": lambda: row_training_step(
+            [784, 128, 128, 10] if quick else [784, 1024, 1024, 10], 64 if quick else 256, r, "bfloat16", "W1bf16"
+        ),
+        "W2": lambda: row_fused_training([64, 32, 10], 64, 50 if quick else 1000, r if quick else 15),
+        "W3": lambda: row_compile_time([784, 128, 10] if quick else [784, 1024, 1024, 10], 32, 2 if quick else 5),
+        "D1": lambda: row_per_example_norms([784, 64, 10] if quick else [784, 512, 512, 10], 32 if quick else 256, r),
+        "D2": lambda: row_per_example_grads([784, 64, 10] if quick else [784, 512, 512, 10], 32 if quick else 256, r),
+        "D3": lambda: row_ntk([32, 64, 64, 8], 16, r, "D3", forward_mode=not quick),
+        "D3w": lambda: row_ntk(
+            [32, 128, 128, 8] if quick else [32, 512, 512, 8], 16, 3 if quick else 7, "D3w", forward_mode=False
+        ),
+        "D4": lambda: row_jacobian([32, 64, 64, 8], 16, r, forward_mode=not quick),
+        "C1": lambda: row_cnn_step(16 if quick else 128, r),
+        "T1": lambda: row_transformer_step(16 if quick else 128, 9, r),
+    }
+    plans.update(curvature.plans(quick, r))
+    plans.update(memory.plans(quick, r))
+    if large:
+        plans["L1"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, None, "L1")
+        plans["L1bf16"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, "bfloat16", "L1bf16")
+    unknown = sorted((only or set()) - set(plans))
+    if unknown:
+        raise ValueError(f"unknown benchmark row(s) {', '.join(unknown)}; known: {', '.join(plans)}")
+    rows = [with_memory(plan) for name, plan in plans.items() if only is None or name in only]
+    peaks = matmul_peak((128, 256, 512) if quick else PEAK_SIZES, 3 if quick else 10)
+    return {
+        "machine": machine(),
+        "matmul_peak_gflops": max(peaks.values()),
+        "matmul_peak_by_size": {str(n): g for n, g in peaks.items()},
+        "quick": quick,
+        "rows": [{**asdict(row), "ratios": row.ratios()} for row in rows],
+    }
+
+
+def contender_figures(row: dict, name: str, peak: float) -> tuple[str, str]:
+    """``(median time, throughput note)`` of one contender of a result row, as both renderings show them."""
+    seconds = row["seconds"][name]
+    note = ""
+    if "gflops_per_s" in row["extra"]:
+        g = row["extra"]["gflops_per_s"][name]
+        note = f"{g:.1f} GFLOP/s = {g / peak:.0%} of peak"
+    elif "steps_per_s" in row["extra"]:
+        note = f"{row['extra']['steps_per_s'][name]:,.0f} steps/s"
+    return (f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"), note
+
+
+def format_table(result: dict) -> str:
+    peak = result["matmul_peak_gflops"]
+    lines = [
+        f"machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
+        f"backend {result['machine']['backend']}, jax {result['machine']['jax']}; "
+        f"measured float32 matmul peak {peak:.1f} GFLOP/s (best of sizes "
+        + ", ".join(f"{n}: {g:.0f}" for n, g in result.get("matmul_peak_by_size", {}).items())
+        + ")",
+        "",
+    ]
+    header = f"{'row':<5}{'contender':<22}{'median':>12}{'speed-up':>10}{'temp MB':>10}{'peak MB':>10}  notes"
+    lines += [header, "-" * len(header)]
+    for row in result["rows"]:
+        lines.append(f"{row['name']:<6}{row['description']}")
+        for name in row["seconds"]:
+            time_text, note = contender_figures(row, name, peak)
+            memory = row.get("memory", {}).get(name, NOT_AVAILABLE)
+            temp, peak_bytes = (_megabytes(memory[key]) for key in ("temp_bytes", "peak_bytes"))
+            lines.append(
+                f"{'':<5}{name:<22}{time_text:>12}{row['ratios'][name]:>9.2f}x{temp:>10}{peak_bytes:>10}  {note}".rstrip()
+            )
+    return "\n".join(lines)
+
+
+def _megabytes(value: int | str) -> str:
+    return f"{value / 1e6:.2f}" if isinstance(value, int) else str(value)

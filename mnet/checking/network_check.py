@@ -1,0 +1,247 @@
+"""``check_network``: every derivative quantity of a whole network and loss, by hand, against JAX autodiff.
+
+In float64 (JAX x64, switched on for the check alone), at random parameters, inputs, targets and directions, each
+row runs one public driver and compares it with its autodiff reference:
+
+=========================  ===========================================================================
+quantity                   reference
+=========================  ===========================================================================
+``value_and_grad``         ``jax.value_and_grad`` of ``loss.value(net.apply(params, x), targets)``
+``per_example_grads``      ``jax.grad`` of each example's loss, run as a batch of one, vmapped
+``per_example_grad_norms`` the L2 norms of those
+``jacobian``               ``jax.jacrev(net.apply)``
+``ntk``                    the contraction of two batches' ``jax.jacrev`` Jacobians
+``jvp``                    ``jax.jvp(net.apply)`` along random parameter and input tangents
+``ggn_vector_product``     ``jax.vjp`` of ``H_y`` (``jax.hessian`` of the loss in the outputs) times ``jax.jvp``
+``hessian_vector_product`` ``jax.jvp`` of ``jax.grad``
+``diag_ggn``               the diagonal of ``mean_b J_b^T H_b J_b`` from ``jax.jacrev`` and ``jax.hessian``
+``per_example_diag_ggn``   its rows, one per example
+``diag_hessian``           ``e_i^T (jax.jvp of jax.grad) e_i``, every coordinate (512 at random when larger)
+``kfac_factors``           ``kron(A, G)`` of every dense-like entry at batch 1 against the exact GGN block
+                           ``J^T H J`` (``jax.jacrev``), for entries with one position per example
+=========================  ===========================================================================
+
+A quantity the network does not support (a layer without a second-order rule, a loss without a Hessian square
+root) is reported with the error it raises and does not fail the check; every quantity it does support must agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+
+from mnet.checking import reference
+from mnet.checking.curvature_rows import POSITIONED_KRONECKER, Positioned
+from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, random_input
+from mnet.core.protocol import LayerProtocol, Shape, call_forward, init_layer, require_layer
+from mnet.core.walk import walk
+from mnet.errors import MnetError
+from mnet.losses import Loss
+from mnet.quantities.diag_hessian import diag_hessian
+from mnet.quantities.ggn import diag_ggn, ggn_vector_product, per_example_diag_ggn
+from mnet.quantities.gradient import value_and_grad
+from mnet.quantities.hessian_vector import hessian_vector_product
+from mnet.quantities.jacobian import jacobian
+from mnet.quantities.kronecker import is_factor_pair, kfac_factors, stack_bias, unstack_bias
+from mnet.quantities.ntk import contract_jacobians, ntk
+from mnet.quantities.per_example import per_example_grad_norms, per_example_grads
+from mnet.quantities.tangent import jvp
+
+
+def check_network(net: LayerProtocol, loss: Loss, input_shape: Shape, *, batch: int = 4, seed: int = 0) -> LayerReport:
+    """Check every derivative quantity of ``net`` under ``loss`` against JAX autodiff, end to end, in float64.
+
+    Arguments:
+        net: any network (a layer, combinators and a user's layers included).
+        loss: one of :mod:`mnet.losses` (or any :class:`mnet.losses.Loss`).
+        input_shape: one example's shape (no batch axis), as ``init`` takes it.
+        batch: examples per random batch (the NTK's second batch has one more).
+        seed: seeds the parameters, inputs, targets and directions.
+
+    Returns:
+        A :class:`mnet.checking.layer_report.LayerReport` with one row per quantity: ``report.ok``,
+        ``report.wrong`` (the quantities that disagree), ``str(report)`` a table, ``report.to_dict()`` plain data.
+    """
+    require_layer(net, "check_network: the network")
+    with jax.enable_x64(True):
+        return _check(net, loss, tuple(input_shape), batch, seed)
+
+
+def _check(net: Any, loss: Loss, input_shape: tuple[int, ...], batch: int, seed: int) -> LayerReport:
+    rng = np.random.default_rng(seed)
+    _, params = init_layer(net, jax.random.key(seed), input_shape, jnp.float64)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * _normal(rng, p) if _floating(p) else p, params)
+    x, x2 = (random_input(net, (n,) + input_shape, rng) for n in (batch, batch + 1))
+    outputs = jax.eval_shape(lambda p, inputs: call_forward(net, p, inputs)[0], params, x)
+    targets = loss.random_targets(outputs, jax.random.key(seed + 1))
+    v = jax.tree_util.tree_map(lambda p: _normal(rng, p) if _floating(p) else jnp.zeros_like(p), params)
+    dx = _normal(rng, x) if _floating(x) else None
+
+    def apply(p, inputs):
+        return call_forward(net, p, inputs)[0]
+
+    def objective(p):
+        return loss.value(apply(p, x), targets)
+
+    def per_example_ref(p):
+        def one(x_b, t_b):
+            return jax.grad(lambda q: loss.value(apply(q, x_b[None]), t_b[None]))(p)
+
+        return jax.vmap(one)(x, targets)
+
+    def output_hessians(p):
+        """``(batch, m, m)``: each example's Hessian of its own loss in its outputs."""
+        y = apply(p, x)
+
+        def one(y_b, t_b):
+            return jax.hessian(lambda o: loss.per_example(o[None], t_b[None])[0])(y_b).reshape(y_b.size, y_b.size)
+
+        return jax.vmap(one)(y, targets)
+
+    def diag_ggn_ref(p, each_example):
+        J = jax.jacrev(apply)(p, x)
+        leaves = [
+            leaf.reshape(batch, -1, int(np.prod(leaf.shape[1 + len(outputs.shape) - 1 :]))) for leaf in _leaves(J)
+        ]
+        H = output_hessians(p)
+        per = [jnp.einsum("bop,boq,bqp->bp", leaf, H, leaf) for leaf in leaves]
+        rows = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(p), [d.reshape((batch,) + np.shape(q)) for d, q in zip(per, _leaves(p))]
+        )
+        return rows if each_example else jax.tree_util.tree_map(lambda d: jnp.mean(d, axis=0), rows)
+
+    def ggn_vector_ref(p, direction):
+        y, y_tangent = jax.jvp(lambda q: apply(q, x), (p,), (direction,))
+        H = output_hessians(p)
+        pulled = jnp.einsum("bij,bj->bi", H, y_tangent.reshape(batch, -1)).reshape(y.shape) / batch
+        return jax.vjp(lambda q: apply(q, x), p)[1](pulled)[0]
+
+    checks: list[tuple[str, Callable, Callable, tuple]] = [
+        (
+            "value_and_grad",
+            value_and_grad(net, loss),
+            lambda p, i, t: jax.value_and_grad(objective)(p),
+            (params, x, targets),
+        ),
+        ("per_example_grads", per_example_grads(net, loss), lambda p, i, t: per_example_ref(p), (params, x, targets)),
+        (
+            "per_example_grad_norms",
+            per_example_grad_norms(net, loss),
+            lambda p, i, t: jnp.sqrt(sum(jnp.sum(g.reshape(batch, -1) ** 2, 1) for g in _leaves(per_example_ref(p)))),
+            (params, x, targets),
+        ),
+        ("jacobian", jacobian(net), jax.jacrev(apply), (params, x)),
+        (
+            "ntk",
+            ntk(net),
+            lambda p, a, b: contract_jacobians(jax.jacrev(apply)(p, a), jax.jacrev(apply)(p, b)),
+            (params, x, x2),
+        ),
+        (
+            "jvp",
+            jvp(net),
+            lambda p, i, d, t: (
+                jax.jvp(apply, (p, i), (d, t)) if t is not None else jax.jvp(lambda q: apply(q, i), (p,), (d,))
+            ),
+            (params, x, v, dx),
+        ),
+        (
+            "ggn_vector_product",
+            ggn_vector_product(net, loss),
+            lambda p, i, t, d: ggn_vector_ref(p, d),
+            (params, x, targets, v),
+        ),
+        (
+            "hessian_vector_product",
+            hessian_vector_product(net, loss),
+            lambda p, i, t, d: jax.jvp(jax.grad(objective), (p,), (d,))[1],
+            (params, x, targets, v),
+        ),
+        ("diag_ggn", diag_ggn(net, loss), lambda p, i, t: diag_ggn_ref(p, False), (params, x, targets)),
+        (
+            "per_example_diag_ggn",
+            per_example_diag_ggn(net, loss),
+            lambda p, i, t: diag_ggn_ref(p, True),
+            (params, x, targets),
+        ),
+    ]
+    rows = [_row(name, hand, ref, arguments) for name, hand, ref, arguments in checks]
+    rows.append(_diag_hessian_row(net, loss, params, x, targets, objective, rng))
+    rows.append(_kronecker_row(net, loss, params, x, targets))
+    return LayerReport(repr(net), input_shape, batch, tuple(rows), title=f"check_network {net!r}, loss {loss!r}")
+
+
+def _row(name: str, hand: Callable, ref: Callable, arguments: tuple) -> RuleRow:
+    try:
+        mine = jax.jit(hand)(*arguments)
+    except MnetError as unsupported:
+        return RuleRow(name, "absent", note=" ".join(str(unsupported).split()))
+    return compare_rule(name, "driver", mine, jax.jit(ref)(*arguments))
+
+
+def _diag_hessian_row(net, loss, params, x, targets, objective, rng) -> RuleRow:
+    try:
+        mine = jax.flatten_util.ravel_pytree(jax.jit(diag_hessian(net, loss))(params, x, targets))[0]
+    except MnetError as unsupported:
+        return RuleRow("diag_hessian", "absent", note=" ".join(str(unsupported).split()))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    coordinates, note = np.arange(flat.size), ""
+    if flat.size > reference.DIAG_HESSIAN_COORDINATES:
+        coordinates = np.sort(rng.choice(flat.size, reference.DIAG_HESSIAN_COORDINATES, replace=False))
+        note = f"{reference.DIAG_HESSIAN_COORDINATES} of {flat.size} coordinates, at random"
+    ref = jax.jit(lambda theta, idx: reference.hessian_diagonal(lambda t: objective(unravel(t)), theta, idx))(
+        flat, jnp.asarray(coordinates)
+    )
+    row = compare_rule("diag_hessian", "driver", mine[coordinates], ref)
+    return RuleRow(row.rule, row.source, row.agreement, row.worst, note) if note and row.ok else row
+
+
+def _kronecker_row(net, loss, params, x, targets) -> RuleRow:
+    one, t1 = x[:1], targets[:1]
+    try:
+        factors = kfac_factors(net, loss)(params, one, t1)
+        S = loss.hessian_sqrt(call_forward(net, params, one)[0], t1)
+    except MnetError as unsupported:
+        return RuleRow("kfac_factors", "absent", note=" ".join(str(unsupported).split()))
+    shares = walk(net, POSITIONED_KRONECKER, params, (call_forward(net, params, one)[1],), (S,))[0]
+    positions = {
+        path: share.positions
+        for path, share in jax.tree_util.tree_flatten_with_path(shares, is_leaf=lambda n: isinstance(n, Positioned))[0]
+        if isinstance(share, Positioned)
+    }
+    y = call_forward(net, params, one)[0]
+    H = jax.hessian(lambda o: loss.per_example(o, t1)[0])(y).reshape(y.size, y.size)
+    mine, ref, skipped = {}, {}, 0
+    for path, pair in jax.tree_util.tree_flatten_with_path(factors, is_leaf=is_factor_pair)[0]:
+        if not is_factor_pair(pair):
+            continue
+        owner = next((p for p in positions if path[: len(p)] == p), None)
+        if owner is None or positions[owner] != 1:
+            skipped += 1
+            continue
+        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        name = jax.tree_util.keystr(path)
+        mine[name] = jnp.kron(pair["A"], pair["G"])
+        ref[name] = reference.ggn_block(net, params, one, H, keys, stack_bias, unstack_bias)
+    note = f"{skipped} entries with positions not compared (P kron(A, G) approximates their block)" if skipped else ""
+    if not mine:
+        return RuleRow("kfac_factors", "driver", note=note or "no dense-like entry")
+    row = compare_rule("kfac_factors", "driver", mine, ref)
+    return RuleRow(row.rule, row.source, row.agreement, row.worst, note) if note and row.ok else row
+
+
+def _leaves(tree: Any) -> list:
+    return jax.tree_util.tree_leaves(tree)
+
+
+def _floating(a: Any) -> bool:
+    return jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
+
+
+def _normal(rng: np.random.Generator, like: Any) -> jax.Array:
+    return jnp.asarray(rng.normal(size=np.shape(like)), jnp.asarray(like).dtype)

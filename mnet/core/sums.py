@@ -1,0 +1,46 @@
+"""How carried values add up: cotangents and tangents of one input, stacks of cotangents, per-example norms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mnet.core.protocol import Array, Params
+
+
+def add_cotangents(a: Array, b: Array) -> Array:
+    """``a + b`` for two input gradients of the same input; integer inputs have ``float0`` gradients, which stay."""
+    return a if getattr(a, "dtype", None) == jax.dtypes.float0 else a + b
+
+
+def add_tangents(a: Array | None, b: Array | None) -> Array | None:
+    """``a + b`` for tangents that may be None (zero)."""
+    return b if a is None else a if b is None else a + b
+
+
+def batch_sq_norms(per_example: Params, batch: int, dtype) -> Array:
+    """``(batch,)`` sums of squares over every leaf of a per-example pytree (leaves have a leading batch axis)."""
+    total = jnp.zeros((batch,), dtype)
+    for leaf in jax.tree_util.tree_leaves(per_example):
+        total = total + jnp.sum(leaf.reshape(batch, -1) ** 2, axis=1)
+    return total
+
+
+#: Stacks up to this many entries are summed as a chain of additions (see :func:`sum_stack`).
+UNROLLED_STACK = 64
+
+
+def sum_stack(a: Array, weights: Array | None = None) -> Array:
+    """``sum_k weights[k] * a[k]`` over the leading (stack) axis of ``a``; ``weights`` ``(K, batch)`` or None for 1.
+
+    A short stack is summed as ``K - 1`` additions, which XLA fuses into one pass: its CPU reduction over a short
+    leading axis ran 60 times slower (2.7 ms against 0.045 ms for a ``(10, 128, 512)`` stack on the 2-core
+    machine, jax 0.10.2), which alone made the exact GGN diagonal 4.4 gradients instead of 2.2."""
+    if weights is not None:
+        weights = weights.reshape(weights.shape + (1,) * (a.ndim - weights.ndim)).astype(a.dtype)
+    if a.shape[0] > UNROLLED_STACK:
+        return jnp.sum(a if weights is None else a * weights, axis=0)
+    total = a[0] if weights is None else a[0] * weights[0]
+    for k in range(1, a.shape[0]):
+        total = total + (a[k] if weights is None else a[k] * weights[k])
+    return total

@@ -1,0 +1,174 @@
+"""The walk: one traversal for every quantity that carries a cotangent-like value down the network.
+
+A quantity is carried down in ``streams`` (one for a gradient; two for the NTK, which walks the caches of two
+batches side by side): ``caches`` and ``carried`` are tuples with one entry per stream. At a layer made of layers
+(one with a ``walk`` method: the combinators and composite layers) the walk goes inside; at any other layer (a
+unit) the quantity applies the layer's own rule if it has one, or else its default, derived from the rules every
+layer has. The walk returns a tree like the params down to each unit's entry (a unit's gradient, its per-example
+gradients, its squared norms, its NTK share, ...), and the carried values at the input.
+
+The gradient (:data:`BACKWARD`) is the walk's own quantity: a composite's ``backward`` is that walk. Every other
+quantity lives in its own module of :mod:`mnet.quantities`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mnet.core.layer import Layer
+from mnet.core.protocol import Array, Cache, Params, has_params
+from mnet.core.sums import add_cotangents
+from mnet.core.tangent import tangent_walk
+
+
+class MissingRule(NotImplementedError):
+    """A unit with parameters has no rule for a quantity that cannot be derived from ``backward`` alone; the
+    drivers of :mod:`mnet.derivatives` then run the network one example at a time instead."""
+
+    def __init__(self, layer: Any, rule: str):
+        super().__init__(f"{layer!r} has no {rule} rule")
+        self.layer, self.rule = layer, rule
+
+
+def own_rule(layer: Any, name: str):
+    """The layer's own method ``name``, or None when it has none."""
+    method = getattr(layer, name, None)
+    return method if callable(method) else None
+
+
+def walk(layer: Any, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
+    """Carry ``quantity`` down through ``layer``: ``(tree like params, carried values at the layer's input)``."""
+    if quantity.skips(layer):
+        return (), carried
+    through = getattr(layer, "walk", None)
+    if callable(through):
+        return through(quantity, params, caches, carried)
+    return quantity.at_unit(layer, params, caches, carried)
+
+
+class Quantity:
+    """A quantity carried down the network, and what each unit contributes to it.
+
+    ``rule`` names the method a layer defines to compute the quantity faster than the default; the rule takes
+    ``(params, cache, dy)`` and returns ``(this layer's share, dx)``. :meth:`default` derives the share from the
+    rules every layer has. :meth:`finish` turns the tree of shares into the quantity (a sum, for norms)."""
+
+    rule = ""
+
+    def skips(self, layer: Any) -> bool:
+        """Whether the walk passes ``layer`` by whole (its share ``()``, the carried values unchanged): only for a
+        quantity that concerns some layers alone, such as the state of the layers that keep one."""
+        return False
+
+    def at_unit(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
+        own = own_rule(layer, self.rule)
+        if own is None:
+            return self.default(layer, params, caches, carried)
+        share, dx = own(params, caches[0], carried[0])
+        return share, (dx,)
+
+    def default(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
+        raise MissingRule(layer, self.rule)
+
+    def finish(self, shares: Any, carried: tuple) -> Any:
+        return shares
+
+    # How a combinator handles a carried value (one stream's): before it feeds several paths whose inputs add
+    # up, split among the pieces of a concatenation, and added where paths meet. Cotangents need nothing more.
+    def fork(self, value: Any) -> Any:
+        return value
+
+    def split(self, value: Any, bounds: list[int]) -> list[Any]:
+        return jnp.split(value, bounds, axis=-1)
+
+    def join(self, a: Any, b: Any) -> Any:
+        return add_cotangents(a, b)
+
+    def run(self, layer: Any, params: Params, cache: Cache, dy: Array) -> tuple[Any, Array]:
+        """The quantity over one stream: ``(quantity, dx)``."""
+        shares, (dx,) = walk(layer, self, params, (cache,), (dy,))
+        return self.finish(shares, (dy,)), dx
+
+    def __repr__(self) -> str:
+        return f"<quantity {self.rule}>"
+
+
+class StackedQuantity(Quantity):
+    """A quantity that carries a stack of cotangents per stream, ``(K, batch, *output)``: one per network output
+    for the NTK, one per column of the loss Hessian's square root for curvature. Every unit passes each stack
+    down through its ``backward``, one entry at a time (``jax.vmap``); its share comes from its own rule, which
+    takes ``(params, *caches, *stacks)``, or from :meth:`share`, the default built from the per-example rule."""
+
+    def at_unit(self, layer, params, caches, carried):
+        down = tuple(
+            jax.vmap(lambda dy, cache=cache: layer.backward(params, cache, dy)[1])(stack)
+            for cache, stack in zip(caches, carried)
+        )
+        if not has_params(params):
+            return (), down
+        return self.share_of(layer, params, caches, carried), down
+
+    def share_of(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> Any:
+        """The unit's share: its own rule if it has one, else the default."""
+        own = own_rule(layer, self.rule)
+        return own(params, *caches, *carried) if own is not None else self.share(layer, params, caches, carried)
+
+    def share(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> Any:
+        raise MissingRule(layer, self.rule)
+
+
+class Backward(Quantity):
+    """The gradient: every unit's ``backward``. Its shares are the parameter gradients."""
+
+    rule = "backward"
+
+
+BACKWARD = Backward()
+
+
+class Composite(Layer):
+    """A layer made of layers (the combinators, and layers defined by an inner network). It says once, in
+    :meth:`walk`, how any quantity passes through it; ``backward`` and every optional rule follow from that, so a
+    composite never has a method per quantity."""
+
+    def walk(self, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
+        raise NotImplementedError
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        return BACKWARD.run(self, params, cache, dy)
+
+    def tangent_walk(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def tangent(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> Array | None:
+        """The Jacobian-vector product through every layer inside (see :func:`tangent_walk`)."""
+        return self.tangent_walk(params, cache, dparams, dx)[0]
+
+
+class Compound(Composite):
+    """A layer that is an inner network with a parameter layout of its own: Conv2D is windows followed by a dense
+    product; attention is three projections, a core and an output projection. Subclasses say what the inner
+    network is and how the two parameter layouts correspond; every walk goes through the inner network."""
+
+    def network(self, cache: Cache) -> Any:
+        """The inner network that produced ``cache`` (its sizes may be read from the cache's shapes)."""
+        raise NotImplementedError
+
+    def to_network(self, params: Params) -> Params:
+        """This layer's params in the inner network's layout."""
+        raise NotImplementedError
+
+    def from_network(self, tree: Any) -> Any:
+        """A tree in the inner network's layout (gradients, or any quantity's shares) in this layer's layout."""
+        raise NotImplementedError
+
+    def walk(self, quantity, params, caches, carried):
+        shares, carried = walk(self.network(caches[0]), quantity, self.to_network(params), caches, carried)
+        return self.from_network(shares), carried
+
+    def tangent_walk(self, params, cache, dparams, dx):
+        inner = self.network(cache)
+        return tangent_walk(inner, self.to_network(params), cache, self.to_network(dparams), dx)

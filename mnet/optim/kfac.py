@@ -1,0 +1,232 @@
+"""K-FAC: natural-gradient steps preconditioned by every dense layer's Kronecker factors, as an optax transformation.
+
+For a dense layer ``z = a W'`` (``a`` the input with a 1 appended, ``W' = [W; b]``), :func:`mnet.kfac_factors` gives
+``A = mean a a^T`` and ``G = mean S S^T`` with ``kron(A, G)`` approximating the layer's block of the GGN (Martens and
+Grosse 2015). The block's inverse applied to the gradient is two small solves, never the block itself:
+
+    (A kron G)^-1 vec(dW') = vec(A^-1 dW' G^-1).
+
+The preconditioner keeps, in a plain pytree state:
+
+* the factors averaged over steps, ``F <- decay F + (1 - decay) F_batch`` (the first step takes ``F_batch``);
+* their damped inverses, refreshed every ``inverse_every`` steps (step 0 included) and reused in between. Damping is
+  factored Tikhonov damping: ``A + pi sqrt(damping) I`` and ``G + sqrt(damping) / pi I`` with
+  ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, which keeps ``kron`` of the damped factors within a factor of two
+  of ``kron(A, G) + damping I`` (Martens and Grosse, section 6.3); ``pi_correction=False`` uses ``pi = 1``.
+
+A layer without Kronecker structure (LayerNorm, Embedding, a user's layer without a rule) keeps its plain gradient.
+Every step computes the batch's factors by hand (one forward pass and one walk of the loss Hessian's square root:
+:func:`mnet.kfac_factors`), so the transformation needs the batch: it is an
+``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``inputs=``, ``targets=`` and (for
+``kind="kfac"``) ``key=``, which :func:`mnet.fit` passes to any such transformation. Chain it with any optax
+transformation that turns a direction into a step: :func:`kfac` is ``optax.chain(preconditioner, sgd with momentum)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
+from mnet.core.walk import walk
+from mnet.losses import Loss
+from mnet.quantities.kronecker import (
+    KRONECKER_FACTORS,
+    KRONECKER_KINDS,
+    is_factor_pair,
+    kfac_factors,
+    stack_bias,
+    unstack_bias,
+)
+
+
+class KFACState(NamedTuple):
+    """The preconditioner's state: the step count, the averaged factors and their damped inverses (trees like
+    :func:`mnet.kfac_factors`' result: ``{"A", "G"}`` per dense-like entry, ``()`` or None elsewhere)."""
+
+    step: Array
+    factors: Any
+    inverses: Any
+
+
+def _map_pairs(fn, *trees: Any) -> Any:
+    """``fn`` on every ``{"A", "G"}`` entry of ``trees`` (zipped), the rest of the structure kept."""
+    return jax.tree_util.tree_map(fn, *trees, is_leaf=lambda node: is_factor_pair(node) or node is None)
+
+
+def _damped_inverses(pair: dict, damping: float, pi_correction: bool) -> dict:
+    A, G = pair["A"], pair["G"]
+    if pi_correction:
+        ratio = (jnp.trace(A) / A.shape[0]) / (jnp.trace(G) / G.shape[0])
+        pi = jnp.sqrt(jnp.where(ratio > 0, ratio, 1.0))
+    else:
+        pi = jnp.ones((), A.dtype)
+    root = jnp.sqrt(jnp.asarray(damping, A.dtype))
+
+    def inverse(M: Array, shift: Array) -> Array:
+        damped = M + shift * jnp.eye(M.shape[0], dtype=M.dtype)
+        factor = jax.scipy.linalg.cho_factor(damped)
+        return jax.scipy.linalg.cho_solve(factor, jnp.eye(M.shape[0], dtype=M.dtype))
+
+    return {"A": inverse(A, pi * root), "G": inverse(G, root / pi)}
+
+
+def precondition(inverses: Any, grads: Params) -> Params:
+    """Every dense-like entry's gradient ``[W; b]`` replaced by ``A^-1 [W; b] G^-1``; the rest unchanged."""
+    if is_factor_pair(inverses):
+        return unstack_bias(inverses["A"] @ stack_bias(grads) @ inverses["G"], grads)
+    if inverses is None or inverses == ():
+        return grads
+    if isinstance(inverses, dict):
+        return {name: precondition(inverses[name], grads[name]) for name in grads}
+    return type(grads)(precondition(inv, g) for inv, g in zip(inverses, grads))
+
+
+def _check_settings(damping: float, decay: float, inverse_every: int, kind: str) -> None:
+    if not damping > 0:
+        raise ValueError(f"kfac: damping must be > 0 (it keeps the factors invertible), got {damping!r}")
+    if not 0 <= decay < 1:
+        raise ValueError(f"kfac: decay must be in [0, 1) (the weight kept by the moving average), got {decay!r}")
+    if not (isinstance(inverse_every, int) and inverse_every >= 1):
+        raise ValueError(f"kfac: inverse_every must be a positive int, got {inverse_every!r}")
+    if kind not in KRONECKER_KINDS:
+        raise ValueError(f"kfac: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+
+
+def kfac_preconditioner(
+    net: LayerProtocol,
+    loss: Loss,
+    input_shape: tuple[int, ...],
+    *,
+    damping: float = 1e-2,
+    decay: float = 0.95,
+    inverse_every: int = 10,
+    kind: str = "kfac",
+    pi_correction: bool = True,
+    kl_clip: float | None = None,
+    learning_rate: float = 1.0,
+    input_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The K-FAC preconditioner: gradients in, natural-gradient directions out (chain it with a step rule).
+
+    Arguments:
+        net, loss: the network and loss being trained.
+        input_shape: one example's shape (no batch axis), as ``net.init`` takes it: the factors' sizes follow.
+        damping: Tikhonov damping ``lambda > 0`` (factored; see the module docstring).
+        decay: weight kept by the factors' moving average per step.
+        inverse_every: steps between refreshes of the damped inverses.
+        kind: ``"kfac"`` (one sampled column of the loss Hessian's square root per example: cheap, needs
+            ``key=`` in ``update``) or ``"kflr"`` (the exact square root: ``C`` columns).
+        pi_correction: split the damping between the factors by their mean eigenvalues.
+        kl_clip: if given, every direction is scaled down (never up) so that ``learning_rate^2 <direction,
+            grads>`` (the step's quadratic form under the curvature) is at most ``kl_clip`` (Ba et al. 2017).
+        learning_rate: the step rule's learning rate, used by ``kl_clip`` alone.
+        input_dtype: the inputs' dtype (default: the parameters' float dtype; ``jnp.int32`` for token ids).
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, inputs, targets,
+        key=None)``. Its state is a :class:`KFACState`, a plain pytree (checkpoints save it like any optimizer's).
+
+    Raises:
+        ValueError: for a bad setting, or (at ``init``) a network without any Kronecker-factored layer.
+    """
+    _check_settings(damping, decay, inverse_every, kind)
+    factors_fn = kfac_factors(net, loss, kind)
+
+    def shapes(params: Params) -> Any:
+        """The factors' structure and shapes from the network's walk at a batch of one (no computation)."""
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+
+        def factors_of_one(p):
+            x = jnp.zeros((1,) + tuple(input_shape), input_dtype or dtype)
+            outputs, cache = call_forward(net, p, x)
+            return walk(net, KRONECKER_FACTORS, p, (cache,), (jnp.zeros((1,) + outputs.shape, outputs.dtype),))[0]
+
+        return jax.eval_shape(factors_of_one, params)
+
+    def init(params: Params) -> KFACState:
+        structure = shapes(params)
+        pairs = [node for node in jax.tree_util.tree_leaves(structure, is_leaf=is_factor_pair) if is_factor_pair(node)]
+        if not pairs:
+            raise ValueError(
+                f"kfac: {net!r} has no layer with Kronecker factors (Dense, Conv2D, attention projections), so "
+                "there is nothing to precondition"
+            )
+
+        def zeros() -> Any:  # called twice: two sets of buffers, since fit donates the state
+            return _map_pairs(
+                lambda pair: (
+                    {k: jnp.zeros(v.shape, v.dtype) for k, v in pair.items()} if is_factor_pair(pair) else pair
+                ),
+                structure,
+            )
+
+        return KFACState(jnp.zeros((), jnp.int32), zeros(), zeros())
+
+    def update(grads: Params, state: KFACState, params: Params | None = None, **extra: Any):
+        if params is None or "inputs" not in extra or "targets" not in extra:
+            raise ValueError(
+                "kfac: update needs params and the batch: update(grads, state, params, inputs=x, targets=y)"
+            )
+        key = extra.get("key")
+        if kind == "kfac" and key is None:
+            raise ValueError('kfac: kind="kfac" samples the loss Hessian\'s square root: pass key= to update')
+        batch = factors_fn(params, extra["inputs"], extra["targets"], key=key)
+        kept = jnp.where(state.step == 0, 0.0, decay)
+        factors = _map_pairs(
+            lambda old, new: old if not is_factor_pair(old) else {k: kept * old[k] + (1 - kept) * new[k] for k in old},
+            state.factors,
+            batch,
+        )
+        inverses = jax.lax.cond(
+            state.step % inverse_every == 0,
+            lambda: _map_pairs(
+                lambda pair: _damped_inverses(pair, damping, pi_correction) if is_factor_pair(pair) else pair, factors
+            ),
+            lambda: state.inverses,
+        )
+        direction = precondition(inverses, grads)
+        if kl_clip is not None:
+            # Ba et al. (2017): shrink the step so that its quadratic form under the curvature,
+            # lr^2 <direction, F direction> ~ lr^2 <direction, grads>, stays below kl_clip.
+            quadratic = sum(
+                jnp.vdot(d, g) for d, g in zip(jax.tree_util.tree_leaves(direction), jax.tree_util.tree_leaves(grads))
+            )
+            scale = jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(learning_rate**2 * quadratic, 1e-30)))
+            direction = jax.tree_util.tree_map(lambda d: d * scale.astype(d.dtype), direction)
+        return direction, KFACState(state.step + 1, factors, inverses)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def kfac(
+    net: LayerProtocol,
+    loss: Loss,
+    input_shape: tuple[int, ...],
+    *,
+    learning_rate: float = 0.05,
+    momentum: float = 0.5,
+    kl_clip: float | None = 1e-3,
+    **preconditioner: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """A K-FAC optimizer for :func:`mnet.fit`: :func:`kfac_preconditioner` then SGD with momentum.
+
+    Arguments:
+        net, loss, input_shape: as :func:`kfac_preconditioner`.
+        learning_rate, momentum: the step along the natural-gradient direction.
+        kl_clip: bounds every step's quadratic form (see :func:`kfac_preconditioner`); None switches it off.
+        **preconditioner: ``damping``, ``decay``, ``inverse_every``, ``kind``, ``pi_correction``, ``input_dtype``.
+
+    Returns:
+        ``optax.chain(kfac_preconditioner(...), optax.sgd(learning_rate, momentum))``; to use another step rule,
+        chain :func:`kfac_preconditioner` yourself.
+    """
+    if not learning_rate > 0:
+        raise ValueError(f"kfac: learning_rate must be > 0, got {learning_rate!r}")
+    return optax.chain(
+        kfac_preconditioner(net, loss, input_shape, kl_clip=kl_clip, learning_rate=learning_rate, **preconditioner),
+        optax.sgd(learning_rate, momentum=momentum),
+    )

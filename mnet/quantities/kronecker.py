@@ -1,0 +1,86 @@
+"""Kronecker factors by hand (KFLR, KFAC): each layer's input second moment ``A`` and the second moment ``G`` of the
+loss-Hessian square root carried back to its output, by one walk of the square root's columns
+(:data:`KRONECKER_FACTORS`); ``kron(A, G)`` approximates the layer's block of the GGN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+
+from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
+from mnet.core.walk import StackedQuantity, walk
+from mnet.losses import Loss
+
+
+class KroneckerFactors(StackedQuantity):
+    """Each layer's Kronecker factors ``A`` (its inputs' second moment) and ``G`` (the second moment of the
+    loss-Hessian square root's columns carried back to its output), from the ``(C, batch, *output)`` columns. A
+    unit's rule is ``kronecker_factors(params, cache, S) -> {"A": ..., "G": ...}``; a unit with parameters and no
+    rule gets ``None`` (it has no Kronecker structure the walk could know of)."""
+
+    rule = "kronecker_factors"
+
+    def share(self, layer, params, caches, carried):
+        return None
+
+
+KRONECKER_FACTORS = KroneckerFactors()
+
+
+KRONECKER_KINDS = ("kflr", "kfac")
+
+
+def is_factor_pair(node: Any) -> bool:
+    """Whether ``node`` is one dense-like entry of :func:`kfac_factors`' result, ``{"A", "G"}``."""
+    return isinstance(node, dict) and set(node) == {"A", "G"}
+
+
+def stack_bias(grad: Params) -> Array:
+    """A dense-like entry's ``{"W", "b"}`` (leading axes allowed) as the one matrix ``[W; b]`` that the Kronecker
+    factors act on (``A`` over its rows, ``G`` over its columns); ``{"W"}`` alone is ``W``."""
+    if "b" not in grad:
+        return grad["W"]
+    return jnp.concatenate([grad["W"], grad["b"][..., None, :]], axis=-2)
+
+
+def unstack_bias(matrix: Array, like: Params) -> Params:
+    """The inverse of :func:`stack_bias`: ``[W; b]`` back to an entry with the keys of ``like``."""
+    return {"W": matrix} if "b" not in like else {"W": matrix[..., :-1, :], "b": matrix[..., -1, :]}
+
+
+def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable[..., Any]:
+    """``f(params, x, targets, *, key=None)``: every layer's Kronecker factors of the GGN.
+
+    For a dense layer ``z = a W'`` (``a`` the input with a 1 appended for the bias, ``W' = [W; b]``):
+    ``A = mean_b a_b a_b^T`` and ``G = mean_b S_b S_b^T``, ``S_b`` the columns of the square root of example
+    ``b``'s loss Hessian ``H_b`` carried back to ``z`` (exact, ``C`` columns, for ``kind="kflr"``; one sample
+    from the loss's predictive distribution for ``kind="kfac"``, which needs ``key``). ``kron(A, G)``
+    approximates the GGN block of ``concatenate([W, b[None]]).reshape(-1)`` and equals it for ``"kflr"`` at
+    batch 1. Conv2D (its windows as positions) and attention's four projections (the sequence as positions)
+    follow the position convention of :meth:`mnet.Dense.kronecker_factors`: every position counts as an example.
+
+    Returns:
+        A pytree like ``params`` down to each layer's entry: a dense-like entry becomes ``{"A", "G"}``; an
+        attention layer's entry ``{"q", "k", "v", "o"}`` of those; a parameterless layer's stays ``()``; a layer
+        with parameters but no Kronecker structure (LayerNorm, Embedding, a user's layer without a
+        ``kronecker_factors`` rule) has ``None``.
+    """
+    if kind not in KRONECKER_KINDS:
+        raise ValueError(f"kfac_factors: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+
+    def kfac_factors_fn(
+        params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None
+    ) -> Any:
+        outputs, cache = call_forward(net, params, x, state=state)
+        if kind == "kflr":
+            S = loss.hessian_sqrt(outputs, targets)
+        elif key is None:
+            raise ValueError('kfac_factors(kind="kfac") samples from the predictive distribution: pass key=...')
+        else:
+            S = loss.sampled_hessian_sqrt(outputs, targets, key, 1)
+        return walk(net, KRONECKER_FACTORS, params, (cache,), (S,))[0]
+
+    return kfac_factors_fn

@@ -1,0 +1,248 @@
+"""Training: any network, any loss, any optax optimizer, with hand-derived or autodiff gradients.
+
+One epoch is one jitted call: the training set is shuffled by a permutation drawn from ``fold_in(seed, epoch)``
+(which also seeds the dropout masks of a network that has dropout)
+and cut into minibatches that ``jax.lax.scan`` steps through, with the parameters and optimizer state donated
+to the call (updated in place where the backend allows). Because the permutation depends only on the seed
+and the epoch number, a run resumed from a checkpoint follows exactly the path of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mnet import losses
+from mnet.core.protocol import LayerProtocol as Layer
+from mnet.core.protocol import Params, apply_layer, call_forward, is_stateful
+from mnet.core.state import init_state
+from mnet.errors import CheckpointError, DivergenceError
+from mnet.training import checkpoint, distributed, sharding
+from mnet.training.data import Dataset
+from mnet.training.layout import Layout, data_parallel_mesh, epoch_order, make_epoch
+from mnet.training.steps import GRADIENT_MODES
+
+
+@dataclass
+class History:
+    """Per-epoch records; ``train_loss`` is the mean minibatch loss the optimizer saw during the epoch."""
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def append(self, **record) -> None:
+        for name, value in record.items():
+            getattr(self, name).append(value)
+
+    def last(self) -> dict:
+        return {name: values[-1] for name, values in self.to_dict().items() if values}
+
+    def to_dict(self) -> dict:
+        return {name: list(values) for name, values in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> History:
+        return cls(**{name: list(data.get(name, [])) for name in vars(cls())})
+
+
+@dataclass
+class FitResult:
+    params: Params
+    opt_state: Any
+    history: History
+    state: Any = ()  # the model state (BatchNorm's running statistics); () for a network without one
+
+
+def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
+    """Jitted ``(params, x, y, state=()) -> (loss, accuracy)``; accuracy is NaN for losses that are not classifiers.
+    A network that keeps state is evaluated with its running statistics (evaluation mode)."""
+
+    def evaluate(params, x, y, state=()):
+        outputs = call_forward(net, params, x, state=state)[0] if is_stateful(net) else apply_layer(net, params, x)
+        return loss.value(outputs, y), loss.accuracy(outputs, y)
+
+    return jax.jit(evaluate)
+
+
+def check_targets(net: Layer, loss: losses.Loss, params: Params, x, *labels) -> None:
+    """Refuse targets the network's outputs cannot hold (inside the jitted epoch they would only show as a NaN loss):
+    for softmax cross-entropy every label must lie in ``[0, classes)``, ``classes`` the output width
+    (:meth:`mnet.losses.Loss.check_targets`)."""
+    outputs = jax.eval_shape(lambda p, inputs: net.forward(p, inputs)[0], params, x[:1])
+    for part, y in zip(("training", "test"), labels):
+        loss.check_targets(outputs.shape, y, f"fit: the {part} labels")
+
+
+def epoch_key(seed: int, epoch: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), epoch)
+
+
+def fit(
+    net: Layer,
+    loss: losses.Loss,
+    params: Params,
+    data: Dataset,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    epochs: int = 10,
+    batch_size: int = 32,
+    seed: int = 0,
+    grad: str = "manual",
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    config: dict | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    devices: int | None = None,
+    layout: str = "replicated",
+    model_devices: int | None = None,
+) -> FitResult:
+    """Train ``net`` on ``data``; named after Keras's ``fit`` since it is the same job: epochs over a dataset.
+
+    Arguments:
+        net, loss: the network and the loss to minimise.
+        params: initial parameters (copied, never consumed: the donated buffers are fit's own).
+        data: a :class:`mnet.data.Dataset` (features and integer labels).
+        optimizer: any optax transformation (default ``optax.adam(1e-3)``).
+        epochs: total number of epochs (a resumed run continues up to this number).
+        batch_size: minibatch size; must not exceed the number of training examples.
+        seed: seeds every epoch's shuffle (``fold_in(seed, epoch)``).
+        grad: ``"manual"`` (hand-derived, the default) or ``"autodiff"`` (``jax.value_and_grad``), through the
+            same loop; or a function ``(params, x, targets) -> (value, grads)`` such as
+            :func:`mnet.clipped_value_and_grad` for DP-SGD.
+        checkpoint_path: if given, a training checkpoint (params, optimizer state, the model state of a network
+            with BatchNorm, epoch, seed, history, ``config``) is written atomically after every epoch whose loss is
+            finite.
+        resume: continue from ``checkpoint_path`` if it exists (it must match the parameters and optimizer).
+        config: JSON-serialisable description stored in the checkpoint; resuming refuses a different one.
+        on_epoch: called as ``on_epoch(epoch, record)`` after every epoch, for progress display.
+        devices: data-parallel training over this many devices (0: all; every process's devices when several
+            processes have joined through :func:`mnet.distributed.initialize`, which is also the default then), the
+            batch split over them; None or 1 trains on the default device.
+        layout: where the parameters and the optimizer state live on those devices (:mod:`mnet.sharding`):
+            ``"replicated"`` (every device holds all), ``"fsdp"`` (each weight split over the devices) or
+            ``"tensor"`` (paired dense layers split column- then row-wise over ``model_devices``).
+        model_devices: the tensor-parallel group size for ``layout="tensor"`` (default: all the devices); the
+            batch is split over the ``devices // model_devices`` groups.
+
+    Returns:
+        :class:`FitResult` with the final params, optimizer state, :class:`History` and model state (``state``:
+        the running statistics of a network with BatchNorm, made by :func:`mnet.init_state` and moved every step in
+        training mode; the test figures use them, in evaluation mode).
+
+    Raises:
+        DivergenceError: the training loss became NaN or infinite; names the epoch, and the checkpoint (if any)
+            still holds the last good epoch.
+    """
+    optimizer = optimizer or optax.adam(1e-3)
+    if not callable(grad) and grad not in GRADIENT_MODES:
+        raise ValueError(f"grad must be one of {GRADIENT_MODES} or a value_and_grad-like function, got {grad!r}")
+    if not 0 < batch_size <= len(data.x_train):
+        raise ValueError(
+            f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}"
+        )
+    if devices is None and jax.process_count() > 1:
+        devices = 0  # processes that have joined train together, over all their devices
+    if layout not in sharding.LAYOUTS:
+        raise ValueError(f"layout must be one of {sharding.LAYOUTS}, got {layout!r}")
+    if layout != "replicated" and devices is None:
+        raise ValueError(f"layout {layout!r} shards the parameters over devices: pass devices= as well")
+    params = jax.tree_util.tree_map(jnp.array, params)  # a private copy, since the epoch donates its buffers
+    opt_state = optimizer.init(params)
+    # The model state (BatchNorm's running statistics) is trained beside the params and saved with them; a network
+    # without state has () and its checkpoints hold (params, optimizer state) exactly as before.
+    stateful = is_stateful(net)
+    state = init_state(net, params, np.shape(data.x_train)[1:]) if stateful else ()
+    saved = (lambda: (params, opt_state, state)) if stateful else (lambda: (params, opt_state))
+    history, start = History(), 0
+    config = dict(config or {}, seed=seed, batch_size=batch_size)
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        restored, meta = checkpoint.read_tree(checkpoint_path, saved())
+        params, opt_state, state = restored if stateful else (*restored, ())
+        if meta.get("config") != config:
+            raise CheckpointError(
+                f"{checkpoint_path}: written by a different configuration "
+                f"({meta.get('config')}), cannot resume with {config}"
+            )
+        history, start = History.from_dict(meta["history"]), int(meta["epoch"])
+
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    # Features follow the parameters' dtype; integer features (token ids for an Embedding) stay integers.
+    feature_dtype = None if np.issubdtype(np.asarray(data.x_train).dtype, np.integer) else dtype
+    check_targets(net, loss, params, jnp.asarray(data.x_train[:1], feature_dtype), data.y_train, data.y_test)
+    evaluate = make_evaluate(net, loss)
+    model = 1
+    if layout == "tensor":
+        model = model_devices or (len(jax.devices()) if devices == 0 else int(devices or 1))
+    mesh = data_parallel_mesh(devices, model)
+    # Evaluation reads the data from the default device, put there once.
+    x_seen, y_seen = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test, feature_dtype), jnp.asarray(data.y_test)
+    x_train: Any
+    y_train: Any
+    if mesh is None:
+        x_train, y_train = x_seen, y_seen
+        run_epoch = make_epoch(net, loss, optimizer, batch_size, grad)
+    else:
+        # Every array of the run is a global array on the mesh; each process fills only its own devices' shards.
+        plan = Layout.build(mesh, net, params, opt_state, layout)
+        params, opt_state = sharding.place(params, plan.params), sharding.place(opt_state, plan.opt_state)
+        state = sharding.place(state, plan.replicated)
+        x_train, y_train = np.asarray(data.x_train, feature_dtype), np.asarray(data.y_train)
+        run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, layout=plan)
+    alone = jax.process_count() == 1
+
+    for epoch in range(start + 1, epochs + 1):
+        began = time.perf_counter()
+        key = epoch_key(seed, epoch)
+        if mesh is None:
+            inputs = (x_train, y_train, key)
+        else:
+            order = np.asarray(epoch_order(key, len(x_train), batch_size))
+            key_data = sharding.place(np.asarray(jax.random.key_data(key)), plan.replicated)
+            inputs = (plan.gather_batches(x_train, order), plan.gather_batches(y_train, order), key_data)
+        new_params, new_opt_state, new_state, train_loss = run_epoch(params, opt_state, state, *inputs)
+        train_loss = float(sharding.to_host(train_loss))
+        if not math.isfinite(train_loss):
+            kept = f"; {checkpoint_path} still holds epoch {epoch - 1}" if checkpoint_path and epoch > 1 else ""
+            raise DivergenceError(f"training diverged at epoch {epoch}: the training loss is {train_loss}{kept}")
+        params, opt_state, state = new_params, new_opt_state, new_state
+        # Across processes the figures are computed by every process alike, from the parameters gathered whole.
+        measured = (params, state) if alone else sharding.to_host((params, state))
+        _, train_accuracy = evaluate(measured[0], x_seen, y_seen, measured[1])
+        test_loss, test_accuracy = (
+            evaluate(measured[0], x_test, y_test, measured[1]) if len(data.x_test) else (np.nan, np.nan)
+        )
+        record = dict(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_accuracy=float(train_accuracy),
+            test_loss=float(test_loss),
+            test_accuracy=float(test_accuracy),
+            seconds=time.perf_counter() - began,
+        )
+        history.append(**record)
+        if checkpoint_path is not None:
+            # Process 0 writes (atomically) what every process holds alike; the barrier keeps the others from
+            # running ahead of a checkpoint that is not on disk yet.
+            tree = sharding.to_host(saved())
+            if distributed.is_leader():
+                checkpoint.save_tree(
+                    checkpoint_path, tree, {"epoch": epoch, "config": config, "history": history.to_dict()}
+                )
+            distributed.barrier(f"mnet checkpoint epoch {epoch}")
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+    return FitResult(params, opt_state, history, state)

@@ -1,0 +1,164 @@
+"""Where the training arrays live on a mesh of devices: the batch split over ``"data"``, the parameters replicated,
+fully sharded (FSDP) or tensor-parallel (Megatron's column- then row-parallel dense pairs).
+
+Nothing here touches a derivative. The hand-derived step is the same program whatever the layout: ``jax.jit`` is
+told where its inputs and outputs live (``in_shardings``/``out_shardings``) and XLA's partitioner inserts the
+collectives the layout needs (an all-gather of a sharded weight before the product that reads it, a reduce-scatter
+of its gradient, the all-reduce after a row-parallel product), so every layout computes the replicated step's
+numbers up to the order of the sums.
+
+The mesh has two axes, ``("data", "model")``. The batch is split over ``"data"``; ``"model"`` has size 1 except for
+tensor parallelism, where each ``"model"`` group of devices holds one slice of every paired dense layer:
+
+* ``"replicated"``: every device holds every parameter (plain data parallelism).
+* ``"fsdp"``: every parameter with an axis divisible by the data axis' size is split along its largest such axis
+  (a Dense ``W`` by rows, a Conv2D kernel by its widest axis), so parameter and optimizer-state bytes per device
+  fall by the number of devices; a leaf too small to split (a bias of width 10 over 4 devices) stays replicated.
+* ``"tensor"``: consecutive Dense layers of a serial network pair up; the first of a pair is column-parallel
+  (``W`` split by columns, ``b`` too), the second row-parallel (``W`` split by rows), so the activation between
+  them stays split and one all-reduce follows the pair. A Dense left unpaired, and every other layer, is
+  replicated.
+
+The optimizer state follows the parameters: a subtree shaped like the parameters (Adam's moments) gets their
+layout, everything else (step counts) is replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mnet.layers.combinators import Serial
+from mnet.layers.dense import Dense
+
+LAYOUTS = ("replicated", "fsdp", "tensor")
+
+
+def make_mesh(devices: int, model: int = 1) -> Mesh:
+    """A ``("data", "model")`` mesh over the first ``devices`` of ``jax.devices()`` (every process's devices, once
+    :func:`mnet.distributed.initialize` has run; 0 means all of them), ``model`` of them per tensor-parallel group.
+
+    Raises:
+        ValueError: more devices asked for than there are, or ``model`` does not divide them.
+    """
+    available = jax.devices()
+    count = len(available) if devices == 0 else devices
+    if not 1 <= count <= len(available):
+        raise ValueError(
+            f"asked for {devices} devices but only {len(available)} are available "
+            f"({available[0].platform}); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N adds more"
+        )
+    if model < 1 or count % model:
+        raise ValueError(f"the {count} devices cannot form tensor-parallel groups of {model}")
+    return Mesh(np.array(available[:count]).reshape(count // model, model), ("data", "model"))
+
+
+def _fsdp_spec(leaf: Any, parts: int) -> PartitionSpec:
+    shape = np.shape(leaf)
+    candidates = [axis for axis, size in enumerate(shape) if size % parts == 0 and size >= parts]
+    if parts == 1 or not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda a: shape[a])
+    return PartitionSpec(*([None] * axis + ["data"]))
+
+
+def _dense_layers(net: Any, params: Any) -> list[dict]:
+    """The params of every Dense layer of ``net``, in order, looking through nested serial networks."""
+    if isinstance(net, Dense):
+        return [params]
+    if isinstance(net, Serial):
+        return [found for child, p in zip(net.layers, params) for found in _dense_layers(child, p)]
+    return []
+
+
+def _tensor_roles(denses: list[dict], parts: int) -> list[str]:
+    """``"column"``/``"row"`` for each pair of consecutive Dense layers whose shared width splits ``parts`` ways,
+    ``""`` (replicated) for the rest."""
+    roles = [""] * len(denses)
+    for k in range(0, len(denses) - 1, 2):
+        width = denses[k]["W"].shape[1]
+        if width % parts == 0 and denses[k + 1]["W"].shape[0] == width:
+            roles[k], roles[k + 1] = "column", "row"
+    return roles
+
+
+def _tensor_specs(net: Any, params: Any, parts: int) -> Any:
+    roles = iter(_tensor_roles(_dense_layers(net, params), parts))
+    column = {"W": PartitionSpec(None, "model"), "b": PartitionSpec("model")}
+    row = {"W": PartitionSpec("model", None), "b": PartitionSpec()}
+
+    def build(layer: Any, layer_params: Any) -> Any:  # visits the Dense layers in _dense_layers' order
+        if isinstance(layer, Dense):
+            role = {"column": column, "row": row}.get(next(roles), {})
+            return {name: role.get(name, PartitionSpec()) for name in layer_params}
+        if isinstance(layer, Serial):
+            return tuple(build(child, p) for child, p in zip(layer.layers, layer_params))
+        return jax.tree_util.tree_map(lambda _: PartitionSpec(), layer_params)
+
+    return build(net, params)
+
+
+def parameter_specs(net: Any, params: Any, layout: str, mesh: Mesh) -> Any:
+    """A ``PartitionSpec`` for every parameter leaf under ``layout`` (one of :data:`LAYOUTS`), a tree like
+    ``params``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"parameter layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "replicated":
+        return jax.tree_util.tree_map(lambda _: PartitionSpec(), params)
+    if layout == "fsdp":
+        return jax.tree_util.tree_map(lambda leaf: _fsdp_spec(leaf, mesh.shape["data"]), params)
+    if mesh.shape["model"] == 1:
+        raise ValueError("tensor parallelism needs a mesh with more than one device on its 'model' axis")
+    return _tensor_specs(net, params, mesh.shape["model"])
+
+
+def follow_parameters(tree: Any, params: Any, specs: Any) -> Any:
+    """Specs for a tree that holds copies of the parameters' shape (an optimizer state): every subtree with the
+    parameters' structure and shapes gets ``specs``, every other leaf is replicated."""
+    structure: Any = jax.tree_util.tree_structure(params)
+    shapes = [np.shape(leaf) for leaf in jax.tree_util.tree_leaves(params)]
+
+    def like_params(node: Any) -> bool:
+        if not structure == jax.tree_util.tree_structure(node):
+            return False
+        return [np.shape(leaf) for leaf in jax.tree_util.tree_leaves(node)] == shapes
+
+    return jax.tree_util.tree_map(
+        lambda node: specs if like_params(node) else PartitionSpec(), tree, is_leaf=like_params
+    )
+
+
+def shardings(mesh: Mesh, specs: Any) -> Any:
+    """``NamedSharding``s on ``mesh`` for a tree of ``PartitionSpec``s."""
+    return jax.tree_util.tree_map(
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda s: isinstance(s, PartitionSpec)
+    )
+
+
+def place(tree: Any, where: Any) -> Any:
+    """Global arrays laid out as ``where`` (a tree of shardings, or one sharding for every leaf), built from host
+    values that every process holds alike: each process fills only its own devices' shards."""
+
+    def one(leaf: Any, sharding: Any) -> jax.Array:
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(where, NamedSharding):
+        return jax.tree_util.tree_map(lambda leaf: one(leaf, where), tree)
+    return jax.tree_util.tree_map(one, tree, where)
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a NumPy array holding its whole value, on every process (an all-gather across processes where a
+    leaf's shards live on other processes' devices)."""
+
+    def one(leaf: Any) -> np.ndarray:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree_util.tree_map(one, tree)

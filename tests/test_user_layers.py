@@ -187,9 +187,37 @@ class WrongNTK(mnet.Dense):
         return super().ntk_contribution(params, x1, x2, dzs1, dzs2) + 1e-3
 
 
+@dataclass(frozen=True, repr=False)
+class WrongDiagHessian(mnet.Dense):
+    def diag_hessian(self, params, x, curvature):
+        share, below = super().diag_hessian(params, x, curvature)
+        return {"W": 1.01 * share["W"], "b": share["b"]}, below
+
+
+@dataclass(frozen=True, repr=False)
+class WrongKronecker(mnet.Dense):
+    def kronecker_factors(self, params, x, S):
+        factors = super().kronecker_factors(params, x, S)
+        return {"A": factors["A"], "G": factors["G"] + 1e-3 * jnp.eye(factors["G"].shape[0], dtype=factors["G"].dtype)}
+
+
+@dataclass(frozen=True, repr=False)
+class WrongBackwardTangent(mnet.Dense):
+    def backward_tangent(self, params, cache, tangents, dy, dy_tangent):
+        hv, dx, dx_tangent = super().backward_tangent(params, cache, tangents, dy, dy_tangent)
+        return jax.tree_util.tree_map(lambda g: 1.01 * g, hv), dx, dx_tangent
+
+
 @pytest.mark.parametrize(
     "layer, rule",
-    [(WrongBackward(3), "backward"), (WrongPerExample(3), "per_example_backward"), (WrongNTK(3), "ntk_contribution")],
+    [
+        (WrongBackward(3), "backward"),
+        (WrongPerExample(3), "per_example_backward"),
+        (WrongNTK(3), "ntk_contribution"),
+        (WrongDiagHessian(3), "diag_hessian"),
+        (WrongKronecker(3), "kronecker_factors"),
+        (WrongBackwardTangent(3), "backward_tangent"),
+    ],
 )
 def test_check_layer_names_the_wrong_rule(layer, rule):
     report = mnet.check_layer(layer, (4,))

@@ -15,6 +15,7 @@ import numpy as np
 from mnet.checking import reference
 from mnet.checking.layer_report import RuleRow, compare_rule, rule_source
 from mnet.core.curvature import Curvature
+from mnet.core.paths import path_keys
 from mnet.core.protocol import Array, Params, call_forward, has_params
 from mnet.core.walk import walk
 from mnet.errors import LayerError
@@ -87,7 +88,7 @@ def kronecker_row(layer: Any, params: Params, x: Array, columns: Array) -> RuleR
     for path, share in shares:
         if not isinstance(share, Positioned) or share.factors is None:
             continue
-        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        keys = path_keys(path)
         if share.positions != 1:
             skipped += 1
             continue
@@ -95,7 +96,7 @@ def kronecker_row(layer: Any, params: Params, x: Array, columns: Array) -> RuleR
         for inner, pair in pairs:
             if not is_factor_pair(pair):
                 continue
-            where = keys + tuple(getattr(k, "key", getattr(k, "idx", None)) for k in inner)
+            where = keys + path_keys(inner)
             name = jax.tree_util.keystr(path + tuple(inner)) or "(entry)"
             mine[name] = jnp.kron(pair["A"], pair["G"])
             ref[name] = reference.ggn_block(layer, params, one, output_hessian, where, stack_bias, unstack_bias)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import jax
@@ -38,9 +37,9 @@ from mnet.checking.agreement import (
     tolerance,
 )
 from mnet.checking.reference import autodiff_value_and_grad, layer_jvp, layer_vjp
+from mnet.checking.units import input_tangents, output_cotangents, unit_activations
 from mnet.core.protocol import Array, LayerProtocol, Params
 from mnet.core.tangent import tangent_walk
-from mnet.layers.combinators import Serial
 from mnet.losses import Loss
 from mnet.quantities.gradient import value_and_grad
 from mnet.quantities.tangent import input_tangent, jvp
@@ -88,7 +87,7 @@ class GradientReport:
 
     Attributes:
         rows: one :class:`LeafRow` per parameter leaf, named by its path (``[2]['W']``).
-        layers: one :class:`LayerRow` per layer (nested ``serial`` blocks are walked into).
+        layers: one :class:`LayerRow` per unit (serial, residual and parallel blocks are walked into).
         value, reference_value: the loss by the hand-derived path and by autodiff.
         dtype: the dtype of the parameters.
         ok: every row and every layer within tolerance.
@@ -220,21 +219,6 @@ class GradientReport:
         return "\n".join(lines + [""] + summary)
 
 
-def _leaf_layers(net: Layer, position: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], Layer]]:
-    """The layers that hold the rules, with their positions: serial blocks are opened, the rest are units."""
-    if isinstance(net, Serial):
-        for index, layer in enumerate(net.layers):
-            yield from _leaf_layers(layer, position + (index,))
-    else:
-        yield position, net
-
-
-def _get(tree, position: tuple[int, ...]):
-    for index in position:
-        tree = tree[index]
-    return tree
-
-
 class _ByIdentity:
     """A layer that cannot be hashed (a user's dataclass without ``frozen=True``), made a static argument of
     ``jax.jit`` by identity."""
@@ -269,21 +253,16 @@ def _backward_and_vjp(layer, params: Params, cache, x: Array, dy: Array):
 
 
 def _layer_rows(net: Layer, loss: Loss, params: Params, x: Array, targets: Array) -> tuple[LayerRow, ...]:
-    """Run the network forward layer by layer, then backward with the hand rules; at every layer compare its
-    ``backward`` with ``jax.vjp`` of its ``apply`` at the same input, parameters and incoming cotangent."""
-    units = list(_leaf_layers(net))
-    inputs, caches = [], []
-    activation = x
-    for position, layer in units:
-        inputs.append(activation)
-        activation, cache = _jitted_forward(_static(layer), _get(params, position), activation)
-        caches.append(cache)
-    cotangent = loss.grad(activation, targets)
+    """At every unit of the network (:mod:`mnet.checking.units`: inside serial, residual and parallel blocks alike),
+    its ``backward`` against ``jax.vjp`` of its ``apply`` at its actual input and parameters and the cotangent that
+    reaches its output (autodiff's), so that a wrong rule is pinned to the one unit that has it."""
+    units = unit_activations(net, params, x)
+    cotangents = output_cotangents(net, loss, params, x, targets, units)
     rows = []
-    for (position, layer), layer_input, cache in reversed(list(zip(units, inputs, caches))):
-        layer_params = _get(params, position)
+    for unit, cotangent in zip(units, cotangents):
+        _, cache = _jitted_forward(_static(unit.layer), unit.params, unit.x)
         (dparams, dx), (dparams_ref, dx_ref) = _backward_and_vjp(
-            _static(layer), layer_params, cache, layer_input, cotangent
+            _static(unit.layer), unit.params, cache, unit.x, cotangent
         )
         tol = tolerance(cotangent.dtype)
         scale = largest_entry((dparams_ref, dx_ref))
@@ -293,11 +272,14 @@ def _layer_rows(net: Layer, loss: Loss, params: Params, x: Array, targets: Array
                 jax.tree_util.tree_leaves_with_path(dparams), jax.tree_util.tree_leaves(dparams_ref)
             )
         }
-        if jnp.issubdtype(jnp.asarray(layer_input).dtype, jnp.inexact):  # integer ids (Embedding) have no gradient
+        if jnp.issubdtype(jnp.asarray(unit.x).dtype, jnp.inexact):  # integer ids (Embedding) have no gradient
             parts["dx"] = Agreement.of(dx, dx_ref, tol, scale)
-        rows.append(LayerRow("".join(f"[{i}]" for i in position) or "[]", repr(layer), parts))
-        cotangent = dx
-    return tuple(reversed(rows))
+        rows.append(LayerRow(_position(unit.position), repr(unit.layer), parts))
+    return tuple(rows)
+
+
+def _position(position: tuple[int, ...]) -> str:
+    return "".join(f"[{i}]" for i in position) or "[]"
 
 
 def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed):
@@ -427,15 +409,15 @@ def _tangent_and_jvp(layer, params: Params, cache, x: Array, dparams: Params, dx
 
 
 def _layer_tangent_rows(net: Layer, params: Params, x: Array, dparams: Params, dx: Array | None) -> tuple:
-    """Every layer's tangent rule against ``jax.jvp`` of its ``apply`` at the actual activations and tangents."""
-    rows, activation, tangent = [], x, dx
-    for position, layer in _leaf_layers(net):
-        layer_params, layer_dparams = _get(params, position), _get(dparams, position)
-        output, cache = _jitted_forward(_static(layer), layer_params, activation)
-        mine, ref = _tangent_and_jvp(_static(layer), layer_params, cache, activation, layer_dparams, tangent)
+    """Every unit's tangent rule against ``jax.jvp`` of its ``apply`` at its actual input, along the tangents that
+    reach it (autodiff's)."""
+    units = unit_activations(net, params, x)
+    rows = []
+    for unit, (unit_dparams, tangent) in zip(units, input_tangents(net, params, x, dparams, dx, units)):
+        _, cache = _jitted_forward(_static(unit.layer), unit.params, unit.x)
+        mine, ref = _tangent_and_jvp(_static(unit.layer), unit.params, cache, unit.x, unit_dparams, tangent)
         parts = {"dy": Agreement.of(mine, ref, tolerance(ref.dtype), largest_entry(ref))}
-        rows.append(LayerRow("".join(f"[{i}]" for i in position) or "[]", repr(layer), parts))
-        activation, tangent = output, mine
+        rows.append(LayerRow(_position(unit.position), repr(unit.layer), parts))
     return tuple(rows)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from mnet.checking import reference
 from mnet.checking.curvature_rows import POSITIONED_KRONECKER, Positioned
 from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, random_input
+from mnet.core.paths import path_keys
 from mnet.core.protocol import LayerProtocol, Shape, call_forward, init_layer, require_layer
 from mnet.core.walk import walk
 from mnet.errors import MnetError
@@ -224,7 +225,7 @@ def _kronecker_row(net, loss, params, x, targets) -> RuleRow:
         if owner is None or positions[owner] != 1:
             skipped += 1
             continue
-        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        keys = path_keys(path)
         name = jax.tree_util.keystr(path)
         mine[name] = jnp.kron(pair["A"], pair["G"])
         ref[name] = reference.ggn_block(net, params, one, H, keys, stack_bias, unstack_bias)

@@ -15,6 +15,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 
+from mnet.core.paths import at_path, replaced_at
 from mnet.core.protocol import Array, Params, call_forward
 from mnet.core.state import update_state
 from mnet.losses import Loss
@@ -129,28 +130,11 @@ def ggn_block(layer: Any, params: Params, x: Array, H: Array, path: tuple, to_ma
     """The exact GGN block ``J^T H J`` of one dense-like entry at ``path`` in ``params``: ``J`` the Jacobian
     (``jax.jacrev``) of the layer's output for the single example ``x`` (batch 1) with respect to the entry's matrix
     ``to_matrix(entry)`` (``[W; b]``) flattened row-major, ``H`` the Hessian reaching the output (``(m, m)``)."""
-    entry = _at(params, path)
+    entry = at_path(params, path)
     matrix = to_matrix(entry)
 
     def output(m: Array) -> Array:
-        return call_forward(layer, _replaced(params, path, from_matrix(m, entry)), x)[0].reshape(-1)
+        return call_forward(layer, replaced_at(params, path, from_matrix(m, entry)), x)[0].reshape(-1)
 
     J = jax.jacrev(output)(matrix).reshape(-1, matrix.size)
     return J.T @ H @ J
-
-
-def _at(tree: Any, path: tuple) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _replaced(tree: Any, path: tuple, value: Any) -> Any:
-    if not path:
-        return value
-    key, rest = path[0], path[1:]
-    if isinstance(tree, dict):
-        return {**tree, key: _replaced(tree[key], rest, value)}
-    items = list(tree)
-    items[key] = _replaced(items[key], rest, value)
-    return tuple(items)

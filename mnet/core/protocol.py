@@ -15,7 +15,10 @@ how combinators and drivers call any layer, whether or not it subclasses :class:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -101,18 +104,45 @@ def is_stateful(layer: Any) -> bool:
     return bool(getattr(layer, "stateful", False))
 
 
+#: Where :func:`call_forward` hands each call while :func:`intercepting` is active (None: call the layer).
+_INTERCEPTOR: contextvars.ContextVar[Callable[..., Any] | None] = contextvars.ContextVar("mnet_forward_interceptor")
+
+
+@contextlib.contextmanager
+def intercepting(handler: Callable[..., Any] | None) -> Iterator[None]:
+    """While active, every :func:`call_forward` (the one entry point through which combinators and drivers run a
+    layer) calls ``handler(layer, params, x, forward)`` instead, ``forward()`` being the layer's own forward pass,
+    ``(y, cache)``; ``None`` switches interception off inside. The checks use it to see every layer's actual input,
+    which the backward walk's caches do not hold (:mod:`mnet.checking.units`). Trace-time only: nothing changes in
+    the compiled program."""
+    token = _INTERCEPTOR.set(handler)
+    try:
+        yield
+    finally:
+        _INTERCEPTOR.reset(token)
+
+
 def call_forward(
-    layer: Any, params: Params, x: Array, key: Array | None = None, train: bool = False, state: Any = None
+    layer: Any,
+    params: Params,
+    x: Array,
+    key: Array | None = None,
+    train: bool = False,
+    state: Any = None,
+    **options: Any,
 ):
     """``layer.forward``, with the key and train flag passed only to a layer that has randomness, and the state and
     train flag only to a layer that keeps state, so that the deterministic call ``forward(params, x)`` works for
-    every layer."""
-    kwargs: dict[str, Any] = {}
+    every layer. ``options`` (an attention mask) go to the layer as they are."""
+    kwargs: dict[str, Any] = dict(options)
     if is_stochastic(layer):
         kwargs.update(key=key, train=train)
     if is_stateful(layer):
         kwargs.update(state=state, train=train)
-    return layer.forward(params, x, **kwargs)
+    handler = _INTERCEPTOR.get(None)
+    if handler is None:
+        return layer.forward(params, x, **kwargs)
+    return handler(layer, params, x, lambda: layer.forward(params, x, **kwargs))
 
 
 def apply_layer(layer: Any, params: Params, x: Array, **kwargs) -> Array:

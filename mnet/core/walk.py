@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from mnet.core.layer import Layer
-from mnet.core.protocol import Array, Cache, Params, has_params
+from mnet.core.paths import flatten_with_keys
+from mnet.core.protocol import Array, Cache, Params, call_forward, has_params
 from mnet.core.sums import add_cotangents
 from mnet.core.tangent import tangent_walk
 
@@ -172,3 +173,38 @@ class Compound(Composite):
     def tangent_walk(self, params, cache, dparams, dx):
         inner = self.network(cache)
         return tangent_walk(inner, self.to_network(params), cache, self.to_network(dparams), dx)
+
+
+class Unit:
+    """One unit the walk reached: the layer itself (not a pytree node, so that a tree of them keeps each whole)."""
+
+    def __init__(self, layer: Any):
+        self.layer = layer
+
+    def __repr__(self) -> str:
+        return f"Unit({self.layer!r})"
+
+
+class _Units(Backward):
+    """The gradient's walk, each unit's share the unit itself: where every unit sits in the params tree."""
+
+    def at_unit(self, layer, params, caches, carried):
+        return Unit(layer), super().at_unit(layer, params, caches, carried)[1]
+
+
+def units(net: Any, params: Params, x: Any) -> list[tuple[tuple, Any]]:
+    """Every unit of ``net`` (wherever it sits: in a serial, residual or parallel block, inside a convolution or an
+    attention layer) with the path of its entry in ``params``, as ``[(path keys, layer)]`` in the order of the params'
+    leaves. A unit without an entry of its own (a convolution's windows, attention's core) is not listed. ``x`` is
+    an input batch or its ``jax.ShapeDtypeStruct``: the walk runs abstractly (``jax.eval_shape``), computing
+    nothing."""
+    found: list[Any] = []
+
+    def trace(p: Params, inputs: Array) -> Array:
+        y, cache = call_forward(net, p, inputs)
+        found.append(walk(net, _Units(), p, (cache,), (jnp.zeros_like(y),))[0])
+        return y
+
+    jax.eval_shape(trace, params, x)
+    leaves = flatten_with_keys(found[0], is_leaf=lambda node: isinstance(node, Unit))
+    return [(path, unit.layer) for path, unit in leaves if isinstance(unit, Unit)]

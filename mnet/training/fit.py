@@ -197,7 +197,10 @@ def fit(
         run_epoch = make_epoch(net, loss, optimizer, batch_size, grad)
     else:
         # Every array of the run is a global array on the mesh; each process fills only its own devices' shards.
-        plan = Layout.build(mesh, net, params, opt_state, layout)
+        example = jax.ShapeDtypeStruct(
+            (1,) + np.shape(data.x_train)[1:], feature_dtype or np.asarray(data.x_train).dtype
+        )
+        plan = Layout.build(mesh, net, params, opt_state, layout, example)
         params, opt_state = sharding.place(params, plan.params), sharding.place(opt_state, plan.opt_state)
         state = sharding.place(state, plan.replicated)
         x_train, y_train = np.asarray(data.x_train, feature_dtype), np.asarray(data.y_train)

@@ -54,8 +54,9 @@ class Layout:
     opt_state: Any
 
     @classmethod
-    def build(cls, mesh: Mesh, net: Layer, params: Params, opt_state: Any, layout: str) -> Layout:
-        specs = sharding.parameter_specs(net, params, layout, mesh)
+    def build(cls, mesh: Mesh, net: Layer, params: Params, opt_state: Any, layout: str, example: Any) -> Layout:
+        """``example``: one batch of inputs, or its ``jax.ShapeDtypeStruct`` (the tensor layout walks the network)."""
+        specs = sharding.parameter_specs(net, params, layout, mesh, example)
         return cls(
             mesh,
             sharding.shardings(mesh, specs),
@@ -179,8 +180,8 @@ def layout_memory(
 
     mesh = sharding.make_mesh(devices, model_devices)
     opt_state = jax.eval_shape(optimizer.init, params)
-    plan = Layout.build(mesh, net, params, opt_state, layout)
     example = np.asarray(example)
+    plan = Layout.build(mesh, net, params, opt_state, layout, jax.ShapeDtypeStruct((1,) + example.shape, example.dtype))
     xs = jax.ShapeDtypeStruct((1, batch_size) + example.shape, example.dtype, sharding=plan.batches)
     ys = jax.ShapeDtypeStruct((1, batch_size), np.int32, sharding=plan.batches)
     key_data = jax.ShapeDtypeStruct((2,), np.uint32, sharding=plan.replicated)

@@ -32,7 +32,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mnet.layers.combinators import Serial
+from mnet.core.paths import at_path, replaced_at
+from mnet.core.walk import units
 from mnet.layers.dense import Dense
 
 LAYOUTS = ("replicated", "fsdp", "tensor")
@@ -66,15 +67,6 @@ def _fsdp_spec(leaf: Any, parts: int) -> PartitionSpec:
     return PartitionSpec(*([None] * axis + ["data"]))
 
 
-def _dense_layers(net: Any, params: Any) -> list[dict]:
-    """The params of every Dense layer of ``net``, in order, looking through nested serial networks."""
-    if isinstance(net, Dense):
-        return [params]
-    if isinstance(net, Serial):
-        return [found for child, p in zip(net.layers, params) for found in _dense_layers(child, p)]
-    return []
-
-
 def _tensor_roles(denses: list[dict], parts: int) -> list[str]:
     """``"column"``/``"row"`` for each pair of consecutive Dense layers whose shared width splits ``parts`` ways,
     ``""`` (replicated) for the rest."""
@@ -86,25 +78,25 @@ def _tensor_roles(denses: list[dict], parts: int) -> list[str]:
     return roles
 
 
-def _tensor_specs(net: Any, params: Any, parts: int) -> Any:
-    roles = iter(_tensor_roles(_dense_layers(net, params), parts))
+def _tensor_specs(net: Any, params: Any, parts: int, example: Any) -> Any:
+    """Every Dense the walk finds (:func:`mnet.core.walk.units`: in serial, residual and parallel blocks, inside a
+    convolution or an attention layer), in the order of the params, paired as :func:`_tensor_roles` says; every
+    other leaf replicated."""
+    dense_paths = [path for path, layer in units(net, params, example) if isinstance(layer, Dense)]
+    entries = [at_path(params, path) for path in dense_paths]
     column = {"W": PartitionSpec(None, "model"), "b": PartitionSpec("model")}
     row = {"W": PartitionSpec("model", None), "b": PartitionSpec()}
-
-    def build(layer: Any, layer_params: Any) -> Any:  # visits the Dense layers in _dense_layers' order
-        if isinstance(layer, Dense):
-            role = {"column": column, "row": row}.get(next(roles), {})
-            return {name: role.get(name, PartitionSpec()) for name in layer_params}
-        if isinstance(layer, Serial):
-            return tuple(build(child, p) for child, p in zip(layer.layers, layer_params))
-        return jax.tree_util.tree_map(lambda _: PartitionSpec(), layer_params)
-
-    return build(net, params)
+    specs = jax.tree_util.tree_map(lambda _: PartitionSpec(), params)
+    for path, entry, role in zip(dense_paths, entries, _tensor_roles(entries, parts)):
+        chosen = {"column": column, "row": row}.get(role, {})
+        specs = replaced_at(specs, path, {name: chosen.get(name, PartitionSpec()) for name in entry})
+    return specs
 
 
-def parameter_specs(net: Any, params: Any, layout: str, mesh: Mesh) -> Any:
+def parameter_specs(net: Any, params: Any, layout: str, mesh: Mesh, example: Any = None) -> Any:
     """A ``PartitionSpec`` for every parameter leaf under ``layout`` (one of :data:`LAYOUTS`), a tree like
-    ``params``."""
+    ``params``. ``example`` (one input batch, or its ``jax.ShapeDtypeStruct``) is needed by ``"tensor"``, which finds
+    the Dense layers by walking the network."""
     if layout not in LAYOUTS:
         raise ValueError(f"parameter layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "replicated":
@@ -113,7 +105,9 @@ def parameter_specs(net: Any, params: Any, layout: str, mesh: Mesh) -> Any:
         return jax.tree_util.tree_map(lambda leaf: _fsdp_spec(leaf, mesh.shape["data"]), params)
     if mesh.shape["model"] == 1:
         raise ValueError("tensor parallelism needs a mesh with more than one device on its 'model' axis")
-    return _tensor_specs(net, params, mesh.shape["model"])
+    if example is None:
+        raise ValueError("the tensor layout finds the Dense layers by walking the network: give an example input")
+    return _tensor_specs(net, params, mesh.shape["model"], example)
 
 
 def follow_parameters(tree: Any, params: Any, specs: Any) -> Any:

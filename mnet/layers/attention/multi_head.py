@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from mnet.core.layer import check_param_keys, positive_int
-from mnet.core.protocol import Array, Cache, Params, Shape
+from mnet.core.protocol import Array, Cache, Params, Shape, call_forward
 from mnet.core.walk import Compound
 from mnet.errors import LayerError
 from mnet.layers.attention.blockwise import BlockwiseAttentionCore
@@ -137,9 +137,9 @@ class MultiHeadSelfAttention(Compound):
                     f"got {jnp.asarray(mask).dtype} of shape {jnp.shape(mask)}"
                 )
         try:
-            qkv, projections_cache = projections.forward(self.to_network(params)[0], x)
-            heads, core_cache = core.forward((), qkv, mask)
-            y, output_cache = output.forward(params["o"], heads)
+            qkv, projections_cache = call_forward(projections, self.to_network(params)[0], x)
+            heads, core_cache = call_forward(core, (), qkv, mask=mask)
+            y, output_cache = call_forward(output, params["o"], heads)
         except LayerError as error:
             raise LayerError(self, error.detail) from None
         return y, (projections_cache, core_cache, output_cache)

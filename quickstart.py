@@ -3,11 +3,14 @@
 
     python3 quickstart.py train    # set up .venv, then train on the bundled digits (hand-derived gradients,
                                    # verified against jax.grad first)
-    python3 quickstart.py test     # set up .venv, then run the whole test suite
+    python3 quickstart.py test     # set up .venv, then run the whole test suite (in parallel workers)
+    python3 quickstart.py test --fast   # the developers' subset: every module, a few minutes
 
 Set-up is idempotent: the virtual environment in .venv is created once and the project installed into it
-(editable, with the test extra); later runs reuse it. Extra arguments are passed through
-(``python3 quickstart.py train --epochs 5``, ``python3 quickstart.py test -k losses``).
+(editable, with the test and docs extras); later runs reuse it. Extra arguments are passed through
+(``python3 quickstart.py train --epochs 5``, ``python3 quickstart.py test -k losses``). The tests run in one
+worker process per core (pytest-xdist, each test file on one worker, so that its compiled programs are shared);
+``-n 0`` runs them in this process.
 """
 
 import os
@@ -33,20 +36,28 @@ def set_up() -> None:
         print("installing mnet and its dependencies (first run only)", flush=True)
         pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
         subprocess.run(pip + ["--upgrade", "pip"], check=True)
-        subprocess.run(pip + ["-e", f"{ROOT}[test]"], check=True)
+        subprocess.run(pip + ["-e", f"{ROOT}[test,docs]"], check=True)
         STAMP.touch()
 
 
+def test_arguments(extra: list[str]) -> list[str]:
+    """pytest's arguments: parallel workers unless ``-n`` is given; ``--fast`` leaves out the tests marked slow."""
+    arguments = ["-m", "pytest", "-q"]
+    if not any(a == "-n" or a.startswith("-n") and a[2:].isdigit() or a.startswith("--numprocesses") for a in extra):
+        arguments += ["-n", "auto", "--dist", "loadfile"]
+    if "--fast" in extra:
+        extra = [a for a in extra if a != "--fast"]
+        arguments += ["-m", "not slow"]
+    return arguments + extra
+
+
 def main(argv: list[str]) -> int:
-    commands = {
-        "train": ["-m", "mnet", "train"],
-        "test": ["-m", "pytest", "-q"],
-    }
+    commands = {"train": lambda extra: ["-m", "mnet", "train", *extra], "test": test_arguments}
     if not argv or argv[0] not in commands:
         print(f"usage: python3 quickstart.py {{{'|'.join(commands)}}} [arguments...]", file=sys.stderr)
         return 2
     set_up()
-    return subprocess.run([str(PYTHON), *commands[argv[0]], *argv[1:]], cwd=ROOT).returncode
+    return subprocess.run([str(PYTHON), *commands[argv[0]](argv[1:])], cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

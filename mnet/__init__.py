@@ -10,10 +10,12 @@ quantity), ``mnet.optim``, ``mnet.laplace``, ``mnet.checking`` (the autodiff ref
 from mnet import activations, errors, initializers, layers, losses, models, training
 from mnet.checking import reference
 from mnet.checking.cost import compare_cost
-from mnet.checking.gradients import GradientReport, compare_gradients, compare_jvp
+from mnet.checking.gradient_report import GradientReport
+from mnet.checking.gradients import compare_gradients
 from mnet.checking.layer_check import LayerReport, check_layer
 from mnet.checking.network_check import check_network
 from mnet.checking.reference import autodiff_value_and_grad
+from mnet.checking.tangents import compare_jvp
 from mnet.core.layer import Layer
 from mnet.core.protocol import LayerProtocol
 from mnet.core.state import init_state, update_state

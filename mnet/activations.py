@@ -132,7 +132,7 @@ def gelu_backward(z: Array, da: Array, approximate: bool) -> Array:
     return da * (cdf + z * density)
 
 
-# Second derivatives, for the Hessian diagonal (:mod:`mnet.layers.second_order`): ``phi''(z)`` from the same cache.
+# Second derivatives, for the Hessian diagonal (:mod:`mnet.core.curvature`): ``phi''(z)`` from the same cache.
 # ReLU, leaky ReLU and the identity have none (zero almost everywhere).
 
 

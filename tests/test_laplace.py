@@ -10,7 +10,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import mnet
-from mnet.laplace import KronBlock, fit_chunk, normal_like
+from mnet.laplace import KronBlock
+from mnet.laplace.fit import fit_chunk
+from mnet.laplace.predictive import normal_like
 from tests.helpers import load_experiment, no_autodiff
 
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
@@ -244,7 +246,7 @@ def test_the_diagonal_fit_never_holds_a_jacobian_and_grows_with_the_outputs_by_a
 def test_the_predictive_holds_one_layers_block_of_the_jacobian_not_the_whole():
     """XLA's memory analysis of the compiled functional covariance: the same from 4 to 8 hidden layers (a few of one
     layer's per-example blocks, ``outputs x batch x 65 x 64``), so at depth 8 well under the whole Jacobian."""
-    from mnet.laplace import batch_functional_covariance
+    from mnet.laplace.predictive import batch_functional_covariance
 
     x, y = jnp.ones((32, 64), jnp.float32), jnp.zeros((32,), jnp.int32)
     for structure in ("diag", "kron"):

@@ -33,7 +33,7 @@ class Row:
     seconds: dict[str, float]
     baseline: str
     extra: dict = field(default_factory=dict)
-    #: Each contender's XLA memory analysis (:func:`mnet.check.compiled_memory`): ``temp_bytes`` and
+    #: Each contender's XLA memory analysis (:func:`mnet.compiled.compiled_memory`): ``temp_bytes`` and
     #: ``peak_bytes``, or "n/a" (a contender that is not one compiled program, or a backend without the analysis).
     memory: dict = field(default_factory=dict)
 

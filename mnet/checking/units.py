@@ -10,6 +10,7 @@ third layer of a serial network, ``[1][0]`` the block of a residual at position 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mnet.core.layer import Layer
 from mnet.core.protocol import Array, Params, call_forward, intercepting
 from mnet.core.walk import Composite, Compound
 
@@ -112,3 +114,32 @@ def input_tangents(net: Any, params: Params, x: Array, dparams: Params, dx: Arra
 
 def _all_zero(t: Any) -> bool:
     return getattr(t, "dtype", None) == jax.dtypes.float0
+
+
+class _ByIdentity:
+    """A layer that cannot be hashed (a user's dataclass without ``frozen=True``), made a static argument of
+    ``jax.jit`` by identity."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+
+
+def static_layer(layer: Layer):
+    try:
+        hash(layer)
+    except TypeError:
+        return _ByIdentity(layer)
+    return layer
+
+
+def unwrap(static) -> Layer:
+    return static.layer if isinstance(static, _ByIdentity) else static
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jitted_forward(layer, params: Params, x: Array):
+    return unwrap(layer).forward(params, x)
+
+
+def position_text(position: tuple[int, ...]) -> str:
+    return "".join(f"[{i}]" for i in position) or "[]"

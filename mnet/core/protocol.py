@@ -100,7 +100,7 @@ def is_stochastic(layer: Any) -> bool:
 
 def is_stateful(layer: Any) -> bool:
     """Whether the layer keeps state beside its params (BatchNorm's running statistics, or a combinator holding
-    such a layer): it then takes ``state`` and ``train`` in ``forward`` (see :mod:`mnet.layers.state`)."""
+    such a layer): it then takes ``state`` and ``train`` in ``forward`` (see :mod:`mnet.core.state`)."""
     return bool(getattr(layer, "stateful", False))
 
 

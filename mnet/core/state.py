@@ -10,7 +10,7 @@ like its params. It travels as an argument:
 * :func:`update_state` reads a training pass's cache and returns the next state;
 * :func:`init_state` makes the first one.
 
-Both functions are walks (:func:`mnet.layers.base.walk`) that pass every layer without state by whole, so every
+Both functions are walks (:func:`mnet.core.walk.walk`) that pass every layer without state by whole, so every
 combinator (serial, residual, parallel) carries state without a line of its own beyond handing each child its
 entry in ``forward``. A network without stateful layers is untouched: its calls are exactly as before.
 """

@@ -27,7 +27,7 @@ from mnet.core.tangent import tangent_walk
 
 class MissingRule(NotImplementedError):
     """A unit with parameters has no rule for a quantity that cannot be derived from ``backward`` alone; the
-    drivers of :mod:`mnet.derivatives` then run the network one example at a time instead."""
+    drivers of :mod:`mnet.quantities.per_example` then run the network one example at a time instead."""
 
     def __init__(self, layer: Any, rule: str):
         super().__init__(f"{layer!r} has no {rule} rule")

@@ -1,6 +1,6 @@
 """Combinators: layers made of layers. Each says once, in ``walk``, how a quantity carried down the network
 (a gradient, per-example gradients, norms, NTK cotangents, ...) passes through it; ``backward`` and every other
-rule follow from that (:class:`mnet.layers.base.Composite`)."""
+rule follow from that (:class:`mnet.core.walk.Composite`)."""
 
 from __future__ import annotations
 

@@ -272,7 +272,7 @@ class Dense(Layer):
         }
 
     def diag_hessian(self, params: Params, x: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
-        """The Hessian diagonal for ``W`` and ``b`` from the Hessian at ``z`` (:mod:`mnet.layers.second_order`).
+        """The Hessian diagonal for ``W`` and ``b`` from the Hessian at ``z`` (:mod:`mnet.core.curvature`).
         ``z`` is linear in ``W``, so ``d^2 L / dW_ij^2 = sum_b x_bi^2 (H_z_b)_jj``: the diagonals of the column sets
         and the diagonal part make ``diag(H_z_b)``, and one product of squares gives the share. With positions
         (windows, sequences) each column's gradient ``X_b^T c`` sums over them before squaring, and the diagonal

@@ -21,7 +21,7 @@ class Elementwise(Layer):
 
     Second order: ``J = diag(phi'(z))`` and the layer's own curvature is ``diag(phi''(z) g)``, ``g`` the gradient
     reaching ``a``, so the Hessian at ``z`` is ``diag(phi') H_a diag(phi') + diag(phi'' g)``: columns scaled by
-    ``phi'``, the diagonal by ``phi'^2``, plus a diagonal (:mod:`mnet.layers.second_order`).
+    ``phi'``, the diagonal by ``phi'^2``, plus a diagonal (:mod:`mnet.core.curvature`).
     """
 
     def activate(self, z: Array) -> tuple[Array, Cache]:

@@ -17,7 +17,7 @@ class _Pool2D(Layer):
     """Shared by the two pools: hyperparameters, shape inference and the window geometry."""
 
     # Max-pooling selects and average-pooling averages: both piecewise linear, so the Hessian passes through
-    # their backward alone (mnet.layers.second_order).
+    # their backward alone (mnet.core.curvature).
     curvature_free = True
 
     window: Any = 2

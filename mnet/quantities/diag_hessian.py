@@ -66,7 +66,7 @@ def diag_hessian(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
     every parameter.
 
     ``H = GGN + (the layers' own second-derivative terms)``: the walk carries each example's Hessian with respect to
-    the current activation as signed columns plus a diagonal (:mod:`mnet.layers.second_order`), starting from the
+    the current activation as signed columns plus a diagonal (:mod:`mnet.core.curvature`), starting from the
     loss Hessian's square root; every activation adds ``phi''(z) * g`` (``g`` the gradient reaching it) to the
     diagonal. Dense, Conv2D, pools, elementwise activations, Dropout, Flatten, Reshape, Embedding and the
     combinators have second-order rules; a network holding any other layer (LayerNorm, Softmax, attention, a

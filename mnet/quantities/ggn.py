@@ -146,7 +146,7 @@ def ggn_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Arra
     """``f(params, x, targets, v) -> GGN v``, ``v`` and the result like ``params``, without forming a matrix.
 
     ``GGN v = mean_b J_b^T H_b J_b v``: the tangent pass gives ``J v`` at the outputs
-    (:func:`mnet.forward_mode.forward_with_tangent`), the loss applies its output Hessian
+    (:func:`mnet.quantities.tangent.forward_with_tangent`), the loss applies its output Hessian
     (:meth:`mnet.losses.Loss.hessian_vector`, which carries the batch mean's ``1 / batch``), and the ordinary
     backward pass takes the result back to every parameter: one forward, one tangent and one backward pass.
     """

@@ -55,7 +55,7 @@ def value_grad_and_state(net: LayerProtocol, loss: Loss) -> Callable[..., tuple[
 
     Returns:
         A pure function, to be wrapped in ``jax.jit``; its reference is
-        :func:`mnet.reference.autodiff_value_grad_and_state`.
+        :func:`mnet.checking.reference.autodiff_value_grad_and_state`.
     """
 
     def value_grad_and_state_fn(

@@ -69,7 +69,7 @@ HESSIAN_VECTOR = HessianVector()
 def hessian_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array, Params], Params]:
     """``f(params, x, targets, v) -> H v``, ``H`` the Hessian of ``L = loss.value(net.apply(params, x), targets)``.
 
-    Pearlmutter's R-operator by hand (:mod:`mnet.layers.r_operator`): the tangent pass records ``R{x}`` at every
+    Pearlmutter's R-operator by hand (:mod:`mnet.quantities.hessian_vector`): the tangent pass records ``R{x}`` at every
     layer, the loss gives ``R{dL/dy} = H_y J v``, and the backward pass runs carrying the cotangent and its tangent,
     each layer adding its own second-order terms (a dense layer ``R{x}^T dz`` and ``dz dW_t^T``, an activation
     ``phi''(z) R{z} dy``). Dense, Conv2D, pools, activations (Softmax included), Dropout, Flatten, Reshape,

@@ -2,10 +2,10 @@
 
 A layer's ``tangent(params, cache, dparams, dx) -> dy`` is its forward pass differentiated along a direction
 ``(dparams, dx)``, read from the cache its ``forward`` left (Dense: ``dz = dx W + x dW + db``; an activation:
-``phi'(z) * dz``). The walk (:func:`mnet.layers.base.tangent_walk`) carries the tangent from the input to the
+``phi'(z) * dz``). The walk (:func:`mnet.core.tangent.tangent_walk`) carries the tangent from the input to the
 output through every combinator, so ``jvp`` costs one forward pass plus one tangent pass, about three forward
 passes' products for a dense network, and never builds a Jacobian. It is the first half of every curvature-vector
-product (:mod:`mnet.curvature`).
+product (:mod:`mnet.quantities.ggn`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def forward_with_tangent(
     state: Any = None,
 ) -> tuple[Array, Cache, Array, Any]:
     """``(y, cache, dy, record)``: the forward pass, then the tangent pass through its cache; ``record`` holds the
-    tangents that reached every unit (see :func:`mnet.layers.base.tangent_walk`)."""
+    tangents that reached every unit (see :func:`mnet.core.tangent.tangent_walk`)."""
     y, cache = call_forward(net, params, x, key, train, state)
     dy, record = tangent_walk(net, params, cache, dparams, input_tangent(x, dx))
     return y, cache, (jnp.zeros_like(y) if dy is None else dy), record

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 
 from mnet import losses
+from mnet.core.protocol import Array, Params, apply_layer, call_forward, is_stateful
 from mnet.core.protocol import LayerProtocol as Layer
-from mnet.core.protocol import Params, apply_layer, call_forward, is_stateful
 from mnet.core.state import init_state
 from mnet.errors import CheckpointError, DivergenceError
 from mnet.training import checkpoint, distributed, sharding
@@ -131,7 +131,7 @@ def fit(
         devices: data-parallel training over this many devices (0: all; every process's devices when several
             processes have joined through :func:`mnet.distributed.initialize`, which is also the default then), the
             batch split over them; None or 1 trains on the default device.
-        layout: where the parameters and the optimizer state live on those devices (:mod:`mnet.sharding`):
+        layout: where the parameters and the optimizer state live on those devices (:mod:`mnet.training.sharding`):
             ``"replicated"`` (every device holds all), ``"fsdp"`` (each weight split over the devices) or
             ``"tensor"`` (paired dense layers split column- then row-wise over ``model_devices``).
         model_devices: the tensor-parallel group size for ``layout="tensor"`` (default: all the devices); the
@@ -147,36 +147,17 @@ def fit(
             still holds the last good epoch.
     """
     optimizer = optimizer or optax.adam(1e-3)
-    if not callable(grad) and grad not in GRADIENT_MODES:
-        raise ValueError(f"grad must be one of {GRADIENT_MODES} or a value_and_grad-like function, got {grad!r}")
-    if not 0 < batch_size <= len(data.x_train):
-        raise ValueError(
-            f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}"
-        )
-    if devices is None and jax.process_count() > 1:
-        devices = 0  # processes that have joined train together, over all their devices
-    if layout not in sharding.LAYOUTS:
-        raise ValueError(f"layout must be one of {sharding.LAYOUTS}, got {layout!r}")
-    if layout != "replicated" and devices is None:
-        raise ValueError(f"layout {layout!r} shards the parameters over devices: pass devices= as well")
+    devices = _checked_settings(data, grad, batch_size, devices, layout)
     params = jax.tree_util.tree_map(jnp.array, params)  # a private copy, since the epoch donates its buffers
     opt_state = optimizer.init(params)
     # The model state (BatchNorm's running statistics) is trained beside the params and saved with them; a network
     # without state has () and its checkpoints hold (params, optimizer state) exactly as before.
     stateful = is_stateful(net)
     state = init_state(net, params, np.shape(data.x_train)[1:]) if stateful else ()
-    saved = (lambda: (params, opt_state, state)) if stateful else (lambda: (params, opt_state))
-    history, start = History(), 0
     config = dict(config or {}, seed=seed, batch_size=batch_size)
+    history, start = History(), 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        restored, meta = checkpoint.read_tree(checkpoint_path, saved())
-        params, opt_state, state = restored if stateful else (*restored, ())
-        if meta.get("config") != config:
-            raise CheckpointError(
-                f"{checkpoint_path}: written by a different configuration "
-                f"({meta.get('config')}), cannot resume with {config}"
-            )
-        history, start = History.from_dict(meta["history"]), int(meta["epoch"])
+        params, opt_state, state, history, start = _resumed(checkpoint_path, config, stateful, params, opt_state, state)
 
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     # Features follow the parameters' dtype; integer features (token ids for an Embedding) stay integers.
@@ -190,62 +171,113 @@ def fit(
     # Evaluation reads the data from the default device, put there once.
     x_seen, y_seen = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test, feature_dtype), jnp.asarray(data.y_test)
-    x_train: Any
-    y_train: Any
+    plan: Layout | None = None
     if mesh is None:
-        x_train, y_train = x_seen, y_seen
         run_epoch = make_epoch(net, loss, optimizer, batch_size, grad)
     else:
         # Every array of the run is a global array on the mesh; each process fills only its own devices' shards.
-        example = jax.ShapeDtypeStruct(
-            (1,) + np.shape(data.x_train)[1:], feature_dtype or np.asarray(data.x_train).dtype
-        )
+        example = jax.ShapeDtypeStruct((1,) + np.shape(data.x_train)[1:], x_seen.dtype)
         plan = Layout.build(mesh, net, params, opt_state, layout, example)
         params, opt_state = sharding.place(params, plan.params), sharding.place(opt_state, plan.opt_state)
         state = sharding.place(state, plan.replicated)
-        x_train, y_train = np.asarray(data.x_train, feature_dtype), np.asarray(data.y_train)
         run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, layout=plan)
-    alone = jax.process_count() == 1
+    on_host = plan is not None  # on a mesh the minibatches are cut on the host
+    batches = _EpochInputs(
+        plan,
+        x_seen,
+        y_seen,
+        np.asarray(data.x_train, feature_dtype) if on_host else None,
+        np.asarray(data.y_train) if on_host else None,
+    )
 
     for epoch in range(start + 1, epochs + 1):
         began = time.perf_counter()
-        key = epoch_key(seed, epoch)
-        if mesh is None:
-            inputs = (x_train, y_train, key)
-        else:
-            order = np.asarray(epoch_order(key, len(x_train), batch_size))
-            key_data = sharding.place(np.asarray(jax.random.key_data(key)), plan.replicated)
-            inputs = (plan.gather_batches(x_train, order), plan.gather_batches(y_train, order), key_data)
-        new_params, new_opt_state, new_state, train_loss = run_epoch(params, opt_state, state, *inputs)
+        new_params, new_opt_state, new_state, train_loss = run_epoch(
+            params, opt_state, state, *batches(epoch_key(seed, epoch), batch_size)
+        )
         train_loss = float(sharding.to_host(train_loss))
         if not math.isfinite(train_loss):
             kept = f"; {checkpoint_path} still holds epoch {epoch - 1}" if checkpoint_path and epoch > 1 else ""
             raise DivergenceError(f"training diverged at epoch {epoch}: the training loss is {train_loss}{kept}")
         params, opt_state, state = new_params, new_opt_state, new_state
-        # Across processes the figures are computed by every process alike, from the parameters gathered whole.
-        measured = (params, state) if alone else sharding.to_host((params, state))
-        _, train_accuracy = evaluate(measured[0], x_seen, y_seen, measured[1])
-        test_loss, test_accuracy = (
-            evaluate(measured[0], x_test, y_test, measured[1]) if len(data.x_test) else (np.nan, np.nan)
-        )
-        record = dict(
-            epoch=epoch,
-            train_loss=train_loss,
-            train_accuracy=float(train_accuracy),
-            test_loss=float(test_loss),
-            test_accuracy=float(test_accuracy),
-            seconds=time.perf_counter() - began,
-        )
+        record = _epoch_record(evaluate, params, state, (x_seen, y_seen), (x_test, y_test), epoch, train_loss)
+        record["seconds"] = time.perf_counter() - began
         history.append(**record)
         if checkpoint_path is not None:
-            # Process 0 writes (atomically) what every process holds alike; the barrier keeps the others from
-            # running ahead of a checkpoint that is not on disk yet.
-            tree = sharding.to_host(saved())
-            if distributed.is_leader():
-                checkpoint.save_tree(
-                    checkpoint_path, tree, {"epoch": epoch, "config": config, "history": history.to_dict()}
-                )
-            distributed.barrier(f"mnet checkpoint epoch {epoch}")
+            saved = (params, opt_state, state) if stateful else (params, opt_state)
+            _save_checkpoint(checkpoint_path, saved, epoch, config, history)
         if on_epoch is not None:
             on_epoch(epoch, record)
     return FitResult(params, opt_state, history, state)
+
+
+def _checked_settings(data: Dataset, grad: Any, batch_size: int, devices: int | None, layout: str) -> int | None:
+    """Refuse settings ``fit`` cannot run; the devices to train on (all of them when several processes joined)."""
+    if not callable(grad) and grad not in GRADIENT_MODES:
+        raise ValueError(f"grad must be one of {GRADIENT_MODES} or a value_and_grad-like function, got {grad!r}")
+    if not 0 < batch_size <= len(data.x_train):
+        raise ValueError(
+            f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}"
+        )
+    if devices is None and jax.process_count() > 1:
+        devices = 0  # processes that have joined train together, over all their devices
+    if layout not in sharding.LAYOUTS:
+        raise ValueError(f"layout must be one of {sharding.LAYOUTS}, got {layout!r}")
+    if layout != "replicated" and devices is None:
+        raise ValueError(f"layout {layout!r} shards the parameters over devices: pass devices= as well")
+    return devices
+
+
+def _resumed(path: str | Path, config: dict, stateful: bool, params: Params, opt_state: Any, state: Any) -> tuple:
+    """``(params, opt_state, state, history, epoch)`` from the checkpoint, which must be of this configuration."""
+    restored, meta = checkpoint.read_tree(path, (params, opt_state, state) if stateful else (params, opt_state))
+    params, opt_state, state = restored if stateful else (*restored, ())
+    if meta.get("config") != config:
+        raise CheckpointError(
+            f"{path}: written by a different configuration ({meta.get('config')}), cannot resume with {config}"
+        )
+    return params, opt_state, state, History.from_dict(meta["history"]), int(meta["epoch"])
+
+
+@dataclass
+class _EpochInputs:
+    """What one epoch's jitted call takes besides the parameters: on one device the whole training set and the
+    epoch's key (the permutation runs on the device); on a mesh the epoch's minibatches cut on the host, each process
+    reading only its own devices' rows, and the key's data."""
+
+    plan: Layout | None
+    x_device: Array
+    y_device: Array
+    x_host: np.ndarray | None
+    y_host: np.ndarray | None
+
+    def __call__(self, key: Array, batch_size: int) -> tuple:
+        if self.plan is None or self.x_host is None or self.y_host is None:
+            return self.x_device, self.y_device, key
+        order = np.asarray(epoch_order(key, len(self.x_host), batch_size))
+        key_data = sharding.place(np.asarray(jax.random.key_data(key)), self.plan.replicated)
+        return self.plan.gather_batches(self.x_host, order), self.plan.gather_batches(self.y_host, order), key_data
+
+
+def _epoch_record(evaluate, params, state, seen: tuple, test: tuple, epoch: int, train_loss: float) -> dict:
+    """The epoch's figures. Across processes every process computes them alike, from the parameters gathered
+    whole."""
+    measured = (params, state) if jax.process_count() == 1 else sharding.to_host((params, state))
+    _, train_accuracy = evaluate(measured[0], *seen, measured[1])
+    test_loss, test_accuracy = evaluate(measured[0], *test, measured[1]) if len(test[0]) else (np.nan, np.nan)
+    return dict(
+        epoch=epoch,
+        train_loss=train_loss,
+        train_accuracy=float(train_accuracy),
+        test_loss=float(test_loss),
+        test_accuracy=float(test_accuracy),
+    )
+
+
+def _save_checkpoint(path: str | Path, saved: Any, epoch: int, config: dict, history: History) -> None:
+    """Process 0 writes (atomically) what every process holds alike; the barrier keeps the others from running ahead
+    of a checkpoint that is not on disk yet."""
+    tree = sharding.to_host(saved)
+    if distributed.is_leader():
+        checkpoint.save_tree(path, tree, {"epoch": epoch, "config": config, "history": history.to_dict()})
+    distributed.barrier(f"mnet checkpoint epoch {epoch}")

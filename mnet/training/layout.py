@@ -25,7 +25,7 @@ from mnet.training.steps import gradient_function, make_stateful_step, make_step
 def data_parallel_mesh(devices: int | None, model: int = 1) -> Mesh | None:
     """A ``("data", "model")`` mesh over the first ``devices`` devices (all of them for 0, every process's once
     :func:`mnet.distributed.initialize` has run), ``model`` per tensor-parallel group; None for plain
-    single-device training (see :func:`mnet.sharding.make_mesh`)."""
+    single-device training (see :func:`mnet.training.sharding.make_mesh`)."""
     if devices is None or (devices == 1 and model == 1):
         return None
     return sharding.make_mesh(devices, model)
@@ -47,7 +47,7 @@ def step_keys(key: jax.Array, steps: int) -> jax.Array:
 @dataclass(frozen=True)
 class Layout:
     """Where the arrays of a run on a mesh live: ``params``, ``opt_state`` and ``batches`` (``(steps, batch, ...)``
-    split over ``"data"``) as shardings, everything else replicated (see :mod:`mnet.sharding`)."""
+    split over ``"data"``) as shardings, everything else replicated (see :mod:`mnet.training.sharding`)."""
 
     mesh: Mesh
     params: Any
@@ -175,7 +175,7 @@ def layout_memory(
     Returns:
         ``parameters`` and ``optimizer_state`` (bytes of this device's shards), ``batch`` (its share of
         ``batch_size`` examples and labels), and XLA's memory analysis of the compiled step
-        (:func:`mnet.check.compiled_memory`: ``argument_bytes``, ``temp_bytes``, ``peak_bytes``, per device).
+        (:func:`mnet.compiled.compiled_memory`: ``argument_bytes``, ``temp_bytes``, ``peak_bytes``, per device).
     """
 
     mesh = sharding.make_mesh(devices, model_devices)

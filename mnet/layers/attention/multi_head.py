@@ -48,7 +48,7 @@ class MultiHeadSelfAttention(Compound):
         out_dim: output width (default ``D``, so that the layer fits in a residual block).
         use_bias: biases in the four projections (default True).
         block_size: compute the core in blocks of this many queries and keys
-            (:class:`mnet.layers.blockwise_attention.BlockwiseAttentionCore`): the cache then holds ``Q, K, V``, the
+            (:class:`mnet.layers.attention.blockwise.BlockwiseAttentionCore`): the cache then holds ``Q, K, V``, the
             output and one log-sum-exp per query instead of the ``T x T`` probabilities, and the backward
             recomputes each block's probabilities. Memory O(T) instead of O(T^2); results equal to rounding.
     """

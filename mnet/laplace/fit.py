@@ -1,0 +1,150 @@
+"""``mnet.laplace(...)``: the fit (one forward pass and one walk per chunk of the data: the GGN diagonal, or the
+Kronecker factors with their positions) and the ``Laplace`` it returns."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from mnet.core.protocol import Array, LayerProtocol, Params
+from mnet.core.walk import walk
+from mnet.laplace.posterior import Laplace
+from mnet.laplace.structure import STRUCTURES, KronBlock, chunks, is_entry, positive
+from mnet.losses import Loss
+from mnet.quantities.ggn import check_samples, loss_square_root, summed_diag_ggn
+from mnet.quantities.kronecker import KroneckerFactors, is_factor_pair
+
+
+class _DataKronecker(KroneckerFactors):
+    """:func:`mnet.kfac_factors`' walk with every ``G`` multiplied by the layer's number of output positions, so that
+    ``kron(A, G)`` approximates the layer's GGN block per example whatever its positions (see
+    :meth:`mnet.Dense.kronecker_factors`: the block is ``P kron(A, G)``)."""
+
+    def share_of(self, layer, params, caches, carried):
+        factors = super().share_of(layer, params, caches, carried)
+        positions = math.prod(carried[0].shape[2:-1])
+        return jax.tree_util.tree_map(
+            lambda pair: {"A": pair["A"], "G": positions * pair["G"]} if is_factor_pair(pair) else pair,
+            factors,
+            is_leaf=is_entry,
+        )
+
+
+DATA_KRONECKER = _DataKronecker()
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def fit_chunk(net, loss, structure, mc_samples, params, x, targets, key):
+    """One chunk's summed negative log-likelihood (in loss units), summed GGN diagonal, and (for ``"kron"``) its
+    factors with positions folded in; the factors are means over the chunk."""
+    outputs, cache = net.forward(params, x)
+    loss_sum = jnp.sum(loss.per_example(outputs, targets))
+    S = loss_square_root(loss, outputs, targets, mc_samples, key)
+    diagonal = summed_diag_ggn(net, params, x, cache, S)
+    factors = walk(net, DATA_KRONECKER, params, (cache,), (S,))[0] if structure == "kron" else None
+    return loss_sum, diagonal, factors
+
+
+def eigen_block(pair: dict, scale: float) -> KronBlock:
+    a, U = jnp.linalg.eigh(pair["A"])
+    g, V = jnp.linalg.eigh(pair["G"])
+    return KronBlock(jnp.maximum(a, 0), U, scale * jnp.maximum(g, 0), V)
+
+
+def laplace(
+    net: LayerProtocol,
+    loss: Loss,
+    params: Params,
+    x: Array,
+    targets: Array,
+    *,
+    structure: str = "diag",
+    prior_precision: float = 1.0,
+    sigma_noise: float = 1.0,
+    mc_samples: int | None = None,
+    key: Array | None = None,
+    batch_size: int = 256,
+) -> Laplace:
+    """Fit a Laplace approximation around trained parameters ``params`` on the training data ``(x, targets)``.
+
+    Arguments:
+        net, loss: the network and the loss it was trained with (softmax or sigmoid cross-entropy for
+            classification, the mean squared error for regression: the likelihood follows from the loss).
+        params: the trained parameters ``theta*`` (ideally a maximum of the posterior: trained with weight decay
+            ``alpha / N`` per example, or long enough).
+        x, targets: the training data, all ``N`` examples (processed ``batch_size`` at a time).
+        structure: ``"diag"`` (diagonal GGN) or ``"kron"`` (Kronecker factors per dense-like layer, the diagonal
+            for layers without them).
+        prior_precision: ``alpha`` of the prior ``N(0, alpha^-1 I)``; fit it with
+            :meth:`Laplace.optimize_prior_precision`.
+        sigma_noise: the Gaussian noise's standard deviation (regression only).
+        mc_samples: None (default) for the exact GGN (``C`` backward columns per example), or ``S`` to estimate
+            it from ``S`` draws per example from the model's predictive distribution (needs ``key``).
+        key: the PRNG key for ``mc_samples``.
+        batch_size: examples per compiled call of the fit.
+
+    Returns:
+        A :class:`Laplace`: ``log_marginal_likelihood``, ``optimize_prior_precision``, ``posterior_variance``,
+        ``sample``, ``functional_covariance`` and ``predict``.
+
+    Raises:
+        ValueError: for an unknown structure, a non-positive precision or noise, a loss with no known
+            likelihood, inputs and targets of different lengths, or ``"kron"`` on a network with no
+            Kronecker-factored layer.
+    """
+    if structure not in STRUCTURES:
+        raise ValueError(f"laplace: structure must be one of {STRUCTURES}, got {structure!r}")
+    alpha = positive(prior_precision, "prior_precision")
+    sigma = positive(sigma_noise, "sigma_noise")
+    loss.likelihood("laplace")
+    check_samples(mc_samples)
+    if mc_samples is not None and key is None:
+        raise ValueError(
+            f"laplace(mc_samples={mc_samples}) estimates the GGN by sampling: pass key=jax.random.key(...)"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"laplace: batch_size must be a positive int, got {batch_size!r}")
+    n = jnp.shape(x)[0] if jnp.ndim(x) else 0
+    if n == 0 or jnp.shape(targets)[:1] != (n,):
+        raise ValueError(
+            f"laplace: x and targets must hold the same number (> 0) of examples, got x {jnp.shape(x)} and "
+            f"targets {jnp.shape(targets)}"
+        )
+    loss_sum, diagonal, factors = 0.0, None, None
+    for i, part in enumerate(chunks(n, batch_size)):
+        chunk_key = None if key is None else jax.random.fold_in(key, i)
+        total, diag, kron = fit_chunk(net, loss, structure, mc_samples, params, x[part], targets[part], chunk_key)
+        size = part.stop - part.start
+        loss_sum = loss_sum + total
+        diagonal = diag if diagonal is None else jax.tree_util.tree_map(jnp.add, diagonal, diag)
+        if structure == "kron":
+            weighted = jax.tree_util.tree_map(lambda f, size=size: f * size, kron)
+            factors = weighted if factors is None else jax.tree_util.tree_map(jnp.add, factors, weighted)
+    units = math.prod(jax.eval_shape(lambda p, xs: net.forward(p, xs)[0], params, x[:1]).shape[1:])
+    scale, constant = loss.negative_log_likelihood_affine(units, sigma)
+    log_likelihood = -(scale * loss_sum + n * constant)
+    curvature = jax.tree_util.tree_map(lambda d: scale * d, diagonal)
+    entries = None
+    if structure == "kron":
+        if not any(is_factor_pair(node) for node in jax.tree_util.tree_leaves(factors, is_leaf=is_entry)):
+            raise ValueError(f'laplace: {net!r} has no layer with Kronecker factors; use structure="diag"')
+        entries = jax.tree_util.tree_map(
+            lambda node: eigen_block({k: v / n for k, v in node.items()}, scale * n) if is_factor_pair(node) else node,
+            factors,
+            is_leaf=is_entry,
+        )
+    return Laplace(
+        net,
+        loss,
+        params,
+        structure,
+        curvature,
+        entries,
+        prior_precision=alpha,
+        sigma_noise=sigma,
+        n_data=n,
+        log_likelihood=log_likelihood,
+    )

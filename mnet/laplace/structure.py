@@ -1,0 +1,53 @@
+"""The Laplace approximation's per-layer structure: a ``KronBlock`` (eigenbases and eigenvalues) or a diagonal per
+entry, walked beside the params-like trees by one helper; the settings' checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from mnet.quantities.kronecker import is_factor_pair
+
+Array = jax.Array
+
+STRUCTURES = ("diag", "kron")
+
+LINKS = ("probit", "sampled", "map")
+
+
+class KronBlock(NamedTuple):
+    """One dense-like layer's curvature ``s N P kron(A, G)``, eigendecomposed: ``A = A_vecs diag(A_vals) A_vecs^T``,
+    ``G = G_vecs diag(G_vals) G_vecs^T``, the scale ``s N P`` folded into ``G_vals``."""
+
+    A_vals: Array
+    A_vecs: Array
+    G_vals: Array
+    G_vecs: Array
+
+
+def is_entry(node: Any) -> bool:
+    return is_factor_pair(node) or node is None or isinstance(node, KronBlock)
+
+
+def map_entries(fn: Callable[..., Any], structure: Any, *trees: Any) -> Any:
+    """``fn(entry, *subtrees)`` at every layer entry of ``structure`` (a factor pair, a :class:`KronBlock`, None for a
+    layer without Kronecker structure, or a parameterless layer's ``()``), with the matching subtrees of ``trees``
+    (like params)."""
+    if is_entry(structure) or structure == ():
+        return fn(structure, *trees)
+    if isinstance(structure, dict):
+        return {name: map_entries(fn, structure[name], *(tree[name] for tree in trees)) for name in structure}
+    return type(trees[0])(map_entries(fn, *children) for children in zip(structure, *trees))
+
+
+def positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"laplace: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def chunks(n: int, batch_size: int) -> list[slice]:
+    return [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]

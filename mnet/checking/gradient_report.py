@@ -122,6 +122,10 @@ class GradientReport:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
+        return "\n".join(self._table() + [""] + self._summary())
+
+    def _table(self) -> list[str]:
+        """One line per leaf, the columns aligned."""
         header = ["leaf", "shape", "max abs err", "max rel err", "cosine", "|hand|", "|autodiff|"]
         if self.finite_differences:
             header += ["rel err vs FD", "autodiff vs FD"]
@@ -154,6 +158,10 @@ class GradientReport:
             for line in table
         ]
         lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+        return lines
+
+    def _summary(self) -> list[str]:
+        """The tolerance, every wrong unit, the notes and the verdict."""
         first = self.rows[0].autodiff.tolerance if self.rows else tolerance(self.dtype)
         gradient = self.kind == "gradient"
         summary = [
@@ -185,4 +193,4 @@ class GradientReport:
                 else f"{plural} DISAGREE"
             )
         )
-        return "\n".join(lines + [""] + summary)
+        return summary

@@ -32,7 +32,7 @@ default (mnet then runs the network one example at a time): its row says so and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -172,13 +172,29 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
 TRAINING_RULES = ("backward", "tangent", "backward_tangent")
 
 
-def _check_rules(
-    layer: Any, input_shape: tuple[int, ...], batch: int, seed: int, stateless: bool = False
-) -> LayerReport:
-    """Every rule of ``layer`` against autodiff; ``stateless`` leaves out the per-example rows."""
-    rng = np.random.default_rng(seed)
+@dataclass(frozen=True)
+class _Draws:
+    """The random point every rule is checked at: parameters moved off their initial values (so that a
+    zero-initialised bias cannot hide a wrong bias rule), two batches, cotangents, and two columns of a loss-Hessian
+    square root."""
+
+    output_shape: tuple[int, ...]
+    params: Any
+    x: jax.Array
+    x2: jax.Array
+    y: jax.Array
+    dy: jax.Array
+    dys1: jax.Array
+    dys2: jax.Array
+    columns: jax.Array
+
+    @property
+    def floating_input(self) -> bool:
+        return bool(jnp.issubdtype(self.x.dtype, jnp.floating))
+
+
+def _draw(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int, rng: np.random.Generator) -> _Draws:
     output_shape, params = init_layer(layer, jax.random.key(seed), input_shape, jnp.float64)
-    # Moved off their initial values, so that a zero-initialised bias cannot hide a wrong bias rule.
     params = jax.tree_util.tree_map(
         lambda p: (
             p + 0.1 * jnp.asarray(rng.normal(size=np.shape(p)), p.dtype)
@@ -190,83 +206,140 @@ def _check_rules(
     x = random_input(layer, (batch,) + input_shape, rng)
     x2 = random_input(layer, (batch + 1,) + input_shape, rng)
     y, _ = jax.jit(lambda p, inputs: call_forward(layer, p, inputs))(params, x)
-    dy = jnp.asarray(rng.normal(size=y.shape), y.dtype)
-    dys1 = jnp.asarray(rng.normal(size=(2,) + y.shape), y.dtype)
-    dys2 = jnp.asarray(rng.normal(size=(2, batch + 1) + y.shape[1:]), y.dtype)
-    floating_input = jnp.issubdtype(x.dtype, jnp.floating)
 
-    shapes_agree = tuple(output_shape) == tuple(y.shape[1:])
+    def normal(shape: tuple[int, ...]) -> jax.Array:
+        return jnp.asarray(rng.normal(size=shape), y.dtype)
+
+    return _Draws(
+        tuple(output_shape),
+        params,
+        x,
+        x2,
+        y,
+        normal(y.shape),
+        normal((2,) + y.shape),
+        normal((2, batch + 1) + y.shape[1:]),
+        normal((2,) + y.shape),
+    )
+
+
+def _check_rules(
+    layer: Any, input_shape: tuple[int, ...], batch: int, seed: int, stateless: bool = False
+) -> LayerReport:
+    """Every rule of ``layer`` against autodiff; ``stateless`` leaves out the per-example and curvature rows."""
+    rng = np.random.default_rng(seed)
+    d = _draw(layer, input_shape, batch, seed, rng)
+    rows = _first_order_rows(layer, d, seed)
+    if not stateless:
+        rows += _per_example_rows(layer, d)
+        rows.append(kronecker_row(layer, d.params, d.x, d.columns))
+        rows.append(diag_hessian_row(layer, d.params, d.x, d.columns, rng))
+    rows.extend(_forward_mode_rows(layer, d.params, d.x, d.dy, rng))
+    return LayerReport(repr(layer), input_shape, batch, tuple(rows))
+
+
+def _first_order_rows(layer: Any, d: _Draws, seed: int) -> list[RuleRow]:
+    """``init`` (the shape it reports), ``apply``, ``backward`` and, for a layer with randomness, ``backward`` in
+    training mode."""
+    shapes_agree = d.output_shape == tuple(d.y.shape[1:])
     rows = [
         RuleRow(
             "init",
             "own",
             Agreement.of(0.0 if shapes_agree else np.nan, 0.0, 0.0),
-            note="" if shapes_agree else f"init reports {tuple(output_shape)}, forward gives {tuple(y.shape[1:])}",
+            note="" if shapes_agree else f"init reports {d.output_shape}, forward gives {tuple(d.y.shape[1:])}",
         )
     ]
     if callable(getattr(layer, "apply", None)):
-        rows.append(compare_rule("apply", "own", jax.jit(layer.apply)(params, x), y))
+        rows.append(compare_rule("apply", "own", jax.jit(layer.apply)(d.params, d.x), d.y))
 
     def hand_backward(p, inputs, cotangent, key=None, train=False):
         grads, dx = layer.backward(p, call_forward(layer, p, inputs, key, train)[1], cotangent)
-        return (grads, dx) if floating_input else grads
+        return (grads, dx) if d.floating_input else grads
 
     def ref_backward(p, inputs, cotangent, key=None, train=False):
         grads, dx = reference.layer_vjp(layer, p, inputs, cotangent, key=key, train=train)
-        return (grads, dx) if floating_input else grads
+        return (grads, dx) if d.floating_input else grads
 
-    rows.append(
-        compare_rule(
-            "backward",
-            "walk" if callable(getattr(layer, "walk", None)) else "own",
-            jax.jit(hand_backward)(params, x, dy),
-            jax.jit(ref_backward)(params, x, dy),
-        )
-    )
+    source = "walk" if callable(getattr(layer, "walk", None)) else "own"
+    arguments = (d.params, d.x, d.dy)
+    rows.append(compare_rule("backward", source, jax.jit(hand_backward)(*arguments), jax.jit(ref_backward)(*arguments)))
     if is_stochastic(layer):
         key = jax.random.key(seed + 1)
-        mine = jax.jit(hand_backward, static_argnames="train")(params, x, dy, key, True)
-        ref = jax.jit(ref_backward, static_argnames="train")(params, x, dy, key, True)
+        mine = jax.jit(hand_backward, static_argnames="train")(*arguments, key, True)
+        ref = jax.jit(ref_backward, static_argnames="train")(*arguments, key, True)
         rows.append(compare_rule("backward[train]", "own", mine, ref))
+    return rows
 
-    def per_example(p, inputs, cotangent):
-        grads, dx = PER_EXAMPLE_BACKWARD.run(layer, p, call_forward(layer, p, inputs)[1], cotangent)
-        return (grads, dx) if floating_input else grads
 
-    def per_example_ref(p, inputs, cotangent):
-        grads, dx = reference.layer_per_example_vjp(layer, p, inputs, cotangent)
-        return (grads, dx) if floating_input else grads
+def _per_example_rows(layer: Any, d: _Draws) -> list[RuleRow]:
+    """The per-example rules, the NTK share and the GGN diagonals, each against its per-example ``jax.vjp``
+    reference; a rule mnet cannot derive is reported absent (the drivers then go one example at a time)."""
+
+    def cache_of(p, inputs):
+        return call_forward(layer, p, inputs)[1]
+
+    per_example, per_example_ref, sq_norms_ref, ntk_ref, diag_ggn_ref = _per_example_references(layer, d)
 
     checks: list[tuple[str, Callable, Callable, tuple]] = [
-        ("per_example_backward", per_example, per_example_ref, (params, x, dy)),
+        ("per_example_backward", per_example, per_example_ref, (d.params, d.x, d.dy)),
         (
             "per_example_sq_norms",
-            lambda p, inputs, cotangent: PER_EXAMPLE_SQ_NORMS.run(
-                layer, p, call_forward(layer, p, inputs)[1], cotangent
-            )[0],
-            lambda p, inputs, cotangent: (
-                batch_sq_norms(
-                    reference.layer_per_example_vjp(layer, p, inputs, cotangent)[0], inputs.shape[0], cotangent.dtype
-                )
-                if has_params(p)
-                else jnp.zeros(inputs.shape[0], cotangent.dtype)
-            ),
-            (params, x, dy),
+            lambda p, inputs, cotangent: PER_EXAMPLE_SQ_NORMS.run(layer, p, cache_of(p, inputs), cotangent)[0],
+            sq_norms_ref,
+            (d.params, d.x, d.dy),
         ),
         (
             "ntk_contribution",
-            lambda p, a, b, d1, d2: NTK.run_pair(
-                layer, p, (call_forward(layer, p, a)[1], call_forward(layer, p, b)[1]), (d1, d2)
-            ),
-            lambda p, a, b, d1, d2: (
-                reference.layer_ntk_share(layer, p, a, b, d1, d2)
-                if has_params(p)
-                else jnp.zeros((a.shape[0], b.shape[0]), d1.dtype)
-            ),
-            (params, x, x2, dys1, dys2),
+            lambda p, a, b, d1, d2: NTK.run_pair(layer, p, (cache_of(p, a), cache_of(p, b)), (d1, d2)),
+            ntk_ref,
+            (d.params, d.x, d.x2, d.dys1, d.dys2),
         ),
     ]
-    columns = jnp.asarray(rng.normal(size=(2,) + y.shape), y.dtype)  # two columns of a loss-Hessian square root
+    for quantity, each_example in ((PER_EXAMPLE_DIAG_GGN, True), (DIAG_GGN, False)):
+        checks.append(
+            (
+                quantity.rule,
+                lambda p, inputs, S, q=quantity: q.run(layer, p, cache_of(p, inputs), S)[0],
+                lambda p, inputs, S, e=each_example: diag_ggn_ref(p, inputs, S, e),
+                (d.params, d.x, d.columns),
+            )
+        )
+    rows = []
+    for rule, hand, ref, arguments in checks:
+        try:
+            mine = jax.jit(hand)(*arguments)
+        except MissingRule as missing:
+            rows.append(RuleRow(rule, "absent", note=f"{missing}: derivatives run the network one example at a time"))
+            continue
+        rows.append(compare_rule(rule, rule_source(layer, rule, d.params), mine, jax.jit(ref)(*arguments)))
+    return rows
+
+
+def _per_example_references(layer: Any, d: _Draws) -> tuple:
+    """The per-example rule as the walk runs it, and the autodiff references of the per-example rows."""
+
+    def cache_of(p, inputs):
+        return call_forward(layer, p, inputs)[1]
+
+    def per_example(p, inputs, cotangent):
+        grads, dx = PER_EXAMPLE_BACKWARD.run(layer, p, cache_of(p, inputs), cotangent)
+        return (grads, dx) if d.floating_input else grads
+
+    def per_example_ref(p, inputs, cotangent):
+        grads, dx = reference.layer_per_example_vjp(layer, p, inputs, cotangent)
+        return (grads, dx) if d.floating_input else grads
+
+    def sq_norms_ref(p, inputs, cotangent):
+        if not has_params(p):
+            return jnp.zeros(inputs.shape[0], cotangent.dtype)
+        per = reference.layer_per_example_vjp(layer, p, inputs, cotangent)[0]
+        return batch_sq_norms(per, inputs.shape[0], cotangent.dtype)
+
+    def ntk_ref(p, a, b, d1, d2):
+        if not has_params(p):
+            return jnp.zeros((a.shape[0], b.shape[0]), d1.dtype)
+        return reference.layer_ntk_share(layer, p, a, b, d1, d2)
 
     def diag_ggn_ref(p, inputs, S, each_example):
         if not has_params(p):
@@ -275,25 +348,4 @@ def _check_rules(
         squares = jax.tree_util.tree_map(lambda g: jnp.sum(g * g, axis=0), per)
         return squares if each_example else jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), squares)
 
-    for quantity, each_example in ((PER_EXAMPLE_DIAG_GGN, True), (DIAG_GGN, False)):
-        checks.append(
-            (
-                quantity.rule,
-                lambda p, inputs, S, q=quantity: q.run(layer, p, call_forward(layer, p, inputs)[1], S)[0],
-                lambda p, inputs, S, e=each_example: diag_ggn_ref(p, inputs, S, e),
-                (params, x, columns),
-            )
-        )
-    for rule, hand, ref, arguments in [] if stateless else checks:
-        source = rule_source(layer, rule, params)
-        try:
-            mine = jax.jit(hand)(*arguments)
-        except MissingRule as missing:
-            rows.append(RuleRow(rule, "absent", note=f"{missing}: derivatives run the network one example at a time"))
-            continue
-        rows.append(compare_rule(rule, source, mine, jax.jit(ref)(*arguments)))
-    if not stateless:
-        rows.append(kronecker_row(layer, params, x, columns))
-        rows.append(diag_hessian_row(layer, params, x, columns, rng))
-    rows.extend(_forward_mode_rows(layer, params, x, dy, rng))
-    return LayerReport(repr(layer), input_shape, batch, tuple(rows))
+    return per_example, per_example_ref, sq_norms_ref, ntk_ref, diag_ggn_ref

@@ -49,9 +49,25 @@ from mnet.quantities.gradient import value_and_grad
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.jacobian import jacobian
 from mnet.quantities.kronecker import is_factor_pair, kfac_factors, stack_bias, unstack_bias
-from mnet.quantities.ntk import contract_jacobians, ntk
+from mnet.quantities.ntk import ntk
 from mnet.quantities.per_example import per_example_grad_norms, per_example_grads
 from mnet.quantities.tangent import jvp
+
+#: The rows of a report, in order.
+QUANTITIES = (
+    "value_and_grad",
+    "per_example_grads",
+    "per_example_grad_norms",
+    "jacobian",
+    "ntk",
+    "jvp",
+    "ggn_vector_product",
+    "hessian_vector_product",
+    "diag_ggn",
+    "per_example_diag_ggn",
+    "diag_hessian",
+    "kfac_factors",
+)
 
 
 def check_network(net: LayerProtocol, loss: Loss, input_shape: Shape, *, batch: int = 4, seed: int = 0) -> LayerReport:
@@ -75,106 +91,68 @@ def check_network(net: LayerProtocol, loss: Loss, input_shape: Shape, *, batch: 
 
 def _check(net: Any, loss: Loss, input_shape: tuple[int, ...], batch: int, seed: int) -> LayerReport:
     rng = np.random.default_rng(seed)
+    params, x, x2, targets, v, dx = _draw(net, loss, input_shape, batch, seed, rng)
+
+    def objective(p):
+        return loss.value(call_forward(net, p, x)[0], targets)
+
+    def value_and_grad_ref(p, inputs, t):
+        return jax.value_and_grad(objective)(p)
+
+    checks: list[tuple[str, Callable, Callable, tuple]] = [
+        ("value_and_grad", value_and_grad(net, loss), value_and_grad_ref, (params, x, targets)),
+        (
+            "per_example_grads",
+            per_example_grads(net, loss),
+            reference.per_example_grads(net, loss),
+            (params, x, targets),
+        ),
+        (
+            "per_example_grad_norms",
+            per_example_grad_norms(net, loss),
+            reference.per_example_grad_norms(net, loss),
+            (params, x, targets),
+        ),
+        (
+            "ggn_vector_product",
+            ggn_vector_product(net, loss),
+            reference.ggn_vector_product(net, loss),
+            (params, x, targets, v),
+        ),
+        (
+            "hessian_vector_product",
+            hessian_vector_product(net, loss),
+            reference.hessian_vector_product(net, loss),
+            (params, x, targets, v),
+        ),
+        ("jacobian", jacobian(net), jax.jacrev(lambda p, inputs: call_forward(net, p, inputs)[0]), (params, x)),
+        ("ntk", ntk(net), reference.ntk(net), (params, x, x2)),
+        ("jvp", jvp(net), reference.jvp(net), (params, x, v, dx)),
+        ("diag_ggn", diag_ggn(net, loss), reference.diag_ggn(net, loss), (params, x, targets)),
+        (
+            "per_example_diag_ggn",
+            per_example_diag_ggn(net, loss),
+            reference.per_example_diag_ggn(net, loss),
+            (params, x, targets),
+        ),
+    ]
+    order = {name: k for k, name in enumerate(QUANTITIES)}
+    checks.sort(key=lambda check: order[check[0]])
+    rows = [_row(name, hand, ref, arguments) for name, hand, ref, arguments in checks]
+    rows.append(_diag_hessian_row(net, loss, params, x, targets, objective, rng))
+    rows.append(_kronecker_row(net, loss, params, x, targets))
+    return LayerReport(repr(net), input_shape, batch, tuple(rows), title=f"check_network {net!r}, loss {loss!r}")
+
+
+def _draw(net: Any, loss: Loss, input_shape: tuple[int, ...], batch: int, seed: int, rng: np.random.Generator):
+    """Parameters moved off their initial values, two batches, targets the loss accepts, and directions."""
     _, params = init_layer(net, jax.random.key(seed), input_shape, jnp.float64)
     params = jax.tree_util.tree_map(lambda p: p + 0.1 * _normal(rng, p) if _floating(p) else p, params)
     x, x2 = (random_input(net, (n,) + input_shape, rng) for n in (batch, batch + 1))
     outputs = jax.eval_shape(lambda p, inputs: call_forward(net, p, inputs)[0], params, x)
     targets = loss.random_targets(outputs, jax.random.key(seed + 1))
     v = jax.tree_util.tree_map(lambda p: _normal(rng, p) if _floating(p) else jnp.zeros_like(p), params)
-    dx = _normal(rng, x) if _floating(x) else None
-
-    def apply(p, inputs):
-        return call_forward(net, p, inputs)[0]
-
-    def objective(p):
-        return loss.value(apply(p, x), targets)
-
-    def per_example_ref(p):
-        def one(x_b, t_b):
-            return jax.grad(lambda q: loss.value(apply(q, x_b[None]), t_b[None]))(p)
-
-        return jax.vmap(one)(x, targets)
-
-    def output_hessians(p):
-        """``(batch, m, m)``: each example's Hessian of its own loss in its outputs."""
-        y = apply(p, x)
-
-        def one(y_b, t_b):
-            return jax.hessian(lambda o: loss.per_example(o[None], t_b[None])[0])(y_b).reshape(y_b.size, y_b.size)
-
-        return jax.vmap(one)(y, targets)
-
-    def diag_ggn_ref(p, each_example):
-        J = jax.jacrev(apply)(p, x)
-        leaves = [
-            leaf.reshape(batch, -1, int(np.prod(leaf.shape[1 + len(outputs.shape) - 1 :]))) for leaf in _leaves(J)
-        ]
-        H = output_hessians(p)
-        per = [jnp.einsum("bop,boq,bqp->bp", leaf, H, leaf) for leaf in leaves]
-        rows = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(p), [d.reshape((batch,) + np.shape(q)) for d, q in zip(per, _leaves(p))]
-        )
-        return rows if each_example else jax.tree_util.tree_map(lambda d: jnp.mean(d, axis=0), rows)
-
-    def ggn_vector_ref(p, direction):
-        y, y_tangent = jax.jvp(lambda q: apply(q, x), (p,), (direction,))
-        H = output_hessians(p)
-        pulled = jnp.einsum("bij,bj->bi", H, y_tangent.reshape(batch, -1)).reshape(y.shape) / batch
-        return jax.vjp(lambda q: apply(q, x), p)[1](pulled)[0]
-
-    checks: list[tuple[str, Callable, Callable, tuple]] = [
-        (
-            "value_and_grad",
-            value_and_grad(net, loss),
-            lambda p, i, t: jax.value_and_grad(objective)(p),
-            (params, x, targets),
-        ),
-        ("per_example_grads", per_example_grads(net, loss), lambda p, i, t: per_example_ref(p), (params, x, targets)),
-        (
-            "per_example_grad_norms",
-            per_example_grad_norms(net, loss),
-            lambda p, i, t: jnp.sqrt(sum(jnp.sum(g.reshape(batch, -1) ** 2, 1) for g in _leaves(per_example_ref(p)))),
-            (params, x, targets),
-        ),
-        ("jacobian", jacobian(net), jax.jacrev(apply), (params, x)),
-        (
-            "ntk",
-            ntk(net),
-            lambda p, a, b: contract_jacobians(jax.jacrev(apply)(p, a), jax.jacrev(apply)(p, b)),
-            (params, x, x2),
-        ),
-        (
-            "jvp",
-            jvp(net),
-            lambda p, i, d, t: (
-                jax.jvp(apply, (p, i), (d, t)) if t is not None else jax.jvp(lambda q: apply(q, i), (p,), (d,))
-            ),
-            (params, x, v, dx),
-        ),
-        (
-            "ggn_vector_product",
-            ggn_vector_product(net, loss),
-            lambda p, i, t, d: ggn_vector_ref(p, d),
-            (params, x, targets, v),
-        ),
-        (
-            "hessian_vector_product",
-            hessian_vector_product(net, loss),
-            lambda p, i, t, d: jax.jvp(jax.grad(objective), (p,), (d,))[1],
-            (params, x, targets, v),
-        ),
-        ("diag_ggn", diag_ggn(net, loss), lambda p, i, t: diag_ggn_ref(p, False), (params, x, targets)),
-        (
-            "per_example_diag_ggn",
-            per_example_diag_ggn(net, loss),
-            lambda p, i, t: diag_ggn_ref(p, True),
-            (params, x, targets),
-        ),
-    ]
-    rows = [_row(name, hand, ref, arguments) for name, hand, ref, arguments in checks]
-    rows.append(_diag_hessian_row(net, loss, params, x, targets, objective, rng))
-    rows.append(_kronecker_row(net, loss, params, x, targets))
-    return LayerReport(repr(net), input_shape, batch, tuple(rows), title=f"check_network {net!r}, loss {loss!r}")
+    return params, x, x2, targets, v, _normal(rng, x) if _floating(x) else None
 
 
 def _row(name: str, hand: Callable, ref: Callable, arguments: tuple) -> RuleRow:
@@ -215,8 +193,7 @@ def _kronecker_row(net, loss, params, x, targets) -> RuleRow:
         for path, share in jax.tree_util.tree_flatten_with_path(shares, is_leaf=lambda n: isinstance(n, Positioned))[0]
         if isinstance(share, Positioned)
     }
-    y = call_forward(net, params, one)[0]
-    H = jax.hessian(lambda o: loss.per_example(o, t1)[0])(y).reshape(y.size, y.size)
+    H = reference.output_hessians(net, loss, params, one, t1)[0]
     mine, ref, skipped = {}, {}, 0
     for path, pair in jax.tree_util.tree_flatten_with_path(factors, is_leaf=is_factor_pair)[0]:
         if not is_factor_pair(pair):

@@ -19,7 +19,7 @@ from mnet.core.paths import at_path, replaced_at
 from mnet.core.protocol import Array, Params, call_forward
 from mnet.core.state import update_state
 from mnet.losses import Loss
-from mnet.quantities.ntk import contract_stacks
+from mnet.quantities.ntk import contract_jacobians, contract_stacks
 
 
 def autodiff_value_and_grad(net: Any, loss: Loss) -> Callable[..., tuple[Array, Params]]:
@@ -138,3 +138,113 @@ def ggn_block(layer: Any, params: Params, x: Array, H: Array, path: tuple, to_ma
 
     J = jax.jacrev(output)(matrix).reshape(-1, matrix.size)
     return J.T @ H @ J
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole-network references, with the signatures of the hand-derived drivers (mnet.per_example_grads and the rest).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _outputs(net: Any) -> Callable[[Params, Array], Array]:
+    return lambda p, x: call_forward(net, p, x)[0]
+
+
+def per_example_grads(net: Any, loss: Loss) -> Callable[[Params, Array, Array], Params]:
+    """``jax.grad`` of each example's loss, run as a batch of one, vmapped."""
+    apply = _outputs(net)
+
+    def per_example_grads_fn(params: Params, x: Array, targets: Array) -> Params:
+        def one(x_b: Array, t_b: Array) -> Params:
+            return jax.grad(lambda q: loss.value(apply(q, x_b[None]), t_b[None]))(params)
+
+        return jax.vmap(one)(x, targets)
+
+    return per_example_grads_fn
+
+
+def per_example_grad_norms(net: Any, loss: Loss) -> Callable[[Params, Array, Array], Array]:
+    """The L2 norms of :func:`per_example_grads` over all leaves."""
+    grads = per_example_grads(net, loss)
+
+    def norms(params: Params, x: Array, targets: Array) -> Array:
+        leaves = jax.tree_util.tree_leaves(grads(params, x, targets))
+        return jnp.sqrt(sum(jnp.sum(g.reshape(x.shape[0], -1) ** 2, axis=1) for g in leaves))
+
+    return norms
+
+
+def output_hessians(net: Any, loss: Loss, params: Params, x: Array, targets: Array) -> Array:
+    """``(batch, m, m)``: each example's Hessian (``jax.hessian``) of its own loss in its ``m`` outputs."""
+    y = call_forward(net, params, x)[0]
+
+    def one(y_b: Array, t_b: Array) -> Array:
+        return jax.hessian(lambda o: loss.per_example(o[None], t_b[None])[0])(y_b).reshape(y_b.size, y_b.size)
+
+    return jax.vmap(one)(y, targets)
+
+
+def per_example_diag_ggn(net: Any, loss: Loss) -> Callable[[Params, Array, Array], Params]:
+    """Row ``b``: the diagonal of ``J_b^T H_b J_b``, from ``jax.jacrev`` and :func:`output_hessians`."""
+    apply = _outputs(net)
+
+    def per_example_diag_ggn_fn(params: Params, x: Array, targets: Array) -> Params:
+        batch = x.shape[0]
+        J = jax.jacrev(apply)(params, x)
+        H = output_hessians(net, loss, params, x, targets)
+        leaves = [
+            jnp.einsum("bop,boq,bqp->bp", j, H, j)
+            for j in (leaf.reshape(batch, H.shape[1], -1) for leaf in jax.tree_util.tree_leaves(J))
+        ]
+        return jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(params),
+            [d.reshape((batch,) + jnp.shape(p)) for d, p in zip(leaves, jax.tree_util.tree_leaves(params))],
+        )
+
+    return per_example_diag_ggn_fn
+
+
+def diag_ggn(net: Any, loss: Loss) -> Callable[[Params, Array, Array], Params]:
+    """The batch mean of :func:`per_example_diag_ggn`."""
+    rows = per_example_diag_ggn(net, loss)
+    return lambda params, x, targets: jax.tree_util.tree_map(lambda d: jnp.mean(d, axis=0), rows(params, x, targets))
+
+
+def ggn_vector_product(net: Any, loss: Loss) -> Callable[[Params, Array, Array, Params], Params]:
+    """``jax.vjp`` of ``H_y`` (:func:`output_hessians`, with the batch mean's ``1 / batch``) times ``jax.jvp``."""
+    apply = _outputs(net)
+
+    def ggn_vector_product_fn(params: Params, x: Array, targets: Array, v: Params) -> Params:
+        y, y_tangent = jax.jvp(lambda q: apply(q, x), (params,), (v,))
+        H = output_hessians(net, loss, params, x, targets)
+        pulled = jnp.einsum("bij,bj->bi", H, y_tangent.reshape(x.shape[0], -1)).reshape(y.shape) / x.shape[0]
+        return jax.vjp(lambda q: apply(q, x), params)[1](pulled)[0]
+
+    return ggn_vector_product_fn
+
+
+def hessian_vector_product(net: Any, loss: Loss) -> Callable[[Params, Array, Array, Params], Params]:
+    """``jax.jvp`` of ``jax.grad`` of the loss."""
+    apply = _outputs(net)
+
+    def hessian_vector_product_fn(params: Params, x: Array, targets: Array, v: Params) -> Params:
+        return jax.jvp(jax.grad(lambda q: loss.value(apply(q, x), targets)), (params,), (v,))[1]
+
+    return hessian_vector_product_fn
+
+
+def jvp(net: Any) -> Callable[..., tuple[Array, Array]]:
+    """``jax.jvp`` of the outputs along ``(dparams, dx)``; ``dx=None`` keeps the input fixed."""
+    apply = _outputs(net)
+
+    def jvp_fn(params: Params, x: Array, dparams: Params, dx: Array | None) -> tuple[Array, Array]:
+        if dx is None:
+            return jax.jvp(lambda q: apply(q, x), (params,), (dparams,))
+        return jax.jvp(apply, (params, x), (dparams, dx))
+
+    return jvp_fn
+
+
+def ntk(net: Any) -> Callable[[Params, Array, Array], Array]:
+    """The contraction of two batches' ``jax.jacrev`` Jacobians."""
+    apply = _outputs(net)
+    return lambda params, x1, x2: contract_jacobians(jax.jacrev(apply)(params, x1), jax.jacrev(apply)(params, x2))

@@ -153,6 +153,12 @@ def training_summary(args: argparse.Namespace, history, worst: float, say) -> di
     return summary
 
 
+def run_config(args: argparse.Namespace) -> dict:
+    """What a checkpoint records of the run; resuming refuses a different one."""
+    names = ("model", "layers", "activation", "compute_dtype", "optimizer", "lr", "grad")
+    return {"data": str(args.data), **{name: getattr(args, name) for name in names}}
+
+
 def run_train(args: argparse.Namespace) -> int:
 
     # Before any JAX computation: with several processes, jax.devices() then lists every process's devices.
@@ -179,16 +185,6 @@ def run_train(args: argparse.Namespace) -> int:
     say(f"network {net!r}, {args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.grad} gradients")
     worst = gradient_check(net, loss, params, dataset, min(args.batch_size, len(dataset.x_train)), say)
 
-    config = {
-        "data": str(args.data),
-        "model": args.model,
-        "layers": args.layers,
-        "activation": args.activation,
-        "compute_dtype": args.compute_dtype,
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "grad": args.grad,
-    }
     reporter = EpochReporter(args.epochs, say, quiet_bar=args.json)
     try:
         result = training.fit(
@@ -203,7 +199,7 @@ def run_train(args: argparse.Namespace) -> int:
             grad=args.grad,
             checkpoint_path=args.checkpoint,
             resume=args.resume,
-            config=config,
+            config=run_config(args),
             on_epoch=reporter,
             devices=args.devices,
             layout=args.layout,
@@ -266,6 +262,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="mixed precision: products in this dtype, float32 parameters and accumulation",
     )
+    add_scale_options(train)
+    train.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    train.set_defaults(run=run_train)
+
+
+def add_scale_options(train: argparse.ArgumentParser) -> None:
+    """Several devices and several processes."""
     train.add_argument(
         "--devices",
         type=int,
@@ -288,5 +291,3 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--num-processes", type=positive_int, default=None, metavar="N")
     train.add_argument("--process-id", type=int, default=None, metavar="I")
-    train.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
-    train.set_defaults(run=run_train)

@@ -96,6 +96,35 @@ def _check_settings(damping: float, decay: float, inverse_every: int, kind: str)
         raise ValueError(f"kfac: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
 
 
+def _factor_shapes(net: LayerProtocol, input_shape: tuple[int, ...], input_dtype: Any, params: Params) -> Any:
+    """The factors' structure and shapes from the network's walk at a batch of one (no computation)."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+
+    def factors_of_one(p):
+        x = jnp.zeros((1,) + tuple(input_shape), input_dtype or dtype)
+        outputs, cache = call_forward(net, p, x)
+        return walk(net, KRONECKER_FACTORS, p, (cache,), (jnp.zeros((1,) + outputs.shape, outputs.dtype),))[0]
+
+    return jax.eval_shape(factors_of_one, params)
+
+
+def _zero_factors(structure: Any) -> Any:
+    return _map_pairs(
+        lambda pair: {k: jnp.zeros(v.shape, v.dtype) for k, v in pair.items()} if is_factor_pair(pair) else pair,
+        structure,
+    )
+
+
+def _kl_clipped(direction: Params, grads: Params, kl_clip: float, learning_rate: float) -> Params:
+    """Ba et al. (2017): the direction shrunk (never grown) so that the step's quadratic form under the curvature,
+    ``lr^2 <direction, F direction> ~ lr^2 <direction, grads>``, stays below ``kl_clip``."""
+    quadratic = sum(
+        jnp.vdot(d, g) for d, g in zip(jax.tree_util.tree_leaves(direction), jax.tree_util.tree_leaves(grads))
+    )
+    scale = jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(learning_rate**2 * quadratic, 1e-30)))
+    return jax.tree_util.tree_map(lambda d: d * scale.astype(d.dtype), direction)
+
+
 def kfac_preconditioner(
     net: LayerProtocol,
     loss: Loss,
@@ -136,35 +165,15 @@ def kfac_preconditioner(
     _check_settings(damping, decay, inverse_every, kind)
     factors_fn = kfac_factors(net, loss, kind)
 
-    def shapes(params: Params) -> Any:
-        """The factors' structure and shapes from the network's walk at a batch of one (no computation)."""
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype
-
-        def factors_of_one(p):
-            x = jnp.zeros((1,) + tuple(input_shape), input_dtype or dtype)
-            outputs, cache = call_forward(net, p, x)
-            return walk(net, KRONECKER_FACTORS, p, (cache,), (jnp.zeros((1,) + outputs.shape, outputs.dtype),))[0]
-
-        return jax.eval_shape(factors_of_one, params)
-
     def init(params: Params) -> KFACState:
-        structure = shapes(params)
-        pairs = [node for node in jax.tree_util.tree_leaves(structure, is_leaf=is_factor_pair) if is_factor_pair(node)]
-        if not pairs:
+        structure = _factor_shapes(net, input_shape, input_dtype, params)
+        if not any(is_factor_pair(n) for n in jax.tree_util.tree_leaves(structure, is_leaf=is_factor_pair)):
             raise ValueError(
                 f"kfac: {net!r} has no layer with Kronecker factors (Dense, Conv2D, attention projections), so "
                 "there is nothing to precondition"
             )
-
-        def zeros() -> Any:  # called twice: two sets of buffers, since fit donates the state
-            return _map_pairs(
-                lambda pair: (
-                    {k: jnp.zeros(v.shape, v.dtype) for k, v in pair.items()} if is_factor_pair(pair) else pair
-                ),
-                structure,
-            )
-
-        return KFACState(jnp.zeros((), jnp.int32), zeros(), zeros())
+        # Two sets of buffers, since fit donates the state.
+        return KFACState(jnp.zeros((), jnp.int32), _zero_factors(structure), _zero_factors(structure))
 
     def update(grads: Params, state: KFACState, params: Params | None = None, **extra: Any):
         if params is None or "inputs" not in extra or "targets" not in extra:
@@ -190,13 +199,7 @@ def kfac_preconditioner(
         )
         direction = precondition(inverses, grads)
         if kl_clip is not None:
-            # Ba et al. (2017): shrink the step so that its quadratic form under the curvature,
-            # lr^2 <direction, F direction> ~ lr^2 <direction, grads>, stays below kl_clip.
-            quadratic = sum(
-                jnp.vdot(d, g) for d, g in zip(jax.tree_util.tree_leaves(direction), jax.tree_util.tree_leaves(grads))
-            )
-            scale = jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(learning_rate**2 * quadratic, 1e-30)))
-            direction = jax.tree_util.tree_map(lambda d: d * scale.astype(d.dtype), direction)
+            direction = _kl_clipped(direction, grads, kl_clip, learning_rate)
         return direction, KFACState(state.step + 1, factors, inverses)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -164,23 +164,20 @@ def fit(
     feature_dtype = None if np.issubdtype(np.asarray(data.x_train).dtype, np.integer) else dtype
     check_targets(net, loss, params, jnp.asarray(data.x_train[:1], feature_dtype), data.y_train, data.y_test)
     evaluate = make_evaluate(net, loss)
-    model = 1
-    if layout == "tensor":
-        model = model_devices or (len(jax.devices()) if devices == 0 else int(devices or 1))
-    mesh = data_parallel_mesh(devices, model)
+    mesh = _mesh(devices, layout, model_devices)
     # Evaluation reads the data from the default device, put there once.
     x_seen, y_seen = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test, feature_dtype), jnp.asarray(data.y_test)
     plan: Layout | None = None
-    if mesh is None:
-        run_epoch = make_epoch(net, loss, optimizer, batch_size, grad)
-    else:
+    if mesh is not None:
         # Every array of the run is a global array on the mesh; each process fills only its own devices' shards.
         example = jax.ShapeDtypeStruct((1,) + np.shape(data.x_train)[1:], x_seen.dtype)
         plan = Layout.build(mesh, net, params, opt_state, layout, example)
-        params, opt_state = sharding.place(params, plan.params), sharding.place(opt_state, plan.opt_state)
-        state = sharding.place(state, plan.replicated)
-        run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, layout=plan)
+        params, opt_state, state = (
+            sharding.place(t, w)
+            for t, w in ((params, plan.params), (opt_state, plan.opt_state), (state, plan.replicated))
+        )
+    run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, layout=plan)
     on_host = plan is not None  # on a mesh the minibatches are cut on the host
     batches = _EpochInputs(
         plan,
@@ -209,6 +206,15 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch, record)
     return FitResult(params, opt_state, history, state)
+
+
+def _mesh(devices: int | None, layout: str, model_devices: int | None):
+    """The ``("data", "model")`` mesh to train on (None: the default device alone); the tensor layout's model axis
+    is ``model_devices``, by default every device."""
+    model = 1
+    if layout == "tensor":
+        model = model_devices or (len(jax.devices()) if devices == 0 else int(devices or 1))
+    return data_parallel_mesh(devices, model)
 
 
 def _checked_settings(data: Dataset, grad: Any, batch_size: int, devices: int | None, layout: str) -> int | None:

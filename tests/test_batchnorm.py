@@ -112,3 +112,19 @@ def test_fit_resumes_bit_for_bit_and_evaluates_with_running_statistics(tmp_path)
     assert accuracy == pytest.approx(full.history.test_accuracy[-1])
     with pytest.raises(ValueError, match="keeps state"):
         mnet.fit(net, LOSS, params, data, epochs=1, grad=mnet.value_and_grad(net, LOSS))
+
+
+def test_check_layer_names_a_wrong_state_rule():
+    """A stateful layer whose update changes the state's structure (here: the variance lost its shape) is named by
+    the ``updated_state`` row; its other rules still agree."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True, repr=False)
+    class ShapeLosingBatchNorm(mnet.BatchNorm):
+        def updated_state(self, state, cache):
+            moved = super().updated_state(state, cache)
+            return {"mean": moved["mean"], "var": moved["var"].sum()}
+
+    report = mnet.check_layer(ShapeLosingBatchNorm(), (3,))
+    assert report.wrong == ["updated_state"], str(report)
+    assert mnet.check_layer(mnet.BatchNorm(), (3,))["updated_state"].ok

@@ -22,6 +22,8 @@ rule                       reference
                            layer)
 ``tangent``                ``jax.jvp`` of the layer's output along random parameter and input tangents
 ``backward_tangent``       ``jax.jvp`` of ``jax.vjp``: the backward pass differentiated along the same tangents
+``initial_state``,         (a layer with state) evaluation mode runs on the first state and on the one a training
+``updated_state``          pass leaves, which keeps the structure, shapes and dtypes and is finite
 =========================  ===========================================================================
 
 A rule the layer does not define is checked in the form mnet will use: its default (derived from ``backward``),
@@ -53,7 +55,7 @@ from mnet.core.protocol import (
     is_stochastic,
     require_layer,
 )
-from mnet.core.state import init_state
+from mnet.core.state import init_state, update_state
 from mnet.core.sums import batch_sq_norms
 from mnet.core.tangent import tangent_walk
 from mnet.core.walk import MissingRule, walk
@@ -164,8 +166,40 @@ def _check(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int) -> L
         )
         evaluating = _check_rules(_Evaluating(layer, state), input_shape, batch, seed)
         rows = tuple(replace(row, rule=f"{row.rule}[train]") for row in training.rows if row.rule in TRAINING_RULES)
-        return replace(evaluating, rows=evaluating.rows + rows)
+        return replace(evaluating, rows=evaluating.rows + rows + _state_rows(layer, params, input_shape, batch, rng))
     return _check_rules(layer, input_shape, batch, seed)
+
+
+def _state_rows(layer: Any, params: Any, input_shape: tuple[int, ...], batch: int, rng: np.random.Generator) -> tuple:
+    """``initial_state`` and ``updated_state``: evaluation mode runs on the first state and on the one a training
+    pass leaves, with outputs of the training outputs' shape, and the update keeps the state's structure, shapes and
+    dtypes, finite. (What the running statistics should be is the layer's own contract: BatchNorm's is tested
+    against its formula.)"""
+    first = init_state(layer, params, input_shape, jnp.float64)
+    x = random_input(layer, (batch,) + input_shape, rng)
+    y, cache = call_forward(layer, params, x, train=True, state=first)
+    moved = update_state(layer, first, cache)
+
+    def structure(tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda a: (jnp.shape(a), str(jnp.asarray(a).dtype)), tree)
+
+    def evaluation_problem(state: Any) -> str:
+        try:
+            evaluated = call_forward(layer, params, x, train=False, state=state)[0]
+        except LayerError as refused:
+            return f"evaluation mode refuses it: {refused}"
+        return "" if jnp.shape(evaluated) == jnp.shape(y) else f"evaluation gives {jnp.shape(evaluated)}"
+
+    updated = evaluation_problem(moved)
+    if structure(moved) != structure(first):
+        updated = f"the state moved from {structure(first)} to {structure(moved)}; " + updated
+    elif not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(moved)):
+        updated = "the moved state is not finite; " + updated
+    notes = {"initial_state": evaluation_problem(first), "updated_state": updated.strip("; ")}
+    return tuple(
+        RuleRow(rule, "own", Agreement.of(0.0 if not note else np.nan, 0.0, 0.0), note=note)
+        for rule, note in notes.items()
+    )
 
 
 #: The rules of a stateful layer that training mode has (the per-example ones refuse it).

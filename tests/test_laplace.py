@@ -363,13 +363,13 @@ def test_the_whole_jacobian_fallback_equals_the_walk(monkeypatch):
     parameters) sends the predictive to the whole-Jacobian contraction: both give the same covariance."""
     import importlib
 
-    module = importlib.import_module("mnet.laplace")
+    module = importlib.import_module("mnet.laplace.predictive")
     net, params, x, y = classifier(CE, n=8)
     for structure in ("diag", "kron"):
         la = mnet.laplace(net, CE, params, x, y, structure=structure, prior_precision=0.4)
         walked = la.functional_covariance(x)[1]
         with monkeypatch.context() as patch:
-            patch.setattr(module, "_posterior_table", lambda *args: {})
+            patch.setattr(module, "posterior_table", lambda *args: {})
             module.batch_functional_covariance.clear_cache()
             whole = la.functional_covariance(x)[1]
         module.batch_functional_covariance.clear_cache()

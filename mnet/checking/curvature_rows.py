@@ -5,6 +5,7 @@ product stands for)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,12 +16,12 @@ import numpy as np
 from mnet.checking import reference
 from mnet.checking.layer_report import RuleRow, compare_rule, rule_source
 from mnet.core.curvature import Curvature
-from mnet.core.paths import path_keys
+from mnet.core.paths import at_path, path_keys
 from mnet.core.protocol import Array, Params, call_forward, has_params
 from mnet.core.walk import walk
 from mnet.errors import LayerError
 from mnet.quantities.diag_hessian import DIAG_HESSIAN
-from mnet.quantities.kronecker import KroneckerFactors, is_factor_pair, stack_bias, unstack_bias
+from mnet.quantities.kronecker import KRONECKER_FACTORS, KroneckerFactors, is_factor_pair, stack_bias, unstack_bias
 
 
 def diag_hessian_row(layer: Any, params: Params, x: Array, columns: Array, rng: np.random.Generator) -> RuleRow:
@@ -69,6 +70,50 @@ class _PositionedKronecker(KroneckerFactors):
 POSITIONED_KRONECKER = _PositionedKronecker()
 
 
+def kronecker_entries(layer: Any, params: Params, one: Array, S: Array) -> tuple[list[tuple[tuple, str]], int]:
+    """The dense-like entries whose factors are exact at batch 1 (one position per example), as ``(path into the
+    params and the factors, name)``, and how many entries with positions there are. Read from an abstract walk."""
+    found: list[Any] = []
+
+    def trace(p: Params, inputs: Array, stack: Array) -> Array:
+        found.append(walk(layer, POSITIONED_KRONECKER, p, (call_forward(layer, p, inputs)[1],), (stack,))[0])
+        return jnp.zeros(())
+
+    jax.eval_shape(trace, params, one, S)
+    entries, skipped = [], 0
+    for path, share in jax.tree_util.tree_flatten_with_path(found[0], is_leaf=lambda n: isinstance(n, Positioned))[0]:
+        if not isinstance(share, Positioned) or share.factors is None:
+            continue
+        if share.positions != 1:
+            skipped += 1
+            continue
+        for inner, pair in jax.tree_util.tree_flatten_with_path(share.factors, is_leaf=is_factor_pair)[0]:
+            if is_factor_pair(pair):
+                entries.append((path_keys(path) + path_keys(inner), jax.tree_util.keystr(path + inner) or "(entry)"))
+    return entries, skipped
+
+
+def kronecker_comparison(
+    rule: str, source: str, layer: Any, params: Params, one: Array, S: Array, H: Array, factors_fn: Callable
+) -> RuleRow:
+    """``kron(A, G)`` of every entry :func:`kronecker_entries` finds (``factors_fn(params)`` gives the factors, a
+    tree like the params down to each entry) against the exact GGN block ``J^T H J`` of its ``[W; b]`` for one
+    example, compiled together."""
+    entries, skipped = kronecker_entries(layer, params, one, S)
+    note = f"{skipped} entries with positions not compared (P kron(A, G) approximates their block)" if skipped else ""
+    if not entries:
+        return RuleRow(rule, source, note=note or "no dense-like entry (None or no parameters)")
+
+    def both(p: Params) -> tuple[dict, dict]:
+        factors = factors_fn(p)
+        mine = {name: jnp.kron(at_path(factors, keys)["A"], at_path(factors, keys)["G"]) for keys, name in entries}
+        ref = {name: reference.ggn_block(layer, p, one, H, keys, stack_bias, unstack_bias) for keys, name in entries}
+        return mine, ref
+
+    row = compare_rule(rule, source, *jax.jit(both)(params))
+    return RuleRow(row.rule, row.source, row.agreement, row.worst, note) if note and row.ok else row
+
+
 def kronecker_row(layer: Any, params: Params, x: Array, columns: Array) -> RuleRow:
     """Every dense-like entry's ``kron(A, G)`` for one example (batch 1) against the exact GGN block of its
     ``[W; b]`` for the same two Hessian columns: equal when the unit has one position per example. An entry with
@@ -76,33 +121,11 @@ def kronecker_row(layer: Any, params: Params, x: Array, columns: Array) -> RuleR
     out and counted in the note."""
     one, S = x[:1], columns[:, :1]
     flat_columns = S.reshape(S.shape[0], -1)
-    output_hessian = flat_columns.T @ flat_columns
 
-    def hand(p, inputs, stack):
-        return walk(layer, POSITIONED_KRONECKER, p, (call_forward(layer, p, inputs)[1],), (stack,))[0]
+    def factors(p: Params) -> Any:
+        return walk(layer, KRONECKER_FACTORS, p, (call_forward(layer, p, one)[1],), (S,))[0]
 
-    shares = jax.tree_util.tree_flatten_with_path(
-        hand(params, one, S), is_leaf=lambda node: isinstance(node, Positioned)
-    )[0]
-    mine, ref, skipped = {}, {}, 0
-    for path, share in shares:
-        if not isinstance(share, Positioned) or share.factors is None:
-            continue
-        keys = path_keys(path)
-        if share.positions != 1:
-            skipped += 1
-            continue
-        pairs = jax.tree_util.tree_flatten_with_path(share.factors, is_leaf=is_factor_pair)[0]
-        for inner, pair in pairs:
-            if not is_factor_pair(pair):
-                continue
-            where = keys + path_keys(inner)
-            name = jax.tree_util.keystr(path + tuple(inner)) or "(entry)"
-            mine[name] = jnp.kron(pair["A"], pair["G"])
-            ref[name] = reference.ggn_block(layer, params, one, output_hessian, where, stack_bias, unstack_bias)
     source = rule_source(layer, "kronecker_factors", params)
-    note = f"{skipped} entries with positions not compared (P kron(A, G) approximates their block)" if skipped else ""
-    if not mine:
-        return RuleRow("kronecker_factors", source, note=note or "no dense-like entry (None or no parameters)")
-    row = compare_rule("kronecker_factors", source, mine, ref)
-    return RuleRow(row.rule, row.source, row.agreement, row.worst, note) if note and row.ok else row
+    return kronecker_comparison(
+        "kronecker_factors", source, layer, params, one, S, flat_columns.T @ flat_columns, factors
+    )

@@ -36,11 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet.checking import reference
-from mnet.checking.curvature_rows import POSITIONED_KRONECKER, Positioned
+from mnet.checking.curvature_rows import kronecker_comparison
 from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, random_input
-from mnet.core.paths import path_keys
 from mnet.core.protocol import LayerProtocol, Shape, call_forward, init_layer, require_layer
-from mnet.core.walk import walk
 from mnet.errors import MnetError
 from mnet.losses import Loss
 from mnet.quantities.diag_hessian import diag_hessian
@@ -48,7 +46,7 @@ from mnet.quantities.ggn import diag_ggn, ggn_vector_product, per_example_diag_g
 from mnet.quantities.gradient import value_and_grad
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.jacobian import jacobian
-from mnet.quantities.kronecker import is_factor_pair, kfac_factors, stack_bias, unstack_bias
+from mnet.quantities.kronecker import kfac_factors
 from mnet.quantities.ntk import ntk
 from mnet.quantities.per_example import per_example_grad_norms, per_example_grads
 from mnet.quantities.tangent import jvp
@@ -183,34 +181,12 @@ def _diag_hessian_row(net, loss, params, x, targets, objective, rng) -> RuleRow:
 def _kronecker_row(net, loss, params, x, targets) -> RuleRow:
     one, t1 = x[:1], targets[:1]
     try:
-        factors = kfac_factors(net, loss)(params, one, t1)
         S = loss.hessian_sqrt(call_forward(net, params, one)[0], t1)
     except MnetError as unsupported:
         return RuleRow("kfac_factors", "absent", note=" ".join(str(unsupported).split()))
-    shares = walk(net, POSITIONED_KRONECKER, params, (call_forward(net, params, one)[1],), (S,))[0]
-    positions = {
-        path: share.positions
-        for path, share in jax.tree_util.tree_flatten_with_path(shares, is_leaf=lambda n: isinstance(n, Positioned))[0]
-        if isinstance(share, Positioned)
-    }
-    H = reference.output_hessians(net, loss, params, one, t1)[0]
-    mine, ref, skipped = {}, {}, 0
-    for path, pair in jax.tree_util.tree_flatten_with_path(factors, is_leaf=is_factor_pair)[0]:
-        if not is_factor_pair(pair):
-            continue
-        owner = next((p for p in positions if path[: len(p)] == p), None)
-        if owner is None or positions[owner] != 1:
-            skipped += 1
-            continue
-        keys = path_keys(path)
-        name = jax.tree_util.keystr(path)
-        mine[name] = jnp.kron(pair["A"], pair["G"])
-        ref[name] = reference.ggn_block(net, params, one, H, keys, stack_bias, unstack_bias)
-    note = f"{skipped} entries with positions not compared (P kron(A, G) approximates their block)" if skipped else ""
-    if not mine:
-        return RuleRow("kfac_factors", "driver", note=note or "no dense-like entry")
-    row = compare_rule("kfac_factors", "driver", mine, ref)
-    return RuleRow(row.rule, row.source, row.agreement, row.worst, note) if note and row.ok else row
+    H = jax.jit(lambda p: reference.output_hessians(net, loss, p, one, t1)[0])(params)
+    factors = kfac_factors(net, loss)
+    return kronecker_comparison("kfac_factors", "driver", net, params, one, S, H, lambda p: factors(p, one, t1))
 
 
 def _leaves(tree: Any) -> list:

@@ -5,6 +5,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 # The tests check values, never speed: LLVM's cheapest code generation compiles the suite's thousands of small
 # programs about a third faster (test_cnn_derivatives: 15.6 s against 10.1 s on the 2-core machine). XLA's own
@@ -53,3 +54,18 @@ def _fresh_compilation_caches():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+_SLOW = {
+    line.strip()
+    for line in (Path(__file__).with_name("slow.txt")).read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the functions listed in ``slow.txt`` (measured, not guessed) as slow: ``--fast`` leaves them out."""
+    for item in items:
+        name = f"{item.nodeid.split('::')[0]}::{getattr(item, 'originalname', item.name)}"
+        if name in _SLOW:
+            item.add_marker(pytest.mark.slow)

@@ -138,3 +138,19 @@ def test_importing_mnet_computes_nothing():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_slow_listed_test_exists_and_every_test_file_keeps_a_fast_test():
+    listed = [
+        line.strip()
+        for line in (ROOT / "tests" / "slow.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for entry in listed:
+        path, function = entry.split("::")
+        assert f"def {function}(" in (ROOT / path).read_text(), f"tests/slow.txt lists {entry}, which does not exist"
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        functions = [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)]
+        tests = [f for f in functions if f.startswith("test_")]
+        fast = [f for f in tests if f"tests/{path.name}::{f}" not in listed]
+        assert fast, f"{path.name} has no test in the fast subset (tests/slow.txt lists them all)"

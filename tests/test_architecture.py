@@ -150,7 +150,7 @@ def test_every_slow_listed_test_exists_and_every_test_file_keeps_a_fast_test():
         path, function = entry.split("::")
         assert f"def {function}(" in (ROOT / path).read_text(), f"tests/slow.txt lists {entry}, which does not exist"
     for path in sorted((ROOT / "tests").glob("test_*.py")):
-        functions = [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)]
+        functions = [n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)]
         tests = [f for f in functions if f.startswith("test_")]
         fast = [f for f in tests if f"tests/{path.name}::{f}" not in listed]
         assert fast, f"{path.name} has no test in the fast subset (tests/slow.txt lists them all)"

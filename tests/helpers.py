@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +198,24 @@ def load_experiment(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def reference_attention(layer, params, x, mask=None):
+    """Attention written independently: per-head einsums and jax.nn.softmax restricted to the allowed keys."""
+    batch, length, model = x.shape
+    heads = layer.num_heads
+    head_dim = layer.head_dim or model // heads
+
+    def project(name):
+        return (x @ params[name]["W"] + params[name]["b"]).reshape(batch, length, heads, head_dim)
+
+    q, k, v = project("q"), project("k"), project("v")
+    scores = jnp.einsum("bshd,bthd->bhst", q, k) / math.sqrt(head_dim)
+    allowed = jnp.ones((batch, heads, length, length), bool)
+    if layer.causal:
+        allowed &= jnp.tril(jnp.ones((length, length), bool))
+    if mask is not None:
+        allowed &= mask
+    weights = jnp.where(allowed, jax.nn.softmax(scores, axis=-1, where=allowed), 0.0)
+    out = jnp.einsum("bhst,bthd->bshd", weights, v).reshape(batch, length, heads * head_dim)
+    return out @ params["o"]["W"] + params["o"]["b"]

@@ -12,8 +12,8 @@ from jax.flatten_util import ravel_pytree
 
 import mnet
 from mnet.errors import LossError
+from tests.cases import GatedLinearUnit
 from tests.helpers import assert_trees_close, no_autodiff, random_targets
-from tests.test_user_layers import GatedLinearUnit
 
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
 

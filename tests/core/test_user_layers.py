@@ -13,40 +13,8 @@ import pytest
 import mnet
 from mnet import train
 from mnet.training import data
+from tests.cases import GLU, LAYERS, USER_NETWORKS, GatedLinearUnit
 from tests.helpers import assert_trees_close, check_all, check_value_and_grad, reference_per_example_grads
-
-
-@dataclass(frozen=True)
-class GatedLinearUnit:
-    """A user's layer as a plain dataclass: ``y = (x Wa + ba) * sigmoid(x Wg + bg)``, backward by hand."""
-
-    width: int
-
-    def init(self, key, input_shape):
-        k1, k2 = jax.random.split(key)
-        n_in = input_shape[-1]
-        draw = lambda k: jax.random.normal(k, (n_in, self.width)) / np.sqrt(n_in)  # noqa: E731
-        zeros = jnp.zeros(self.width)
-        return (*input_shape[:-1], self.width), {"Wa": draw(k1), "ba": zeros, "Wg": draw(k2), "bg": zeros}
-
-    def forward(self, params, x):
-        a = x @ params["Wa"] + params["ba"]
-        s = jax.nn.sigmoid(x @ params["Wg"] + params["bg"])
-        return a * s, (x, a, s)
-
-    def backward(self, params, cache, dy):
-        x, a, s = cache
-        da, dg = dy * s, dy * a * s * (1 - s)
-        grads = {"Wa": x.T @ da, "ba": da.sum(0), "Wg": x.T @ dg, "bg": dg.sum(0)}
-        return grads, da @ params["Wa"].T + dg @ params["Wg"].T
-
-
-GLU = GatedLinearUnit(6)
-NETWORKS = {
-    "serial": mnet.serial(mnet.Dense(6), mnet.Tanh(), GLU, mnet.Dense(3)),
-    "residual": mnet.serial(mnet.Dense(6), mnet.residual(GLU), mnet.Dense(3)),
-    "parallel": mnet.serial(mnet.parallel(GLU, mnet.Dense(4)), mnet.Gelu(), mnet.Dense(3)),
-}
 
 
 def problem(net, dtype=jnp.float64, batch=5):
@@ -57,15 +25,15 @@ def problem(net, dtype=jnp.float64, batch=5):
 
 
 def test_init_without_dtype_follows_the_requested_dtype():
-    _, params = NETWORKS["serial"].init(jax.random.key(0), (4,), jnp.float64)
+    _, params = USER_NETWORKS["serial"].init(jax.random.key(0), (4,), jnp.float64)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float64)}
-    _, params = NETWORKS["serial"].init(jax.random.key(0), (4,), jnp.float32)
+    _, params = USER_NETWORKS["serial"].init(jax.random.key(0), (4,), jnp.float32)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", USER_NETWORKS)
 def test_duck_typed_layer_everywhere(name):
-    net, loss, params, x, targets = problem(NETWORKS[name])
+    net, loss, params, x, targets = problem(USER_NETWORKS[name])
     check_value_and_grad(net, loss, params, x, targets, 1e-12)
     report = mnet.compare_gradients(net, loss, params, x, targets)
     assert report.ok, str(report)
@@ -114,32 +82,8 @@ def test_non_layers_are_refused_clearly():
         mnet.check_layer(42, (3,))
 
 
-BUILT_IN = [
-    (mnet.Dense(3), (4,)),
-    (mnet.Dense(3, use_bias=False), (2, 4)),
-    # The activations in two chains (one compilation each instead of one per activation): check_layer checks a
-    # network's rules as it checks a layer's, so a wrong activation rule would still be caught.
-    (mnet.serial(mnet.Relu(), mnet.Sigmoid(), mnet.Tanh(), mnet.LeakyRelu(0.2), mnet.Elu()), (5,)),
-    (mnet.serial(mnet.Gelu(), mnet.Gelu(approximate=True), mnet.Softplus(), mnet.Identity(), mnet.Softmax()), (5,)),
-    (mnet.Flatten(), (2, 3)),
-    (mnet.Reshape((3, 2)), (6,)),
-    (mnet.LayerNorm(), (3, 4)),
-    (mnet.Dropout(0.3), (5,)),
-    (mnet.Conv2D(2, 3, stride=2, padding="SAME"), (5, 5, 2)),
-    (mnet.MaxPool2D(2), (4, 4, 2)),
-    (mnet.AvgPool2D(3, stride=2, padding=1, count_include_pad=False), (5, 5, 1)),
-    (mnet.Embedding(7, 3), (4,)),
-    (mnet.MultiHeadSelfAttention(2, causal=True), (3, 4)),
-    (mnet.residual(mnet.serial(mnet.Dense(4), mnet.Tanh())), (4,)),
-    (mnet.parallel(mnet.Dense(2), mnet.Elu(), combine="concat"), (3,)),
-    (mnet.serial(mnet.Embedding(5, 4), mnet.LayerNorm(), mnet.Flatten(), mnet.Dense(2)), (3,)),
-    # RNN's cell rules are checked against autodiff in test_recurrent; its other rules are the shared recurrence's.
-    (mnet.serial(mnet.LSTM(3), mnet.GRU(2), mnet.LastStep()), (4, 2)),
-    (GLU, (4,)),
-]
 
-
-@pytest.mark.parametrize("layer, shape", BUILT_IN, ids=[repr(layer)[:40] for layer, _ in BUILT_IN])
+@pytest.mark.parametrize("layer, shape", LAYERS, ids=[repr(layer)[:40] for layer, _ in LAYERS])
 def test_check_layer_passes_every_built_in_layer(layer, shape):
     report = mnet.check_layer(layer, shape, batch=3)
     assert report.ok, str(report)

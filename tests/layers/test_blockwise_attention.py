@@ -13,8 +13,7 @@ from mnet.bench.memory import memory_problem
 from mnet.compiled import compiled_memory
 from mnet.layers.attention.blockwise import BlockwiseAttentionCore
 from mnet.layers.attention.core import AttentionCore
-from tests.helpers import assert_trees_close, load_experiment, no_autodiff, random_params
-from tests.test_attention_embedding import reference_attention
+from tests.helpers import assert_trees_close, load_experiment, no_autodiff, random_params, reference_attention
 
 # (heads, head_dim, T, block_size, causal): block sizes that divide T, that do not, and one larger than T.
 CASES = [

@@ -13,8 +13,8 @@ from jax.flatten_util import ravel_pytree
 
 import mnet
 from mnet.errors import LayerError
+from tests.cases import random_network
 from tests.helpers import assert_trees_close, no_autodiff, random_targets
-from tests.test_second_order import random_network
 
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
 

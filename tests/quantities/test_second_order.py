@@ -11,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 import mnet
 from mnet.errors import LayerError
+from tests.cases import random_network
 from tests.helpers import assert_trees_close, load_experiment, no_autodiff, random_targets
 
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
@@ -61,29 +62,6 @@ HAND_PICKED = [  # (network, example shape): every layer kind that must have a s
 ]
 CASES = [(0, CE), (0, MSE), (0, BCE), (1, CE), (2, MSE), (3, CE)]
 
-SMOOTH = [mnet.Tanh, mnet.Sigmoid, mnet.Softplus, mnet.Gelu, mnet.Elu, mnet.Relu]
-
-
-def random_network(rng):
-    """A random chain of dense layers, smooth activations, residual and parallel blocks."""
-    width, layers = int(rng.integers(2, 5)), []
-    for _ in range(int(rng.integers(1, 4))):
-        kind = rng.integers(0, 3)
-        activation = SMOOTH[rng.integers(len(SMOOTH))]()
-        if kind == 0:
-            layers += [mnet.Dense(width), activation]
-        elif kind == 1:
-            layers += [
-                mnet.Dense(width),
-                mnet.residual(mnet.serial(activation, mnet.Dense(width))),
-                SMOOTH[rng.integers(len(SMOOTH))](),
-            ]
-        else:
-            layers += [
-                mnet.parallel(mnet.Dense(width), mnet.serial(mnet.Dense(1), activation)),
-                SMOOTH[rng.integers(len(SMOOTH))](),
-            ]
-    return mnet.serial(*layers, mnet.Dense(3))
 
 
 def problem(net, shape, loss, seed, dtype=jnp.float64, batch=3, ids=False):

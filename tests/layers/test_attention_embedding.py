@@ -2,7 +2,6 @@
 jax.vjp in float64 with random shapes, heads and masks; a transformer block with every derivative function and
 the no-autodiff guard; bad configurations."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -12,28 +11,7 @@ import pytest
 
 import mnet
 from mnet.errors import LayerError
-from tests.helpers import assert_trees_close, check_all, check_value_and_grad, random_params
-
-
-def reference_attention(layer, params, x, mask=None):
-    """Attention written independently: per-head einsums and jax.nn.softmax restricted to the allowed keys."""
-    batch, length, model = x.shape
-    heads = layer.num_heads
-    head_dim = layer.head_dim or model // heads
-
-    def project(name):
-        return (x @ params[name]["W"] + params[name]["b"]).reshape(batch, length, heads, head_dim)
-
-    q, k, v = project("q"), project("k"), project("v")
-    scores = jnp.einsum("bshd,bthd->bhst", q, k) / math.sqrt(head_dim)
-    allowed = jnp.ones((batch, heads, length, length), bool)
-    if layer.causal:
-        allowed &= jnp.tril(jnp.ones((length, length), bool))
-    if mask is not None:
-        allowed &= mask
-    weights = jnp.where(allowed, jax.nn.softmax(scores, axis=-1, where=allowed), 0.0)
-    out = jnp.einsum("bhst,bthd->bshd", weights, v).reshape(batch, length, heads * head_dim)
-    return out @ params["o"]["W"] + params["o"]["b"]
+from tests.helpers import assert_trees_close, check_all, check_value_and_grad, random_params, reference_attention
 
 
 @jax.jit(static_argnums=0)

@@ -44,7 +44,7 @@ import numpy as np
 from mnet.checking import reference
 from mnet.checking.agreement import Agreement
 from mnet.checking.curvature_rows import diag_hessian_row, kronecker_row
-from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, random_input, rule_source
+from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, perturbed, random_input, rule_source
 from mnet.core.protocol import (
     LayerProtocol,
     Shape,
@@ -229,14 +229,7 @@ class _Draws:
 
 def _draw(layer: Any, input_shape: tuple[int, ...], batch: int, seed: int, rng: np.random.Generator) -> _Draws:
     output_shape, params = init_layer(layer, jax.random.key(seed), input_shape, jnp.float64)
-    params = jax.tree_util.tree_map(
-        lambda p: (
-            p + 0.1 * jnp.asarray(rng.normal(size=np.shape(p)), p.dtype)
-            if jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating)
-            else p
-        ),
-        params,
-    )
+    params = perturbed(params, rng)
     x = random_input(layer, (batch,) + input_shape, rng)
     x2 = random_input(layer, (batch + 1,) + input_shape, rng)
     y, _ = jax.jit(lambda p, inputs: call_forward(layer, p, inputs))(params, x)
@@ -310,22 +303,19 @@ def _per_example_rows(layer: Any, d: _Draws) -> list[RuleRow]:
     """The per-example rules, the NTK share and the GGN diagonals, each against its per-example ``jax.vjp``
     reference; a rule mnet cannot derive is reported absent (the drivers then go one example at a time)."""
 
-    def cache_of(p, inputs):
-        return call_forward(layer, p, inputs)[1]
-
     per_example, per_example_ref, sq_norms_ref, ntk_ref, diag_ggn_ref = _per_example_references(layer, d)
 
     checks: list[tuple[str, Callable, Callable, tuple]] = [
         ("per_example_backward", per_example, per_example_ref, (d.params, d.x, d.dy)),
         (
             "per_example_sq_norms",
-            lambda p, inputs, cotangent: PER_EXAMPLE_SQ_NORMS.run(layer, p, cache_of(p, inputs), cotangent)[0],
+            lambda p, inputs, cotangent: PER_EXAMPLE_SQ_NORMS.run(layer, p, _cache_of(layer, p, inputs), cotangent)[0],
             sq_norms_ref,
             (d.params, d.x, d.dy),
         ),
         (
             "ntk_contribution",
-            lambda p, a, b, d1, d2: NTK.run_pair(layer, p, (cache_of(p, a), cache_of(p, b)), (d1, d2)),
+            lambda p, a, b, d1, d2: NTK.run_pair(layer, p, (_cache_of(layer, p, a), _cache_of(layer, p, b)), (d1, d2)),
             ntk_ref,
             (d.params, d.x, d.x2, d.dys1, d.dys2),
         ),
@@ -334,7 +324,7 @@ def _per_example_rows(layer: Any, d: _Draws) -> list[RuleRow]:
         checks.append(
             (
                 quantity.rule,
-                lambda p, inputs, S, q=quantity: q.run(layer, p, cache_of(p, inputs), S)[0],
+                lambda p, inputs, S, q=quantity: q.run(layer, p, _cache_of(layer, p, inputs), S)[0],
                 lambda p, inputs, S, e=each_example: diag_ggn_ref(p, inputs, S, e),
                 (d.params, d.x, d.columns),
             )
@@ -350,14 +340,15 @@ def _per_example_rows(layer: Any, d: _Draws) -> list[RuleRow]:
     return rows
 
 
+def _cache_of(layer: Any, params: Any, x: jax.Array) -> Any:
+    return call_forward(layer, params, x)[1]
+
+
 def _per_example_references(layer: Any, d: _Draws) -> tuple:
     """The per-example rule as the walk runs it, and the autodiff references of the per-example rows."""
 
-    def cache_of(p, inputs):
-        return call_forward(layer, p, inputs)[1]
-
     def per_example(p, inputs, cotangent):
-        grads, dx = PER_EXAMPLE_BACKWARD.run(layer, p, cache_of(p, inputs), cotangent)
+        grads, dx = PER_EXAMPLE_BACKWARD.run(layer, p, _cache_of(layer, p, inputs), cotangent)
         return (grads, dx) if d.floating_input else grads
 
     def per_example_ref(p, inputs, cotangent):

@@ -140,3 +140,16 @@ def random_input(layer: Any, shape: tuple[int, ...], rng: np.random.Generator) -
     if vocab is not None:
         return jnp.asarray(rng.integers(0, vocab, shape), jnp.int32)
     return jnp.asarray(rng.normal(size=shape), jnp.float64)
+
+
+def perturbed(params: Any, rng: np.random.Generator) -> Any:
+    """The floating leaves moved off their initial values by ``0.1`` times a standard normal draw, so that a
+    zero-initialised bias cannot hide a wrong bias rule; integer leaves unchanged."""
+    return jax.tree_util.tree_map(
+        lambda p: (
+            p + 0.1 * jnp.asarray(rng.normal(size=np.shape(p)), p.dtype)
+            if jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating)
+            else p
+        ),
+        params,
+    )

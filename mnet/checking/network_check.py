@@ -37,7 +37,7 @@ import numpy as np
 
 from mnet.checking import reference
 from mnet.checking.curvature_rows import kronecker_comparison
-from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, random_input
+from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, perturbed, random_input
 from mnet.core.protocol import LayerProtocol, Shape, call_forward, init_layer, require_layer
 from mnet.errors import MnetError
 from mnet.losses import Loss
@@ -145,7 +145,7 @@ def _check(net: Any, loss: Loss, input_shape: tuple[int, ...], batch: int, seed:
 def _draw(net: Any, loss: Loss, input_shape: tuple[int, ...], batch: int, seed: int, rng: np.random.Generator):
     """Parameters moved off their initial values, two batches, targets the loss accepts, and directions."""
     _, params = init_layer(net, jax.random.key(seed), input_shape, jnp.float64)
-    params = jax.tree_util.tree_map(lambda p: p + 0.1 * _normal(rng, p) if _floating(p) else p, params)
+    params = perturbed(params, rng)
     x, x2 = (random_input(net, (n,) + input_shape, rng) for n in (batch, batch + 1))
     outputs = jax.eval_shape(lambda p, inputs: call_forward(net, p, inputs)[0], params, x)
     targets = loss.random_targets(outputs, jax.random.key(seed + 1))

@@ -132,6 +132,17 @@ def gelu_backward(z: Array, da: Array, approximate: bool) -> Array:
     return da * (cdf + z * density)
 
 
+def silu(z: Array) -> tuple[Array, Array]:
+    """``a = z sigmoid(z)`` (SiLU, "swish"; as ``torch.nn.SiLU``); caches ``z``."""
+    return z * jax.nn.sigmoid(z), z
+
+
+def silu_backward(z: Array, da: Array) -> Array:
+    """With ``s = sigmoid(z)``: ``phi'(z) = s + z s (1 - s) = s (1 + z (1 - s))``."""
+    s = jax.nn.sigmoid(z)
+    return da * (s * (1 + z * (1 - s)))
+
+
 # Second derivatives, for the Hessian diagonal (:mod:`mnet.core.curvature`): ``phi''(z)`` from the same cache.
 # ReLU, leaky ReLU and the identity have none (zero almost everywhere).
 
@@ -155,6 +166,13 @@ def softplus_second(z: Array) -> Array:
     """``phi'' = sigmoid'(z) = s (1 - s)``."""
     s = jax.nn.sigmoid(z)
     return s * (1 - s)
+
+
+def silu_second(z: Array) -> Array:
+    """``phi'' = (s + z s')' = 2 s' + z s''`` with ``s' = s (1 - s)``, ``s'' = s' (1 - 2s)``:
+    ``s (1 - s) (2 + z (1 - 2s))``."""
+    s = jax.nn.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
 
 
 def gelu_second(z: Array, approximate: bool) -> Array:

@@ -13,6 +13,7 @@ from mnet.layers import (
     Dense,
     Embedding,
     Flatten,
+    GatedMLP,
     Gelu,
     LayerNorm,
     MaxPool2D,
@@ -20,6 +21,7 @@ from mnet.layers import (
     Policy,
     Relu,
     Reshape,
+    RMSNorm,
     Serial,
     residual,
     serial,
@@ -105,4 +107,71 @@ def transformer_classifier(
         LayerNorm(),
         Flatten(),
         Dense(classes),
+    )
+
+
+def gpt(
+    vocab: int,
+    context: int,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    *,
+    num_kv_heads: int | None = None,
+    hidden: int | None = None,
+    activation: str = "silu",
+    rope_base: float = 10000.0,
+    block_size: int | None = None,
+    eps: float = 1e-6,
+    tie_embeddings: bool = False,
+) -> Serial:
+    """A LLaMA-style pre-norm causal decoder: token ids ``(batch, T)`` (``T <= context``) to next-token logits
+    ``(batch, T, vocab)`` at every position::
+
+        Embedding(vocab, d_model)
+        num_layers x [ x + attention(RMSNorm(x)),  x + GatedMLP(RMSNorm(x)) ]      causal, rotary positions
+        RMSNorm -> Dense(vocab, no bias)
+
+    Train it with :func:`mnet.losses.softmax_cross_entropy` on the ids shifted by one (targets ``(batch, T)``).
+
+    Arguments:
+        vocab: number of token ids.
+        context: the longest sequence accepted (the embedding refuses longer ones).
+        d_model: model width; ``num_heads`` must divide it (head width ``d_model / num_heads``, even).
+        num_layers: decoder blocks.
+        num_heads: query heads.
+        num_kv_heads: key-value heads (grouped-query attention; default ``num_heads``).
+        hidden: the gated MLP's width (default LLaMA's ``8/3 d_model`` rounded up to a multiple of 8).
+        activation: ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU).
+        rope_base: the rotary base.
+        block_size: blockwise attention in blocks of this many positions (O(T) memory).
+        eps: the RMSNorms' epsilon.
+        tie_embeddings: reuse the embedding table as the output projection. Not available yet: a shared matrix
+            needs every quantity's cross terms between its two uses, and mnet refuses rather than approximate.
+    """
+    if tie_embeddings:
+        raise NotImplementedError(
+            "gpt: tie_embeddings=True is not available yet (every derivative quantity would need the cross terms "
+            "between the table's two uses); use tie_embeddings=False"
+        )
+    if d_model % num_heads:
+        raise ValueError(f"gpt: num_heads = {num_heads} does not divide d_model = {d_model}")
+    width = hidden or -(-8 * d_model // 3 // 8) * 8
+    attention = MultiHeadSelfAttention(
+        num_heads,
+        causal=True,
+        use_bias=False,
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        rope_base=rope_base,
+    )
+    block = [
+        residual(serial(RMSNorm(eps), attention)),
+        residual(serial(RMSNorm(eps), GatedMLP(width, activation=activation))),
+    ]
+    return serial(
+        Embedding(vocab, d_model, max_length=context),
+        *[layer for _ in range(num_layers) for layer in block],
+        RMSNorm(eps),
+        Dense(vocab, use_bias=False),
     )

@@ -7,7 +7,8 @@ state walks' ``initial_state``/``updated_state``). A cell says how each built-in
 * ``own``: the layer defines the rule;
 * ``walk``: a composite (a combinator, or a layer that is an inner network): every quantity walks through its parts;
 * ``linear``: ``curvature_free = True``, so its second-order rules pass through ``backward`` alone;
-* ``default``: derived from the rules it has (the quantity's default);
+* ``default``: derived from the rules it has (the quantity's default; for ``diag_hessian``, a parameterless
+  layer's own curvature from its ``backward_tangent``);
 * ``none``: no rule and no default: the Hessian-vector product and the Hessian diagonal refuse the layer with an
   error naming it, and its Kronecker-factor entry is ``None``;
 * blank: the layer keeps no state.
@@ -62,7 +63,12 @@ def cell(layer_class: type, rule: str) -> str:
     if callable(getattr(layer_class, rule, None)):
         return "own"
     if rule in SECOND_ORDER:
-        return "linear" if getattr(layer_class, "curvature_free", False) else "none"
+        if getattr(layer_class, "curvature_free", False):
+            return "linear"
+        parameterless_with_hvp = getattr(layer_class, "parameterless", False) and callable(
+            getattr(layer_class, HESSIAN_VECTOR.rule, None)
+        )
+        return "default" if rule == DIAG_HESSIAN.rule and parameterless_with_hvp else "none"
     return "none" if rule == KRONECKER_FACTORS.rule else "default"
 
 
@@ -87,7 +93,8 @@ def rule_table() -> str:
         "- **walk**: a composite: every quantity walks through its parts, so it needs no rule of its own;",
         "- **linear**: `curvature_free = True` (linear in its input and parameters jointly): the second-order rules",
         "  pass through `backward`;",
-        "- **default**: the quantity's default, derived from the rules the layer has;",
+        "- **default**: the quantity's default, derived from the rules the layer has (for `diag_hessian`: a",
+        "  parameterless layer's own curvature built from its `backward_tangent`, exact but one pass per input entry);",
         "- **none**: no rule and no default: `hessian_vector_product` and `diag_hessian` refuse the layer with an",
         "  error naming it; its `kfac_factors` entry is `None` (a layer without parameters has `()` there);",
         "- blank: the layer keeps no state.",

@@ -35,6 +35,7 @@ paths' columns that share an origin (a group id) are summed, not concatenated (:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -193,6 +194,24 @@ class Curvature:
         else:
             diag = self.diag + other.diag
         return Curvature(add_cotangents(self.grad, other.grad), tuple(groups.values()), diag)
+
+
+def position_columns(terms: list[tuple[Array, Array | float, Array | float]]) -> Columns:
+    """A positionwise layer's own curvature as signed columns: at every position (each index of the axes before the
+    last) a sum of rank-one terms ``sign * weight * v v^T`` over the last axis. ``terms`` holds
+    ``(v, weight, sign)``, ``v`` shaped like the layer's input ``(batch, ..., d)``, ``weight >= 0`` and ``sign``
+    broadcastable to ``(batch, ..., 1)``. Column ``q`` of a term is ``sqrt(weight) v`` at position ``q`` and 0
+    elsewhere: ``len(terms)`` columns per position, each the size of an example."""
+    shape = terms[0][0].shape
+    batch, width = shape[0], shape[-1]
+    positions = math.prod(shape[1:-1])
+    eye = jnp.eye(positions, dtype=terms[0][0].dtype)
+    columns, signs = [], []
+    for vector, weight, sign in terms:
+        scaled = (jnp.sqrt(weight) * vector).reshape(batch, positions, width)
+        columns.append(jnp.einsum("bpj,pq->qbpj", scaled, eye).reshape((positions,) + shape))
+        signs.append(jnp.broadcast_to(sign, shape[:-1] + (1,)).reshape(batch, positions).T)
+    return Columns(next_origin(), jnp.concatenate(columns), jnp.concatenate(signs))
 
 
 def no_rule(layer: Any) -> LayerError:

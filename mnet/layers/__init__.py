@@ -1,7 +1,7 @@
 """mnet's concrete layers, one concept (or one family) per module, each with all of its rules beside its forward;
 what a layer is and how every quantity walks through a network is :mod:`mnet.core` (see ``docs/ARCHITECTURE.md``)."""
 
-from mnet.layers.attention import AttentionCore, BlockwiseAttentionCore, MultiHeadSelfAttention
+from mnet.layers.attention import AttentionCore, BlockwiseAttentionCore, HeadLayout, MultiHeadSelfAttention
 from mnet.layers.combinators import Parallel, Residual, Serial, parallel, residual, serial
 from mnet.layers.convolution import Conv2D
 from mnet.layers.dense import Dense, Policy
@@ -15,12 +15,14 @@ from mnet.layers.elementwise import (
     LeakyRelu,
     Relu,
     Sigmoid,
+    Silu,
     Softmax,
     Softplus,
     Tanh,
 )
 from mnet.layers.embedding import Embedding
-from mnet.layers.normalization import BatchNorm, LayerNorm
+from mnet.layers.gated import GatedMLP, GatedProduct
+from mnet.layers.normalization import BatchNorm, LayerNorm, RMSNorm
 from mnet.layers.pooling import AvgPool2D, MaxPool2D
 from mnet.layers.recurrent import GRU, LSTM, RNN, LastStep, Recurrent
 from mnet.layers.shape import Flatten, Reshape
@@ -44,7 +46,10 @@ __all__ = [
     "Elu",
     "Embedding",
     "Flatten",
+    "GatedMLP",
+    "GatedProduct",
     "Gelu",
+    "HeadLayout",
     "Identity",
     "LayerNorm",
     "LeakyRelu",
@@ -54,9 +59,11 @@ __all__ = [
     "Policy",
     "Relu",
     "Reshape",
+    "RMSNorm",
     "Residual",
     "Serial",
     "Sigmoid",
+    "Silu",
     "Softmax",
     "Softplus",
     "Tanh",

@@ -3,12 +3,12 @@ live in :mod:`mnet.activations`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax.numpy as jnp
 
 from mnet import activations
-from mnet.core.curvature import Curvature, no_rule
+from mnet.core.curvature import Curvature, no_rule, position_columns
 from mnet.core.layer import Layer
 from mnet.core.protocol import Array, Cache, Params, Shape
 
@@ -205,6 +205,21 @@ class Gelu(Elementwise):
 
 
 @dataclass(frozen=True, repr=False)
+class Silu(Elementwise):
+    """``a = z sigmoid(z)`` (SiLU, as ``torch.nn.SiLU``); ``dz = da * s (1 + z (1 - s))``, ``s = sigmoid(z)``
+    (caches ``z``)."""
+
+    def activate(self, z):
+        return activations.silu(z)
+
+    def activate_backward(self, z, da):
+        return activations.silu_backward(z, da)
+
+    def activate_second(self, z):
+        return activations.silu_second(z)
+
+
+@dataclass(frozen=True, repr=False)
 class Softmax(Elementwise):
     """``p = softmax(z)`` over the last axis; ``dz = p * (dp - sum(dp * p))`` (caches ``p``).
 
@@ -231,6 +246,18 @@ class Softmax(Elementwise):
             dz_tangent = dz_tangent + p_tangent * (dp - inner) - p * jnp.sum(p_tangent * dp, axis=-1, keepdims=True)
         return (), self.activate_backward(p, dp), dz_tangent
 
+    def diag_hessian(self, params, p, curvature):
+        """``J^T H_p J`` through the backward (``J = diag(p) - p p^T`` is not diagonal, so every set is expanded),
+        plus the softmax's own curvature at each position: with ``v = p * (g - <g, p>)`` (the backward of the
+        gradient ``g`` reaching ``p``), the Hessian of ``<g, p(z)>`` is ``diag(v) - (v p^T + p v^T)``, whose
+        rank-two part is ``-1/2 (v + p)(v + p)^T + 1/2 (v - p)(v - p)^T``: ``v`` joins the diagonal, the two squares
+        become signed columns (:func:`mnet.core.curvature.position_columns`)."""
+        below = curvature.through(lambda v: self.activate_backward(p, v))
+        v = self.activate_backward(p, curvature.grad)
+        own = position_columns([(v + p, 0.5, -1.0), (v - p, 0.5, 1.0)])
+        below = below.plus_diagonal(v)
+        return (), replace(below, groups=below.groups + (own,))
+
 
 ACTIVATIONS_BY_NAME: dict[str, type[Elementwise]] = {
     "relu": Relu,
@@ -240,5 +267,6 @@ ACTIVATIONS_BY_NAME: dict[str, type[Elementwise]] = {
     "sigmoid": Sigmoid,
     "tanh": Tanh,
     "softplus": Softplus,
+    "silu": Silu,
     "identity": Identity,
 }

@@ -38,6 +38,7 @@ class Embedding(Layer):
         vocab: number of distinct ids.
         dim: width of each embedding vector.
         W_init: initializer for the table (default ``normal(1.0)``: unit-variance entries).
+        max_length: the longest sequence (axis 1 of the ids) the layer accepts (a model's context), or None.
     """
 
     curvature_free = True  # a lookup, linear in the table; its integer input has no curvature
@@ -45,14 +46,24 @@ class Embedding(Layer):
     vocab: int
     dim: int
     W_init: Any = initializers.Normal(1.0)
+    max_length: int | None = None
 
     def __post_init__(self):
         for name in ("vocab", "dim"):
             positive_int(getattr(self, name), name, "Embedding")
+        if self.max_length is not None:
+            positive_int(self.max_length, "max_length", "Embedding")
         initializers.get(self.W_init)
 
     def __repr__(self) -> str:
-        return f"Embedding({self.vocab}, {self.dim})"
+        extra = "" if self.max_length is None else f", max_length={self.max_length}"
+        return f"Embedding({self.vocab}, {self.dim}{extra})"
+
+    def _check_length(self, shape: tuple, what: str) -> None:
+        if self.max_length is not None and len(shape) >= 1 and shape[0] > self.max_length:
+            raise self._fail(
+                f"{what} holds sequences of {shape[0]} positions, longer than the context of {self.max_length}"
+            )
 
     @property
     def input_vocab(self) -> int:
@@ -61,6 +72,7 @@ class Embedding(Layer):
 
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         shape = self._check_input_shape(input_shape, min_rank=0)
+        self._check_length(shape, f"the example shape {shape}")
         dtype = default_float_dtype() if dtype is None else dtype
         return shape + (self.dim,), {"W": initializers.get(self.W_init)(key, (self.vocab, self.dim), dtype)}
 
@@ -72,6 +84,7 @@ class Embedding(Layer):
             )
         if ids.ndim < 1:
             raise self._fail("expects ids of shape (batch, ...), got a scalar")
+        self._check_length(tuple(ids.shape[1:]), f"ids of shape {tuple(ids.shape)}")
         if not isinstance(params, dict) or set(params) != {"W"}:
             raise self._fail(f"expects params with key ['W'], got {describe(params)}")
         if tuple(params["W"].shape) != (self.vocab, self.dim):

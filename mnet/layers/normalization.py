@@ -1,4 +1,5 @@
-"""Normalisation layers: each example over its features (LayerNorm), or each feature over the batch (BatchNorm).
+"""Normalisation layers: each example over its features (LayerNorm, and RMSNorm without the centring), or each
+feature over the batch (BatchNorm).
 
 Both normalise ``x`` over some axes, then scale and shift: ``y = gamma * xhat + beta`` with ::
 
@@ -17,12 +18,13 @@ the axes of the means (and BatchNorm's evaluation mode, an affine map).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from mnet.core.curvature import Curvature, position_columns, signed_square_sum
 from mnet.core.layer import Layer, describe
 from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
 
@@ -31,6 +33,8 @@ class _Normalization(Layer):
     """The rules shared by LayerNorm and BatchNorm in training: ``_axes(ndim)`` names the normalised axes."""
 
     eps: float
+    #: Whether the mean is subtracted and there is a shift ``beta`` (LayerNorm, BatchNorm), or neither (RMSNorm).
+    centred = True
 
     def _axes(self, ndim: int) -> tuple[int, ...]:
         raise NotImplementedError
@@ -40,25 +44,28 @@ class _Normalization(Layer):
 
     def _normalized(self, xhat: Array, rstd: Array, v: Array) -> Array:
         """``N v = rstd (v - mean(v) - xhat mean(v xhat))``: the symmetric Jacobian of ``xhat`` applied to ``v``."""
-        return rstd * (v - self._mean(v) - xhat * self._mean(v * xhat))
+        projected = v - xhat * self._mean(v * xhat)
+        return rstd * (projected - self._mean(v) if self.centred else projected)
 
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         shape = self._check_input_shape(input_shape)
         dtype = default_float_dtype() if dtype is None else dtype
-        return shape, {"gamma": jnp.ones(shape[-1:], dtype), "beta": jnp.zeros(shape[-1:], dtype)}
+        params = {"gamma": jnp.ones(shape[-1:], dtype)}
+        return shape, params | {"beta": jnp.zeros(shape[-1:], dtype)} if self.centred else params
 
     def _check(self, params: Params, x: Array) -> None:
         self._check_input(x)
-        if not isinstance(params, dict) or set(params) != {"gamma", "beta"}:
-            raise self._fail(f"expects params with keys ['beta', 'gamma'], got {describe(params)}")
+        keys = {"gamma", "beta"} if self.centred else {"gamma"}
+        if not isinstance(params, dict) or set(params) != keys:
+            raise self._fail(f"expects params with keys {sorted(keys)}, got {describe(params)}")
         if params["gamma"].shape != x.shape[-1:]:
             raise self._fail(f"expects input width {params['gamma'].shape[0]}, got input of shape {tuple(x.shape)}")
 
     def _statistics(self, x: Array) -> tuple[Array, Array, Array, Array]:
         """``(xhat, rstd, mu, var)`` over the normalised axes (kept as size-1 axes)."""
-        mean = self._mean(x)
+        mean = self._mean(x) if self.centred else jnp.zeros((), x.dtype)
         centred = x - mean
-        var = self._mean(centred * centred)
+        var = self._mean(centred * centred)  # RMSNorm: the mean square
         rstd = jax.lax.rsqrt(var + self.eps)
         return centred * rstd, rstd, mean, var
 
@@ -67,14 +74,15 @@ class _Normalization(Layer):
         return jnp.sum(v.reshape(-1, v.shape[-1]), axis=0)
 
     def _affine_grads(self, xhat: Array, dy: Array) -> Params:
-        return {"gamma": self._feature_sums(dy * xhat), "beta": self._feature_sums(dy)}
+        grads = {"gamma": self._feature_sums(dy * xhat)}
+        return grads | {"beta": self._feature_sums(dy)} if self.centred else grads
 
     def _train_backward(self, params: Params, xhat: Array, rstd: Array, dy: Array) -> tuple[Params, Array]:
         return self._affine_grads(xhat, dy), self._normalized(xhat, rstd, dy * params["gamma"])
 
     def _train_tangent(self, params: Params, xhat: Array, rstd: Array, dparams: Params, dx: Array | None) -> Array:
         """``dy = gamma * N dx + xhat * dgamma + dbeta``: ``N`` is symmetric, so forward mode applies backward's map."""
-        dy = xhat * dparams["gamma"] + dparams["beta"]
+        dy = xhat * dparams["gamma"] + dparams["beta"] if self.centred else xhat * dparams["gamma"]
         return dy if dx is None else dy + params["gamma"] * self._normalized(xhat, rstd, dx)
 
     def _train_backward_tangent(
@@ -102,14 +110,11 @@ class _Normalization(Layer):
             )
         return hv, dx, dx_tangent
 
-    @staticmethod
-    def _per_example_affine_grads(xhat: Array, dy: Array) -> Params:
+    def _per_example_affine_grads(self, xhat: Array, dy: Array) -> Params:
         """Example ``b``'s own ``dgamma_b = sum(dy_b * xhat_b)``, ``dbeta_b = sum(dy_b)`` over its positions."""
         batch, n = dy.shape[0], xhat.shape[-1]
-        return {
-            "gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1),
-            "beta": jnp.sum(dy.reshape(batch, -1, n), axis=1),
-        }
+        grads = {"gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1)}
+        return grads | {"beta": jnp.sum(dy.reshape(batch, -1, n), axis=1)} if self.centred else grads
 
 
 @dataclass(frozen=True, repr=False)
@@ -132,7 +137,8 @@ class LayerNorm(_Normalization):
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
         self._check(params, x)
         xhat, rstd, _, _ = self._statistics(x)
-        return params["gamma"] * xhat + params["beta"], (xhat, rstd)
+        y = params["gamma"] * xhat
+        return (y + params["beta"] if self.centred else y), (xhat, rstd)
 
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         xhat, rstd = cache
@@ -151,6 +157,78 @@ class LayerNorm(_Normalization):
     def per_example_backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         xhat, rstd = cache
         return self._per_example_affine_grads(xhat, dy), self._normalized(xhat, rstd, dy * params["gamma"])
+
+    def diag_hessian(self, params: Params, cache: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
+        """The Hessian diagonal (:mod:`mnet.core.curvature`). ``y`` is linear in ``gamma`` and ``beta``, so their
+        shares read the Hessian at ``y`` as a dense layer with one weight per feature does: per column
+        ``(sum_s xhat_sj c_sj)^2``, and ``sum_s xhat_sj^2 d_sj`` from the diagonal part. The input gets
+        ``J^T H_y J`` (through :meth:`backward`) plus the layer's own curvature, at each position the Hessian of
+        ``u . xhat(x)`` with ``u = g * gamma`` (``g`` the gradient reaching ``y``). With ``c = r^2 / d``,
+        ``w = u`` (RMSNorm) or ``u - mean(u)`` (LayerNorm) and ``k = w . xhat``, differentiating
+        ``r = (|x|^2/d + eps)^(-1/2)`` twice (``dr = -r^3 x / d``) gives ::
+
+            H_own = -c (w xhat^T + xhat w^T) + (3 c k / d) xhat xhat^T - c k I      (RMSNorm)
+            H_own = P (RMSNorm's, at the centred input) P = ... - c k I + (c k / d) 1 1^T   (LayerNorm, P = I - 1 1^T/d)
+
+        ``-c k I`` joins the diagonal; the rank-one terms become signed columns (the first as the difference of
+        the squares of ``w +- xhat``), one set per position, each nonzero at its position only. Cost: three (four)
+        columns per position, each the size of one example, so ``O(T^2 d)`` per example for ``T`` positions."""
+        xhat, rstd = cache
+        gamma = params["gamma"]
+        batch, width = xhat.shape[0], xhat.shape[-1]
+        xh = xhat.reshape(batch, -1, width)
+
+        def squares(columns: Array) -> Params:
+            cs = columns.reshape((columns.shape[0],) + xh.shape)
+            per = {"gamma": jnp.einsum("bpj,kbpj->kbj", xh, cs) ** 2}
+            return per | {"beta": jnp.sum(cs, axis=2) ** 2} if self.centred else per
+
+        share = jax.tree_util.tree_map(lambda v: jnp.sum(v, axis=0), signed_square_sum(curvature.columns(), squares))
+        if curvature.diag is not None:
+            d = curvature.diag.reshape(xh.shape)
+            share["gamma"] = share["gamma"] + jnp.einsum("bpj,bpj->j", xh**2, d)
+            if self.centred:
+                share["beta"] = share["beta"] + jnp.sum(d, axis=(0, 1))
+        below = curvature.through(lambda v: self._normalized(xhat, rstd, v * gamma))
+        u = curvature.grad * gamma
+        w = u - jnp.mean(u, axis=-1, keepdims=True) if self.centred else u
+        k = jnp.sum(w * xhat, axis=-1, keepdims=True)
+        c = rstd**2 / width
+        terms: list[tuple[Array, Array | float, Array | float]] = [
+            (w + xhat, c / 2, -1.0),
+            (w - xhat, c / 2, 1.0),
+            (xhat, 3 * c * jnp.abs(k) / width, jnp.sign(k)),
+        ]
+        if self.centred:
+            terms.append((jnp.ones_like(xhat), c * jnp.abs(k) / width, jnp.sign(k)))
+        below = below.plus_diagonal(jnp.broadcast_to(-c * k, xhat.shape))
+        return share, replace(below, groups=below.groups + (position_columns(terms),))
+
+
+@dataclass(frozen=True, repr=False)
+class RMSNorm(LayerNorm):
+    """Root-mean-square normalisation (Zhang and Sennrich, 2019) over the last axis, as ``torch.nn.RMSNorm(d,
+    eps=eps)`` with ``weight = gamma``: ``y = gamma * xhat``, ``xhat = x r``, ``r = 1 / sqrt(mean(x^2) + eps)``.
+    No mean is subtracted and there is no shift. Params ``{"gamma": (d,)}``; cache ``xhat`` and ``r``.
+
+    The rules are LayerNorm's without the centring. With ``g = dy * gamma`` the Jacobian-vector product is ::
+
+        dx = N g = r * (g - xhat * mean(g * xhat))
+
+    (from ``d r = -r^3 mean(x dx) = -r^2 mean(xhat dx)``: ``d xhat = r dx - xhat mean(xhat dx) r``), symmetric, so
+    forward mode applies it too; ``dgamma = sum(dy * xhat)`` over every axis but the last. The Hessian-vector rule
+    is LayerNorm's (:meth:`_Normalization._train_backward_tangent`) with this ``N``: ``R{r} = -r^2 mean(xhat x_t)``
+    holds for both.
+
+    Arguments:
+        eps: added to the mean square (default 1e-6, as LLaMA's).
+    """
+
+    eps: float = 1e-6
+    centred = False
+
+    def __repr__(self) -> str:
+        return "RMSNorm()" if self.eps == 1e-6 else f"RMSNorm(eps={self.eps})"
 
 
 @dataclass(frozen=True, repr=False)

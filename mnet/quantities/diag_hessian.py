@@ -7,16 +7,19 @@ layers' own ``diag_hessian`` rules use.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mnet.core.curvature import Curvature, no_rule, signed_square_sum
+from mnet.core.curvature import Columns, Curvature, next_origin, no_rule, signed_square_sum
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward, has_params
 from mnet.core.walk import Quantity, own_rule, walk
 from mnet.losses import Loss
+from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.per_example import per_example_stack
 
 
@@ -35,7 +38,9 @@ class DiagHessian(Quantity):
             share, curvature = own(params, caches[0], carried[0])
             return share, (curvature,)
         if not getattr(layer, "curvature_free", False):
-            raise no_rule(layer)
+            if has_params(params) or own_rule(layer, "backward_tangent") is None:
+                raise no_rule(layer)
+            return (), (from_hessian_vector_rule(layer, caches[0], carried[0]),)
         cache, curvature = caches[0], carried[0].expanded()
         below = curvature.through(lambda dy: layer.backward(params, cache, dy)[1])
         if not has_params(params):
@@ -61,20 +66,60 @@ class DiagHessian(Quantity):
 DIAG_HESSIAN = DiagHessian()
 
 
-def diag_hessian(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
+def from_hessian_vector_rule(layer: Any, cache: Any, curvature: Curvature) -> Curvature:
+    """The curvature at the input of a parameterless layer that has a Hessian-vector rule but no second-order rule
+    of its own (the attention cores, a user's layer): ``J^T H_y J`` through ``backward``, plus the layer's own
+    curvature ``M = sum_m g_m d^2 y_m / dx^2`` (``g`` the gradient reaching ``y``), built column by column from
+    ``backward_tangent``: along the tangent ``e_i`` with ``dy = g`` and ``R{dy} = 0`` its ``R{dx}`` is ``M e_i =
+    m_i``. Since ``M = 1/2 sum_i (e_i m_i^T + m_i e_i^T)`` and ``e m^T + m e^T = 1/2 ((a e + m/a)(...)^T -
+    (a e - m/a)(...)^T)`` for any ``a > 0``, ``M`` is ``2n`` signed columns ``(a_i e_i +- m_i / a_i) / 2`` with
+    ``a_i = sqrt(|m_i|)`` (which keeps both halves of a column at one scale, so nothing cancels). Exact; the cost
+    is ``n`` Hessian-vector passes through the layer and ``2n`` columns of size ``n`` per example, ``n`` the size of
+    one example's input (for attention over ``T`` positions, ``n = 3 T heads d``, so ``O(T^2)`` columns' worth)."""
+    below = curvature.through(lambda dy: layer.backward((), cache, dy)[1])
+    shape = below.grad.shape
+    batch, n = shape[0], math.prod(shape[1:])
+    basis = jnp.broadcast_to(jnp.eye(n, dtype=below.grad.dtype)[:, None, :], (n, batch, n)).reshape((n,) + shape)
+    no_dy = jnp.zeros_like(curvature.grad)
+
+    def column(e: Array) -> Array:
+        return layer.backward_tangent((), cache, ((), e), curvature.grad, no_dy)[2]
+
+    rows = jax.vmap(column)(basis).reshape(n, batch, n)
+    norms = jnp.sqrt(jnp.linalg.norm(rows, axis=-1, keepdims=True))
+    a = jnp.where(norms > 0, norms, 1)
+    unit = jnp.eye(n, dtype=rows.dtype)[:, None, :] * a
+    columns = jnp.concatenate([unit + rows / a, unit - rows / a]) / 2
+    signs = jnp.concatenate([jnp.ones((n, batch), rows.dtype), -jnp.ones((n, batch), rows.dtype)])
+    own = Columns(next_origin(), columns.reshape((2 * n,) + shape), signs)
+    return replace(below, groups=below.groups + (own,))
+
+
+def diag_hessian(net: LayerProtocol, loss: Loss, hutchinson_samples: int | None = None) -> Callable[..., Params]:
     """``f(params, x, targets)``: the exact diagonal of ``H``, the Hessian of ``L = mean_b l_b`` with respect to
     every parameter.
 
     ``H = GGN + (the layers' own second-derivative terms)``: the walk carries each example's Hessian with respect to
     the current activation as signed columns plus a diagonal (:mod:`mnet.core.curvature`), starting from the
     loss Hessian's square root; every activation adds ``phi''(z) * g`` (``g`` the gradient reaching it) to the
-    diagonal. Dense, Conv2D, pools, elementwise activations, Dropout, Flatten, Reshape, Embedding and the
-    combinators have second-order rules; a network holding any other layer (LayerNorm, Softmax, attention, a
-    user's layer without a ``diag_hessian`` rule or ``curvature_free = True``) raises an error naming it.
+    diagonal. Dense, Conv2D, pools, elementwise activations (Softmax too), Dropout, Flatten, Reshape, Embedding,
+    LayerNorm, RMSNorm, the gated MLP and the combinators have second-order rules; a parameterless layer with a
+    Hessian-vector rule and none of its own (the attention cores) gets its curvature from that rule
+    (:func:`from_hessian_vector_rule`, exact, but ``O(n)`` passes for an input of ``n`` numbers per example). A
+    network holding any other layer (a user's layer with parameters and no ``diag_hessian`` rule, nor
+    ``curvature_free = True``) raises an error naming it.
+
+    Exactness costs memory: every position of a sequence model adds columns the size of an example. Where that is
+    too much (a long-context transformer), ``hutchinson_samples=S`` gives instead ``f(params, x, targets, *, key)``:
+    the unbiased estimate ``mean_s v_s * (H v_s)`` over ``S`` Rademacher vectors ``v_s`` (Hutchinson 1990; Bekas et
+    al. 2007), each ``H v`` the hand-derived :func:`mnet.hessian_vector_product`; its variance is
+    ``sum_{j != i} H_ij^2 / S`` per entry.
 
     Returns:
         A pytree like ``params``.
     """
+    if hutchinson_samples is not None:
+        return _hutchinson(net, loss, hutchinson_samples)
 
     def diag_hessian_fn(params: Params, x: Array, targets: Array, *, state: Any = None) -> Params:
         outputs, cache = call_forward(net, params, x, state=state)
@@ -83,3 +128,29 @@ def diag_hessian(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
 
     return diag_hessian_fn
+
+
+def _hutchinson(net: LayerProtocol, loss: Loss, samples: int) -> Callable[..., Params]:
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"diag_hessian: hutchinson_samples must be a positive int, got {samples!r}")
+    product = hessian_vector_product(net, loss)
+
+    def hutchinson_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None):
+        if key is None:
+            raise ValueError("diag_hessian(hutchinson_samples=...) draws random vectors: pass key=...")
+        leaves, tree = jax.tree_util.tree_flatten(params)
+
+        def one(sample_key: Array) -> Params:
+            keys = jax.random.split(sample_key, len(leaves))
+            signs = [jax.random.rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+            v = jax.tree_util.tree_unflatten(tree, signs)
+            return jax.tree_util.tree_map(jnp.multiply, v, product(params, x, targets, v, state=state))
+
+        def accumulate(total: Params, sample_key: Array) -> tuple[Params, None]:
+            return jax.tree_util.tree_map(jnp.add, total, one(sample_key)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        total, _ = jax.lax.scan(accumulate, zeros, jax.random.split(key, samples))
+        return jax.tree_util.tree_map(lambda t: t / samples, total)
+
+    return hutchinson_fn

@@ -66,7 +66,7 @@ class HessianVector(Quantity):
 HESSIAN_VECTOR = HessianVector()
 
 
-def hessian_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array, Params], Params]:
+def hessian_vector_product(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
     """``f(params, x, targets, v) -> H v``, ``H`` the Hessian of ``L = loss.value(net.apply(params, x), targets)``.
 
     Pearlmutter's R-operator by hand (:mod:`mnet.quantities.hessian_vector`): the tangent pass records ``R{x}`` at every

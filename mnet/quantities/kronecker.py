@@ -40,7 +40,10 @@ def is_factor_pair(node: Any) -> bool:
 
 def stack_bias(grad: Params) -> Array:
     """A dense-like entry's ``{"W", "b"}`` (leading axes allowed) as the one matrix ``[W; b]`` that the Kronecker
-    factors act on (``A`` over its rows, ``G`` over its columns); ``{"W"}`` alone is ``W``."""
+    factors act on (``A`` over its rows, ``G`` over its columns); ``{"W"}`` alone, or a bare matrix (a layer whose
+    params name the matrix directly, as :class:`mnet.GatedMLP`'s ``W_gate``), is ``W``."""
+    if not isinstance(grad, dict):
+        return grad
     if "b" not in grad:
         return grad["W"]
     return jnp.concatenate([grad["W"], grad["b"][..., None, :]], axis=-2)
@@ -48,6 +51,8 @@ def stack_bias(grad: Params) -> Array:
 
 def unstack_bias(matrix: Array, like: Params) -> Params:
     """The inverse of :func:`stack_bias`: ``[W; b]`` back to an entry with the keys of ``like``."""
+    if not isinstance(like, dict):
+        return matrix
     return {"W": matrix} if "b" not in like else {"W": matrix[..., :-1, :], "b": matrix[..., -1, :]}
 
 

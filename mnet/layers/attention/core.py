@@ -39,6 +39,8 @@ class AttentionCore(Layer):
     num_heads: int
     head_dim: int
     causal: bool = False
+    #: No parameters: ``diag_hessian`` builds the core's own curvature from :meth:`backward_tangent`.
+    parameterless = True
 
     def __repr__(self) -> str:
         return f"AttentionCore({self.num_heads}, {self.head_dim}{', causal=True' if self.causal else ''})"

@@ -14,6 +14,7 @@ from mnet.core.walk import Compound
 from mnet.errors import LayerError
 from mnet.layers.attention.blockwise import BlockwiseAttentionCore
 from mnet.layers.attention.core import AttentionCore
+from mnet.layers.attention.heads import HeadLayout
 from mnet.layers.combinators import Parallel, Serial
 from mnet.layers.dense import Dense
 
@@ -41,12 +42,20 @@ class MultiHeadSelfAttention(Compound):
     True where query ``s`` may attend to key ``t`` (e.g. ``valid[:, None, None, :]`` for padded sequences);
     ``causal=True`` also masks every key after the query. Inside ``serial`` only ``causal`` applies.
 
+    Grouped-query attention (``num_kv_heads=g``) and rotary positions (``rope_base=b``) add a fixed linear map
+    between the projections and the core (:class:`mnet.layers.attention.heads.HeadLayout`): ``Wk`` and ``Wv`` then
+    project to ``g * head_dim``, every key-value head serves ``num_heads / g`` consecutive query heads, and each
+    head's queries and keys turn by the angles ``t * b^(-2i/head_dim)`` (rotate-half, as Hugging Face's LLaMA).
+
     Arguments:
         num_heads: number of heads.
         head_dim: width of each head (default: ``D // num_heads``, and then ``num_heads`` must divide ``D``).
         causal: mask the future (for autoregressive models).
         out_dim: output width (default ``D``, so that the layer fits in a residual block).
         use_bias: biases in the four projections (default True).
+        num_kv_heads: key-value heads (default ``num_heads``; 1 for multi-query attention); must divide
+            ``num_heads``.
+        rope_base: rotary position embedding with this base (LLaMA: 10000.0); ``head_dim`` must then be even.
         block_size: compute the core in blocks of this many queries and keys
             (:class:`mnet.layers.attention.blockwise.BlockwiseAttentionCore`): the cache then holds ``Q, K, V``, the
             output and one log-sum-exp per query instead of the ``T x T`` probabilities, and the backward
@@ -59,44 +68,65 @@ class MultiHeadSelfAttention(Compound):
     out_dim: int | None = None
     use_bias: bool = True
     block_size: int | None = None
+    num_kv_heads: int | None = None
+    rope_base: float | None = None
 
     def __post_init__(self):
-        for name in ("num_heads", "head_dim", "out_dim", "block_size"):
+        for name in ("num_heads", "head_dim", "out_dim", "block_size", "num_kv_heads"):
             value = getattr(self, name)
             if value is not None or name == "num_heads":
                 positive_int(value, name, "MultiHeadSelfAttention")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"MultiHeadSelfAttention: num_kv_heads = {self.num_kv_heads} does not divide num_heads = "
+                f"{self.num_heads} (each key-value head serves num_heads / num_kv_heads query heads)"
+            )
+        if self.rope_base is not None:
+            if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, int | float) or self.rope_base <= 1:
+                raise ValueError(f"MultiHeadSelfAttention: rope_base must be a number > 1, got {self.rope_base!r}")
+            if self.head_dim is not None and self.head_dim % 2:
+                raise ValueError(
+                    f"MultiHeadSelfAttention: rotary positions pair the features of a head, so head_dim must be "
+                    f"even, got {self.head_dim}"
+                )
 
     def __repr__(self) -> str:
         options = "" if self.head_dim is None else f", head_dim={self.head_dim}"
         options += ", causal=True" if self.causal else ""
         options += "" if self.block_size is None else f", block_size={self.block_size}"
+        options += "" if self.num_kv_heads is None else f", num_kv_heads={self.num_kv_heads}"
+        options += "" if self.rope_base is None else f", rope_base={self.rope_base}"
         return f"MultiHeadSelfAttention({self.num_heads}{options})"
 
     def _parts(self, model_dim: int) -> Serial:
         """The layer as a composition: ``[x Wq | x Wk | x Wv] -> core -> Wo``."""
         head_dim = self.head_dim or model_dim // self.num_heads
-        inner = self.num_heads * head_dim
-        projections = Parallel(tuple(Dense(inner, use_bias=self.use_bias) for _ in "qkv"))
+        kv_heads = self.num_kv_heads or self.num_heads
+        widths = (self.num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        projections = Parallel(tuple(Dense(width, use_bias=self.use_bias) for width in widths))
         if self.block_size is None:
             core = AttentionCore(self.num_heads, head_dim, self.causal)
         else:
             core = BlockwiseAttentionCore(self.num_heads, head_dim, self.causal, self.block_size)
-        return Serial(
-            (
-                projections,
-                core,
-                Dense(self.out_dim or model_dim, use_bias=self.use_bias),
-            )
+        layout = (
+            ()
+            if kv_heads == self.num_heads and self.rope_base is None
+            else (HeadLayout(self.num_heads, kv_heads, head_dim, self.rope_base),)
         )
+        return Serial((projections, *layout, core, Dense(self.out_dim or model_dim, use_bias=self.use_bias)))
 
     def network(self, cache: Cache) -> Serial:
         return self._parts(cache[0][0][0].shape[-1])  # the projections' caches are x itself
 
+    @property
+    def _has_layout(self) -> bool:
+        return not (self.num_kv_heads in (None, self.num_heads) and self.rope_base is None)
+
     def to_network(self, params: Params) -> Params:
-        return ((params["q"], params["k"], params["v"]), (), params["o"])
+        return ((params["q"], params["k"], params["v"]), *((),) * (1 + self._has_layout), params["o"])
 
     def from_network(self, tree):
-        (q, k, v), _, o = tree
+        (q, k, v), *_, o = tree
         return {"q": q, "k": k, "v": v, "o": o}
 
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
@@ -108,6 +138,7 @@ class MultiHeadSelfAttention(Compound):
                 f"model width D = {shape[1]} (input {shape}) does not divide into {self.num_heads} heads; "
                 "give head_dim explicitly or change num_heads"
             )
+        self._check_rotary(shape[1])
         try:
             out_shape, params = self._parts(shape[1]).init(key, shape, dtype)
         except LayerError as error:
@@ -121,10 +152,19 @@ class MultiHeadSelfAttention(Compound):
         check_param_keys(self, params, {"q", "k", "v", "o"})
         if self.head_dim is None and x.shape[2] % self.num_heads:
             raise self._fail(f"model width D = {x.shape[2]} does not divide into {self.num_heads} heads")
+        self._check_rotary(x.shape[2])
         return self._parts(x.shape[2])
 
+    def _check_rotary(self, model_dim: int) -> None:
+        head_dim = self.head_dim or model_dim // self.num_heads
+        if self.rope_base is not None and head_dim % 2:
+            raise self._fail(
+                f"rotary positions pair the features of a head, so head_dim must be even, got head_dim = "
+                f"{head_dim} (model width {model_dim} over {self.num_heads} heads)"
+            )
+
     def forward(self, params: Params, x: Array, mask: Array | None = None) -> tuple[Array, Cache]:
-        projections, core, output = self._check(params, x).layers
+        projections, *layout, core, output = self._check(params, x).layers
         if mask is not None:
             full = (x.shape[0], core.num_heads, x.shape[1], x.shape[1])
             try:
@@ -138,8 +178,12 @@ class MultiHeadSelfAttention(Compound):
                 )
         try:
             qkv, projections_cache = call_forward(projections, self.to_network(params)[0], x)
+            layout_caches = []
+            for part in layout:
+                qkv, part_cache = call_forward(part, (), qkv)
+                layout_caches.append(part_cache)
             heads, core_cache = call_forward(core, (), qkv, mask=mask)
             y, output_cache = call_forward(output, params["o"], heads)
         except LayerError as error:
             raise LayerError(self, error.detail) from None
-        return y, (projections_cache, core_cache, output_cache)
+        return y, (projections_cache, *layout_caches, core_cache, output_cache)

@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 import mnet
 from mnet.errors import LayerError
-from tests.cases import random_network
+from tests.cases import GLU, random_network
 from tests.helpers import assert_trees_close, load_experiment, no_autodiff, random_targets
 
 CE, MSE, BCE = mnet.losses.softmax_cross_entropy, mnet.losses.mse, mnet.losses.sigmoid_binary_cross_entropy
@@ -230,11 +230,11 @@ def test_no_autodiff_in_the_second_order_path():
 
 
 def test_bad_input_is_refused_clearly():
-    net = mnet.serial(mnet.Dense(4), mnet.residual(mnet.serial(mnet.LayerNorm(), mnet.Dense(4))), mnet.Dense(3))
+    net = mnet.serial(mnet.Dense(4), mnet.residual(mnet.serial(GLU, mnet.Dense(4))), mnet.Dense(3))
     params, x, targets = problem(net, (3,), CE, 0)
     with pytest.raises(
         LayerError,
-        match=r"LayerNorm\(\) at position \[1\]\[0\] of the network: has no "
+        match=r"GatedLinearUnit\(width=6\) at position \[1\]\[0\] of the network: has no "
         r"second-order rule",
     ):
         mnet.diag_hessian(net, CE)(params, x, targets)

@@ -1,0 +1,278 @@
+"""The modern decoder's layers (RMSNorm, Silu, GatedMLP, grouped-query attention with rotary positions) and
+``models.gpt``: forwards against independent implementations, every rule and quantity against autodiff in float64,
+planted wrong rules named, the no-autodiff guard, bad input, and float32 training against jax.grad."""
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mnet
+from mnet.layers.attention.heads import HeadLayout
+from tests.helpers import assert_trees_close, no_autodiff, random_params
+
+LOSS = mnet.losses.softmax_cross_entropy
+
+
+def llama_attention(layer, params, x, mask=None):
+    """Attention as Hugging Face's LLaMA writes it (rotate_half, repeat_kv), in numpy-like jnp from scratch."""
+    batch, length, model = x.shape
+    heads, kv_heads = layer.num_heads, layer.num_kv_heads or layer.num_heads
+    d = layer.head_dim or model // heads
+
+    def project(name, count):
+        out = x @ params[name]["W"] + (params[name]["b"] if "b" in params[name] else 0)
+        return out.reshape(batch, length, count, d).transpose(0, 2, 1, 3)  # (batch, heads, T, d)
+
+    q, k, v = project("q", heads), project("k", kv_heads), project("v", kv_heads)
+    if layer.rope_base is not None:
+        inv_freq = 1.0 / (layer.rope_base ** (np.arange(0, d, 2) / d))
+        freqs = np.outer(np.arange(length), inv_freq)
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.asarray(np.cos(emb), x.dtype), jnp.asarray(np.sin(emb), x.dtype)
+
+        def rotate_half(t):
+            return jnp.concatenate([-t[..., d // 2 :], t[..., : d // 2]], axis=-1)
+
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    k, v = jnp.repeat(k, heads // kv_heads, axis=1), jnp.repeat(v, heads // kv_heads, axis=1)
+    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)
+    allowed = jnp.ones((batch, heads, length, length), bool)
+    if layer.causal:
+        allowed &= jnp.tril(jnp.ones((length, length), bool))
+    if mask is not None:
+        allowed &= mask
+    weights = jnp.where(allowed, jax.nn.softmax(scores, axis=-1, where=allowed), 0.0)
+    out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, heads * d)
+    return out @ params["o"]["W"] + (params["o"]["b"] if "b" in params["o"] else 0)
+
+
+def test_rms_norm_and_silu_forwards_against_their_definitions():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 7), jnp.float64) * 3 + 1
+    gamma = jnp.linspace(0.5, 2, 7)
+    y = mnet.RMSNorm().apply({"gamma": gamma}, x)
+    xn = np.asarray(x)
+    np.testing.assert_allclose(y, xn / np.sqrt((xn**2).mean(-1, keepdims=True) + 1e-6) * np.asarray(gamma), rtol=1e-13)
+    np.testing.assert_allclose(mnet.Silu().apply((), x), xn / (1 + np.exp(-xn)), rtol=1e-13)
+    z = jnp.linspace(-30, 30, 121, dtype=jnp.float64)
+    cache = mnet.Silu().forward((), z[None])[1]
+    assert_trees_close(mnet.Silu().backward((), cache, jnp.ones((1, 121)))[1][0], jax.vmap(jax.grad(jax.nn.silu))(z))
+    second = jax.vmap(jax.grad(jax.grad(jax.nn.silu)))(z)
+    assert_trees_close(mnet.Silu().activate_second(z), second, 1e-12)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_gated_mlp_forward_against_its_definition(activation):
+    layer = mnet.GatedMLP(6, activation=activation, use_bias=True)
+    params = random_params(layer, (3, 5), jnp.float64, np.random.default_rng(1))
+    assert {k: v.shape for k, v in params.items()} == {
+        "W_gate": (5, 6), "W_up": (5, 6), "W_down": (6, 5), "b_gate": (6,), "b_up": (6,), "b_down": (5,)
+    }  # fmt: skip
+    x = jax.random.normal(jax.random.key(2), (2, 3, 5), jnp.float64)
+    act = jax.nn.silu if activation == "silu" else lambda z: jax.nn.gelu(z, approximate=False)
+    gate, up = x @ params["W_gate"] + params["b_gate"], x @ params["W_up"] + params["b_up"]
+    assert_trees_close(layer.apply(params, x), (act(gate) * up) @ params["W_down"] + params["b_down"], 1e-13)
+    _, plain = mnet.GatedMLP(4).init(jax.random.key(0), (5,))
+    assert set(plain) == {"W_gate", "W_up", "W_down"}
+
+
+ATTENTION = [
+    mnet.MultiHeadSelfAttention(4, num_kv_heads=2, rope_base=10000.0, causal=True),
+    mnet.MultiHeadSelfAttention(4, num_kv_heads=1, rope_base=500.0, block_size=3, use_bias=False),
+    mnet.MultiHeadSelfAttention(2, head_dim=4, rope_base=100.0, block_size=2, causal=True),
+    mnet.MultiHeadSelfAttention(4, num_kv_heads=2),
+]
+
+
+@pytest.mark.parametrize("layer", ATTENTION, ids=repr)
+def test_grouped_rotary_attention_is_llamas_and_its_backward_is_jax_vjp(layer):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 8), jnp.float64)
+    params = random_params(layer, (7, 8), jnp.float64, np.random.default_rng(2))
+    kv = (layer.num_kv_heads or layer.num_heads) * (layer.head_dim or 2)
+    assert params["k"]["W"].shape == (8, kv) and params["q"]["W"].shape[1] == layer.num_heads * (layer.head_dim or 2)
+    valid = jnp.arange(7)[None, :] < jnp.array([[7], [4]])  # the second example padded after 4 tokens
+    for mask in (None, valid[:, None, None, :]):
+        y, cache = layer.forward(params, x, mask=mask)
+        assert_trees_close(y, llama_attention(layer, params, x, mask), 1e-12)
+        dy = jax.random.normal(jax.random.key(3), y.shape, jnp.float64)
+        expected = jax.vjp(lambda p, inputs, m=mask: layer.forward(p, inputs, mask=m)[0], params, x)[1](dy)
+        assert_trees_close(layer.backward(params, cache, dy), expected, 1e-11, tree_scale=True)
+
+
+@settings(max_examples=4)
+@given(heads=st.sampled_from([(2, 1), (2, 2), (4, 2), (4, 1)]), half=st.integers(1, 3), length=st.integers(1, 6))
+def test_head_layout_backward_and_tangent_on_random_shapes(heads, half, length):
+    num_heads, kv_heads = heads
+    d = 2 * half
+    layout = HeadLayout(num_heads, kv_heads, d, 50.0)
+    width = (num_heads + 2 * kv_heads) * d
+    rng = np.random.default_rng(length)
+    x = jnp.asarray(rng.normal(size=(2, length, width)))
+    y, cache = layout.forward((), x)
+    dy = jnp.asarray(rng.normal(size=y.shape))
+    assert_trees_close(layout.backward((), cache, dy)[1], jax.vjp(lambda v: layout.forward((), v)[0], x)[1](dy)[0])
+    assert_trees_close(layout.tangent((), cache, (), dy[..., :width]), layout.forward((), dy[..., :width])[0])
+
+
+NEW_LAYERS = [
+    (mnet.RMSNorm(), (3, 4)),
+    (mnet.serial(mnet.Dense(4), mnet.Silu(), mnet.RMSNorm(), mnet.Softmax(), mnet.Dense(3)), (5,)),
+    (mnet.GatedMLP(5, activation="gelu", use_bias=True), (2, 4)),
+    (mnet.MultiHeadSelfAttention(2, num_kv_heads=1, rope_base=100.0, causal=True), (3, 4)),
+]
+
+
+@pytest.mark.parametrize("layer, shape", NEW_LAYERS, ids=[repr(layer)[:50] for layer, _ in NEW_LAYERS])
+def test_check_layer_passes_the_new_layers_with_their_second_order_rules(layer, shape):
+    report = mnet.check_layer(layer, shape, batch=2)
+    assert report.ok, str(report)
+    rows = {row.rule: row for row in report.rows}
+    assert rows["diag_hessian"].agreement is not None, str(report)  # compared, not skipped
+    assert rows["diag_hessian"].agreement.max_rel_error < 1e-12, str(report)
+
+
+@dataclass(frozen=True, repr=False)
+class RMSNormWrongBackward(mnet.RMSNorm):
+    def backward(self, params, cache, dy):
+        grads, dx = super().backward(params, cache, dy)
+        return grads, dx * 1.01
+
+
+@dataclass(frozen=True, repr=False)
+class LayerNormWrongCurvature(mnet.LayerNorm):
+    def diag_hessian(self, params, cache, curvature):
+        share, below = super().diag_hessian(params, cache, curvature)
+        return share, below.plus_diagonal(0.1 * jnp.ones_like(curvature.grad))
+
+
+@dataclass(frozen=True, repr=False)
+class GatedProductWrongHvp(mnet.GatedProduct):
+    def backward_tangent(self, params, cache, tangents, dy, dy_tangent):
+        grads, dx, dx_tangent = super().backward_tangent(params, cache, tangents, dy, dy_tangent)
+        return grads, dx, dx_tangent * 0.9
+
+
+@dataclass(frozen=True, repr=False)
+class HeadLayoutWrongTranspose(HeadLayout):
+    def backward(self, params, cache, dy):
+        return (), super().backward(params, cache, dy[..., ::-1])[1]
+
+
+@pytest.mark.parametrize(
+    "net, shape, wrong",
+    [
+        (RMSNormWrongBackward(), (3, 4), "backward"),
+        (mnet.serial(mnet.Dense(4), LayerNormWrongCurvature(), mnet.Dense(2)), (3,), "diag_hessian"),
+        (mnet.serial(mnet.Dense(4), GatedProductWrongHvp(), mnet.Dense(2)), (3,), "backward_tangent"),
+        (mnet.serial(mnet.Dense(8), HeadLayoutWrongTranspose(2, 1, 2, 10.0), mnet.Dense(2)), (3, 2), "backward"),
+    ],
+    ids=["rmsnorm", "layernorm", "gated", "heads"],
+)
+def test_check_layer_names_a_planted_wrong_rule(net, shape, wrong):
+    report = mnet.check_layer(net, shape, batch=2)
+    assert not report.ok and wrong in report.wrong, str(report)
+
+
+def test_every_quantity_through_a_gpt_agrees_with_autodiff():
+    # Grouped-query (one key-value head), rotary, GeGLU; blockwise attention is the same network with the core
+    # of tests/layers/test_blockwise_attention.py, whose rules are checked there.
+    net = mnet.models.gpt(vocab=7, context=6, d_model=4, num_layers=1, num_heads=2, num_kv_heads=1, hidden=6,
+                          activation="gelu")  # fmt: skip
+    report = mnet.check_network(net, LOSS, (5,), batch=2, seed=3)
+    assert report.ok, str(report)
+    for row in report.rows:
+        if row.agreement is not None:
+            a = row.agreement
+            assert min(a.max_rel_error, a.max_abs_error / max(a.global_scale, 1e-300)) < 1e-9, str(report)
+
+
+def gpt_problem(dtype=jnp.float64, **options):
+    net = mnet.models.gpt(vocab=9, context=8, d_model=8, num_layers=1, num_heads=2, num_kv_heads=1, **options)
+    _, params = net.init(jax.random.key(0), (6,), dtype)
+    ids = jax.random.randint(jax.random.key(1), (3, 7), 0, 9)
+    return net, params, ids[:, :-1], ids[:, 1:]
+
+
+def test_the_hand_derived_quantities_of_a_gpt_use_no_autodiff():
+    net, params, x, y = gpt_problem()
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    functions = {
+        "value_and_grad": (mnet.value_and_grad(net, LOSS), (params, x, y)),
+        "norms": (mnet.per_example_grad_norms(net, LOSS), (params, x, y)),
+        "hvp": (mnet.hessian_vector_product(net, LOSS), (params, x, y, v)),
+        "diag_hessian": (mnet.diag_hessian(net, LOSS), (params, x, y)),
+        "kfac": (mnet.kfac_factors(net, LOSS), (params, x, y)),
+    }
+    expected = {name: jax.jit(f)(*args) for name, (f, args) in functions.items()}
+    with no_autodiff():
+        for name, (f, args) in functions.items():
+            assert_trees_close(jax.jit(f)(*args), expected[name], 1e-12)
+    factors = expected["kfac"]
+    pairs = jax.tree_util.tree_leaves(factors, is_leaf=mnet.quantities.kronecker.is_factor_pair)
+    assert len([p for p in pairs if isinstance(p, dict)]) == 4 + 3 + 1  # q, k, v, o; gate, up, down; the read-out
+
+
+def test_hutchinson_is_an_unbiased_estimate_of_the_hessian_diagonal():
+    net = mnet.serial(mnet.Dense(4), mnet.Silu(), mnet.RMSNorm(), mnet.Dense(3))
+    params = random_params(net, (3,), jnp.float64, np.random.default_rng(0))
+    x, y = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64), jnp.arange(5) % 3
+    exact = mnet.diag_hessian(net, LOSS)(params, x, y)
+    samples = 400
+    estimate = jax.jit(mnet.diag_hessian(net, LOSS, hutchinson_samples=samples))(params, x, y, key=jax.random.key(5))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H = jax.hessian(lambda f: LOSS.value(net.apply(unravel(f), x), y))(flat)
+    variance = jnp.sum(H**2, axis=1) - jnp.diag(H) ** 2  # of one Rademacher sample, per entry
+    assert_trees_close(jax.flatten_util.ravel_pytree(exact)[0], jnp.diag(H), 1e-10)
+    error = jax.flatten_util.ravel_pytree(estimate)[0] - jnp.diag(H)
+    assert float(jnp.max(jnp.abs(error) / jnp.sqrt(variance / samples + 1e-30))) < 5.0
+    assert float(jnp.linalg.norm(error)) > 0  # an estimate, not the exact diagonal under another name
+    with pytest.raises(ValueError, match="key"):
+        mnet.diag_hessian(net, LOSS, hutchinson_samples=3)(params, x, y)
+    with pytest.raises(ValueError, match="positive int"):
+        mnet.diag_hessian(net, LOSS, hutchinson_samples=0)
+
+
+def test_bad_decoder_configurations_and_inputs_are_named():
+    with pytest.raises(ValueError, match="num_kv_heads = 3 does not divide num_heads = 4"):
+        mnet.MultiHeadSelfAttention(4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        mnet.MultiHeadSelfAttention(2, head_dim=3, rope_base=10000.0)
+    with pytest.raises(mnet.LayerError, match="head_dim must be even, got head_dim = 3"):
+        mnet.MultiHeadSelfAttention(2, rope_base=10000.0).init(jax.random.key(0), (4, 6))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mnet.GatedMLP(4, activation="relu")
+    net, params, x, _ = gpt_problem()
+    with pytest.raises(mnet.LayerError, match=r"Embedding\(9, 8, max_length=8\) at position \[0\].*10 positions"):
+        net.apply(params, jnp.zeros((2, 10), jnp.int32))
+    with pytest.raises(mnet.LayerError, match=r"ids must lie in \[0, 9\), found 9"):
+        net.apply(params, x.at[0, 0].set(9))
+    with pytest.raises(NotImplementedError, match="tie_embeddings"):
+        mnet.models.gpt(9, 8, 8, 1, 2, tie_embeddings=True)
+    with pytest.raises(ValueError, match="does not divide d_model"):
+        mnet.models.gpt(9, 8, 6, 1, 4)
+
+
+def test_float32_gpt_training_with_hand_gradients_tracks_jax_grad():
+    net, params, x, y = gpt_problem(jnp.float32, block_size=4)
+    optimizer = optax.adam(3e-3)
+
+    def trainer(value_and_grad):
+        @jax.jit
+        def step(state, _):
+            p, opt = state
+            value, grads = value_and_grad(p, x, y)
+            updates, opt = optimizer.update(grads, opt, p)
+            return (optax.apply_updates(p, updates), opt), value
+
+        return jax.lax.scan(step, (params, optimizer.init(params)), None, length=50)[1]
+
+    hand = trainer(mnet.value_and_grad(net, LOSS))
+    auto = trainer(mnet.autodiff_value_and_grad(net, LOSS))
+    assert float(hand[-1]) < 0.8 * float(hand[0])  # it learns
+    np.testing.assert_allclose(hand, auto, rtol=1e-4)

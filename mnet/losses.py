@@ -39,6 +39,12 @@ from mnet.errors import LossError
 Array = jax.Array
 
 
+def with_mask(loss: Loss, targets: Array, mask: Array | None) -> tuple[Loss, Array]:
+    """``(loss, targets)`` that leave out the padded positions of ``mask`` (``(batch, T)``, True at tokens); both
+    unchanged for ``mask=None``. What every quantity's driver does with its ``mask`` argument."""
+    return (loss, targets) if mask is None else loss.masked(targets, mask)
+
+
 def _units(outputs: Array) -> int:
     """Number of output units per example (all non-batch axes)."""
     return math.prod(outputs.shape[1:])
@@ -120,6 +126,11 @@ class Loss:
         example (``sigma_noise`` the Gaussian's standard deviation, for regression)."""
         raise LossError(f"{self!r}: " + self.likelihood("negative_log_likelihood_affine"))
 
+    def masked(self, targets: Array, mask: Array) -> tuple[Loss, Array]:
+        """The loss and targets that leave out the positions where ``mask`` (``(batch, T)`` booleans) is False.
+        Only a loss over positions with labels can: see :class:`SoftmaxCrossEntropy`."""
+        raise LossError(f"{self.name} has no positions to leave out: a padding mask needs softmax_cross_entropy")
+
     def predictive_negative_log_likelihood(self, predictive: Array, targets: Array) -> Array:
         """The mean over examples of ``-log p(t)`` under the predictive distribution given by its mean
         ``predictive`` (:meth:`predictive`'s output: probabilities for a classifier)."""
@@ -184,16 +195,37 @@ class SoftmaxCrossEntropy(Loss):
     Per example and position ``l = logsumexp(z) - z[y]``, with the row maximum subtracted inside the log-sum-exp.
     Its gradient is the classic fused form: ``d l / d z = softmax(z) - onehot(y)``, so
     ``d value / d z = (softmax(z) - onehot(y)) / (batch * positions)``, bounded for any logits.
+
+    Padding. With ``ignore_index=i`` (a negative int; PyTorch's ``ignore_index``) a label ``i`` leaves its position
+    out: the example's loss is the mean over its other positions, ``l_b = sum_t w_bt l_bt`` with
+    ``w_bt = [y_bt != i] / n_b`` and ``n_b`` the example's labelled positions (an example with none has ``l_b = 0``
+    and no gradient), and every derivative carries the same weights (the gradient ``w_bt (p - onehot)``, the
+    Hessian's square root ``sqrt(w_bt)`` times each position's block). So a padded example has exactly the
+    quantities it has alone, unpadded. Without ``ignore_index`` (the default, ``softmax_cross_entropy``) every
+    negative label is an error. :meth:`masked` gives the loss and labels for a ``(batch, T)`` padding mask.
     """
+
+    ignore_index: int | None = None
+
+    def __post_init__(self):
+        index = self.ignore_index
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index >= 0):
+            raise ValueError(f"SoftmaxCrossEntropy: ignore_index must be a negative int (a non-label), got {index!r}")
+
+    def __repr__(self) -> str:
+        return f"losses.{self.name}" + ("" if self.ignore_index is None else f"(ignore_index={self.ignore_index})")
 
     name = "softmax_cross_entropy"
     kind = "classification"
 
     def accuracy(self, logits: Array, labels: Array) -> Array:
-        return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+        """The fraction of labelled positions (``ignore_index`` left out) whose largest logit is the label."""
+        kept = self._kept(labels)
+        hits = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & kept)
+        return hits / jnp.maximum(jnp.sum(kept), 1)
 
     def check_targets(self, outputs_shape: tuple[int, ...], labels: Any, where: str) -> None:
-        check_labels(labels, outputs_shape[-1], where)
+        check_labels(labels, outputs_shape[-1], where, self.ignore_index)
 
     def random_targets(self, logits: Any, key: Array) -> Array:
         if len(logits.shape) < 2 or logits.shape[-1] < 2:
@@ -224,19 +256,41 @@ class SoftmaxCrossEntropy(Loss):
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise LossError(f"{self.name}: expects integer class ids, got labels of dtype {labels.dtype}")
         if not isinstance(labels, jax.core.Tracer):
-            check_labels(labels, logits.shape[-1], self.name)
+            check_labels(labels, logits.shape[-1], self.name, self.ignore_index)
 
     @staticmethod
     def _positions(logits: Array) -> int:
         return math.prod(logits.shape[1:-1])
 
+    def masked(self, targets: Array, mask: Array) -> tuple[Loss, Array]:
+        mask = jnp.asarray(mask)
+        if mask.dtype != bool or mask.shape != jnp.shape(targets):
+            raise LossError(
+                f"{self.name}: expects a boolean padding mask of the labels' shape {tuple(jnp.shape(targets))}, "
+                f"got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        index = -1 if self.ignore_index is None else self.ignore_index
+        return SoftmaxCrossEntropy(ignore_index=index), jnp.where(mask, targets, index)
+
+    def _kept(self, labels: Array) -> Array:
+        return labels != self.ignore_index if self.ignore_index is not None else jnp.ones(labels.shape, bool)
+
+    def _weights(self, labels: Array, dtype: Any) -> Array:
+        """``w_bt = [y_bt != ignore_index] / n_b`` (``(batch, *positions)``; ``1 / positions`` when nothing is
+        ignored)."""
+        kept = self._kept(labels).astype(dtype)
+        counts = jnp.sum(kept.reshape(labels.shape[0], -1), axis=1)
+        return kept / jnp.maximum(counts, 1).reshape((-1,) + (1,) * (labels.ndim - 1))
+
     def per_example(self, logits: Array, labels: Array) -> Array:
         self._check(logits, labels)
         shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
         log_normaliser = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-        picked = jnp.take_along_axis(shifted, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        losses = jnp.where(_in_range(labels, logits.shape[-1]), log_normaliser - picked, jnp.nan)
-        return jnp.mean(losses.reshape(logits.shape[0], -1), axis=1)
+        kept = self._kept(labels)
+        picked = jnp.take_along_axis(shifted, jnp.where(kept, labels, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        losses = jnp.where(_in_range(labels, logits.shape[-1], self.ignore_index), log_normaliser - picked, jnp.nan)
+        weighted = jnp.where(kept, losses, 0) * self._weights(labels, losses.dtype)
+        return jnp.sum(weighted.reshape(logits.shape[0], -1), axis=1)
 
     def per_example_grad(self, logits: Array, labels: Array) -> Array:
         self._check(logits, labels)
@@ -245,10 +299,10 @@ class SoftmaxCrossEntropy(Loss):
         # indexing then stays an operation of its own in the compiled step, which lets XLA's CPU runtime start
         # the step on its worker threads (BENCHMARKS.md, "The W1 float32 gap").
         rows = jnp.indices(labels.shape, sparse=True)
-        gradient = probabilities.at[(*rows, labels.astype(jnp.int32))].add(-1)
-        gradient = jnp.where(_in_range(labels, logits.shape[-1])[..., None], gradient, jnp.nan)
-        positions = self._positions(logits)
-        return gradient if positions == 1 else gradient / positions
+        kept = self._kept(labels)
+        gradient = probabilities.at[(*rows, jnp.where(kept, labels, 0).astype(jnp.int32))].add(-1)
+        gradient = jnp.where(_in_range(labels, logits.shape[-1], self.ignore_index)[..., None], gradient, jnp.nan)
+        return gradient * self._weights(labels, gradient.dtype)[..., None]
 
     def hessian_sqrt(self, logits: Array, labels: Array) -> Array:
         """``H_b = diag(p) - p p^T`` (independent of the label), factored as ``S S^T`` with column
@@ -259,19 +313,21 @@ class SoftmaxCrossEntropy(Loss):
         p, _ = activations.softmax(logits)
         classes, positions = logits.shape[-1], self._positions(logits)
         per_position = jnp.sqrt(p)[..., :, None] * (jnp.eye(classes, dtype=p.dtype) - p[..., None, :])  # [.., c, c']
+        per_position = per_position * jnp.sqrt(self._weights(labels, p.dtype))[..., None, None]
         if logits.ndim == 2:
             return per_position.transpose(1, 0, 2)
         batch, grid = logits.shape[0], logits.shape[1:-1]
-        per_position = per_position.reshape(batch, positions, classes, classes) / math.sqrt(positions)
+        per_position = per_position.reshape(batch, positions, classes, classes)
         at = jnp.eye(positions, dtype=p.dtype)  # [position of the column, position of the entry]
         columns = jnp.einsum("qr,bqcd->qcbrd", at, per_position)
         return columns.reshape((positions * classes, batch, *grid, classes))
 
     def hessian_vector(self, logits: Array, labels: Array, v: Array) -> Array:
-        """``H_b v = p * (v - <p, v>)`` at every position (the softmax's Jacobian, symmetric), over ``P``."""
+        """``H_b v = p * (v - <p, v>)`` at every position (the softmax's Jacobian, symmetric), times ``w_bt``."""
         self._check(logits, labels)
         p, _ = activations.softmax(logits)
-        return activations.softmax_backward(p, v) / (logits.shape[0] * self._positions(logits))
+        weights = self._weights(labels, p.dtype)[..., None]
+        return activations.softmax_backward(p, v) * weights / logits.shape[0]
 
     def sampled_hessian_sqrt(self, logits: Array, labels: Array, key: Array, samples: int) -> Array:
         """``p - e_y`` with ``y`` drawn from ``softmax(z)`` at every position independently: the gradient at
@@ -279,8 +335,8 @@ class SoftmaxCrossEntropy(Loss):
         self._check(logits, labels)
         p, _ = activations.softmax(logits)
         drawn = jax.random.categorical(key, logits, axis=-1, shape=(samples, *logits.shape[:-1]))
-        scale = math.sqrt(samples * self._positions(logits))
-        return (p[None] - jax.nn.one_hot(drawn, logits.shape[-1], dtype=p.dtype)) / scale
+        scale = jnp.sqrt(self._weights(labels, p.dtype) / samples)[None, ..., None]
+        return (p[None] - jax.nn.one_hot(drawn, logits.shape[-1], dtype=p.dtype)) * scale
 
 
 def _unit_columns(outputs: Array, scale: Array) -> Array:
@@ -291,14 +347,17 @@ def _unit_columns(outputs: Array, scale: Array) -> Array:
     return basis * scale[None]
 
 
-def _in_range(labels: Array, classes: int) -> Array:
-    return (labels >= 0) & (labels < classes)
+def _in_range(labels: Array, classes: int, ignore_index: int | None = None) -> Array:
+    inside = (labels >= 0) & (labels < classes)
+    return inside if ignore_index is None else inside | (labels == ignore_index)
 
 
-def check_labels(labels, classes: int, where: str) -> None:
-    """Refuse concrete class labels outside ``[0, classes)`` with a :class:`LossError` naming the first one."""
+def check_labels(labels, classes: int, where: str, ignore_index: int | None = None) -> None:
+    """Refuse concrete class labels outside ``[0, classes)`` (``ignore_index`` allowed) with a :class:`LossError`
+    naming the first one."""
     concrete = np.asarray(labels).reshape(-1)
-    outside = np.flatnonzero((concrete < 0) | (concrete >= classes))
+    ignored = concrete == ignore_index if ignore_index is not None else np.zeros(concrete.shape, bool)
+    outside = np.flatnonzero(((concrete < 0) | (concrete >= classes)) & ~ignored)
     if outside.size:
         index = int(outside[0])
         raise LossError(

@@ -44,32 +44,34 @@ from mnet.checking.units import (
     unit_activations,
     unwrap,
 )
-from mnet.core.protocol import Array, LayerProtocol, Params
-from mnet.losses import Loss
+from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
+from mnet.losses import Loss, with_mask
 from mnet.quantities.gradient import value_and_grad
 
 Layer = LayerProtocol
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _backward_and_vjp(layer, params: Params, cache, x: Array, dy: Array):
+def _backward_and_vjp(layer, params: Params, cache, x: Array, dy: Array, mask: Array | None):
     """One layer's hand backward and ``jax.vjp`` of its ``apply``, compiled together (eager JAX would compile
     every primitive on its own, which is most of the cost for small layers)."""
     layer = unwrap(layer)
-    return layer.backward(params, cache, dy), layer_vjp(layer, params, x, dy)
+    return layer.backward(params, cache, dy), layer_vjp(layer, params, x, dy, mask=mask)
 
 
-def _layer_rows(net: Layer, loss: Loss, params: Params, x: Array, targets: Array) -> tuple[LayerRow, ...]:
+def _layer_rows(
+    net: Layer, loss: Loss, params: Params, x: Array, targets: Array, mask: Array | None
+) -> tuple[LayerRow, ...]:
     """At every unit of the network (:mod:`mnet.checking.units`: inside serial, residual and parallel blocks alike),
     its ``backward`` against ``jax.vjp`` of its ``apply`` at its actual input and parameters and the cotangent that
     reaches its output (autodiff's), so that a wrong rule is pinned to the one unit that has it."""
-    units = unit_activations(net, params, x)
-    cotangents = output_cotangents(net, loss, params, x, targets, units)
+    units = unit_activations(net, params, x, mask)
+    cotangents = output_cotangents(net, loss, params, x, targets, units, mask)
     rows = []
     for unit, cotangent in zip(units, cotangents):
-        _, cache = jitted_forward(static_layer(unit.layer), unit.params, unit.x)
+        _, cache = jitted_forward(static_layer(unit.layer), unit.params, unit.x, unit.mask)
         (dparams, dx), (dparams_ref, dx_ref) = _backward_and_vjp(
-            static_layer(unit.layer), unit.params, cache, unit.x, cotangent
+            static_layer(unit.layer), unit.params, cache, unit.x, cotangent, unit.mask
         )
         tol = tolerance(cotangent.dtype)
         scale = largest_entry((dparams_ref, dx_ref))
@@ -85,7 +87,7 @@ def _layer_rows(net: Layer, loss: Loss, params: Params, x: Array, targets: Array
     return tuple(rows)
 
 
-def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed):
+def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed, mask=None):
     """Central differences of the loss in float64, per leaf: every coordinate of a small leaf; a seeded sample
     of coordinates plus random unit directions for a large one. Returns (hand vs FD, autodiff vs FD, label)."""
     rng = np.random.default_rng(seed)
@@ -125,7 +127,8 @@ def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, see
             def loss_at(flat_leaf, index=index, shape=leaf.shape):
                 moved = list(leaves)
                 moved[index] = flat_leaf.reshape(shape)
-                return loss.value(net.forward(jax.tree_util.tree_unflatten(treedef, moved), x64)[0], targets64)
+                moved_params = jax.tree_util.tree_unflatten(treedef, moved)
+                return loss.value(call_forward(net, moved_params, x64, mask=mask)[0], targets64)
 
             evaluate = jax.jit(jax.vmap(loss_at))
             base = leaf.ravel()
@@ -150,6 +153,7 @@ def compare_gradients(
     finite_differences: bool = False,
     layer_by_layer: bool = True,
     seed: int = 0,
+    mask: Array | None = None,
 ) -> GradientReport:
     """Compare the hand-derived gradient with ``jax.grad`` (and with finite differences when asked).
 
@@ -162,20 +166,25 @@ def compare_gradients(
         layer_by_layer: also check every layer's ``backward`` against ``jax.vjp`` of its ``apply`` at the
             actual activations, which names the layer where a disagreement starts.
         seed: seeds the sampled coordinates and directions of the finite differences.
+        mask: a padding mask ``(batch, T)`` for sequences of several lengths (as :func:`mnet.value_and_grad`
+            takes it); every attention layer's row is checked with it.
 
     Returns:
         A :class:`GradientReport`; ``report.ok`` is the verdict, ``str(report)`` a table, ``report.to_dict()``
         plain data.
     """
-    value, grads = jax.jit(value_and_grad(net, loss))(params, x, targets)
-    reference_value, grads_ref = jax.jit(autodiff_value_and_grad(net, loss))(params, x, targets)
+    masked_loss, masked_targets = with_mask(loss, targets, mask)
+    value, grads = jax.jit(value_and_grad(net, loss))(params, x, targets, mask=mask)
+    reference_value, grads_ref = jax.jit(autodiff_value_and_grad(net, loss))(params, x, targets, mask=mask)
     dtype = (
         str(jax.tree_util.tree_leaves(grads)[0].dtype)
         if jax.tree_util.tree_leaves(grads)
         else str(jnp.asarray(x).dtype)
     )
     differences = (
-        _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed) if finite_differences else None
+        _finite_difference_rows(net, masked_loss, params, x, masked_targets, grads, grads_ref, seed, mask)
+        if finite_differences
+        else None
     )
     rows = []
     scale = largest_entry(grads_ref)
@@ -193,7 +202,7 @@ def compare_gradients(
         notes = (f"the loss values differ: {float(value)!r} vs {float(reference_value)!r}",)
     return GradientReport(
         rows=tuple(rows),
-        layers=_layer_rows(net, loss, params, x, targets) if layer_by_layer else (),
+        layers=_layer_rows(net, loss, params, x, targets, mask) if layer_by_layer else (),
         value=float(value),
         reference_value=float(reference_value),
         dtype=dtype,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from mnet.core.paths import at_path, replaced_at
 from mnet.core.protocol import Array, Params, call_forward
 from mnet.core.state import update_state
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 from mnet.quantities.ntk import contract_jacobians, contract_stacks
 
 
@@ -28,8 +28,9 @@ def autodiff_value_and_grad(net: Any, loss: Loss) -> Callable[..., tuple[Array, 
     Same signature as :func:`mnet.value_and_grad`, so either plugs into the same training or checking code.
     """
 
-    def objective(params: Params, x: Array, targets: Array, *, key=None, train: bool = False) -> Array:
-        return loss.value(call_forward(net, params, x, key, train)[0], targets)
+    def objective(params: Params, x: Array, targets: Array, *, key=None, train: bool = False, mask=None) -> Array:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        return masked_loss.value(call_forward(net, params, x, key, train, mask=mask)[0], targets)
 
     return jax.value_and_grad(objective)
 
@@ -50,10 +51,11 @@ def autodiff_value_grad_and_state(net: Any, loss: Loss) -> Callable[..., tuple[A
 
 
 def layer_vjp(
-    layer: Any, params: Params, x: Array, dy: Array, *, key=None, train: bool = False
+    layer: Any, params: Params, x: Array, dy: Array, *, key=None, train: bool = False, mask: Array | None = None
 ) -> tuple[Params, Array]:
-    """``jax.vjp`` of the layer's output at ``(params, x)`` applied to ``dy``: ``(dparams, dx)``."""
-    return jax.vjp(lambda p, inputs: call_forward(layer, p, inputs, key, train)[0], params, x)[1](dy)
+    """``jax.vjp`` of the layer's output at ``(params, x)`` (with its padding ``mask``) applied to ``dy``:
+    ``(dparams, dx)``."""
+    return jax.vjp(lambda p, inputs: call_forward(layer, p, inputs, key, train, mask=mask)[0], params, x)[1](dy)
 
 
 def layer_jvp(layer: Any, params: Params, x: Array, dparams: Params, dx: Array | None) -> Array:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from mnet.core.layer import Layer
 from mnet.core.protocol import Array, Params, call_forward, intercepting
 from mnet.core.walk import Composite, Compound
+from mnet.losses import with_mask
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Recorded:
     params: Params
     x: Array
     y: Array
+    mask: Array | None = None
 
 
 class UnitRecorder:
@@ -44,7 +46,9 @@ class UnitRecorder:
         self._path: list[int] = []
         self._children = [0]
 
-    def __call__(self, layer: Any, params: Params, x: Array, forward: Callable[[], tuple[Array, Any]]):
+    def __call__(
+        self, layer: Any, params: Params, x: Array, forward: Callable[[], tuple[Array, Any]], mask: Array | None
+    ):
         index = self._children[-1]
         self._children[-1] += 1
         if isinstance(layer, Composite) and not isinstance(layer, Compound):
@@ -59,37 +63,44 @@ class UnitRecorder:
             y, cache = forward()
         if self.perturbations is not None:
             y = y + self.perturbations[len(self.found)]
-        self.found.append(Recorded(tuple(self._path[1:]) + ((index,) if self._path else ()), layer, params, x, y))
+        position = tuple(self._path[1:]) + ((index,) if self._path else ())
+        self.found.append(Recorded(position, layer, params, x, y, mask))
         return y, cache
 
 
-def recorded_forward(net: Any, params: Params, x: Array, perturbations: list[Array] | None = None):
-    """``(outputs, [Recorded])``: the network's forward pass with every unit recorded."""
+def recorded_forward(
+    net: Any, params: Params, x: Array, perturbations: list[Array] | None = None, mask: Array | None = None
+):
+    """``(outputs, [Recorded])``: the network's forward pass (with its padding ``mask``) with every unit recorded."""
     recorder = UnitRecorder(perturbations)
     with intercepting(recorder):
-        outputs = call_forward(net, params, x)[0]
+        outputs = call_forward(net, params, x, mask=mask)[0]
     return outputs, recorder.found
 
 
-def unit_activations(net: Any, params: Params, x: Array) -> list[Recorded]:
-    """Every unit with its parameters, its actual input and its output, computed in one compiled forward pass."""
+def unit_activations(net: Any, params: Params, x: Array, mask: Array | None = None) -> list[Recorded]:
+    """Every unit with its parameters, its actual input, its output and the mask it read, computed in one compiled
+    forward pass."""
     meta: list[tuple] = []
 
-    def arrays(p: Params, inputs: Array):
-        _, found = recorded_forward(net, p, inputs)
+    def arrays(p: Params, inputs: Array, m: Array | None):
+        _, found = recorded_forward(net, p, inputs, mask=m)
         meta[:] = [(r.position, r.layer) for r in found]
-        return [(r.params, r.x, r.y) for r in found]
+        return [(r.params, r.x, r.y, r.mask) for r in found]
 
-    values = jax.jit(arrays)(params, x)  # a closure of its own each call, so that it is traced and meta filled
+    values = jax.jit(arrays)(params, x, mask)  # a closure of its own each call, so that it is traced and meta filled
     return [Recorded(position, layer, *value) for (position, layer), value in zip(meta, values)]
 
 
-def output_cotangents(net: Any, loss: Any, params: Params, x: Array, targets: Array, units: list[Recorded]):
+def output_cotangents(
+    net: Any, loss: Any, params: Params, x: Array, targets: Array, units: list[Recorded], mask: Array | None = None
+):
     """The gradient of the loss reaching every unit's output (``jax.grad`` of a zero added to each): the cotangent
     each unit's backward is checked with."""
+    loss, targets = with_mask(loss, targets, mask)
 
     def objective(perturbations: list[Array]) -> Array:
-        return loss.value(recorded_forward(net, params, x, perturbations)[0], targets)
+        return loss.value(recorded_forward(net, params, x, perturbations, mask)[0], targets)
 
     return jax.jit(jax.grad(objective))([jnp.zeros_like(r.y) for r in units])
 
@@ -137,8 +148,8 @@ def unwrap(static) -> Layer:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def jitted_forward(layer, params: Params, x: Array):
-    return unwrap(layer).forward(params, x)
+def jitted_forward(layer, params: Params, x: Array, mask: Array | None = None):
+    return call_forward(unwrap(layer), params, x, mask=mask)
 
 
 def position_text(position: tuple[int, ...]) -> str:

@@ -104,6 +104,12 @@ def is_stateful(layer: Any) -> bool:
     return bool(getattr(layer, "stateful", False))
 
 
+def takes_mask(layer: Any) -> bool:
+    """Whether the layer reads a padding mask (attention, or a combinator holding attention): it then takes ``mask``
+    in ``forward``, ``(batch, T)`` booleans, True at the positions that hold a token."""
+    return bool(getattr(layer, "takes_mask", False))
+
+
 #: Where :func:`call_forward` hands each call while :func:`intercepting` is active (None: call the layer).
 _INTERCEPTOR: contextvars.ContextVar[Callable[..., Any] | None] = contextvars.ContextVar("mnet_forward_interceptor")
 
@@ -111,7 +117,8 @@ _INTERCEPTOR: contextvars.ContextVar[Callable[..., Any] | None] = contextvars.Co
 @contextlib.contextmanager
 def intercepting(handler: Callable[..., Any] | None) -> Iterator[None]:
     """While active, every :func:`call_forward` (the one entry point through which combinators and drivers run a
-    layer) calls ``handler(layer, params, x, forward)`` instead, ``forward()`` being the layer's own forward pass,
+    layer) calls ``handler(layer, params, x, forward, mask)`` instead, ``forward()`` being the layer's own forward
+    pass and ``mask`` the padding mask it was given (None for none),
     ``(y, cache)``; ``None`` switches interception off inside. The checks use it to see every layer's actual input,
     which the backward walk's caches do not hold (:mod:`mnet.checking.units`). Trace-time only: nothing changes in
     the compiled program."""
@@ -131,10 +138,14 @@ def call_forward(
     state: Any = None,
     **options: Any,
 ):
-    """``layer.forward``, with the key and train flag passed only to a layer that has randomness, and the state and
-    train flag only to a layer that keeps state, so that the deterministic call ``forward(params, x)`` works for
-    every layer. ``options`` (an attention mask) go to the layer as they are."""
+    """``layer.forward``, with the key and train flag passed only to a layer that has randomness, the state and
+    train flag only to a layer that keeps state, and a padding mask (``mask=``, None for none) only to a layer that
+    reads one (:func:`takes_mask`), so that the deterministic call ``forward(params, x)`` works for every layer.
+    Other ``options`` go to the layer as they are."""
     kwargs: dict[str, Any] = dict(options)
+    mask = kwargs.pop("mask", None)
+    if mask is not None and takes_mask(layer):
+        kwargs["mask"] = mask
     if is_stochastic(layer):
         kwargs.update(key=key, train=train)
     if is_stateful(layer):
@@ -142,7 +153,7 @@ def call_forward(
     handler = _INTERCEPTOR.get(None)
     if handler is None:
         return layer.forward(params, x, **kwargs)
-    return handler(layer, params, x, lambda: layer.forward(params, x, **kwargs))
+    return handler(layer, params, x, lambda: layer.forward(params, x, **kwargs), kwargs.get("mask"))
 
 
 def apply_layer(layer: Any, params: Params, x: Array, **kwargs) -> Array:

@@ -22,6 +22,7 @@ from mnet.core.protocol import (
     is_stateful,
     is_stochastic,
     require_layer,
+    takes_mask,
 )
 from mnet.core.sums import add_tangents
 from mnet.core.tangent import tangent_walk
@@ -77,6 +78,10 @@ class Serial(Composite):
         return any(is_stateful(layer) for layer in self.layers)
 
     @property
+    def takes_mask(self) -> bool:
+        return any(takes_mask(layer) for layer in self.layers)
+
+    @property
     def input_vocab(self) -> int | None:
         return getattr(self.layers[0], "input_vocab", None) if self.layers else None
 
@@ -104,7 +109,14 @@ class Serial(Composite):
             )
 
     def forward(
-        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False, state: Any = None
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: Array | None = None,
+        train: bool = False,
+        state: Any = None,
+        mask: Array | None = None,
     ) -> tuple[Array, Cache]:
         self._check_params(params)
         keys = _split(key, len(self.layers))
@@ -112,7 +124,7 @@ class Serial(Composite):
         caches = []
         for index, (layer, layer_params) in enumerate(zip(self.layers, params)):
             try:
-                x, cache = call_forward(layer, layer_params, x, keys[index], train, states[index])
+                x, cache = call_forward(layer, layer_params, x, keys[index], train, states[index], mask=mask)
             except LayerError as error:
                 raise located(index, error) from None
             caches.append(cache)
@@ -164,6 +176,10 @@ class Residual(Composite):
     def stateful(self) -> bool:
         return is_stateful(self.block)
 
+    @property
+    def takes_mask(self) -> bool:
+        return takes_mask(self.block)
+
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         try:
             output_shape, params = init_layer(self.block, key, input_shape, dtype)
@@ -178,10 +194,17 @@ class Residual(Composite):
         return tuple(input_shape), params
 
     def forward(
-        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False, state: Any = None
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: Array | None = None,
+        train: bool = False,
+        state: Any = None,
+        mask: Array | None = None,
     ) -> tuple[Array, Cache]:
         try:
-            y, cache = call_forward(self.block, params, x, key, train, state)
+            y, cache = call_forward(self.block, params, x, key, train, state, mask=mask)
         except LayerError as error:
             raise located(0, error) from None
         if y.shape != x.shape:
@@ -233,6 +256,10 @@ class Parallel(Composite):
     def stateful(self) -> bool:
         return any(is_stateful(block) for block in self.blocks)
 
+    @property
+    def takes_mask(self) -> bool:
+        return any(takes_mask(block) for block in self.blocks)
+
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         shapes, params = [], []
         for index, (block, block_key) in enumerate(zip(self.blocks, jax.random.split(key, len(self.blocks)))):
@@ -250,7 +277,14 @@ class Parallel(Composite):
         return out, tuple(params)
 
     def forward(
-        self, params: Params, x: Array, *, key: Array | None = None, train: bool = False, state: Any = None
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: Array | None = None,
+        train: bool = False,
+        state: Any = None,
+        mask: Array | None = None,
     ) -> tuple[Array, Cache]:
         if not isinstance(params, tuple) or len(params) != len(self.blocks):
             raise LayerError(self, f"expects a tuple of {len(self.blocks)} parameter entries, got {describe(params)}")
@@ -260,7 +294,7 @@ class Parallel(Composite):
             zip(self.blocks, params, _split(key, len(self.blocks)), states)
         ):
             try:
-                y, cache = call_forward(block, block_params, x, block_key, train, block_state)
+                y, cache = call_forward(block, block_params, x, block_key, train, block_state, mask=mask)
             except LayerError as error:
                 raise located(index, error) from None
             outputs.append(y)

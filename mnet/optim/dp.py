@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mnet.core.protocol import Array, LayerProtocol, Params
-from mnet.losses import Loss
+from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
+from mnet.losses import Loss, with_mask
 from mnet.quantities.per_example import sq_norms
 
 
@@ -34,14 +34,15 @@ def clipped_value_and_grad(
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be positive, got {clip_norm!r}")
 
-    def clipped_fn(params: Params, x: Array, targets: Array) -> tuple[Array, Params]:
-        outputs, cache = net.forward(params, x)
-        cotangents = loss.per_example_grad(outputs, targets)
-        norms = jnp.sqrt(sq_norms(net, loss, params, cache, x, targets, outputs))
+    def clipped_fn(params: Params, x: Array, targets: Array, *, mask: Array | None = None) -> tuple[Array, Params]:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, mask=mask)
+        cotangents = masked_loss.per_example_grad(outputs, targets)
+        norms = jnp.sqrt(sq_norms(net, masked_loss, params, cache, x, targets, outputs, mask))
         factors = jnp.minimum(1, clip_norm / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny)) / x.shape[0]
         weighted = cotangents * factors.reshape((-1,) + (1,) * (cotangents.ndim - 1)).astype(cotangents.dtype)
         grads, _ = net.backward(params, cache, weighted)
-        return loss.value(outputs, targets), grads
+        return masked_loss.value(outputs, targets), grads
 
     return clipped_fn
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from mnet.core.curvature import Columns, Curvature, next_origin, no_rule, signed_square_sum
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward, has_params
 from mnet.core.walk import Quantity, own_rule, walk
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.per_example import per_example_stack
 
@@ -121,9 +121,14 @@ def diag_hessian(net: LayerProtocol, loss: Loss, hutchinson_samples: int | None 
     if hutchinson_samples is not None:
         return _hutchinson(net, loss, hutchinson_samples)
 
-    def diag_hessian_fn(params: Params, x: Array, targets: Array, *, state: Any = None) -> Params:
-        outputs, cache = call_forward(net, params, x, state=state)
-        start = Curvature.start(loss.per_example_grad(outputs, targets), loss.hessian_sqrt(outputs, targets))
+    def diag_hessian_fn(
+        params: Params, x: Array, targets: Array, *, state: Any = None, mask: Array | None = None
+    ) -> Params:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
+        start = Curvature.start(
+            masked_loss.per_example_grad(outputs, targets), masked_loss.hessian_sqrt(outputs, targets)
+        )
         total = walk(net, DIAG_HESSIAN, params, (cache,), (start,))[0]
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
 
@@ -135,7 +140,15 @@ def _hutchinson(net: LayerProtocol, loss: Loss, samples: int) -> Callable[..., P
         raise ValueError(f"diag_hessian: hutchinson_samples must be a positive int, got {samples!r}")
     product = hessian_vector_product(net, loss)
 
-    def hutchinson_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None):
+    def hutchinson_fn(
+        params: Params,
+        x: Array,
+        targets: Array,
+        *,
+        key: Array | None = None,
+        state: Any = None,
+        mask: Array | None = None,
+    ):
         if key is None:
             raise ValueError("diag_hessian(hutchinson_samples=...) draws random vectors: pass key=...")
         leaves, tree = jax.tree_util.tree_flatten(params)
@@ -144,7 +157,7 @@ def _hutchinson(net: LayerProtocol, loss: Loss, samples: int) -> Callable[..., P
             keys = jax.random.split(sample_key, len(leaves))
             signs = [jax.random.rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
             v = jax.tree_util.tree_unflatten(tree, signs)
-            return jax.tree_util.tree_map(jnp.multiply, v, product(params, x, targets, v, state=state))
+            return jax.tree_util.tree_map(jnp.multiply, v, product(params, x, targets, v, state=state, mask=mask))
 
         def accumulate(total: Params, sample_key: Array) -> tuple[Params, None]:
             return jax.tree_util.tree_map(jnp.add, total, one(sample_key)), None

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.sums import sum_stack
 from mnet.core.walk import MissingRule, StackedQuantity
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 from mnet.quantities.per_example import per_example_stack
 from mnet.quantities.tangent import forward_with_tangent
 
@@ -71,16 +71,16 @@ def loss_square_root(loss: Loss, outputs: Array, targets: Array, mc_samples: int
     return loss.sampled_hessian_sqrt(outputs, targets, key, mc_samples)
 
 
-def _one_example_at_a_time(net: LayerProtocol, params: Params, x: Array, S: Array) -> Params:
+def _one_example_at_a_time(net: LayerProtocol, params: Params, x: Array, S: Array, mask: Array | None = None) -> Params:
     """``diag(J_b^T H_b J_b)`` for every example through ``backward`` alone: each example run as a batch of one,
     every column of its ``S`` carried back, the gradients squared and summed over the columns."""
 
-    def one(x_b: Array, S_b: Array) -> Params:
-        _, cache = net.forward(params, x_b[None])
+    def one(x_b: Array, S_b: Array, m_b: Array | None) -> Params:
+        _, cache = call_forward(net, params, x_b[None], mask=None if m_b is None else m_b[None])
         grads = jax.vmap(lambda column: net.backward(params, cache, column[None])[0])(S_b)
         return jax.tree_util.tree_map(lambda g: sum_stack(g * g), grads)
 
-    return jax.vmap(one)(x, jnp.moveaxis(S, 0, 1))
+    return jax.vmap(one)(x, jnp.moveaxis(S, 0, 1), mask)
 
 
 def check_samples(mc_samples: int | None) -> None:
@@ -102,14 +102,21 @@ def per_example_diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None 
     check_samples(mc_samples)
 
     def per_example_diag_ggn_fn(
-        params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None
+        params: Params,
+        x: Array,
+        targets: Array,
+        *,
+        key: Array | None = None,
+        state: Any = None,
+        mask: Array | None = None,
     ) -> Params:
-        outputs, cache = call_forward(net, params, x, state=state)
-        S = loss_square_root(loss, outputs, targets, mc_samples, key)
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
+        S = loss_square_root(masked_loss, outputs, targets, mc_samples, key)
         try:
             return PER_EXAMPLE_DIAG_GGN.run(net, params, cache, S)[0]
         except MissingRule:
-            return _one_example_at_a_time(net, params, x, S)
+            return _one_example_at_a_time(net, params, x, S, mask)
 
     return per_example_diag_ggn_fn
 
@@ -125,21 +132,33 @@ def diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None = None) -> C
     """
     check_samples(mc_samples)
 
-    def diag_ggn_fn(params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None) -> Params:
-        outputs, cache = call_forward(net, params, x, state=state)
-        total = summed_diag_ggn(net, params, x, cache, loss_square_root(loss, outputs, targets, mc_samples, key))
+    def diag_ggn_fn(
+        params: Params,
+        x: Array,
+        targets: Array,
+        *,
+        key: Array | None = None,
+        state: Any = None,
+        mask: Array | None = None,
+    ) -> Params:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
+        S = loss_square_root(masked_loss, outputs, targets, mc_samples, key)
+        total = summed_diag_ggn(net, params, x, cache, S, mask)
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
 
     return diag_ggn_fn
 
 
-def summed_diag_ggn(net: LayerProtocol, params: Params, x: Array, cache: Any, S: Array) -> Params:
+def summed_diag_ggn(
+    net: LayerProtocol, params: Params, x: Array, cache: Any, S: Array, mask: Array | None = None
+) -> Params:
     """``sum_b diag(J_b^T S_b S_b^T J_b)`` from a forward cache and the square-root columns ``S``: the walk, or one
     example at a time for a network with a layer that has no per-example rule."""
     try:
         return DIAG_GGN.run(net, params, cache, S)[0]
     except MissingRule:
-        return jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), _one_example_at_a_time(net, params, x, S))
+        return jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), _one_example_at_a_time(net, params, x, S, mask))
 
 
 def ggn_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array, Params], Params]:
@@ -151,8 +170,11 @@ def ggn_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Arra
     backward pass takes the result back to every parameter: one forward, one tangent and one backward pass.
     """
 
-    def ggn_vector_product_fn(params: Params, x: Array, targets: Array, v: Params, *, state: Any = None) -> Params:
-        outputs, cache, output_tangent, _ = forward_with_tangent(net, params, x, v, None, state=state)
-        return net.backward(params, cache, loss.hessian_vector(outputs, targets, output_tangent))[0]
+    def ggn_vector_product_fn(
+        params: Params, x: Array, targets: Array, v: Params, *, state: Any = None, mask: Array | None = None
+    ) -> Params:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache, output_tangent, _ = forward_with_tangent(net, params, x, v, None, state=state, mask=mask)
+        return net.backward(params, cache, masked_loss.hessian_vector(outputs, targets, output_tangent))[0]
 
     return ggn_vector_product_fn

@@ -13,7 +13,7 @@ import jax
 
 from mnet.core.protocol import Array, LayerProtocol, Params, apply_layer, call_forward
 from mnet.core.state import update_state
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 
 
 def value_and_grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], tuple[Array, Params]]:
@@ -29,15 +29,24 @@ def value_and_grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, A
     Returns:
         A pure function, to be wrapped in ``jax.jit`` as usual; the same signature as
         :func:`mnet.autodiff_value_and_grad`, its reference. For a network with dropout, pass
-        ``key=...`` and ``train=True`` to draw (and differentiate through) a training-mode mask.
+        ``key=...`` and ``train=True`` to draw (and differentiate through) a training-mode mask. For padded
+        sequences pass ``mask=`` (``(batch, T)`` booleans, True at tokens): it reaches every attention layer, and
+        the padded positions leave the loss (:meth:`mnet.losses.SoftmaxCrossEntropy.masked`).
     """
 
     def value_and_grad_fn(
-        params: Params, x: Array, targets: Array, *, key: Array | None = None, train: bool = False
+        params: Params,
+        x: Array,
+        targets: Array,
+        *,
+        key: Array | None = None,
+        train: bool = False,
+        mask: Array | None = None,
     ) -> tuple[Array, Params]:
-        outputs, cache = call_forward(net, params, x, key, train)
-        grads, _ = net.backward(params, cache, loss.grad(outputs, targets))
-        return loss.value(outputs, targets), grads
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, key, train, mask=mask)
+        grads, _ = net.backward(params, cache, masked_loss.grad(outputs, targets))
+        return masked_loss.value(outputs, targets), grads
 
     return value_and_grad_fn
 
@@ -59,17 +68,18 @@ def value_grad_and_state(net: LayerProtocol, loss: Loss) -> Callable[..., tuple[
     """
 
     def value_grad_and_state_fn(
-        params: Params, state: Any, x: Array, targets: Array, *, key: Array | None = None
+        params: Params, state: Any, x: Array, targets: Array, *, key: Array | None = None, mask: Array | None = None
     ) -> tuple[Array, Params, Any]:
-        outputs, cache = call_forward(net, params, x, key, True, state)
-        grads, _ = net.backward(params, cache, loss.grad(outputs, targets))
-        return loss.value(outputs, targets), grads, update_state(net, state, cache)
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, key, True, state, mask=mask)
+        grads, _ = net.backward(params, cache, masked_loss.grad(outputs, targets))
+        return masked_loss.value(outputs, targets), grads, update_state(net, state, cache)
 
     return value_grad_and_state_fn
 
 
 def grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Params]:
-    """Hand-derived gradient alone: ``f(params, x, targets, *, key=None, train=False) -> grads``."""
+    """Hand-derived gradient alone: ``f(params, x, targets, *, key=None, train=False, mask=None) -> grads``."""
     value_and_grad_fn = value_and_grad(net, loss)
 
     def grad_fn(params: Params, x: Array, targets: Array, **kwargs) -> Params:

@@ -30,7 +30,7 @@ from typing import Any
 from mnet.core.protocol import Array, LayerProtocol, Params
 from mnet.core.walk import Quantity, own_rule, walk
 from mnet.errors import LayerError
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 from mnet.quantities.tangent import forward_with_tangent
 
 
@@ -76,9 +76,12 @@ def hessian_vector_product(net: LayerProtocol, loss: Loss) -> Callable[..., Para
     Embedding, LayerNorm and the combinators have the rule; a layer without one is refused by name.
     """
 
-    def hessian_vector_product_fn(params: Params, x: Array, targets: Array, v: Params, *, state: Any = None) -> Params:
-        outputs, cache, output_tangent, record = forward_with_tangent(net, params, x, v, None, state=state)
-        start = (loss.grad(outputs, targets), loss.hessian_vector(outputs, targets, output_tangent))
+    def hessian_vector_product_fn(
+        params: Params, x: Array, targets: Array, v: Params, *, state: Any = None, mask: Array | None = None
+    ) -> Params:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache, output_tangent, record = forward_with_tangent(net, params, x, v, None, state=state, mask=mask)
+        start = (masked_loss.grad(outputs, targets), masked_loss.hessian_vector(outputs, targets, output_tangent))
         return walk(net, HESSIAN_VECTOR, params, (cache, record), start)[0]
 
     return hessian_vector_product_fn

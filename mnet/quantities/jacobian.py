@@ -24,7 +24,7 @@ def output_basis(outputs: Array) -> Array:
     return jnp.broadcast_to(basis, (units, batch) + output_shape)
 
 
-def jacobian(net: LayerProtocol) -> Callable[[Params, Array], Params]:
+def jacobian(net: LayerProtocol) -> Callable[..., Params]:
     """``f(params, x)``: the derivative of every output with respect to every parameter, a pytree like ``params``
     whose leaves have shape ``(batch, *output_shape, *leaf.shape)``; equal to ``jax.jacrev(net.apply)(params, x)``.
 
@@ -35,18 +35,18 @@ def jacobian(net: LayerProtocol) -> Callable[[Params, Array], Params]:
     transposed to rows-are-examples (its ``W^m_{ij}`` is mnet's ``W[j, i]``).
     """
 
-    def jacobian_fn(params: Params, x: Array, *, state: Any = None) -> Params:
-        outputs, cache = call_forward(net, params, x, state=state)
+    def jacobian_fn(params: Params, x: Array, *, state: Any = None, mask: Array | None = None) -> Params:
+        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
         basis = output_basis(outputs)
         try:
             per_output = jax.vmap(lambda e: PER_EXAMPLE_BACKWARD.run(net, params, cache, e)[0])(basis)
         except MissingRule:
 
-            def one_example(x_b):
-                y_b, c_b = net.forward(params, x_b[None])
+            def one_example(x_b, m_b):
+                y_b, c_b = call_forward(net, params, x_b[None], mask=None if m_b is None else m_b[None])
                 return jax.vmap(lambda e: net.backward(params, c_b, e)[0])(output_basis(y_b)[:, :1])
 
-            per_example = jax.vmap(one_example)(x)  # leaves (batch, K, *leaf)
+            per_example = jax.vmap(one_example)(x, mask)  # leaves (batch, K, *leaf)
             return jax.tree_util.tree_map(lambda g: g.reshape(outputs.shape + g.shape[2:]), per_example)
         return jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 0, 1).reshape(outputs.shape + g.shape[2:]), per_output)
 

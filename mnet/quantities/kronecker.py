@@ -77,8 +77,19 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
         raise ValueError(f"kfac_factors: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
 
     def kfac_factors_fn(
-        params: Params, x: Array, targets: Array, *, key: Array | None = None, state: Any = None
+        params: Params,
+        x: Array,
+        targets: Array,
+        *,
+        key: Array | None = None,
+        state: Any = None,
+        mask: Array | None = None,
     ) -> Any:
+        if mask is not None:
+            raise ValueError(
+                "kfac_factors: a padding mask is not supported yet (the input factor A would count the padded "
+                "positions); compute the factors on unpadded batches"
+            )
         outputs, cache = call_forward(net, params, x, state=state)
         if kind == "kflr":
             S = loss.hessian_sqrt(outputs, targets)

@@ -56,17 +56,25 @@ def ntk(net: LayerProtocol) -> Callable[[Params, Array, Array], Array]:
 
     Built layer by layer from cotangents, never from the Jacobian: for a dense layer the contribution is
     ``(A1 A2^T + 1) * sum_k D1_k D2_k^T``, where ``A`` are the layer's inputs and ``D_k`` the cotangent of output
-    ``k`` at its pre-activation.
+    ``k`` at its pre-activation. ``mask`` and ``mask2``: the padding masks of the two batches.
     """
 
-    def ntk_fn(params: Params, x1: Array, x2: Array, *, state: Any = None) -> Array:
-        y1, cache1 = call_forward(net, params, x1, state=state)
-        y2, cache2 = call_forward(net, params, x2, state=state)
+    def ntk_fn(
+        params: Params,
+        x1: Array,
+        x2: Array,
+        *,
+        state: Any = None,
+        mask: Array | None = None,
+        mask2: Array | None = None,
+    ) -> Array:
+        y1, cache1 = call_forward(net, params, x1, state=state, mask=mask)
+        y2, cache2 = call_forward(net, params, x2, state=state, mask=mask2)
         try:
             return NTK.run_pair(net, params, (cache1, cache2), (output_basis(y1), output_basis(y2)))
         except MissingRule:
             jac = jacobian(net)
-            return contract_jacobians(jac(params, x1), jac(params, x2))
+            return contract_jacobians(jac(params, x1, mask=mask), jac(params, x2, mask=mask2))
 
     return ntk_fn
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from mnet.core.protocol import Array, Cache, LayerProtocol, Params, call_forward, has_params
 from mnet.core.sums import batch_sq_norms
 from mnet.core.walk import MissingRule, Quantity
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 from mnet.quantities.gradient import value_and_grad
 
 
@@ -68,10 +68,18 @@ def per_example_stack(layer: Any, params: Params, cache: Cache, stack: Array) ->
     return jax.vmap(lambda dy: PER_EXAMPLE_BACKWARD.at_unit(layer, params, (cache,), (dy,))[0])(stack)
 
 
-def _one_at_a_time(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Params]:
-    """Per-example gradients for any layer: the batch-of-one gradient (whose mean is ``l_b`` itself) vmapped."""
+def _one_at_a_time(net: LayerProtocol, loss: Loss, mask: Array | None = None) -> Callable[..., Params]:
+    """Per-example gradients for any layer: the batch-of-one gradient (whose mean is ``l_b`` itself) vmapped
+    (``loss`` and the targets already masked when there is a ``mask``; the network gets each example's row)."""
     single = value_and_grad(net, loss)
-    return jax.vmap(lambda params, x, t: single(params, x[None], t[None])[1], in_axes=(None, 0, 0))
+    if mask is None:
+        return jax.vmap(lambda params, x, t: single(params, x[None], t[None])[1], in_axes=(None, 0, 0))
+
+    def one(params: Params, x: Array, t: Array, m: Array) -> Params:
+        outputs, cache = call_forward(net, params, x[None], mask=m[None])
+        return net.backward(params, cache, loss.grad(outputs, t[None]))[0]
+
+    return lambda params, x, t: jax.vmap(one, in_axes=(None, 0, 0, 0))(params, x, t, mask)
 
 
 def per_example_grads(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Params]:
@@ -84,23 +92,35 @@ def per_example_grads(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array
         A pytree like ``params`` whose every leaf has a leading batch axis.
     """
 
-    def per_example_grads_fn(params: Params, x: Array, targets: Array, *, state: Any = None) -> Params:
-        outputs, cache = call_forward(net, params, x, state=state)
+    def per_example_grads_fn(
+        params: Params, x: Array, targets: Array, *, state: Any = None, mask: Array | None = None
+    ) -> Params:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
         try:
-            return PER_EXAMPLE_BACKWARD.run(net, params, cache, loss.per_example_grad(outputs, targets))[0]
+            return PER_EXAMPLE_BACKWARD.run(net, params, cache, masked_loss.per_example_grad(outputs, targets))[0]
         except MissingRule:
-            return _one_at_a_time(net, loss)(params, x, targets)
+            return _one_at_a_time(net, masked_loss, mask)(params, x, targets)
 
     return per_example_grads_fn
 
 
 def sq_norms(
-    net: LayerProtocol, loss: Loss, params: Params, cache: Any, x: Array, targets: Array, outputs: Array
+    net: LayerProtocol,
+    loss: Loss,
+    params: Params,
+    cache: Any,
+    x: Array,
+    targets: Array,
+    outputs: Array,
+    mask: Array | None = None,
 ) -> Array:
+    """Every example's squared gradient norm from a forward pass's cache (``loss`` and ``targets`` already masked
+    by :func:`mnet.losses.with_mask` when ``mask`` is given)."""
     try:
         return PER_EXAMPLE_SQ_NORMS.run(net, params, cache, loss.per_example_grad(outputs, targets))[0]
     except MissingRule:
-        return batch_sq_norms(_one_at_a_time(net, loss)(params, x, targets), x.shape[0], outputs.dtype)
+        return batch_sq_norms(_one_at_a_time(net, loss, mask)(params, x, targets), x.shape[0], outputs.dtype)
 
 
 def per_example_grad_norms(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array], Array]:
@@ -110,8 +130,9 @@ def per_example_grad_norms(net: LayerProtocol, loss: Loss) -> Callable[[Params, 
     cost is one forward and one backward pass of cotangents, plus O(batch * width) per layer.
     """
 
-    def norms_fn(params: Params, x: Array, targets: Array, *, state: Any = None) -> Array:
-        outputs, cache = call_forward(net, params, x, state=state)
-        return jnp.sqrt(sq_norms(net, loss, params, cache, x, targets, outputs))
+    def norms_fn(params: Params, x: Array, targets: Array, *, state: Any = None, mask: Array | None = None) -> Array:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
+        return jnp.sqrt(sq_norms(net, masked_loss, params, cache, x, targets, outputs, mask))
 
     return norms_fn

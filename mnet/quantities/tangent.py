@@ -36,10 +36,11 @@ def forward_with_tangent(
     key=None,
     train: bool = False,
     state: Any = None,
+    mask: Array | None = None,
 ) -> tuple[Array, Cache, Array, Any]:
     """``(y, cache, dy, record)``: the forward pass, then the tangent pass through its cache; ``record`` holds the
     tangents that reached every unit (see :func:`mnet.core.tangent.tangent_walk`)."""
-    y, cache = call_forward(net, params, x, key, train, state)
+    y, cache = call_forward(net, params, x, key, train, state, mask=mask)
     dy, record = tangent_walk(net, params, cache, dparams, input_tangent(x, dx))
     return y, cache, (jnp.zeros_like(y) if dy is None else dy), record
 
@@ -66,9 +67,10 @@ def jvp(net: LayerProtocol) -> Callable[..., tuple[Array, Array]]:
         key=None,
         train: bool = False,
         state: Any = None,
+        mask: Array | None = None,
     ) -> tuple[Array, Array]:
         _check_like(params, dparams)
-        y, _, dy, _ = forward_with_tangent(net, params, x, dparams, dx, key, train, state)
+        y, _, dy, _ = forward_with_tangent(net, params, x, dparams, dx, key, train, state, mask)
         return y, dy
 
     return jvp_fn

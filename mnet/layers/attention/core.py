@@ -41,6 +41,7 @@ class AttentionCore(Layer):
     causal: bool = False
     #: No parameters: ``diag_hessian`` builds the core's own curvature from :meth:`backward_tangent`.
     parameterless = True
+    takes_mask = True
 
     def __repr__(self) -> str:
         return f"AttentionCore({self.num_heads}, {self.head_dim}{', causal=True' if self.causal else ''})"

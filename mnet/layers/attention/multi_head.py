@@ -38,9 +38,11 @@ class MultiHeadSelfAttention(Compound):
     Params: ``{"q": {"W", "b"}, "k": ..., "v": ..., "o": ...}``, each a :class:`mnet.Dense`'s params
     (``Wq: (D, heads * head_dim)``, ``Wo: (heads * head_dim, out_dim)``).
 
-    ``forward(params, x, mask=None)``: ``mask`` is a boolean array broadcastable to ``(batch, heads, T, T)``,
-    True where query ``s`` may attend to key ``t`` (e.g. ``valid[:, None, None, :]`` for padded sequences);
-    ``causal=True`` also masks every key after the query. Inside ``serial`` only ``causal`` applies.
+    ``forward(params, x, mask=None)``: ``mask`` is a padding mask ``(batch, T)``, True at the positions that hold a
+    token (no query attends to a padded key), or any boolean array of rank 4 broadcastable to
+    ``(batch, heads, T, T)``, True where query ``s`` may attend to key ``t``; ``causal=True`` also masks every key
+    after the query. A padding mask given to a network's quantities (``mnet.value_and_grad(...)(..., mask=m)``)
+    reaches every attention layer inside ``serial``, ``residual`` and ``parallel``.
 
     Grouped-query attention (``num_kv_heads=g``) and rotary positions (``rope_base=b``) add a fixed linear map
     between the projections and the core (:class:`mnet.layers.attention.heads.HeadLayout`): ``Wk`` and ``Wv`` then
@@ -70,6 +72,7 @@ class MultiHeadSelfAttention(Compound):
     block_size: int | None = None
     num_kv_heads: int | None = None
     rope_base: float | None = None
+    takes_mask = True
 
     def __post_init__(self):
         for name in ("num_heads", "head_dim", "out_dim", "block_size", "num_kv_heads"):
@@ -163,19 +166,29 @@ class MultiHeadSelfAttention(Compound):
                 f"{head_dim} (model width {model_dim} over {self.num_heads} heads)"
             )
 
+    def _attention_mask(self, mask: Array | None, shape: tuple, heads: int) -> Array | None:
+        """A padding mask ``(batch, T)`` as the key mask ``(batch, 1, 1, T)``; a rank-4 mask as it is."""
+        if mask is None:
+            return None
+        mask = jnp.asarray(mask)
+        padding = (shape[0], shape[1])
+        full = (shape[0], heads, shape[1], shape[1])
+        if mask.ndim == 2 and mask.shape == padding and mask.dtype == bool:
+            return mask[:, None, None, :]
+        try:
+            fits = mask.ndim == 4 and jnp.broadcast_shapes(mask.shape, full) == full
+        except ValueError:
+            fits = False
+        if not fits or mask.dtype != bool:
+            raise self._fail(
+                f"expects a boolean padding mask (batch, T) = {padding} or a mask broadcastable to "
+                f"(batch, heads, T, T) = {full}, got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        return mask
+
     def forward(self, params: Params, x: Array, mask: Array | None = None) -> tuple[Array, Cache]:
         projections, *layout, core, output = self._check(params, x).layers
-        if mask is not None:
-            full = (x.shape[0], core.num_heads, x.shape[1], x.shape[1])
-            try:
-                fits = jnp.broadcast_shapes(jnp.shape(mask), full) == full
-            except ValueError:
-                fits = False
-            if not fits or jnp.asarray(mask).dtype != bool:
-                raise self._fail(
-                    f"expects a boolean mask broadcastable to (batch, heads, T, T) = {full}, "
-                    f"got {jnp.asarray(mask).dtype} of shape {jnp.shape(mask)}"
-                )
+        mask = self._attention_mask(mask, x.shape, core.num_heads)
         try:
             qkv, projections_cache = call_forward(projections, self.to_network(params)[0], x)
             layout_caches = []

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,38 +30,12 @@ import optax
 
 import mnet
 from mnet.compiled import compiled_memory
+from mnet.training import text
 from mnet.training.steps import make_step
 
 LOSS = mnet.losses.softmax_cross_entropy
-UNKNOWN, NEWLINE, FIRST_PRINTABLE = 0, 96, 32
-VOCAB = 97
-
-
-def encode(text: str) -> np.ndarray:
-    """Printable ASCII ``' '..'~'`` to 1..95, newline to 96, tab to a space, anything else to 0."""
-    codes = np.frombuffer(text.replace("\t", " ").encode("utf-32-le"), np.uint32).astype(np.int64)
-    ids = np.where((codes >= FIRST_PRINTABLE) & (codes < 127), codes - FIRST_PRINTABLE + 1, UNKNOWN)
-    return np.where(codes == 10, NEWLINE, ids).astype(np.int32)
-
-
-def decode(ids) -> str:
-    return "".join("\n" if i == NEWLINE else "?" if i == UNKNOWN else chr(int(i) + FIRST_PRINTABLE - 1) for i in ids)
-
-
-def stdlib_corpus(max_chars: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(train ids, validation ids, number of files)`` from the standard library's top-level sources, every tenth
-    file (by name) held out; each part cut to ``max_chars`` when given."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"))
-    if len(files) < 20:
-        raise SystemExit(f"char_lm: found only {len(files)} source files in {root}; this interpreter ships no stdlib")
-    parts: tuple[list[str], list[str]] = ([], [])
-    for index, path in enumerate(files):
-        parts[index % 10 == 0].append(path.read_text(encoding="utf-8", errors="replace"))
-    train, valid = ("\n".join(texts) for texts in parts)
-    if max_chars is not None:
-        train, valid = train[:max_chars], valid[:max_chars]
-    return encode(train), encode(valid), len(files)
+VOCAB = text.VOCAB
+encode, decode, stdlib_corpus = text.encode, text.decode, text.stdlib_corpus
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,15 @@ from mnet import training
 from mnet.cli.common import UsageError, hidden_widths, positive_float, positive_int, user_network
 from mnet.core.protocol import init_layer
 from mnet.layers.elementwise import ACTIVATIONS_BY_NAME
-from mnet.training import data, distributed, plots, sharding
+from mnet.training import data, distributed, plots, sharding, text
 
 #: ``mnet train``'s defaults per model (epochs, batch size, learning rate), where the options are not given: the
 #: MLP's reach 98% on the digits in seconds, the CNN's are those of experiments/cnn_digits.py, the transformer's
 #: those of experiments/transformer_sequence.py (without its cosine schedule). A user's network gets the MLP's.
-TRAINING_DEFAULTS = {"mlp": (40, 32, 1e-3), "cnn": (20, 32, 1e-3), "transformer": (12, 64, 3e-3)}
+TRAINING_DEFAULTS = {"mlp": (40, 32, 1e-3), "cnn": (20, 32, 1e-3), "transformer": (12, 64, 3e-3), "gpt": (3, 32, 3e-3)}
+
+#: ``--model gpt``: a LLaMA-style decoder small enough for a laptop's CPU (``mnet.models.gpt``'s other defaults).
+GPT_SHAPE = {"d_model": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "kfac")
 
@@ -53,6 +56,8 @@ def training_problem(args: argparse.Namespace):
 
     if args.model == "transformer" and args.data is None:
         dataset = data.load_odd_one_out(args.seed)
+    elif args.model == "gpt" and args.data is None:
+        dataset = text.load_stdlib_text(args.context)
     else:
         dataset = data.load(args.data, seed=args.seed, label_column=args.label_column)
     if args.batch_size > len(dataset.x_train):
@@ -70,6 +75,14 @@ def training_problem(args: argparse.Namespace):
         if not np.issubdtype(ids.dtype, np.integer):
             raise UsageError("--model transformer needs token ids: a .npz whose x holds integers (see the README)")
         net = mnet.models.transformer_classifier(int(ids.max()) + 1, classes)
+    elif args.model == "gpt":
+        if dataset.y_train.ndim != 2 or not np.issubdtype(np.asarray(dataset.x_train).dtype, np.integer):
+            raise UsageError(
+                "--model gpt needs token ids and next-token labels of shape (n, T): a .npz with integer x and y "
+                "of one shape, or no --data for the standard library's source"
+            )
+        context = dataset.x_train.shape[1]
+        net = mnet.models.gpt(classes, context, block_size=min(64, context), **GPT_SHAPE)
     else:
         net = user_network(args.model)
     return dataset, net
@@ -143,11 +156,19 @@ def training_summary(args: argparse.Namespace, history, worst: float, say) -> di
         "gradient_check_max_rel_error": worst,
         "seconds": sum(history.seconds),
     }
+    if args.model == "gpt" and final:
+        summary["test_bits_per_character"] = text.bits_per_character(final["test_loss"])
+        summary["train_bits_per_character"] = text.bits_per_character(final["train_loss"])
     if args.json:
         print(json.dumps(summary))
     elif final:
+        bits = (
+            f", {summary['test_bits_per_character']:.3f} bits per character on held-out text"
+            if "test_bits_per_character" in summary
+            else ""
+        )
         print(
-            f"done: test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}, "
+            f"done: test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}{bits}, "
             f"{summary['seconds']:.2f}s of training"
         )
     return summary
@@ -173,11 +194,12 @@ def run_train(args: argparse.Namespace) -> int:
     dataset, net = training_problem(args)
     loss = mnet.losses.softmax_cross_entropy
     output_shape, params = init_layer(net, jax.random.key(args.seed), dataset.example_shape)
-    if tuple(output_shape) != (dataset.num_classes,):
+    expected = tuple(np.shape(dataset.y_train)[1:]) + (dataset.num_classes,)  # a logit per class (and position)
+    if tuple(output_shape) != expected:
         raise UsageError(
             f"--model {args.model}: the network maps examples of shape {dataset.example_shape} to "
             f"{tuple(output_shape)}, but {dataset.name} has {dataset.num_classes} classes; its output must be "
-            f"({dataset.num_classes},)"
+            f"{expected}"
         )
     leader = distributed.is_leader()
     say = (lambda text: None) if not leader else (lambda text: print(text, file=sys.stderr)) if args.json else print
@@ -227,7 +249,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default="mlp",
         metavar="NAME|MODULE:ATTR",
         help="mlp (default; --layers, --activation), cnn (the digits CNN), transformer (the "
-        "odd-one-out sequence task by default), or a user's network MODULE:ATTR",
+        "odd-one-out sequence task by default), gpt (a LLaMA-style decoder; by default next-character prediction on "
+        "the standard library's source, reported in bits per character), or a user's network MODULE:ATTR",
     )
     train.add_argument(
         "--data",
@@ -238,6 +261,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--label-column", default=None, help="CSV label column (name or 0-based index)")
     train.add_argument(
+        "--context", type=positive_int, default=128, help="--model gpt on the bundled text: characters per window"
+    )
+    train.add_argument(
         "--layers",
         type=hidden_widths,
         default=[256],
@@ -245,7 +271,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--activation", choices=sorted(ACTIVATIONS_BY_NAME), default="relu")
     train.add_argument(
-        "--epochs", type=positive_int, default=None, help="default: 40 (mlp), 20 (cnn), 12 (transformer)"
+        "--epochs", type=positive_int, default=None, help="default: 40 (mlp), 20 (cnn), 12 (transformer), 3 (gpt)"
     )
     train.add_argument("--batch-size", type=positive_int, default=None, help="default: 32 (64 for the transformer)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")

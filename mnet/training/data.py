@@ -63,8 +63,11 @@ def standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np
 
 def _labels(y: np.ndarray, where: str) -> np.ndarray:
     y = np.asarray(y)
-    if y.ndim != 1:
-        raise DataError(f"{where}: labels must be one-dimensional, got shape {y.shape}")
+    if y.ndim not in (1, 2):
+        raise DataError(
+            f"{where}: labels must have shape (examples,), or (examples, T) for one label per position, "
+            f"got shape {y.shape}"
+        )
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == bool):
         raise DataError(f"{where}: labels must be integers 0..K-1, got dtype {y.dtype}")
     if np.issubdtype(y.dtype, np.floating) and not (np.all(np.isfinite(y)) and np.all(y == np.round(y))):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 USER_MODULE = textwrap.dedent('''
@@ -86,6 +87,27 @@ def test_train_the_transformer_on_the_sequence_task():
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.splitlines()[-1])
     assert "odd one out" in result.stderr and summary["train_loss"] < 2.77  # below log(16): it learns something
+
+
+def test_train_a_gpt_reports_bits_per_character(tmp_path):
+    from mnet.training import text
+
+    train, valid, files = text.stdlib_corpus(5000)
+    assert files >= 20 and train.dtype == np.int32 and train.max() < text.VOCAB
+    assert text.decode(text.encode("def f(x):\n\treturn x")) == "def f(x):\n return x"  # a tab is one space
+    dataset = text.load_stdlib_text(context=16, max_chars=5000)
+    assert dataset.x_train.shape[1:] == (16,) and np.array_equal(dataset.x_train[0, 1:], dataset.y_train[0, :-1])
+    np.savez(tmp_path / "chars.npz", x=dataset.x_train[:96], y=dataset.y_train[:96], x_test=dataset.x_test[:32],
+             y_test=dataset.y_test[:32])  # fmt: skip
+    result = run_cli("train", "--model", "gpt", "--data", str(tmp_path / "chars.npz"), "--epochs", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["test_bits_per_character"] == pytest.approx(summary["test_loss"] / np.log(2))
+    assert summary["train_bits_per_character"] < np.log2(97)  # it learns something
+    assert "GatedMLP" in result.stderr and "agree" in result.stderr
+    np.savez(tmp_path / "flat.npz", x=dataset.x_train[:64], y=dataset.y_train[:64, 0])
+    result = run_cli("train", "--model", "gpt", "--data", str(tmp_path / "flat.npz"), "--epochs", "1")
+    assert result.returncode == 2 and "next-token labels of shape (n, T)" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(

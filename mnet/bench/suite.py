@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict
 
-from mnet.bench import curvature, memory
+from mnet.bench import curvature, decoder, memory
 from mnet.bench.gradients import (
     row_cnn_step,
     row_compile_time,
@@ -45,6 +45,7 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False) 
         "T1": lambda: row_transformer_step(16 if quick else 128, 9, r),
     }
     plans.update(curvature.plans(quick, r))
+    plans["M1"] = lambda: decoder.row_decoder(quick, 3 if quick else 5)
     plans.update(memory.plans(quick, r))
     if large:
         plans["L1"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, None, "L1")
@@ -85,7 +86,9 @@ def format_table(result: dict) -> str:
         + ")",
         "",
     ]
-    header = f"{'row':<5}{'contender':<22}{'median':>12}{'speed-up':>10}{'temp MB':>10}{'peak MB':>10}  notes"
+    # The contender column as wide as its longest name, so that no name runs into the figures after it.
+    width = max([len(name) + 2 for row in result["rows"] for name in row["seconds"]] + [22])
+    header = f"{'row':<5}{'contender':<{width}}{'median':>12}{'speed-up':>10}{'temp MB':>10}{'peak MB':>10}  notes"
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
         lines.append(f"{row['name']:<6}{row['description']}")
@@ -94,7 +97,8 @@ def format_table(result: dict) -> str:
             memory = row.get("memory", {}).get(name, NOT_AVAILABLE)
             temp, peak_bytes = (_megabytes(memory[key]) for key in ("temp_bytes", "peak_bytes"))
             lines.append(
-                f"{'':<5}{name:<22}{time_text:>12}{row['ratios'][name]:>9.2f}x{temp:>10}{peak_bytes:>10}  {note}".rstrip()
+                f"{'':<5}{name:<{width}}{time_text:>12}{row['ratios'][name]:>9.2f}x{temp:>10}{peak_bytes:>10}  "
+                f"{note}".rstrip()
             )
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ from mnet.training import data, distributed, plots, sharding, text
 TRAINING_DEFAULTS = {"mlp": (40, 32, 1e-3), "cnn": (20, 32, 1e-3), "transformer": (12, 64, 3e-3), "gpt": (3, 32, 3e-3)}
 
 #: ``--model gpt``: a LLaMA-style decoder small enough for a laptop's CPU (``mnet.models.gpt``'s other defaults).
-GPT_SHAPE = {"d_model": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
+GPT_D_MODEL, GPT_LAYERS, GPT_HEADS, GPT_KV_HEADS = 64, 2, 4, 2
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "kfac")
 
@@ -82,7 +82,9 @@ def training_problem(args: argparse.Namespace):
                 "of one shape, or no --data for the standard library's source"
             )
         context = dataset.x_train.shape[1]
-        net = mnet.models.gpt(classes, context, block_size=min(64, context), **GPT_SHAPE)
+        net = mnet.models.gpt(
+            classes, context, GPT_D_MODEL, GPT_LAYERS, GPT_HEADS, num_kv_heads=GPT_KV_HEADS, block_size=min(64, context)
+        )
     else:
         net = user_network(args.model)
     return dataset, net

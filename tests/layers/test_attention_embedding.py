@@ -2,7 +2,6 @@
 jax.vjp in float64 with random shapes, heads and masks; a transformer block with every derivative function and
 the no-autodiff guard; bad configurations."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,7 +185,8 @@ def test_bad_configurations_are_named_at_init():
     with pytest.raises(LayerError, match=r"rank >= 3 \(batch, ...\), got shape \(5, 4\); add a leading batch axis"):
         layer.apply(params, jnp.ones((5, 4)))
     with pytest.raises(
-        LayerError, match=r"boolean mask broadcastable to .* \(2, 2, 5, 5\), got bool of shape \(3, 5\)"
+        LayerError,
+        match=r"padding mask \(batch, T\) = \(2, 5\) or a mask broadcastable to .* \(2, 2, 5, 5\), got bool of shape \(3, 5\)",
     ):
         layer.apply(params, jnp.ones((2, 5, 4)), mask=jnp.ones((3, 5), bool))
     with pytest.raises(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import mnet
 from mnet.layers.attention.heads import HeadLayout
-from tests.helpers import assert_trees_close, no_autodiff, random_params
+from tests.helpers import assert_trees_close, load_experiment, no_autodiff, random_params
 
 LOSS = mnet.losses.softmax_cross_entropy
 
@@ -276,3 +276,13 @@ def test_float32_gpt_training_with_hand_gradients_tracks_jax_grad():
     auto = trainer(mnet.autodiff_value_and_grad(net, LOSS))
     assert float(hand[-1]) < 0.8 * float(hand[0])  # it learns
     np.testing.assert_allclose(hand, auto, rtol=1e-4)
+
+
+def test_gpt_curvature_experiment_quick(tmp_path):
+    """``experiments/gpt_curvature.py --quick``: curvature per block while a decoder trains, and its picture."""
+    result = load_experiment("gpt_curvature").main(["--quick", "--out", str(tmp_path)])
+    assert result["step"] == [0, 3, 6] and len(result["blocks"]) == 5
+    assert all(len(traces) == 5 and min(traces) >= 0 for traces in result["ggn_trace"])  # sums of squares
+    assert all(np.isfinite(traces).all() for traces in result["hessian_trace"])
+    assert all(len(norms) == 4 and min(norms) > 0 for norms in result["norms"])
+    assert (tmp_path / "gpt_curvature.png").stat().st_size > 10_000

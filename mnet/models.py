@@ -23,6 +23,7 @@ from mnet.layers import (
     Reshape,
     RMSNorm,
     Serial,
+    Tied,
     residual,
     serial,
 )
@@ -146,14 +147,10 @@ def gpt(
         rope_base: the rotary base.
         block_size: blockwise attention in blocks of this many positions (O(T) memory).
         eps: the RMSNorms' epsilon.
-        tie_embeddings: reuse the embedding table as the output projection. Not available yet: a shared matrix
-            needs every quantity's cross terms between its two uses, and mnet refuses rather than approximate.
+        tie_embeddings: the read-out reuses the embedding's table, ``logits = h E^T`` (:class:`mnet.layers.tied.Tied`;
+            params ``{"embedding": {"W": E}, "body": ...}``; what each quantity does with the shared table is in
+            :mod:`mnet.layers.tied`).
     """
-    if tie_embeddings:
-        raise NotImplementedError(
-            "gpt: tie_embeddings=True is not available yet (every derivative quantity would need the cross terms "
-            "between the table's two uses); use tie_embeddings=False"
-        )
     if d_model % num_heads:
         raise ValueError(f"gpt: num_heads = {num_heads} does not divide d_model = {d_model}")
     width = hidden or -(-8 * d_model // 3 // 8) * 8
@@ -169,9 +166,8 @@ def gpt(
         residual(serial(RMSNorm(eps), attention)),
         residual(serial(RMSNorm(eps), GatedMLP(width, activation=activation))),
     ]
-    return serial(
-        Embedding(vocab, d_model, max_length=context),
-        *[layer for _ in range(num_layers) for layer in block],
-        RMSNorm(eps),
-        Dense(vocab, use_bias=False),
-    )
+    embedding = Embedding(vocab, d_model, max_length=context)
+    blocks = [layer for _ in range(num_layers) for layer in block]
+    if tie_embeddings:
+        return serial(Tied(embedding, serial(*blocks, RMSNorm(eps))))
+    return serial(embedding, *blocks, RMSNorm(eps), Dense(vocab, use_bias=False))

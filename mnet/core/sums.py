@@ -13,6 +13,11 @@ def add_cotangents(a: Array, b: Array) -> Array:
     return a if getattr(a, "dtype", None) == jax.dtypes.float0 else a + b
 
 
+def add_trees(a: Params, b: Params) -> Params:
+    """Two pytrees of one structure, added leaf by leaf (the two uses' shares of a tied parameter)."""
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
 def add_tangents(a: Array | None, b: Array | None) -> Array | None:
     """``a + b`` for tangents that may be None (zero)."""
     return b if a is None else a if b is None else a + b

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from mnet.core.layer import Layer
 from mnet.core.paths import flatten_with_keys
 from mnet.core.protocol import Array, Cache, Params, call_forward, has_params
-from mnet.core.sums import add_cotangents
+from mnet.core.sums import add_cotangents, add_trees
 from mnet.core.tangent import tangent_walk
 
 
@@ -72,6 +72,13 @@ class Quantity:
         return share, (dx,)
 
     def default(self, layer: Any, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
+        raise MissingRule(layer, self.rule)
+
+    def tie(self, layer: Any, first: Any, second: Any) -> Any:
+        """The share of one parameter that ``layer`` uses twice (tied weights), from the shares of its two uses. A
+        quantity linear in the parameter's gradient adds them; any other needs the cross terms between the uses,
+        which its shares do not hold: then :class:`MissingRule`, and the drivers that can fall back to one example
+        at a time do (exact for per-example quantities)."""
         raise MissingRule(layer, self.rule)
 
     def finish(self, shares: Any, carried: tuple) -> Any:
@@ -125,6 +132,9 @@ class Backward(Quantity):
     """The gradient: every unit's ``backward``. Its shares are the parameter gradients."""
 
     rule = "backward"
+
+    def tie(self, layer, first, second):
+        return add_trees(first, second)
 
 
 BACKWARD = Backward()
@@ -190,6 +200,9 @@ class _Units(Backward):
 
     def at_unit(self, layer, params, caches, carried):
         return Unit(layer), super().at_unit(layer, params, caches, carried)[1]
+
+    def tie(self, layer, first, second):
+        return first  # the parameter's entry is its first use's
 
 
 def units(net: Any, params: Params, x: Any) -> list[tuple[tuple, Any]]:

@@ -26,6 +26,7 @@ from mnet.layers.normalization import BatchNorm, LayerNorm, RMSNorm
 from mnet.layers.pooling import AvgPool2D, MaxPool2D
 from mnet.layers.recurrent import GRU, LSTM, RNN, LastStep, Recurrent
 from mnet.layers.shape import Flatten, Reshape
+from mnet.layers.tied import Tied, Unembed
 from mnet.layers.windows import Windows
 
 __all__ = [
@@ -67,6 +68,8 @@ __all__ = [
     "Softmax",
     "Softplus",
     "Tanh",
+    "Tied",
+    "Unembed",
     "Windows",
     "parallel",
     "residual",

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from mnet.core.curvature import Columns, Curvature, next_origin, no_rule, signed_square_sum
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward, has_params
 from mnet.core.walk import Quantity, own_rule, walk
+from mnet.errors import LayerError
 from mnet.losses import Loss, with_mask
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.per_example import per_example_stack
@@ -31,6 +32,13 @@ class DiagHessian(Quantity):
     per-example gradient of every column. Any other layer without a rule is refused by name."""
 
     rule = "diag_hessian"
+
+    def tie(self, layer, first, second):
+        raise LayerError(
+            layer,
+            "uses one parameter twice (tied weights): its exact Hessian diagonal needs the cross terms between the two "
+            "uses, which have no rule yet; diag_hessian(net, loss, hutchinson_samples=S) estimates it without bias",
+        )
 
     def at_unit(self, layer, params, caches, carried):
         own = own_rule(layer, self.rule)

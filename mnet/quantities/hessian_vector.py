@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mnet.core.protocol import Array, LayerProtocol, Params
+from mnet.core.sums import add_trees
 from mnet.core.walk import Quantity, own_rule, walk
 from mnet.errors import LayerError
 from mnet.losses import Loss, with_mask
@@ -49,6 +50,9 @@ class HessianVector(Quantity):
     The share of a unit is ``R{dparams}``."""
 
     rule = "backward_tangent"
+
+    def tie(self, layer, first, second):
+        return add_trees(first, second)  # H v is linear in the shares: a tied parameter's is the sum over its uses
 
     def at_unit(self, layer, params, caches, carried):
         (cache, record), (dy, dy_tangent) = caches, carried

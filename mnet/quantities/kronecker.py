@@ -26,6 +26,12 @@ class KroneckerFactors(StackedQuantity):
     def share(self, layer, params, caches, carried):
         return None
 
+    def tie(self, layer, first, second):
+        """A matrix used twice (a tied embedding: a lookup and the read-out ``h E^T``) has a GGN block that is the sum
+        of its two uses' blocks plus their cross terms: no single Kronecker product. Rather than an ad-hoc average of
+        the two uses' factors, the entry is None, and K-FAC keeps the plain gradient there."""
+        return None
+
 
 KRONECKER_FACTORS = KroneckerFactors()
 

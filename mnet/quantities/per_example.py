@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mnet.core.protocol import Array, Cache, LayerProtocol, Params, call_forward, has_params
-from mnet.core.sums import batch_sq_norms
+from mnet.core.sums import add_trees, batch_sq_norms
 from mnet.core.walk import MissingRule, Quantity
 from mnet.losses import Loss, with_mask
 from mnet.quantities.gradient import value_and_grad
@@ -32,6 +32,9 @@ class PerExampleBackward(Quantity):
     with parameters needs its own rule (there is no per-example gradient in ``backward``'s sum over examples)."""
 
     rule = "per_example_backward"
+
+    def tie(self, layer, first, second):
+        return add_trees(first, second)  # each example's gradient of a tied parameter: the sum over its uses
 
     def default(self, layer, params, caches, carried):
         if has_params(params):

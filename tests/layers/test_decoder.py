@@ -125,6 +125,7 @@ NEW_LAYERS = [
     (mnet.serial(mnet.Dense(4), mnet.Silu(), mnet.RMSNorm(), mnet.Softmax(), mnet.Dense(3)), (5,)),
     (mnet.GatedMLP(5, activation="gelu", use_bias=True), (2, 4)),
     (mnet.MultiHeadSelfAttention(2, num_kv_heads=1, rope_base=100.0, causal=True), (3, 4)),
+    (mnet.Unembed(5), (3, 4)),
 ]
 
 
@@ -180,16 +181,38 @@ def test_check_layer_names_a_planted_wrong_rule(net, shape, wrong):
 
 
 def test_every_quantity_through_a_gpt_agrees_with_autodiff():
-    # Grouped-query (one key-value head), rotary, GeGLU; blockwise attention is the same network with the core
-    # of tests/layers/test_blockwise_attention.py, whose rules are checked there.
+    # Grouped-query (one key-value head), rotary, GeGLU, the read-out tied to the embedding; blockwise attention is
+    # the same network with the core of tests/layers/test_blockwise_attention.py, whose rules are checked there.
     net = mnet.models.gpt(vocab=7, context=6, d_model=4, num_layers=1, num_heads=2, num_kv_heads=1, hidden=6,
-                          activation="gelu")  # fmt: skip
+                          activation="gelu", tie_embeddings=True)  # fmt: skip
     report = mnet.check_network(net, LOSS, (5,), batch=2, seed=3)
     assert report.ok, str(report)
     for row in report.rows:
         if row.agreement is not None:
             a = row.agreement
             assert min(a.max_rel_error, a.max_abs_error / max(a.global_scale, 1e-300)) < 1e-9, str(report)
+    assert report["diag_hessian"].source == "absent" and "tied weights" in report["diag_hessian"].note
+
+
+def test_a_tied_table_gets_the_sum_of_its_two_uses():
+    net = mnet.models.gpt(vocab=9, context=8, d_model=8, num_layers=1, num_heads=2, tie_embeddings=True)
+    params = random_params(net, (6,), jnp.float64, np.random.default_rng(0))
+    ids = jax.random.randint(jax.random.key(1), (3, 7), 0, 9)
+    x, y = ids[:, :-1], ids[:, 1:]
+    tied = net.layers[0]
+    grads = jax.jit(mnet.grad(net, LOSS))(params, x, y)
+    untied = mnet.serial(tied.embedding, *tied.body.layers, mnet.Unembed(9))
+    table = params[0]["embedding"]
+    separate = jax.jit(mnet.grad(untied, LOSS))((table, *params[0]["body"], table), x, y)
+    assert_trees_close(grads[0]["embedding"], jax.tree_util.tree_map(jnp.add, separate[0], separate[-1]), 1e-13)
+    assert_trees_close(grads, jax.jit(mnet.autodiff_value_and_grad(net, LOSS))(params, x, y)[1], 1e-12)
+    factors = jax.eval_shape(mnet.kfac_factors(net, LOSS), params, x, y)  # the structure: nothing to compute
+    assert factors[0]["embedding"] is None  # no Kronecker structure for a matrix used twice
+    hutchinson = mnet.diag_hessian(net, LOSS, hutchinson_samples=2)
+    estimate = jax.eval_shape(lambda p: hutchinson(p, x, y, key=jax.random.key(2)), params)
+    assert jax.tree_util.tree_structure(estimate) == jax.tree_util.tree_structure(params)
+    with pytest.raises(mnet.LayerError, match=r"Tied\(.*tied weights.*hutchinson_samples"):
+        mnet.diag_hessian(net, LOSS)(params, x, y)
 
 
 def gpt_problem(dtype=jnp.float64, **options):
@@ -252,8 +275,6 @@ def test_bad_decoder_configurations_and_inputs_are_named():
         net.apply(params, jnp.zeros((2, 10), jnp.int32))
     with pytest.raises(mnet.LayerError, match=r"ids must lie in \[0, 9\), found 9"):
         net.apply(params, x.at[0, 0].set(9))
-    with pytest.raises(NotImplementedError, match="tie_embeddings"):
-        mnet.models.gpt(9, 8, 8, 1, 2, tie_embeddings=True)
     with pytest.raises(ValueError, match="does not divide d_model"):
         mnet.models.gpt(9, 8, 6, 1, 4)
 

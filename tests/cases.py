@@ -51,6 +51,15 @@ USER_NETWORKS = {
 }
 
 
+#: The modern decoder's layers: each must have a second-order rule that check_layer compares (not skips).
+DECODER_LAYERS = [
+    (mnet.RMSNorm(), (3, 4)),
+    (mnet.serial(mnet.Dense(4), mnet.Silu(), mnet.RMSNorm(), mnet.Softmax(), mnet.Dense(3)), (5,)),
+    (mnet.GatedMLP(5, activation="gelu", use_bias=True), (2, 4)),
+    (mnet.MultiHeadSelfAttention(2, num_kv_heads=1, rope_base=100.0, causal=True), (3, 4)),
+    (mnet.Unembed(5), (3, 4)),
+]
+
 LAYERS = [
     (mnet.Dense(3), (4,)),
     (mnet.Dense(3, use_bias=False), (2, 4)),
@@ -73,6 +82,7 @@ LAYERS = [
     # RNN's cell rules are checked against autodiff in test_recurrent; its other rules are the shared recurrence's.
     (mnet.serial(mnet.LSTM(3), mnet.GRU(2), mnet.LastStep()), (4, 2)),
     (GLU, (4,)),
+    *[(layer, shape) for layer, shape in DECODER_LAYERS],
 ]
 
 

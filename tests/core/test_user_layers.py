@@ -13,7 +13,7 @@ import pytest
 import mnet
 from mnet import train
 from mnet.training import data
-from tests.cases import GLU, LAYERS, USER_NETWORKS, GatedLinearUnit
+from tests.cases import DECODER_LAYERS, GLU, LAYERS, USER_NETWORKS, GatedLinearUnit
 from tests.helpers import assert_trees_close, check_all, check_value_and_grad, reference_per_example_grads
 
 
@@ -103,6 +103,8 @@ def test_check_layer_passes_every_built_in_layer(layer, shape):
         if row.agreement is not None and row.rule != "init":
             a = row.agreement  # leaves that are zero in exact arithmetic (attention's key bias) by the whole scale
             assert min(a.max_rel_error, a.max_abs_error / max(a.global_scale, 1e-300)) < 1e-11, str(report)
+    if any(layer is decoder for decoder, _ in DECODER_LAYERS):  # their second-order rules are compared, not skipped
+        assert rules["diag_hessian"].agreement is not None, str(report)
     has_params = bool(jax.tree_util.tree_leaves(mnet.core.init_layer(layer, jax.random.key(0), shape)[1]))
     if layer is GLU:
         assert rules["per_example_backward"].source == "absent" and "one example at a time" in str(report)

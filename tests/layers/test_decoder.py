@@ -82,8 +82,7 @@ def test_gated_mlp_forward_against_its_definition(activation):
     assert set(plain) == {"W_gate", "W_up", "W_down"}
 
 
-ATTENTION = [
-    mnet.MultiHeadSelfAttention(4, num_kv_heads=2, rope_base=10000.0, causal=True),
+ATTENTION = [  # unblocked, causal, grouped-query and rotary: in tests/cases.py's DECODER_LAYERS (check_layer)
     mnet.MultiHeadSelfAttention(4, num_kv_heads=1, rope_base=500.0, block_size=3, use_bias=False),
     mnet.MultiHeadSelfAttention(2, head_dim=4, rope_base=100.0, block_size=2, causal=True),
 ]
@@ -216,10 +215,12 @@ def test_the_hand_derived_quantities_of_a_gpt_use_no_autodiff():
         "hvp": (mnet.hessian_vector_product(net, LOSS), (params, x, y, v)),
         "diag_hessian": (mnet.diag_hessian(net, LOSS), (params, x, y)),
     }
-    expected = {name: jax.jit(f)(*args) for name, (f, args) in functions.items()}
+    # JAX differentiates while it traces (the guard refuses jax.make_jaxpr(jax.grad(f)) too, as
+    # tests/quantities/test_no_autodiff.py checks), so tracing under the guard is the test; the values are
+    # test_every_quantity_through_a_gpt_agrees_with_autodiff's (tracing, not compiling: a fraction of the cost).
     with no_autodiff():
-        for name, (f, args) in functions.items():
-            assert_trees_close(jax.jit(f)(*args), expected[name], 1e-12)
+        for f, args in functions.values():
+            assert jax.make_jaxpr(f)(*args).eqns
     factors = jax.eval_shape(mnet.kfac_factors(net, LOSS), params, x, y)  # Dense's rules, checked elsewhere
     pairs = jax.tree_util.tree_leaves(factors, is_leaf=mnet.quantities.kronecker.is_factor_pair)
     assert len([p for p in pairs if isinstance(p, dict)]) == 4 + 3 + 1  # q, k, v, o; gate, up, down; the read-out

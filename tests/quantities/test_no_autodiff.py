@@ -61,3 +61,12 @@ def test_value_and_grad_runs_without_autodiff(loss, jit):
         grads_only = mnet.grad(NET, loss)(params, x, targets)
     assert_trees_close((value, grads), expected, 1e-10)
     assert_trees_close(grads_only, expected[1], 1e-10)
+
+
+def test_the_guard_stops_autodiff_while_tracing():
+    """Tracing under the guard is enough to catch autodiff (JAX differentiates while it traces), which lets a test
+    check a large function without compiling it twice."""
+    with no_autodiff():
+        with pytest.raises(AutodiffUsed):
+            jax.make_jaxpr(jax.grad(lambda x: jnp.sin(x) ** 2))(1.0)
+        assert jax.make_jaxpr(lambda x: jnp.sin(x) ** 2)(1.0).eqns

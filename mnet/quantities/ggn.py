@@ -71,6 +71,24 @@ def loss_square_root(loss: Loss, outputs: Array, targets: Array, mc_samples: int
     return loss.sampled_hessian_sqrt(outputs, targets, key, mc_samples)
 
 
+def square_root_columns(
+    net: LayerProtocol,
+    loss: Loss,
+    params: Params,
+    x: Array,
+    targets: Array,
+    mc_samples: int | None,
+    key: Array | None,
+    state: Any,
+    mask: Array | None,
+) -> tuple[Any, Array]:
+    """The forward pass's cache and the loss Hessian's square-root columns at its outputs (exact, or ``mc_samples``
+    draws), the padded positions of ``mask`` left out: where both GGN diagonals start."""
+    masked_loss, targets = with_mask(loss, targets, mask)
+    outputs, cache = call_forward(net, params, x, state=state, mask=mask)
+    return cache, loss_square_root(masked_loss, outputs, targets, mc_samples, key)
+
+
 def _one_example_at_a_time(net: LayerProtocol, params: Params, x: Array, S: Array, mask: Array | None = None) -> Params:
     """``diag(J_b^T H_b J_b)`` for every example through ``backward`` alone: each example run as a batch of one,
     every column of its ``S`` carried back, the gradients squared and summed over the columns."""
@@ -110,9 +128,7 @@ def per_example_diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None 
         state: Any = None,
         mask: Array | None = None,
     ) -> Params:
-        masked_loss, targets = with_mask(loss, targets, mask)
-        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
-        S = loss_square_root(masked_loss, outputs, targets, mc_samples, key)
+        cache, S = square_root_columns(net, loss, params, x, targets, mc_samples, key, state, mask)
         try:
             return PER_EXAMPLE_DIAG_GGN.run(net, params, cache, S)[0]
         except MissingRule:
@@ -141,9 +157,7 @@ def diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None = None) -> C
         state: Any = None,
         mask: Array | None = None,
     ) -> Params:
-        masked_loss, targets = with_mask(loss, targets, mask)
-        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
-        S = loss_square_root(masked_loss, outputs, targets, mc_samples, key)
+        cache, S = square_root_columns(net, loss, params, x, targets, mc_samples, key, state, mask)
         total = summed_diag_ggn(net, params, x, cache, S, mask)
         return jax.tree_util.tree_map(lambda d: d / x.shape[0], total)
 

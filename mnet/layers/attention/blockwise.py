@@ -46,7 +46,7 @@ from jax import lax
 
 from mnet.core.layer import positive_int
 from mnet.core.protocol import Array, Cache, Params
-from mnet.layers.attention.core import AttentionCore
+from mnet.layers.attention.core import AttentionCore, key_mask
 
 
 @dataclass(frozen=True, repr=False)
@@ -86,6 +86,7 @@ class BlockwiseAttentionCore(AttentionCore):
     def _padded_mask(self, mask: Array | None, length: int) -> Array | None:
         """The user's mask as a rank-4 boolean array, its query and key axes (where not broadcast) padded with
         False to the blocks' length; kept at its own (broadcastable) shape, never expanded."""
+        mask = key_mask(mask)
         if mask is None:
             return None
         mask = jnp.asarray(mask, bool)

@@ -13,6 +13,15 @@ from mnet.core.layer import Layer
 from mnet.core.protocol import Array, Cache, Params, Shape
 
 
+def key_mask(mask: Array | None) -> Array | None:
+    """A padding mask ``(batch, T)`` (what a network's quantities pass down) as the key mask ``(batch, 1, 1, T)``;
+    a rank-4 mask as it is."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    return mask[:, None, None, :] if mask.ndim == 2 else mask
+
+
 @dataclass(frozen=True, repr=False)
 class AttentionCore(Layer):
     """The parameterless heart of attention, on the concatenated projections ``[Q | K | V]`` of shape
@@ -60,6 +69,7 @@ class AttentionCore(Layer):
         return heads.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim)
 
     def forward(self, params: Params, qkv: Array, mask: Array | None = None) -> tuple[Array, Cache]:
+        mask = key_mask(mask)
         Q, K, V = (self._heads(part) for part in jnp.split(qkv, 3, axis=-1))
         length = qkv.shape[1]
         S = jnp.einsum("bhsd,bhtd->bhst", Q, K) / math.sqrt(self.head_dim)

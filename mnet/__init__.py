@@ -19,7 +19,17 @@ from mnet.checking.tangents import compare_jvp
 from mnet.core.layer import Layer
 from mnet.core.protocol import LayerProtocol
 from mnet.core.state import init_state, update_state
-from mnet.errors import CheckpointError, DataError, DivergenceError, LayerError, LossError, MnetError
+from mnet.errors import (
+    CheckpointError,
+    DataError,
+    DivergenceError,
+    KindError,
+    LayerError,
+    LossError,
+    MnetError,
+    SearchEdgeWarning,
+    SettingError,
+)
 from mnet.laplace import Laplace, laplace
 from mnet.layers import (
     GRU,
@@ -62,6 +72,7 @@ from mnet.layers import (
     serial,
 )
 from mnet.models import mlp
+from mnet.optim.accounting import dp_epsilon, poisson_capacity
 from mnet.optim.dp import clipped_value_and_grad, dp_noise
 from mnet.optim.kfac import KFACState, kfac, kfac_preconditioner
 from mnet.quantities.diag_hessian import diag_hessian
@@ -72,7 +83,7 @@ from mnet.quantities.jacobian import jacobian
 from mnet.quantities.kronecker import kfac_factors
 from mnet.quantities.ntk import ntk
 from mnet.quantities.per_example import per_example_grad_norms, per_example_grads
-from mnet.quantities.tangent import jvp
+from mnet.quantities.tangent import jvp, with_manual_tangent
 from mnet.training import checkpoint, data, distributed, launch, sharding
 from mnet.training.checkpoint import load_params, save_params
 from mnet.training.fit import fit
@@ -90,6 +101,9 @@ __all__ = [
     "DataError",
     "Dense",
     "DivergenceError",
+    "KindError",
+    "SettingError",
+    "SearchEdgeWarning",
     "Dropout",
     "Elementwise",
     "Elu",
@@ -144,6 +158,8 @@ __all__ = [
     "diag_hessian",
     "distributed",
     "dp_noise",
+    "dp_epsilon",
+    "poisson_capacity",
     "errors",
     "fit",
     "ggn_vector_product",
@@ -179,4 +195,5 @@ __all__ = [
     "value_and_grad",
     "value_grad_and_state",
     "with_manual_backward",
+    "with_manual_tangent",
 ]

@@ -32,9 +32,9 @@ def identity_backward(cache: tuple, da: Array) -> Array:
 
 
 def relu(z: Array) -> tuple[Array, Array]:
-    """``a = max(z, 0)``; caches the mask ``z > 0``."""
-    mask = z > 0
-    return jnp.where(mask, z, jnp.zeros_like(z)), mask
+    """``a = max(z, 0)``; caches the mask ``z > 0``. A NaN stays NaN (as in ``jax.nn.relu``): were it mapped to 0, a
+    network whose parameters had gone NaN could still return a finite loss, and no divergence check would see it."""
+    return jnp.maximum(z, jnp.zeros_like(z)), z > 0
 
 
 def relu_backward(mask: Array, da: Array) -> Array:

@@ -11,6 +11,15 @@ class MnetError(Exception):
     """Base class of every error mnet raises on purpose."""
 
 
+class SettingError(MnetError, ValueError):
+    """An argument outside what a function accepts: a negative norm, a batch size of zero, an unknown name, a
+    missing key for a function that samples. The message names the function and the argument."""
+
+
+class KindError(MnetError, TypeError):
+    """An argument of the wrong kind: a class where an instance is expected, an object that is not a layer."""
+
+
 class LayerError(MnetError, ValueError):
     """A layer received an input or parameters it cannot use.
 
@@ -49,3 +58,8 @@ class CheckpointError(MnetError, ValueError):
 
 class DivergenceError(MnetError):
     """Training produced a loss that is NaN or infinite."""
+
+
+class SearchEdgeWarning(UserWarning):
+    """A search (a grid, a bracketed bisection) found its best value at the edge of where it looked: the optimum may
+    lie beyond, and the value returned is the edge, not an optimum."""

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from mnet.errors import SettingError
+
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
@@ -120,4 +122,4 @@ def get(initializer: str | Initializer) -> Initializer:
     try:
         return BY_NAME[initializer]
     except KeyError:
-        raise ValueError(f"unknown initializer {initializer!r}; known: {', '.join(sorted(BY_NAME))}") from None
+        raise SettingError(f"unknown initializer {initializer!r}; known: {', '.join(sorted(BY_NAME))}") from None

@@ -34,14 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet import activations
-from mnet.errors import LossError
+from mnet.errors import LossError, SettingError
 
 Array = jax.Array
 
 
 def with_mask(loss: Loss, targets: Array, mask: Array | None) -> tuple[Loss, Array]:
     """``(loss, targets)`` that leave out the padded positions of ``mask`` (``(batch, T)``, True at tokens); both
-    unchanged for ``mask=None``. What every quantity's driver does with its ``mask`` argument."""
+    unchanged for ``mask=None``. What every quantity's driver does with its targets first, so it is also where an
+    empty batch is refused (at trace time): a loss is a mean over the batch, and the mean of no examples is none."""
+    if jnp.ndim(targets) and jnp.shape(targets)[0] == 0:
+        raise LossError(
+            f"{loss!r}: the batch is empty (targets of shape {jnp.shape(targets)}); give at least one example"
+        )
     return (loss, targets) if mask is None else loss.masked(targets, mask)
 
 
@@ -210,7 +215,7 @@ class SoftmaxCrossEntropy(Loss):
     def __post_init__(self):
         index = self.ignore_index
         if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index >= 0):
-            raise ValueError(f"SoftmaxCrossEntropy: ignore_index must be a negative int (a non-label), got {index!r}")
+            raise SettingError(f"SoftmaxCrossEntropy: ignore_index must be a negative int (a non-label), got {index!r}")
 
     def __repr__(self) -> str:
         return f"losses.{self.name}" + ("" if self.ignore_index is None else f"(ignore_index={self.ignore_index})")
@@ -442,4 +447,4 @@ def get(name: str | Loss) -> Loss:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(BY_NAME))}") from None
+        raise SettingError(f"unknown loss {name!r}; known: {', '.join(sorted(BY_NAME))}") from None

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mnet.core.protocol import is_layer
+from mnet.errors import KindError, SettingError
 from mnet.layers import (
     ACTIVATIONS_BY_NAME,
     BatchNorm,
@@ -45,11 +46,11 @@ def mlp(widths: Sequence[int], activation: str | Any = "relu", compute_dtype: st
             activation = ACTIVATIONS_BY_NAME[activation]()
         except KeyError:
             known = ", ".join(sorted(ACTIVATIONS_BY_NAME))
-            raise ValueError(f"unknown activation {activation!r}; known: {known}") from None
+            raise SettingError(f"unknown activation {activation!r}; known: {known}") from None
     elif not is_layer(activation):
-        raise TypeError(f"mlp: activation must be a name or a layer, got {activation!r}")
+        raise KindError(f"mlp: activation must be a name or a layer, got {activation!r}")
     if not widths:
-        raise ValueError("mlp needs at least one width (the output width)")
+        raise SettingError("mlp needs at least one width (the output width)")
     hidden = None if compute_dtype is None else Policy(compute_dtype)
     last = None if compute_dtype is None else Policy(compute_dtype, output_dtype="float32")
     layers: list[Any] = []
@@ -152,7 +153,7 @@ def gpt(
             :mod:`mnet.layers.tied`).
     """
     if d_model % num_heads:
-        raise ValueError(f"gpt: num_heads = {num_heads} does not divide d_model = {d_model}")
+        raise SettingError(f"gpt: num_heads = {num_heads} does not divide d_model = {d_model}")
     width = hidden or -(-8 * d_model // 3 // 8) * 8
     attention = MultiHeadSelfAttention(
         num_heads,

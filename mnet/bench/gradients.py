@@ -66,6 +66,8 @@ def row_training_step(
         "gflops_per_s": {k: flops / s / 1e9 for k, s in seconds.items()},
         "flops_per_step": flops,
         "precision": precision,
+        # Throughput is set against the matmul peak of the dtype the products run in (bfloat16 has its own).
+        "peak_dtype": compute_dtype or "float32",
     }
     return Row(
         name, f"training step, MLP {'-'.join(map(str, widths))}, batch {batch}, {precision}", seconds, "jax.grad", extra

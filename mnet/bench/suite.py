@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict
 
+import jax.numpy as jnp
+
 from mnet.bench import curvature, decoder, memory
 from mnet.bench.gradients import (
     row_cnn_step,
@@ -19,10 +21,12 @@ from mnet.bench.gradients import (
 )
 from mnet.bench.timing import PEAK_SIZES, Row, machine, matmul_peak, with_memory
 from mnet.compiled import NOT_AVAILABLE
+from mnet.errors import SettingError
 
 
 def run(quick: bool = False, only: set[str] | None = None, large: bool = False) -> dict:
-    """Run the suite. ``quick`` shrinks sizes and repetitions so that it finishes in seconds (a smoke test);
+    """Run the suite. ``quick`` shrinks sizes and repetitions to a smoke test of every row (about 70 s on 2 CPU
+    cores, most of it compiling: one to nine seconds a row);
     ``large`` adds the accelerator-sized training step (MLP 4096-4096-4096-4096, batch 4096, float32 and bfloat16)."""
     r = 3 if quick else 30
     plans: dict[str, Callable[[], Row]] = {
@@ -52,25 +56,31 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False) 
         plans["L1bf16"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, "bfloat16", "L1bf16")
     unknown = sorted((only or set()) - set(plans))
     if unknown:
-        raise ValueError(f"unknown benchmark row(s) {', '.join(unknown)}; known: {', '.join(plans)}")
+        raise SettingError(f"unknown benchmark row(s) {', '.join(unknown)}; known: {', '.join(plans)}")
     rows = [with_memory(plan) for name, plan in plans.items() if only is None or name in only]
-    peaks = matmul_peak((128, 256, 512) if quick else PEAK_SIZES, 3 if quick else 10)
+    sizes, rounds = ((128, 256, 512), 3) if quick else (PEAK_SIZES, 10)
+    peaks = matmul_peak(sizes, rounds)
+    dtypes = {row.extra.get("peak_dtype", "float32") for row in rows} - {"float32"}
+    other_peaks = {name: max(matmul_peak(sizes, rounds, jnp.dtype(name)).values()) for name in sorted(dtypes)}
     return {
         "machine": machine(),
         "matmul_peak_gflops": max(peaks.values()),
         "matmul_peak_by_size": {str(n): g for n, g in peaks.items()},
+        "matmul_peak_gflops_by_dtype": {"float32": max(peaks.values()), **other_peaks},
         "quick": quick,
         "rows": [{**asdict(row), "ratios": row.ratios()} for row in rows],
     }
 
 
-def contender_figures(row: dict, name: str, peak: float) -> tuple[str, str]:
-    """``(median time, throughput note)`` of one contender of a result row, as both renderings show them."""
+def contender_figures(row: dict, name: str, peaks: dict[str, float]) -> tuple[str, str]:
+    """``(median time, throughput note)`` of one contender of a result row, as both renderings show them; the
+    throughput against the matmul peak of the row's own dtype."""
     seconds = row["seconds"][name]
     note = ""
     if "gflops_per_s" in row["extra"]:
         g = row["extra"]["gflops_per_s"][name]
-        note = f"{g:.1f} GFLOP/s = {g / peak:.0%} of peak"
+        dtype = row["extra"].get("peak_dtype", "float32")
+        note = f"{g:.1f} GFLOP/s = {g / peaks[dtype]:.0%} of the {dtype} peak"
     elif "steps_per_s" in row["extra"]:
         note = f"{row['extra']['steps_per_s'][name]:,.0f} steps/s"
     return (f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"), note
@@ -78,12 +88,14 @@ def contender_figures(row: dict, name: str, peak: float) -> tuple[str, str]:
 
 def format_table(result: dict) -> str:
     peak = result["matmul_peak_gflops"]
+    peaks = result.get("matmul_peak_gflops_by_dtype", {"float32": peak})
     lines = [
         f"machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
         f"backend {result['machine']['backend']}, jax {result['machine']['jax']}; "
         f"measured float32 matmul peak {peak:.1f} GFLOP/s (best of sizes "
         + ", ".join(f"{n}: {g:.0f}" for n, g in result.get("matmul_peak_by_size", {}).items())
-        + ")",
+        + ")"
+        + "".join(f"; {name} peak {g:.1f} GFLOP/s" for name, g in peaks.items() if name != "float32"),
         "",
     ]
     # The contender column as wide as its longest name, so that no name runs into the figures after it.
@@ -93,7 +105,7 @@ def format_table(result: dict) -> str:
     for row in result["rows"]:
         lines.append(f"{row['name']:<6}{row['description']}")
         for name in row["seconds"]:
-            time_text, note = contender_figures(row, name, peak)
+            time_text, note = contender_figures(row, name, peaks)
             memory = row.get("memory", {}).get(name, NOT_AVAILABLE)
             temp, peak_bytes = (_megabytes(memory[key]) for key in ("temp_bytes", "peak_bytes"))
             lines.append(

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import jaxprs_in_params
 
 #: Tolerance for either gradient against float64 central differences. The step h = eps^(1/3) ~ 6e-6 leaves a
 #: truncation error ~ h^2 |f'''| and a rounding error ~ eps |f| / h ~ 4e-11 |f|; 1e-6 of the gradient's scale
@@ -32,6 +33,33 @@ def tolerance(dtype) -> float:
     = 1e-13; float32: 1.2e-7 * 450 = 5.4e-5; bfloat16 and float16: capped at 5e-2).
     """
     return min(450 * float(jnp.finfo(dtype).eps), 5e-2)
+
+
+def working_precision(function, *args, **kwargs) -> jnp.dtype | None:
+    """The least precise floating dtype that any operation of ``function(*args, **kwargs)`` computes in (None if
+    it computes in no floating dtype), read from its jaxpr (tracing only: nothing runs).
+
+    Mixed precision keeps float32 parameters and gradients while the products round to bfloat16, so the dtype of
+    the gradient alone would judge bfloat16 rounding by float32's tolerance; this is the dtype to judge it by.
+    """
+    found: set = set()
+
+    def visit(jaxpr) -> None:
+        for equation in jaxpr.eqns:
+            for var in equation.outvars:
+                dtype = getattr(var.aval, "dtype", None)
+                if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+                    found.add(jnp.dtype(dtype))
+            for inner in jaxprs_in_params(equation.params):
+                visit(inner)
+
+    visit(jax.make_jaxpr(function)(*args, **kwargs).jaxpr)
+    return max(found, key=lambda dtype: float(jnp.finfo(dtype).eps), default=None)
+
+
+def coarsest(*dtypes) -> jnp.dtype:
+    """Of the given floating dtypes (None ignored), the one with the largest machine epsilon."""
+    return max((jnp.dtype(d) for d in dtypes if d is not None), key=lambda dtype: float(jnp.finfo(dtype).eps))
 
 
 def relative_error(value: Any, reference: Any) -> float:

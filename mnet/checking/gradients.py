@@ -20,6 +20,7 @@ dtype's machine epsilon (:func:`tolerance`).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,10 @@ from mnet.checking.agreement import (
     RANDOM_DIRECTIONS,
     SAMPLED_COORDINATES,
     Agreement,
+    coarsest,
     largest_entry,
     tolerance,
+    working_precision,
 )
 from mnet.checking.gradient_report import GradientReport, LayerRow, LeafRow
 from mnet.checking.reference import autodiff_value_and_grad, layer_vjp
@@ -60,7 +63,7 @@ def _backward_and_vjp(layer, params: Params, cache, x: Array, dy: Array, mask: A
 
 
 def _layer_rows(
-    net: Layer, loss: Loss, params: Params, x: Array, targets: Array, mask: Array | None
+    net: Layer, loss: Loss, params: Params, x: Array, targets: Array, mask: Array | None, precision=None
 ) -> tuple[LayerRow, ...]:
     """At every unit of the network (:mod:`mnet.checking.units`: inside serial, residual and parallel blocks alike),
     its ``backward`` against ``jax.vjp`` of its ``apply`` at its actual input and parameters and the cotangent that
@@ -73,7 +76,7 @@ def _layer_rows(
         (dparams, dx), (dparams_ref, dx_ref) = _backward_and_vjp(
             static_layer(unit.layer), unit.params, cache, unit.x, cotangent, unit.mask
         )
-        tol = tolerance(cotangent.dtype)
+        tol = tolerance(coarsest(cotangent.dtype, precision))
         scale = largest_entry((dparams_ref, dx_ref))
         parts = {
             f"d{jax.tree_util.keystr(path) or 'params'}": Agreement.of(mine, ref, tol, scale)
@@ -87,7 +90,7 @@ def _layer_rows(
     return tuple(rows)
 
 
-def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed, mask=None):
+def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, seed, mask=None, mode=None):
     """Central differences of the loss in float64, per leaf: every coordinate of a small leaf; a seeded sample
     of coordinates plus random unit directions for a large one. Returns (hand vs FD, autodiff vs FD, label)."""
     rng = np.random.default_rng(seed)
@@ -104,6 +107,14 @@ def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, see
             else jnp.asarray(targets)
         )
         leaves, treedef = jax.tree_util.tree_flatten(params64)
+        mode64 = {
+            name: (
+                jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), value)
+                if name == "state"
+                else value
+            )
+            for name, value in (mode or {}).items()
+        }
         scale = largest_entry(grads_ref)
         step = float(np.finfo(np.float64).eps) ** (1 / 3)
         results = []
@@ -128,7 +139,7 @@ def _finite_difference_rows(net, loss, params, x, targets, grads, grads_ref, see
                 moved = list(leaves)
                 moved[index] = flat_leaf.reshape(shape)
                 moved_params = jax.tree_util.tree_unflatten(treedef, moved)
-                return loss.value(call_forward(net, moved_params, x64, mask=mask)[0], targets64)
+                return loss.value(call_forward(net, moved_params, x64, **mode64, mask=mask)[0], targets64)
 
             evaluate = jax.jit(jax.vmap(loss_at))
             base = leaf.ravel()
@@ -154,6 +165,9 @@ def compare_gradients(
     layer_by_layer: bool = True,
     seed: int = 0,
     mask: Array | None = None,
+    key: Array | None = None,
+    train: bool = False,
+    state: Any = None,
 ) -> GradientReport:
     """Compare the hand-derived gradient with ``jax.grad`` (and with finite differences when asked).
 
@@ -168,21 +182,33 @@ def compare_gradients(
         seed: seeds the sampled coordinates and directions of the finite differences.
         mask: a padding mask ``(batch, T)`` for sequences of several lengths (as :func:`mnet.value_and_grad`
             takes it); every attention layer's row is checked with it.
+        key, train, state: the mode the network runs in, as :func:`mnet.value_and_grad` takes them: a network with
+            Dropout in training mode (``key=``, ``train=True``: both paths draw the same masks), BatchNorm in
+            evaluation mode (``state=`` its running statistics) or in training mode (``train=True``). The
+            layer-by-layer rows run each unit deterministically, so with any of these they are left out and the
+            report's notes say so.
 
     Returns:
         A :class:`GradientReport`; ``report.ok`` is the verdict, ``str(report)`` a table, ``report.to_dict()``
         plain data.
     """
     masked_loss, masked_targets = with_mask(loss, targets, mask)
-    value, grads = jax.jit(value_and_grad(net, loss))(params, x, targets, mask=mask)
-    reference_value, grads_ref = jax.jit(autodiff_value_and_grad(net, loss))(params, x, targets, mask=mask)
+    mode = {
+        name: value for name, value in (("key", key), ("train", train or None), ("state", state)) if value is not None
+    }
+    hand_value_and_grad = functools.partial(value_and_grad(net, loss), **mode)
+    value, grads = jax.jit(hand_value_and_grad)(params, x, targets, mask=mask)
+    # Mixed precision: float32 gradients from bfloat16 products are judged by bfloat16's tolerance.
+    precision = working_precision(hand_value_and_grad, params, x, targets, mask=mask)
+    reference = functools.partial(autodiff_value_and_grad(net, loss), **mode)
+    reference_value, grads_ref = jax.jit(reference)(params, x, targets, mask=mask)
     dtype = (
         str(jax.tree_util.tree_leaves(grads)[0].dtype)
         if jax.tree_util.tree_leaves(grads)
         else str(jnp.asarray(x).dtype)
     )
     differences = (
-        _finite_difference_rows(net, masked_loss, params, x, masked_targets, grads, grads_ref, seed, mask)
+        _finite_difference_rows(net, masked_loss, params, x, masked_targets, grads, grads_ref, seed, mask, mode)
         if finite_differences
         else None
     )
@@ -191,18 +217,21 @@ def compare_gradients(
     for index, ((path, hand), ref) in enumerate(
         zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_ref))
     ):
-        agreement = Agreement.of(hand, ref, tolerance(hand.dtype), scale)
+        agreement = Agreement.of(hand, ref, tolerance(coarsest(hand.dtype, precision)), scale)
         if differences is None:
             rows.append(LeafRow(jax.tree_util.keystr(path), tuple(hand.shape), agreement))
         else:
             fd_hand, fd_ref, label = differences[index]
             rows.append(LeafRow(jax.tree_util.keystr(path), tuple(hand.shape), agreement, fd_hand, fd_ref, label))
     notes: tuple[str, ...] = ()
-    if not np.isclose(float(value), float(reference_value), rtol=tolerance(dtype), atol=0):
+    if not np.isclose(float(value), float(reference_value), rtol=tolerance(coarsest(dtype, precision)), atol=0):
         notes = (f"the loss values differ: {float(value)!r} vs {float(reference_value)!r}",)
+    if mode and layer_by_layer:
+        notes += (f"layer-by-layer rows left out: they run each unit deterministically, not with {', '.join(mode)}",)
+        layer_by_layer = False
     return GradientReport(
         rows=tuple(rows),
-        layers=_layer_rows(net, loss, params, x, targets, mask) if layer_by_layer else (),
+        layers=_layer_rows(net, loss, params, x, targets, mask, precision) if layer_by_layer else (),
         value=float(value),
         reference_value=float(reference_value),
         dtype=dtype,

@@ -28,9 +28,11 @@ def autodiff_value_and_grad(net: Any, loss: Loss) -> Callable[..., tuple[Array, 
     Same signature as :func:`mnet.value_and_grad`, so either plugs into the same training or checking code.
     """
 
-    def objective(params: Params, x: Array, targets: Array, *, key=None, train: bool = False, mask=None) -> Array:
+    def objective(
+        params: Params, x: Array, targets: Array, *, key=None, train: bool = False, mask=None, state=None
+    ) -> Array:
         masked_loss, targets = with_mask(loss, targets, mask)
-        return masked_loss.value(call_forward(net, params, x, key, train, mask=mask)[0], targets)
+        return masked_loss.value(call_forward(net, params, x, key, train, state, mask=mask)[0], targets)
 
     return jax.value_and_grad(objective)
 

@@ -1,17 +1,19 @@
 """The command line: parses options, calls the library, prints. No mathematics here; one module per subcommand.
 
 Every subcommand exits 0 on success; bad input prints one line ``mnet <command>: error: ...`` on stderr, with no
-traceback, and exits 2 (``mnet check`` exits 1 when the gradients disagree).
+traceback, and exits 2 (``mnet check`` exits 1 when the gradients disagree); a defect of mnet's own prints one
+line too and exits 3 (``MNET_TRACEBACK=1`` shows its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from mnet.cli import bench, check, launch, train
-from mnet.cli.common import EXIT_DISAGREE, EXIT_ERROR, Parser, UsageError
+from mnet.cli import bench, check, evaluate, launch, predict, train
+from mnet.cli.common import EXIT_DISAGREE, EXIT_ERROR, EXIT_INTERNAL, Parser, UsageError
 from mnet.errors import DivergenceError, MnetError
 
 
@@ -19,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; each subcommand's module adds its own options."""
     parser = Parser(prog="mnet", description="Hand-derived neural network gradients, checked against jax.grad.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for subcommand in (check, train, launch, bench):
+    for subcommand in (check, train, evaluate, predict, launch, bench):
         subcommand.add_parser(commands)
     return parser
 
@@ -38,3 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a defect of mnet's own: still one line, and the traceback on request
+        if os.environ.get("MNET_TRACEBACK"):
+            raise
+        print(
+            f"{prog}: internal error ({type(error).__name__}: {' '.join(str(error).split())}); please report it, "
+            "with the traceback that MNET_TRACEBACK=1 prints",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL

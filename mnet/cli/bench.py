@@ -22,7 +22,12 @@ def run_bench(args: argparse.Namespace) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """``mnet bench`` and its options."""
     bench = commands.add_parser("bench", help="hand-derived vs autodiff benchmarks, side by side")
-    bench.add_argument("--quick", action="store_true", help="small sizes, few repetitions: seconds, for a smoke test")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, few repetitions, for a smoke test: every row in about a minute on 2 CPU cores (most of it "
+        "compiling)",
+    )
     bench.add_argument("--rows", default=None, help="comma-separated subset, e.g. W1,D1 (default: all)")
     bench.add_argument("--large", action="store_true", help="add the width-4096 batch-4096 rows (for accelerators)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")

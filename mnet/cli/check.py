@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
 
 import mnet
 from mnet import losses
-from mnet.cli.common import EXIT_DISAGREE, UsageError, positive_int, set_dtype, shape, user_network, widths
+from mnet.cli.common import (
+    EXIT_DISAGREE,
+    UsageError,
+    hidden_widths,
+    positive_int,
+    set_dtype,
+    shape,
+    user_network,
+    widths,
+)
 from mnet.core.protocol import init_layer
 from mnet.layers.elementwise import ACTIVATIONS_BY_NAME
+
+#: ``mnet check``'s MLP: 64 inputs, these hidden widths, 10 outputs.
+DEFAULT_HIDDEN = [128, 64]
 
 
 def check_problem(args: argparse.Namespace):
@@ -20,9 +33,22 @@ def check_problem(args: argparse.Namespace):
     user's network with ``--input-shape``."""
 
     if args.model is None or args.model == "mlp":
-        if len(args.layers) < 2:
-            raise UsageError("--layers needs the input width and at least one layer width, e.g. 64,128,10")
-        return mnet.mlp(args.layers[1:], args.activation), (args.layers[0],), f"input width {args.layers[0]}"
+        hidden, inputs, outputs = args.layers, args.input_shape or (64,), args.outputs
+        if args.widths is not None:
+            if len(args.widths) < 2:
+                raise UsageError("--widths needs the input width and at least one layer width, e.g. 64,128,10")
+            inputs, hidden, outputs = (args.widths[0],), args.widths[1:-1], args.widths[-1]
+            shown = ",".join(map(str, hidden)) or "none"
+            print(
+                f"note: --widths is deprecated; it means --input-shape {inputs[0]} --layers {shown} --outputs {outputs}"
+                " (--layers lists hidden widths, as in mnet train)",
+                file=sys.stderr,
+            )
+        if len(inputs) != 1:
+            raise UsageError(f"--model mlp takes vectors: --input-shape must be one width, got {inputs}")
+        return mnet.mlp([*hidden, outputs], args.activation), inputs, f"input width {inputs[0]}"
+    if args.widths is not None or args.outputs != 10 or args.layers != DEFAULT_HIDDEN:
+        raise UsageError(f"--layers, --widths and --outputs build --model mlp only, not --model {args.model}")
     if args.model == "cnn":
         return mnet.models.digits_cnn(), args.input_shape or (64,), "the digits CNN"
     if args.model == "transformer":
@@ -92,9 +118,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     check = commands.add_parser("check", help="compare hand-derived and autodiff gradients of any network")
     check.add_argument(
         "--layers",
-        type=widths,
-        default=[64, 128, 64, 10],
-        help="for the MLP: input width then layer widths (default 64,128,64,10)",
+        type=hidden_widths,
+        default=DEFAULT_HIDDEN,
+        help="for the MLP: hidden widths (default 128,64), as in mnet train; the input width is --input-shape "
+        "(default 64), the output width --outputs",
+    )
+    check.add_argument("--outputs", type=positive_int, default=10, help="for the MLP: the output width (default 10)")
+    check.add_argument(
+        "--widths", type=widths, default=None, help="deprecated: input width, hidden widths, output width (64,128,10)"
     )
     check.add_argument(
         "--model",
@@ -110,7 +141,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=shape,
         default=None,
         metavar="D1,D2,...",
-        help="one example's shape for --model MODULE:ATTR, e.g. 8,8,1",
+        help="one example's shape for --model MODULE:ATTR, e.g. 8,8,1 (for the MLP: its input width, default 64)",
     )
     check.add_argument("--activation", choices=sorted(ACTIVATIONS_BY_NAME), default="relu")
     check.add_argument("--loss", choices=sorted(losses.BY_NAME), default="softmax_cross_entropy")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +18,18 @@ from tqdm import tqdm
 
 import mnet
 from mnet import training
-from mnet.cli.common import UsageError, hidden_widths, positive_float, positive_int, user_network
+from mnet.cli.common import (
+    UsageError,
+    hidden_widths,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    user_network,
+)
 from mnet.core.protocol import init_layer
 from mnet.layers.elementwise import ACTIVATIONS_BY_NAME
-from mnet.training import data, distributed, plots, sharding, text
+from mnet.training import checkpoint, data, distributed, plots, sharding, text
 
 #: ``mnet train``'s defaults per model (epochs, batch size, learning rate), where the options are not given: the
 #: MLP's reach 98% on the digits in seconds, the CNN's are those of experiments/cnn_digits.py, the transformer's
@@ -31,35 +41,56 @@ GPT_D_MODEL, GPT_LAYERS, GPT_HEADS, GPT_KV_HEADS = 64, 2, 4, 2
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "kfac")
 
+#: ``--loss``: the names the command line knows, and the losses they are.
+LOSSES = {"cross_entropy": "softmax_cross_entropy", "mse": "mse"}
+
 KFAC_LEARNING_RATE = 0.05  # the default step along K-FAC's natural-gradient direction (mnet.kfac's)
 
 
-def make_optimizer(name: str, lr: float, net=None, loss=None, dataset=None):
-    """The optimizer ``--optimizer`` names; K-FAC needs the network, the loss and the examples' shape and dtype."""
+def make_optimizer(name: str, lr, net=None, loss=None, dataset=None, weight_decay: float = 0.0):
+    """The optimizer ``--optimizer`` names, at learning rate ``lr`` (a number or an optax schedule), with decoupled
+    ``weight_decay`` (AdamW's for adam, added to the update for SGD); K-FAC needs the network, the loss and the
+    examples' shape and dtype."""
 
-    def kfac():
-        integer = np.issubdtype(np.asarray(dataset.x_train).dtype, np.integer)
-        return mnet.kfac(net, loss, dataset.example_shape, learning_rate=lr, input_dtype="int32" if integer else None)
+    def decayed(optimizer):
+        return optimizer if not weight_decay else optax.chain(optax.add_decayed_weights(weight_decay), optimizer)
 
     return {
-        "sgd": lambda: optax.sgd(lr),
-        "momentum": lambda: optax.sgd(lr, momentum=0.9, nesterov=True),
-        "adam": lambda: optax.adam(lr),
-        "adamw": lambda: optax.adamw(lr, weight_decay=1e-4),
-        "kfac": kfac,
+        "sgd": lambda: decayed(optax.sgd(lr)),
+        "momentum": lambda: decayed(optax.sgd(lr, momentum=0.9, nesterov=True)),
+        "adam": lambda: optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr),
+        "adamw": lambda: optax.adamw(lr, weight_decay=weight_decay or 1e-4),
+        "kfac": lambda: mnet.kfac(net, loss, dataset.example_shape, learning_rate=lr),
     }[name]()
+
+
+def learning_rate(args: argparse.Namespace, examples: int):
+    """``--lr`` as ``--schedule`` shapes it over the run's steps: constant, or a cosine decay to 0 after
+    ``--warmup-epochs`` of linear warm-up from 0."""
+    if args.schedule == "constant":
+        return args.lr
+    steps_per_epoch = examples // args.batch_size
+    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+    return optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(total, warmup + 1), 0.0)
+
+
+def load_data(
+    model: str, path: str | None, seed: int, label_column: str | None, context: int, regression: bool = False
+) -> data.Dataset:
+    """The data ``mnet train`` trains on (and ``mnet eval`` evaluates on): ``--data``, else the model's own task
+    (the odd-one-out sequences for the transformer, the standard library's source for the GPT, the digits)."""
+    if model == "transformer" and path is None:
+        return data.load_odd_one_out(seed)
+    if model == "gpt" and path is None:
+        return text.load_stdlib_text(context)
+    return data.load(path, seed=seed, label_column=label_column, regression=regression)
 
 
 def training_problem(args: argparse.Namespace):
     """``(dataset, net)`` for ``mnet train``: the data (the digits, the odd-one-out sequences for the transformer,
     or ``--data``) and the network ``--model`` names."""
 
-    if args.model == "transformer" and args.data is None:
-        dataset = data.load_odd_one_out(args.seed)
-    elif args.model == "gpt" and args.data is None:
-        dataset = text.load_stdlib_text(args.context)
-    else:
-        dataset = data.load(args.data, seed=args.seed, label_column=args.label_column)
+    dataset = load_data(args.model, args.data, args.seed, args.label_column, args.context, args.loss == "mse")
     if args.batch_size > len(dataset.x_train):
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
     classes = dataset.num_classes
@@ -103,16 +134,30 @@ def gradient_check(net, loss, params, dataset, batch: int, say) -> float:
         layer_by_layer=False,
     )
     worst = max((row.autodiff.max_rel_error for row in report.rows), default=0.0)
-    tolerance = report.rows[0].autodiff.tolerance if report.rows else 0.0
+    tolerance = max((row.autodiff.tolerance for row in report.rows), default=0.0)
+    verdict = "agree" if report.ok else "DISAGREE"
+    by_absolute = [row.path for row in report.rows if row.autodiff.ok and row.autodiff.max_rel_error > tolerance]
+    if report.ok and by_absolute:
+        # A leaf whose gradient is zero in exact arithmetic carries rounding noise only; it is judged against the
+        # whole gradient's scale, and the line says so rather than print an error above the tolerance as "agree".
+        leaves = "the leaf" if len(by_absolute) == 1 else f"the {len(by_absolute)} leaves"
+        verdict = (
+            f"agree ({leaves} above it, {', '.join(by_absolute[:2])}, zero in exact arithmetic, within the tolerance "
+            "times the gradient's largest entry)"
+        )
     say(
         f"gradient check on one batch of {batch}: hand-derived vs jax.grad, largest relative error "
-        f"{worst:.2e} over {len(report.rows)} leaves (tolerance {tolerance:.1e}): "
-        + ("agree" if report.ok else "DISAGREE")
+        f"{worst:.2e} over {len(report.rows)} leaves (tolerance {tolerance:.1e}): {verdict}"
     )
     if not report.ok:
         print(report, file=sys.stderr)
         raise UsageError("hand-derived gradients disagree with jax.grad; not training")
     return worst
+
+
+def finite_or_none(value) -> float | None:
+    """A figure for the JSON summary: None where there is none (a regression's accuracy is NaN)."""
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 class EpochReporter:
@@ -130,6 +175,10 @@ class EpochReporter:
         if self.bar is not None:
             self.bar.n = epoch
             self.bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{record['test_accuracy']:.4f}")
+        elif math.isnan(record["train_accuracy"]):  # a regression: no accuracy to show
+            self.say(
+                f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4g}  test loss {record['test_loss']:.4g}"
+            )
         else:
             self.say(
                 f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  train acc "
@@ -142,16 +191,16 @@ class EpochReporter:
             self.bar.close()
 
 
-def training_summary(args: argparse.Namespace, history, worst: float, say) -> dict:
+def training_summary(args: argparse.Namespace, history, worst: float, say, examples: int) -> dict:
     """The run's last epoch as the summary ``--json`` prints (or one line without it)."""
     final = history.last()
     if not final:
         say(f"nothing to do: the checkpoint already holds {args.epochs} epochs")
     summary = {
-        "test_accuracy": final.get("test_accuracy"),
+        "test_accuracy": finite_or_none(final.get("test_accuracy")),
         "train_loss": final.get("train_loss"),
         "test_loss": final.get("test_loss"),
-        "train_accuracy": final.get("train_accuracy"),
+        "train_accuracy": finite_or_none(final.get("train_accuracy")),
         "epochs": args.epochs,
         "grad": args.grad,
         "model": args.model,
@@ -161,6 +210,17 @@ def training_summary(args: argparse.Namespace, history, worst: float, say) -> di
     if args.model == "gpt" and final:
         summary["test_bits_per_character"] = text.bits_per_character(final["test_loss"])
         summary["train_bits_per_character"] = text.bits_per_character(final["train_loss"])
+    if args.dp_clip is not None:
+        steps = args.epochs * (examples // args.batch_size)
+        delta = args.dp_delta if args.dp_delta is not None else 1 / examples**1.1
+        summary["dp_epsilon"] = mnet.dp_epsilon(
+            args.dp_noise, args.batch_size / examples, steps, delta, examples=examples
+        )
+        summary["dp_delta"] = delta
+        say(
+            f"privacy: ({summary['dp_epsilon']:.3g}, {delta:.3g})-DP after {steps} Poisson-sampled steps of rate "
+            f"{args.batch_size / examples:.4g} (PLD accountant, truncated batches counted)"
+        )
     if args.json:
         print(json.dumps(summary))
     elif final:
@@ -169,17 +229,76 @@ def training_summary(args: argparse.Namespace, history, worst: float, say) -> di
             if "test_bits_per_character" in summary
             else ""
         )
-        print(
-            f"done: test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}{bits}, "
-            f"{summary['seconds']:.2f}s of training"
+        measured = (
+            f"test loss {summary['test_loss']:.4g}"
+            if args.loss == "mse"
+            else f"test accuracy {summary['test_accuracy']:.4f}"
         )
+        print(f"done: {measured}, train loss {summary['train_loss']:.4f}{bits}, {summary['seconds']:.2f}s of training")
     return summary
 
 
 def run_config(args: argparse.Namespace) -> dict:
     """What a checkpoint records of the run; resuming refuses a different one."""
-    names = ("model", "layers", "activation", "compute_dtype", "optimizer", "lr", "grad")
-    return {"data": str(args.data), **{name: getattr(args, name) for name in names}}
+    names = "model layers activation compute_dtype optimizer lr grad dp_clip dp_noise loss schedule warmup_epochs"
+    names += " weight_decay"
+    extra = {"label_column": args.label_column, "context": args.context}
+    return {"data": args.data, **{name: getattr(args, name) for name in names.split()}, **extra}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that would be ignored, or that contradict each other, in the flags' own terms."""
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint PATH")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: keep the checkpoint's run, or replace it")
+    if args.model != "mlp":
+        for flag, value in (("--layers", args.layers), ("--activation", args.activation)):
+            if value is not None:
+                raise UsageError(f"{flag} builds --model mlp only; --model {args.model} has its own architecture")
+        if args.compute_dtype is not None:
+            raise UsageError(f"--compute-dtype applies to --model mlp only, not --model {args.model}")
+    if args.layout != "replicated" and args.devices is None:
+        raise UsageError(f"--layout {args.layout} shards the parameters over devices: give --devices N (0: all)")
+    if args.model_devices is not None and args.layout != "tensor":
+        raise UsageError("--model-devices sets the tensor-parallel group: it needs --layout tensor")
+    if args.context != 128 and args.model != "gpt":
+        raise UsageError("--context applies to --model gpt only")
+    if args.optimizer == "kfac" and (args.schedule != "constant" or args.weight_decay):
+        raise UsageError("--optimizer kfac takes a constant --lr and no --weight-decay")
+    if args.warmup_epochs and args.schedule != "warmup-cosine":
+        raise UsageError("--warmup-epochs applies to --schedule warmup-cosine")
+    if args.loss == "mse" and args.model not in ("mlp",) and ":" not in args.model:
+        raise UsageError(f"--loss mse trains --model mlp or a network of your own, not --model {args.model}")
+    if args.loss == "mse" and args.data is None:
+        raise UsageError("--loss mse needs --data with numeric targets (.npz or .csv); the digits are class labels")
+    private = args.dp_clip is not None or args.dp_noise is not None
+    if private and (args.dp_clip is None or args.dp_noise is None):
+        raise UsageError("DP-SGD needs both --dp-clip C and --dp-noise SIGMA")
+    if private and (args.grad != "manual" or args.optimizer == "kfac" or args.devices is not None):
+        raise UsageError("--dp-clip/--dp-noise train with --grad manual, a first-order --optimizer, on one device")
+    if args.dp_delta is not None and not private:
+        raise UsageError("--dp-delta applies to DP-SGD (--dp-clip and --dp-noise)")
+
+
+def resumed_epoch(args: argparse.Namespace) -> int | None:
+    """The epoch ``--resume`` continues from (None when not resuming); refuses a missing checkpoint, and one that
+    exists without ``--resume`` or ``--overwrite``."""
+    if not args.checkpoint:
+        return None
+    exists = Path(args.checkpoint).exists()
+    if args.resume and not exists:
+        raise UsageError(f"--resume: {args.checkpoint} does not exist (nothing to resume; drop --resume to start)")
+    if exists and not (args.resume or args.overwrite):
+        raise UsageError(
+            f"--checkpoint {args.checkpoint} already exists: pass --resume to continue it or --overwrite to replace it"
+        )
+    if not args.resume:
+        return None
+    epoch = int(checkpoint.read_metadata(args.checkpoint).get("epoch", 0))
+    if distributed.is_leader():
+        print(f"resuming from epoch {epoch} of {args.checkpoint}", file=sys.stderr)
+    return epoch
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -187,21 +306,27 @@ def run_train(args: argparse.Namespace) -> int:
     # Before any JAX computation: with several processes, jax.devices() then lists every process's devices.
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
-    if args.resume and not args.checkpoint:
-        raise UsageError("--resume needs --checkpoint PATH")
+    check_flags(args)
     epochs, batch_size, lr = TRAINING_DEFAULTS.get(args.model, TRAINING_DEFAULTS["mlp"])
-    args.epochs = args.epochs or epochs
+    done = resumed_epoch(args)
+    if done is not None and args.epochs is not None and args.epochs < done:
+        raise UsageError(f"--epochs {args.epochs} is fewer than the {done} epochs {args.checkpoint} already holds")
+    args.epochs = args.epochs or max(epochs, done or 0)
     args.batch_size = args.batch_size or batch_size
     args.lr = args.lr or (KFAC_LEARNING_RATE if args.optimizer == "kfac" else lr)
+    args.layers = [256] if args.layers is None else args.layers
+    args.activation = args.activation or "relu"
     dataset, net = training_problem(args)
-    loss = mnet.losses.softmax_cross_entropy
+    loss = mnet.losses.get(LOSSES[args.loss])
     output_shape, params = init_layer(net, jax.random.key(args.seed), dataset.example_shape)
-    expected = tuple(np.shape(dataset.y_train)[1:]) + (dataset.num_classes,)  # a logit per class (and position)
+    if dataset.task == "regression":
+        expected, what = tuple(np.shape(dataset.y_train)[1:]), f"{dataset.num_classes} targets"
+    else:  # a logit per class (and position)
+        expected, what = tuple(np.shape(dataset.y_train)[1:]) + (dataset.num_classes,), f"{dataset.num_classes} classes"
     if tuple(output_shape) != expected:
         raise UsageError(
             f"--model {args.model}: the network maps examples of shape {dataset.example_shape} to "
-            f"{tuple(output_shape)}, but {dataset.name} has {dataset.num_classes} classes; its output must be "
-            f"{expected}"
+            f"{tuple(output_shape)}, but {dataset.name} has {what}; its output must be {expected}"
         )
     leader = distributed.is_leader()
     say = (lambda text: None) if not leader else (lambda text: print(text, file=sys.stderr)) if args.json else print
@@ -209,6 +334,11 @@ def run_train(args: argparse.Namespace) -> int:
     say(f"network {net!r}, {args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.grad} gradients")
     worst = gradient_check(net, loss, params, dataset, min(args.batch_size, len(dataset.x_train)), say)
 
+    rate = learning_rate(args, len(dataset.x_train))
+    optimizer, grad = make_optimizer(args.optimizer, rate, net, loss, dataset, args.weight_decay), args.grad
+    if args.dp_clip is not None:
+        noise = mnet.dp_noise(args.dp_clip, args.dp_noise, None, jax.random.fold_in(jax.random.key(args.seed), 7))
+        optimizer, grad = optax.chain(noise, optimizer), mnet.clipped_value_and_grad(net, loss, args.dp_clip)
     reporter = EpochReporter(args.epochs, say, quiet_bar=args.json)
     try:
         result = training.fit(
@@ -216,13 +346,15 @@ def run_train(args: argparse.Namespace) -> int:
             loss,
             params,
             dataset,
-            optimizer=make_optimizer(args.optimizer, args.lr, net, loss, dataset),
+            optimizer=optimizer,
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
-            grad=args.grad,
+            grad=grad,
+            sampling="shuffle" if args.dp_clip is None else "poisson",
             checkpoint_path=args.checkpoint,
             resume=args.resume,
+            overwrite=args.overwrite,
             config=run_config(args),
             on_epoch=reporter,
             devices=args.devices,
@@ -239,7 +371,7 @@ def run_train(args: argparse.Namespace) -> int:
             plots.plot_history(result.history, args.plot, f"{dataset.name}: {net!r}")
         if args.save_params:
             mnet.save_params(args.save_params, final)
-        training_summary(args, result.history, worst, say)
+        training_summary(args, result.history, worst, say, len(dataset.x_train))
     return 0
 
 
@@ -268,20 +400,43 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--layers",
         type=hidden_widths,
-        default=[256],
-        help="hidden widths, e.g. 256,128 (the output width is the number of classes; default 256)",
+        default=None,
+        help="--model mlp: hidden widths, e.g. 256,128 (the output width is the number of classes; default 256)",
     )
-    train.add_argument("--activation", choices=sorted(ACTIVATIONS_BY_NAME), default="relu")
+    train.add_argument(
+        "--activation", choices=sorted(ACTIVATIONS_BY_NAME), default=None, help="--model mlp (default relu)"
+    )
     train.add_argument(
         "--epochs", type=positive_int, default=None, help="default: 40 (mlp), 20 (cnn), 12 (transformer), 3 (gpt)"
     )
     train.add_argument("--batch-size", type=positive_int, default=None, help="default: 32 (64 for the transformer)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    train.add_argument(
+        "--loss",
+        choices=sorted(LOSSES),
+        default="cross_entropy",
+        help="cross_entropy (classification, default) or mse (regression: --data with numeric targets)",
+    )
+    train.add_argument(
+        "--schedule",
+        choices=["constant", "cosine", "warmup-cosine"],
+        default="constant",
+        help="the learning rate over the run: constant (default), or cosine decay to 0 (after --warmup-epochs)",
+    )
+    train.add_argument(
+        "--warmup-epochs", type=non_negative_int, default=0, help="--schedule warmup-cosine: epochs of linear warm-up"
+    )
+    train.add_argument(
+        "--weight-decay", type=non_negative_float, default=0.0, help="decoupled weight decay (AdamW's for adam)"
+    )
     train.add_argument("--lr", type=positive_float, default=None, help="default: 1e-3 (3e-3 for the transformer)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--grad", choices=["manual", "autodiff"], default="manual")
     train.add_argument("--checkpoint", default=None, metavar="PATH", help="training checkpoint, written every epoch")
-    train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue from --checkpoint (which must exist)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --checkpoint (refused without this or --resume)"
+    )
     train.add_argument("--save-params", default=None, metavar="PATH", help="write the final parameters here")
     train.add_argument("--plot", default=None, metavar="PATH", help="loss and accuracy curves (PNG)")
     train.add_argument(
@@ -290,9 +445,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="mixed precision: products in this dtype, float32 parameters and accumulation",
     )
+    add_privacy_options(train)
     add_scale_options(train)
     train.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     train.set_defaults(run=run_train)
+
+
+def add_privacy_options(train: argparse.ArgumentParser) -> None:
+    """DP-SGD: clipped per-example gradients, Gaussian noise, Poisson-sampled batches, the privacy spent."""
+    train.add_argument(
+        "--dp-clip", type=positive_float, default=None, metavar="C", help="DP-SGD: clip each example's gradient to C"
+    )
+    train.add_argument(
+        "--dp-noise", type=non_negative_float, default=None, metavar="SIGMA", help="DP-SGD: noise multiplier"
+    )
+    train.add_argument(
+        "--dp-delta",
+        type=positive_float,
+        default=None,
+        metavar="D",
+        help="DP-SGD: the delta of the (epsilon, delta) reported (default 1/n^1.1)",
+    )
 
 
 def add_scale_options(train: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mnet.core.protocol import Array, Cache, Params, Shape
-from mnet.errors import LayerError
+from mnet.errors import LayerError, SettingError
 
 
 class Layer:
@@ -93,7 +93,7 @@ def shape_record(x: Array) -> Array:
 def positive_int(value: Any, name: str, owner: str) -> None:
     """Refuse a size that is not a positive ``int`` (``bool`` is not a size) with a ``ValueError`` naming the layer."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+        raise SettingError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 def describe(tree: Any) -> str:

@@ -24,6 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from mnet.errors import KindError
+
 Array = jax.Array
 Params = Any
 Cache = Any
@@ -57,12 +59,21 @@ def require_layer(candidate: Any, where: str) -> None:
             if isinstance(candidate, type)
             else "a layer has init(key, input_shape), forward(params, x) and backward(params, cache, dy)"
         )
-        raise TypeError(f"{where} is {candidate!r}, not a layer ({reason})")
+        raise KindError(f"{where} is {candidate!r}, not a layer ({reason})")
 
 
 def default_float_dtype() -> jnp.dtype:
     """float64 when JAX x64 is on, float32 otherwise."""
     return jnp.zeros(()).dtype
+
+
+def input_dtype(net: Any, params: Params) -> jnp.dtype:
+    """The dtype of the inputs ``net`` takes: int32 token ids for a network that starts with an embedding
+    (``input_vocab``), else its parameters' first floating dtype (the default float dtype without any)."""
+    if getattr(net, "input_vocab", None) is not None:
+        return jnp.dtype("int32")
+    floats = [leaf.dtype for leaf in jax.tree_util.tree_leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return jnp.dtype(floats[0]) if floats else default_float_dtype()
 
 
 _INIT_TAKES_DTYPE: dict[type, bool] = {}

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from mnet.core.protocol import Params, call_forward, is_stateful
+from mnet.core.protocol import Params, call_forward, input_dtype, is_stateful
 from mnet.core.walk import Quantity, walk
 
 State = Any
@@ -70,7 +70,7 @@ def init_state(net: Any, params: Params, input_shape: tuple[int, ...], dtype: An
     if not is_stateful(net):
         return ()
     if dtype is None:
-        dtype = "int32" if getattr(net, "input_vocab", None) else jax.tree_util.tree_leaves(params)[0].dtype
+        dtype = input_dtype(net, params)
     example = jax.ShapeDtypeStruct((2,) + tuple(input_shape), dtype)
     cache = jax.eval_shape(lambda p, x: call_forward(net, p, x)[1], params, example)
     return walk(net, _INITIAL_STATE, params, (cache,), (None,))[0]

@@ -18,11 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnet.core.layer import Layer
+from mnet.core.layer import Layer, describe
 from mnet.core.paths import flatten_with_keys
 from mnet.core.protocol import Array, Cache, Params, call_forward, has_params
 from mnet.core.sums import add_cotangents, add_trees
 from mnet.core.tangent import tangent_walk
+from mnet.errors import LayerError
 
 
 class MissingRule(NotImplementedError):
@@ -32,6 +33,21 @@ class MissingRule(NotImplementedError):
     def __init__(self, layer: Any, rule: str):
         super().__init__(f"{layer!r} has no {rule} rule")
         self.layer, self.rule = layer, rule
+
+
+def check_gradient_shapes(layer: Any, params: Params, grads: Any) -> None:
+    """Refuse a ``backward`` whose gradient is not shaped like the layer's params (a user's layer, most likely): at
+    trace time, so it costs nothing when the program runs, and as a :class:`LayerError` that the combinators
+    locate, instead of a broadcast error far downstream or inside the optimizer."""
+    if str(jax.tree_util.tree_structure(grads)) != str(jax.tree_util.tree_structure(params)):
+        raise LayerError(layer, f"backward returned a gradient {describe(grads)} for params {describe(params)}")
+    for (path, grad), param in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(params)):
+        if jnp.shape(grad) != jnp.shape(param):
+            raise LayerError(
+                layer,
+                f"backward returned a gradient of shape {jnp.shape(grad)} for params{jax.tree_util.keystr(path)} of "
+                f"shape {jnp.shape(param)}",
+            )
 
 
 def own_rule(layer: Any, name: str):
@@ -132,6 +148,11 @@ class Backward(Quantity):
     """The gradient: every unit's ``backward``. Its shares are the parameter gradients."""
 
     rule = "backward"
+
+    def at_unit(self, layer, params, caches, carried):
+        share, dx = super().at_unit(layer, params, caches, carried)
+        check_gradient_shapes(layer, params, share)
+        return share, dx
 
     def tie(self, layer, first, second):
         return add_trees(first, second)

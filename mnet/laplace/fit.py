@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from mnet.core.protocol import Array, LayerProtocol, Params
 from mnet.core.walk import walk
+from mnet.errors import SettingError
 from mnet.laplace.posterior import Laplace
 from mnet.laplace.structure import STRUCTURES, KronBlock, chunks, is_entry, positive
 from mnet.losses import Loss
@@ -96,20 +97,20 @@ def laplace(
             Kronecker-factored layer.
     """
     if structure not in STRUCTURES:
-        raise ValueError(f"laplace: structure must be one of {STRUCTURES}, got {structure!r}")
+        raise SettingError(f"laplace: structure must be one of {STRUCTURES}, got {structure!r}")
     alpha = positive(prior_precision, "prior_precision")
     sigma = positive(sigma_noise, "sigma_noise")
     loss.likelihood("laplace")
     check_samples(mc_samples)
     if mc_samples is not None and key is None:
-        raise ValueError(
+        raise SettingError(
             f"laplace(mc_samples={mc_samples}) estimates the GGN by sampling: pass key=jax.random.key(...)"
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"laplace: batch_size must be a positive int, got {batch_size!r}")
+        raise SettingError(f"laplace: batch_size must be a positive int, got {batch_size!r}")
     n = jnp.shape(x)[0] if jnp.ndim(x) else 0
     if n == 0 or jnp.shape(targets)[:1] != (n,):
-        raise ValueError(
+        raise SettingError(
             f"laplace: x and targets must hold the same number (> 0) of examples, got x {jnp.shape(x)} and "
             f"targets {jnp.shape(targets)}"
         )
@@ -130,7 +131,7 @@ def laplace(
     entries = None
     if structure == "kron":
         if not any(is_factor_pair(node) for node in jax.tree_util.tree_leaves(factors, is_leaf=is_entry)):
-            raise ValueError(f'laplace: {net!r} has no layer with Kronecker factors; use structure="diag"')
+            raise SettingError(f'laplace: {net!r} has no layer with Kronecker factors; use structure="diag"')
         entries = jax.tree_util.tree_map(
             lambda node: eigen_block({k: v / n for k, v in node.items()}, scale * n) if is_factor_pair(node) else node,
             factors,

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from mnet.core.protocol import Array, Params
+from mnet.errors import SearchEdgeWarning, SettingError
 from mnet.laplace.evidence import log_evidence, maximise_evidence
 from mnet.laplace.predictive import batch_functional_covariance, normal_like, sampled_moments, scale_by_root
 from mnet.laplace.structure import LINKS, KronBlock, chunks, map_entries, positive
 from mnet.quantities.kronecker import unstack_bias
+
+
+def _report_edge(finding: str, widen: str) -> None:
+    warnings.warn(
+        f"laplace.optimize_prior_precision: {finding}; the optimum may lie beyond it, and the prior precision "
+        f"returned is that edge: widen the search ({widen})",
+        SearchEdgeWarning,
+        stacklevel=3,
+    )
 
 
 class Laplace:
@@ -106,19 +117,30 @@ class Laplace:
 
         Returns:
             A new :class:`Laplace`.
+
+        Warns:
+            SearchEdgeWarning: the best value lies at the edge of the grid or of ``[lower, upper]``, so the
+                precision returned is that edge rather than an optimum.
         """
         if method == "marglik":
-            alpha = maximise_evidence(self.eigenvalues(), self._sq_norm, math.log(lower), math.log(upper))
-            return self.with_prior_precision(float(alpha))
+            alpha = float(maximise_evidence(self.eigenvalues(), self._sq_norm, math.log(lower), math.log(upper)))
+            edge = min((lower, upper), key=lambda bound: abs(math.log(alpha / bound)))
+            if abs(math.log(alpha / edge)) < 1e-6:
+                _report_edge(f"the marginal likelihood rises towards the search's bound {edge:g}", "lower=/upper=")
+            return self.with_prior_precision(alpha)
         if method != "nll":
-            raise ValueError(f'laplace: method must be "marglik" or "nll", got {method!r}')
+            raise SettingError(f'laplace: method must be "marglik" or "nll", got {method!r}')
         if x_val is None or targets_val is None:
-            raise ValueError(
+            raise SettingError(
                 'laplace: method="nll" chooses the prior precision on held-out data: pass x_val= and targets_val='
             )
         candidates = [float(a) for a in (jnp.logspace(-2, 6, 41) if grid is None else grid)]
         losses = [self.with_prior_precision(alpha).predictive_nll(x_val, targets_val) for alpha in candidates]
-        return self.with_prior_precision(candidates[int(jnp.argmin(jnp.asarray(losses)))])
+        best = int(jnp.argmin(jnp.asarray(losses)))
+        if len(candidates) > 1 and best in (0, len(candidates) - 1):
+            end = "smallest" if candidates[best] == min(candidates) else "largest"
+            _report_edge(f"the held-out NLL is least at the grid's {end} value, {candidates[best]:g}", "grid=")
+        return self.with_prior_precision(candidates[best])
 
     def predictive_nll(self, x: Array, targets: Array) -> float:
         """The mean negative log-likelihood of ``targets`` under the probit (regression: Gaussian) predictive."""
@@ -198,11 +220,11 @@ class Laplace:
             ``diag(J Lambda^-1 J^T) + sigma^2``.
         """
         if link not in LINKS:
-            raise ValueError(f"laplace.predict: link must be one of {LINKS}, got {link!r}")
+            raise SettingError(f"laplace.predict: link must be one of {LINKS}, got {link!r}")
         if link == "sampled" and key is None:
-            raise ValueError('laplace.predict(link="sampled") draws parameters: pass key=jax.random.key(...)')
+            raise SettingError('laplace.predict(link="sampled") draws parameters: pass key=jax.random.key(...)')
         if link == "sampled" and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-            raise ValueError(f"laplace.predict: samples must be a positive int, got {samples!r}")
+            raise SettingError(f"laplace.predict: samples must be a positive int, got {samples!r}")
         noise = self.sigma_noise**2
         if link == "sampled":
             assert key is not None

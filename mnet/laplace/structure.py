@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from mnet.errors import SettingError
 from mnet.quantities.kronecker import is_factor_pair
 
 Array = jax.Array
@@ -45,7 +46,7 @@ def map_entries(fn: Callable[..., Any], structure: Any, *trees: Any) -> Any:
 
 def positive(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"laplace: {name} must be a positive number, got {value!r}")
+        raise SettingError(f"laplace: {name} must be a positive number, got {value!r}")
     return float(value)
 
 

@@ -27,7 +27,7 @@ from mnet.core.protocol import (
 from mnet.core.sums import add_tangents
 from mnet.core.tangent import tangent_walk
 from mnet.core.walk import Composite, Quantity, walk
-from mnet.errors import LayerError
+from mnet.errors import LayerError, SettingError
 
 
 def _split(key: Array | None, count: int) -> list:
@@ -241,9 +241,9 @@ class Parallel(Composite):
 
     def __post_init__(self):
         if self.combine not in ("sum", "concat"):
-            raise ValueError(f"parallel: combine must be 'sum' or 'concat', got {self.combine!r}")
+            raise SettingError(f"parallel: combine must be 'sum' or 'concat', got {self.combine!r}")
         if not self.blocks:
-            raise ValueError("parallel needs at least one block")
+            raise SettingError("parallel needs at least one block")
 
     def __repr__(self) -> str:
         return f"parallel({', '.join(map(repr, self.blocks))}, combine={self.combine!r})"

@@ -13,6 +13,7 @@ from mnet.core.curvature import Columns, Curvature, Group, WeightedRows, next_or
 from mnet.core.layer import Layer, describe, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
 from mnet.core.sums import sum_stack
+from mnet.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Policy:
     def __post_init__(self):
         for name in (self.compute_dtype, self.output_dtype):
             if name is not None and not jnp.issubdtype(jnp.dtype(name), jnp.floating):
-                raise ValueError(f"Policy dtypes must be floating, got {name!r}")
+                raise SettingError(f"Policy dtypes must be floating, got {name!r}")
 
 
 def matmul(a: Array, b: Array, contract: tuple[int, int], accumulate) -> Array:

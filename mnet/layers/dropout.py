@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from mnet.core.curvature import Curvature
 from mnet.core.layer import Layer
 from mnet.core.protocol import Array, Cache, Params, Shape
+from mnet.errors import SettingError
 
 
 @dataclass(frozen=True, repr=False)
@@ -34,7 +35,7 @@ class Dropout(Layer):
 
     def __post_init__(self):
         if not 0 <= self.rate < 1:
-            raise ValueError(f"Dropout: rate is the probability of dropping and must be in [0, 1), got {self.rate!r}")
+            raise SettingError(f"Dropout: rate is the probability of dropping and must be in [0, 1), got {self.rate!r}")
 
     def __repr__(self) -> str:
         return f"Dropout({self.rate})"
@@ -51,7 +52,9 @@ class Dropout(Layer):
             return x, jnp.ones((), x.dtype)
         if key is None:
             raise self._fail("training (train=True) needs an explicit key=jax.random.key(...)")
-        keep = jax.random.bernoulli(key, 1 - self.rate, x.shape)
+        # Drawn in float32 whatever the precision (bernoulli would follow the default float dtype), so that one key
+        # gives one mask in float32 and float64 alike: a float64 finite-difference check then sees the same network.
+        keep = jax.random.uniform(key, x.shape, jnp.float32) < 1 - self.rate
         mask = keep.astype(x.dtype) / (1 - self.rate)
         return x * mask, mask
 

@@ -31,7 +31,7 @@ from mnet.core.curvature import Columns, Curvature, next_origin
 from mnet.core.layer import Layer, check_param_keys, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, call_forward
 from mnet.core.walk import Compound
-from mnet.errors import LayerError
+from mnet.errors import LayerError, SettingError
 from mnet.layers.combinators import Parallel, Serial
 from mnet.layers.dense import Dense
 from mnet.layers.elementwise import ACTIVATIONS_BY_NAME, Elementwise
@@ -41,7 +41,7 @@ GATE_ACTIVATIONS = ("silu", "gelu")
 
 def _activation(name: str, owner: str) -> Elementwise:
     if name not in GATE_ACTIVATIONS:
-        raise ValueError(f"{owner}: activation must be one of {list(GATE_ACTIVATIONS)}, got {name!r}")
+        raise SettingError(f"{owner}: activation must be one of {list(GATE_ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS_BY_NAME[name]()
 
 

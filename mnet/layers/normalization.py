@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from mnet.core.curvature import Curvature, position_columns, signed_square_sum
 from mnet.core.layer import Layer, describe
 from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
+from mnet.errors import SettingError
 
 
 class _Normalization(Layer):
@@ -271,7 +272,7 @@ class BatchNorm(_Normalization):
 
     def __post_init__(self):
         if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"BatchNorm: momentum must be in [0, 1] (the new batch's weight), got {self.momentum}")
+            raise SettingError(f"BatchNorm: momentum must be in [0, 1] (the new batch's weight), got {self.momentum}")
 
     def __repr__(self) -> str:
         extra = [f"momentum={self.momentum}"] if self.momentum != 0.1 else []

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from mnet.core.layer import Layer, shape_record
 from mnet.core.protocol import Array, Cache, Params, Shape
+from mnet.errors import SettingError
 from mnet.layers.windows import Geometry, check_image_input, check_padding, col2im, im2col, image_geometry, pair
 
 
@@ -30,7 +31,7 @@ class _Pool2D(Layer):
         object.__setattr__(self, "stride", self.window if self.stride is None else pair(self.stride, "stride", name))
         object.__setattr__(self, "padding", check_padding(self.padding, name))
         if self.padding not in ("VALID", "SAME") and any(max(pads) >= k for pads, k in zip(self.padding, self.window)):
-            raise ValueError(
+            raise SettingError(
                 f"{name}: padding {self.padding} must be smaller than the window {self.window} on each "
                 "axis, so that every window holds part of the image"
             )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mnet.core.curvature import Curvature
 from mnet.core.layer import Layer, shape_record
 from mnet.core.protocol import Array, Cache, Params, Shape
+from mnet.errors import SettingError
 
 
 class _Rearrange(Layer):
@@ -63,7 +64,7 @@ class Reshape(_Rearrange):
     def __post_init__(self):
         shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else None
         if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            raise ValueError(f"Reshape: shape must be a tuple of positive ints, got {self.shape!r}")
+            raise SettingError(f"Reshape: shape must be a tuple of positive ints, got {self.shape!r}")
         object.__setattr__(self, "shape", shape)
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from mnet.core.layer import describe, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, call_forward, init_layer, takes_mask
 from mnet.core.walk import Compound, Quantity, walk
-from mnet.errors import LayerError
+from mnet.errors import KindError, LayerError
 from mnet.layers.combinators import Serial
 from mnet.layers.dense import Dense
 from mnet.layers.embedding import Embedding
@@ -83,7 +83,7 @@ class Tied(Compound):
 
     def __post_init__(self):
         if not isinstance(self.embedding, Embedding):
-            raise TypeError(f"Tied: embedding must be an mnet.Embedding, got {self.embedding!r}")
+            raise KindError(f"Tied: embedding must be an mnet.Embedding, got {self.embedding!r}")
 
     def __repr__(self) -> str:
         return f"Tied({self.embedding!r}, {self.body!r})"

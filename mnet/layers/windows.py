@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from mnet.core.layer import Layer, shape_record
 from mnet.core.protocol import Array, Cache, Params, Shape
+from mnet.errors import SettingError
 
 Pair = tuple[int, ...]  # (rows, columns)
 
@@ -29,7 +30,7 @@ def pair(value, name: str, owner: str) -> Pair:
         or len(values) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
     ):
-        raise ValueError(f"{owner}: {name} must be a positive int or a pair of them, got {value!r}")
+        raise SettingError(f"{owner}: {name} must be a positive int or a pair of them, got {value!r}")
     return values
 
 
@@ -37,7 +38,7 @@ def check_padding(padding, owner: str):
     """``"VALID"``, ``"SAME"``, a non-negative int (each side), or ``((top, bottom), (left, right))``."""
     if isinstance(padding, str):
         if padding.upper() not in ("VALID", "SAME"):
-            raise ValueError(
+            raise SettingError(
                 f"{owner}: padding must be 'VALID', 'SAME', an int or ((top, bottom), (left, right)), got {padding!r}"
             )
         return padding.upper()
@@ -49,7 +50,7 @@ def check_padding(padding, owner: str):
         and all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p) for p in padding)
     ):
         return padding
-    raise ValueError(
+    raise SettingError(
         f"{owner}: padding must be 'VALID', 'SAME', a non-negative int or ((top, bottom), (left, right)), "
         f"got {padding!r}"
     )

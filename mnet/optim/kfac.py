@@ -30,8 +30,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
+from mnet.core.protocol import Array, LayerProtocol, Params, call_forward, has_params
+from mnet.core.protocol import input_dtype as network_input_dtype
 from mnet.core.walk import walk
+from mnet.errors import SettingError
 from mnet.losses import Loss
 from mnet.quantities.kronecker import (
     KRONECKER_FACTORS,
@@ -87,21 +89,21 @@ def precondition(inverses: Any, grads: Params) -> Params:
 
 def _check_settings(damping: float, decay: float, inverse_every: int, kind: str) -> None:
     if not damping > 0:
-        raise ValueError(f"kfac: damping must be > 0 (it keeps the factors invertible), got {damping!r}")
+        raise SettingError(f"kfac: damping must be > 0 (it keeps the factors invertible), got {damping!r}")
     if not 0 <= decay < 1:
-        raise ValueError(f"kfac: decay must be in [0, 1) (the weight kept by the moving average), got {decay!r}")
+        raise SettingError(f"kfac: decay must be in [0, 1) (the weight kept by the moving average), got {decay!r}")
     if not (isinstance(inverse_every, int) and inverse_every >= 1):
-        raise ValueError(f"kfac: inverse_every must be a positive int, got {inverse_every!r}")
+        raise SettingError(f"kfac: inverse_every must be a positive int, got {inverse_every!r}")
     if kind not in KRONECKER_KINDS:
-        raise ValueError(f"kfac: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+        raise SettingError(f"kfac: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
 
 
 def _factor_shapes(net: LayerProtocol, input_shape: tuple[int, ...], input_dtype: Any, params: Params) -> Any:
     """The factors' structure and shapes from the network's walk at a batch of one (no computation)."""
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    dtype = input_dtype or network_input_dtype(net, params)
 
     def factors_of_one(p):
-        x = jnp.zeros((1,) + tuple(input_shape), input_dtype or dtype)
+        x = jnp.zeros((1,) + tuple(input_shape), dtype)
         outputs, cache = call_forward(net, p, x)
         return walk(net, KRONECKER_FACTORS, p, (cache,), (jnp.zeros((1,) + outputs.shape, outputs.dtype),))[0]
 
@@ -153,7 +155,8 @@ def kfac_preconditioner(
         kl_clip: if given, every direction is scaled down (never up) so that ``learning_rate^2 <direction,
             grads>`` (the step's quadratic form under the curvature) is at most ``kl_clip`` (Ba et al. 2017).
         learning_rate: the step rule's learning rate, used by ``kl_clip`` alone.
-        input_dtype: the inputs' dtype (default: the parameters' float dtype; ``jnp.int32`` for token ids).
+        input_dtype: the inputs' dtype (default: int32 token ids for a network that starts with an embedding, else
+            the parameters' float dtype).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, inputs, targets,
@@ -166,9 +169,11 @@ def kfac_preconditioner(
     factors_fn = kfac_factors(net, loss, kind)
 
     def init(params: Params) -> KFACState:
+        if not has_params(params):
+            raise SettingError(f"kfac: {net!r} has no parameters, so there is nothing to precondition")
         structure = _factor_shapes(net, input_shape, input_dtype, params)
         if not any(is_factor_pair(n) for n in jax.tree_util.tree_leaves(structure, is_leaf=is_factor_pair)):
-            raise ValueError(
+            raise SettingError(
                 f"kfac: {net!r} has no layer with Kronecker factors (Dense, Conv2D, attention projections), so "
                 "there is nothing to precondition"
             )
@@ -177,12 +182,12 @@ def kfac_preconditioner(
 
     def update(grads: Params, state: KFACState, params: Params | None = None, **extra: Any):
         if params is None or "inputs" not in extra or "targets" not in extra:
-            raise ValueError(
+            raise SettingError(
                 "kfac: update needs params and the batch: update(grads, state, params, inputs=x, targets=y)"
             )
         key = extra.get("key")
         if kind == "kfac" and key is None:
-            raise ValueError('kfac: kind="kfac" samples the loss Hessian\'s square root: pass key= to update')
+            raise SettingError('kfac: kind="kfac" samples the loss Hessian\'s square root: pass key= to update')
         batch = factors_fn(params, extra["inputs"], extra["targets"], key=key)
         kept = jnp.where(state.step == 0, 0.0, decay)
         factors = _map_pairs(
@@ -228,7 +233,7 @@ def kfac(
         chain :func:`kfac_preconditioner` yourself.
     """
     if not learning_rate > 0:
-        raise ValueError(f"kfac: learning_rate must be > 0, got {learning_rate!r}")
+        raise SettingError(f"kfac: learning_rate must be > 0, got {learning_rate!r}")
     return optax.chain(
         kfac_preconditioner(net, loss, input_shape, kl_clip=kl_clip, learning_rate=learning_rate, **preconditioner),
         optax.sgd(learning_rate, momentum=momentum),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from mnet.core.curvature import Columns, Curvature, next_origin, no_rule, signed_square_sum
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward, has_params
 from mnet.core.walk import Quantity, own_rule, walk
-from mnet.errors import LayerError
+from mnet.errors import LayerError, SettingError
 from mnet.losses import Loss, with_mask
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.per_example import per_example_stack
@@ -145,7 +145,7 @@ def diag_hessian(net: LayerProtocol, loss: Loss, hutchinson_samples: int | None 
 
 def _hutchinson(net: LayerProtocol, loss: Loss, samples: int) -> Callable[..., Params]:
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"diag_hessian: hutchinson_samples must be a positive int, got {samples!r}")
+        raise SettingError(f"diag_hessian: hutchinson_samples must be a positive int, got {samples!r}")
     product = hessian_vector_product(net, loss)
 
     def hutchinson_fn(
@@ -158,7 +158,7 @@ def _hutchinson(net: LayerProtocol, loss: Loss, samples: int) -> Callable[..., P
         mask: Array | None = None,
     ):
         if key is None:
-            raise ValueError("diag_hessian(hutchinson_samples=...) draws random vectors: pass key=...")
+            raise SettingError("diag_hessian(hutchinson_samples=...) draws random vectors: pass key=...")
         leaves, tree = jax.tree_util.tree_flatten(params)
 
         def one(sample_key: Array) -> Params:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.sums import sum_stack
 from mnet.core.walk import MissingRule, StackedQuantity
+from mnet.errors import SettingError
 from mnet.losses import Loss, with_mask
 from mnet.quantities.per_example import per_example_stack
 from mnet.quantities.tangent import forward_with_tangent
@@ -67,7 +68,7 @@ def loss_square_root(loss: Loss, outputs: Array, targets: Array, mc_samples: int
     if mc_samples is None:
         return loss.hessian_sqrt(outputs, targets)
     if key is None:
-        raise ValueError(f"diag_ggn(mc_samples={mc_samples}) draws samples: pass key=jax.random.key(...)")
+        raise SettingError(f"diag_ggn(mc_samples={mc_samples}) draws samples: pass key=jax.random.key(...)")
     return loss.sampled_hessian_sqrt(outputs, targets, key, mc_samples)
 
 
@@ -103,7 +104,7 @@ def _one_example_at_a_time(net: LayerProtocol, params: Params, x: Array, S: Arra
 
 def check_samples(mc_samples: int | None) -> None:
     if mc_samples is not None and (not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1):
-        raise ValueError(f"mc_samples must be a positive int (or None for the exact diagonal), got {mc_samples!r}")
+        raise SettingError(f"mc_samples must be a positive int (or None for the exact diagonal), got {mc_samples!r}")
 
 
 def per_example_diag_ggn(net: LayerProtocol, loss: Loss, mc_samples: int | None = None) -> Callable[..., Params]:

@@ -13,6 +13,7 @@ import jax
 
 from mnet.core.protocol import Array, LayerProtocol, Params, apply_layer, call_forward
 from mnet.core.state import update_state
+from mnet.core.walk import check_gradient_shapes
 from mnet.losses import Loss, with_mask
 
 
@@ -31,7 +32,9 @@ def value_and_grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, A
         :func:`mnet.autodiff_value_and_grad`, its reference. For a network with dropout, pass
         ``key=...`` and ``train=True`` to draw (and differentiate through) a training-mode mask. For padded
         sequences pass ``mask=`` (``(batch, T)`` booleans, True at tokens): it reaches every attention layer, and
-        the padded positions leave the loss (:meth:`mnet.losses.SoftmaxCrossEntropy.masked`).
+        the padded positions leave the loss (:meth:`mnet.losses.SoftmaxCrossEntropy.masked`). For a network with
+        BatchNorm, ``state=`` (from :func:`mnet.init_state`) evaluates it with those running statistics; with
+        ``train=True`` it uses the batch's (and :func:`value_grad_and_state` also returns the new statistics).
     """
 
     def value_and_grad_fn(
@@ -42,10 +45,12 @@ def value_and_grad(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, A
         key: Array | None = None,
         train: bool = False,
         mask: Array | None = None,
+        state: Any = None,
     ) -> tuple[Array, Params]:
         masked_loss, targets = with_mask(loss, targets, mask)
-        outputs, cache = call_forward(net, params, x, key, train, mask=mask)
+        outputs, cache = call_forward(net, params, x, key, train, state, mask=mask)
         grads, _ = net.backward(params, cache, masked_loss.grad(outputs, targets))
+        check_gradient_shapes(net, params, grads)  # a single user layer's backward does not pass through the walk
         return masked_loss.value(outputs, targets), grads
 
     return value_and_grad_fn
@@ -94,7 +99,9 @@ def with_manual_backward(net: LayerProtocol) -> Callable[[Params, Array], Array]
     A ``jax.custom_vjp``: the forward pass saves the layers' caches as residuals, and any ``jax.grad`` or
     ``jax.vjp`` of a function of ``y`` calls ``net.backward`` instead of differentiating ``net.forward``. Use
     it to plug mnet's rules into any JAX code (custom losses, optax, other libraries). Only reverse mode is
-    defined (``jax.jvp``/``jax.jacfwd`` through it raise, as for any ``custom_vjp``).
+    defined: ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` through it raise JAX's error for any ``custom_vjp``.
+    Its forward-mode twin is :func:`mnet.with_manual_tangent` (the hand tangent rules), whose docstring has a
+    table of which transformation each supports.
 
     Arguments:
         net: any layer.

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.walk import StackedQuantity, walk
+from mnet.errors import SettingError
 from mnet.losses import Loss
 
 
@@ -80,7 +81,7 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
         ``kronecker_factors`` rule) has ``None``.
     """
     if kind not in KRONECKER_KINDS:
-        raise ValueError(f"kfac_factors: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+        raise SettingError(f"kfac_factors: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
 
     def kfac_factors_fn(
         params: Params,
@@ -92,7 +93,7 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
         mask: Array | None = None,
     ) -> Any:
         if mask is not None:
-            raise ValueError(
+            raise SettingError(
                 "kfac_factors: a padding mask is not supported yet (the input factor A would count the padded "
                 "positions); compute the factors on unpadded batches"
             )
@@ -100,7 +101,7 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
         if kind == "kflr":
             S = loss.hessian_sqrt(outputs, targets)
         elif key is None:
-            raise ValueError('kfac_factors(kind="kfac") samples from the predictive distribution: pass key=...')
+            raise SettingError('kfac_factors(kind="kfac") samples from the predictive distribution: pass key=...')
         else:
             S = loss.sampled_hessian_sqrt(outputs, targets, key, 1)
         return walk(net, KRONECKER_FACTORS, params, (cache,), (S,))[0]

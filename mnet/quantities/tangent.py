@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from mnet.core.protocol import Array, Cache, LayerProtocol, Params, call_forward
 from mnet.core.tangent import tangent_walk
+from mnet.errors import SettingError
 
 
 def input_tangent(x: Array, dx: Array | None) -> Array | None:
@@ -76,10 +77,49 @@ def jvp(net: LayerProtocol) -> Callable[..., tuple[Array, Array]]:
     return jvp_fn
 
 
+def with_manual_tangent(net: LayerProtocol) -> Callable[[Params, Array], Array]:
+    """The network as ``f(params, x) -> y`` whose forward-mode derivative is the hand-derived tangent pass: the
+    forward-mode twin of :func:`mnet.with_manual_backward`.
+
+    A ``jax.custom_jvp``: ``jax.jvp``, ``jax.jacfwd`` and ``jax.linearize`` of a function of ``y`` call the layers'
+    ``tangent`` rules instead of differentiating ``net.forward``. Reverse mode (``jax.grad``, ``jax.vjp``,
+    ``jax.jacrev``) works too: JAX transposes the hand tangent pass, which is linear in the tangent, so it is the
+    transpose of the hand rules rather than the hand ``backward``; for that use :func:`mnet.with_manual_backward`.
+    ``jax.hessian`` (forward over reverse) works through it.
+
+    ==============================  =============================  ===============================
+    transformation                  ``with_manual_backward``       ``with_manual_tangent``
+    ==============================  =============================  ===============================
+    ``jax.grad``, ``vjp``, jacrev   the hand ``backward``          the hand tangents, transposed
+    ``jax.jvp``, ``jacfwd``         refused (a ``custom_vjp``)     the hand ``tangent`` rules
+    ``jax.hessian``                 refused                        yes
+    ``jax.jit``, ``jax.vmap``       yes                            yes
+    ==============================  =============================  ===============================
+
+    Arguments:
+        net: any layer whose units have ``tangent`` rules (every built-in layer has one).
+
+    Returns:
+        ``f(params, x) -> y``, with ``y`` equal to ``net.apply(params, x)``.
+    """
+
+    @jax.custom_jvp
+    def apply(params: Params, x: Array) -> Array:
+        return call_forward(net, params, x)[0]
+
+    @apply.defjvp
+    def apply_tangent(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+        (params, x), (dparams, dx) = primals, tangents
+        y, _, dy, _ = forward_with_tangent(net, params, x, dparams, dx)
+        return y, dy
+
+    return apply
+
+
 def _check_like(params: Params, dparams: Params) -> None:
     ours, theirs = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(dparams)
     if str(ours) != str(theirs):
-        raise ValueError(f"the parameter tangent must have the structure of params: expected {ours}, got {theirs}")
+        raise SettingError(f"the parameter tangent must have the structure of params: expected {ours}, got {theirs}")
     for p, d in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(dparams)):
         if jnp.shape(p) != jnp.shape(d):
-            raise ValueError(f"a parameter tangent leaf has shape {jnp.shape(d)} where params has {jnp.shape(p)}")
+            raise SettingError(f"a parameter tangent leaf has shape {jnp.shape(d)} where params has {jnp.shape(p)}")

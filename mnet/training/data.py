@@ -33,15 +33,22 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     name: str
+    #: The per-feature ``(mean, std)`` the loaders standardised with (from the training split; None for token ids or
+    #: arrays given as they are), so that a trained model can standardise new inputs alike (``mnet predict``).
+    standardisation: tuple[np.ndarray, np.ndarray] | None = None
+    #: ``"classification"`` (integer labels; ``num_classes`` of them) or ``"regression"`` (float targets
+    #: ``(n, num_classes)``: ``num_classes`` is then the number of outputs).
+    task: str = "classification"
 
     @property
     def example_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
     def __str__(self) -> str:
+        outputs = f"{self.num_classes} classes" if self.task == "classification" else f"{self.num_classes} targets"
         return (
             f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test examples of shape "
-            f"{self.example_shape}, {self.num_classes} classes"
+            f"{self.example_shape}, {outputs}"
         )
 
 
@@ -53,11 +60,15 @@ def split(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float = TEST_F
     return x[train], y[train], x[test], y[test]
 
 
+def standardisation(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every feature's mean and standard deviation over the training split (1 for a constant feature)."""
+    std = x_train.std(axis=0)
+    return x_train.mean(axis=0), np.where(std > 1e-8, std, 1.0)
+
+
 def standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centre and scale every feature by the training split's statistics (constant features are only centred)."""
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std = np.where(std > 1e-8, std, 1.0)
+    mean, std = standardisation(x_train)
     return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
 
 
@@ -90,11 +101,44 @@ def _features(x: np.ndarray, where: str) -> np.ndarray:
     return x
 
 
-def make_dataset(x, y, name: str, seed: int, x_test=None, y_test=None) -> Dataset:
+def prepared_inputs(
+    x, example_shape: tuple[int, ...], dtype: str, scaling: tuple[np.ndarray, np.ndarray] | None, where: str
+) -> np.ndarray:
+    """New inputs for a trained network: ``(n, *example_shape)``, token ids kept as int32, features finite and
+    standardised with the training data's ``scaling``. Raises :class:`DataError` naming ``where``."""
+    x = np.asarray(x)
+    if x.ndim == len(example_shape) and x.shape == tuple(example_shape):
+        x = x[None]  # one example
+    if x.shape[1:] != tuple(example_shape) or x.shape[0] == 0:
+        raise DataError(
+            f"{where}: the network takes examples of shape {tuple(example_shape)}, got an array of shape {x.shape}"
+        )
+    if dtype == "int32":
+        if not np.issubdtype(x.dtype, np.integer):
+            raise DataError(f"{where}: the network takes integer token ids, got dtype {x.dtype}")
+        return x.astype(np.int32)
+    x = _features(x, where)
+    if scaling is not None:
+        x = (x - scaling[0]) / scaling[1]
+    return x.astype(np.float32)
+
+
+def _values(y: np.ndarray, where: str) -> np.ndarray:
+    """Regression targets: finite numbers, ``(n,)`` taken as one output ``(n, 1)``."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.number) or y.ndim not in (1, 2):
+        raise DataError(f"{where}: regression targets must be numbers of shape (n,) or (n, k), got {y.dtype} {y.shape}")
+    if not np.all(np.isfinite(y)):
+        raise DataError(f"{where}: regression targets contain NaN or infinite values")
+    return (y[:, None] if y.ndim == 1 else y).astype(np.float32)
+
+
+def make_dataset(x, y, name: str, seed: int, x_test=None, y_test=None, regression: bool = False) -> Dataset:
     """Validate, split (when no test arrays are given) and standardise arrays into a :class:`Dataset`; integer
-    features are token ids and stay as they are (int32)."""
+    features are token ids and stay as they are (int32). ``regression``: the targets are numbers, not labels."""
     token_ids = np.issubdtype(np.asarray(x).dtype, np.integer)
-    x, y = _features(x, name), _labels(y, name)
+    targets = _values if regression else _labels
+    x, y = _features(x, name), targets(y, name)
     if len(x) != len(y):
         raise DataError(f"{name}: {len(x)} examples but {len(y)} labels")
     if (x_test is None) != (y_test is None):
@@ -104,21 +148,26 @@ def make_dataset(x, y, name: str, seed: int, x_test=None, y_test=None) -> Datase
             raise DataError(f"{name}: need at least 2 examples to split into train and test, got {len(x)}")
         x, y, x_test, y_test = split(x, y, seed)
     else:
-        x_test, y_test = _features(x_test, f"{name} (x_test)"), _labels(y_test, f"{name} (y_test)")
+        x_test, y_test = _features(x_test, f"{name} (x_test)"), targets(y_test, f"{name} (y_test)")
         if len(x_test) != len(y_test):
             raise DataError(f"{name}: {len(x_test)} test examples but {len(y_test)} test labels")
         if x_test.shape[1:] != x.shape[1:]:
             raise DataError(f"{name}: test examples have shape {x_test.shape[1:]}, train examples {x.shape[1:]}")
     if len(x) == 0:
         raise DataError(f"{name}: no training examples")
-    num_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
-    if num_classes < 2:
+    if regression and y_test.shape[1:] != y.shape[1:]:
+        raise DataError(f"{name}: test targets have shape {y_test.shape[1:]}, training targets {y.shape[1:]}")
+    num_classes = y.shape[1] if regression else int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
+    if not regression and num_classes < 2:
         raise DataError(f"{name}: labels must cover at least 2 classes, found only {sorted(set(y.tolist()))}")
+    scaling = None
     if token_ids:
         x, x_test = x.astype(np.int32), x_test.astype(np.int32)
     else:
+        scaling = standardisation(x)
         x, x_test = standardise(x, x_test)
-    return Dataset(x, y, x_test, y_test.astype(np.int32), num_classes, name)
+    y_test = y_test if regression else y_test.astype(np.int32)
+    return Dataset(x, y, x_test, y_test, num_classes, name, scaling, "regression" if regression else "classification")
 
 
 def load_digits(seed: int = 0) -> Dataset:
@@ -131,7 +180,7 @@ def load_digits(seed: int = 0) -> Dataset:
     return make_dataset(bunch.data, bunch.target, "digits", seed)
 
 
-def _load_npz(path: Path, seed: int) -> Dataset:
+def _load_npz(path: Path, seed: int, regression: bool = False) -> Dataset:
     with path.open("rb") as handle:
         if handle.read(4) != b"PK\x03\x04":
             raise DataError(f"{path}: not a readable .npz archive (not a zip file)")
@@ -148,7 +197,9 @@ def _load_npz(path: Path, seed: int) -> Dataset:
             f"{path}: missing array(s) {', '.join(missing)}; expected x, y and optionally x_test, y_test "
             f"(found {', '.join(sorted(arrays)) or 'none'})"
         )
-    return make_dataset(arrays["x"], arrays["y"], str(path), seed, arrays.get("x_test"), arrays.get("y_test"))
+    return make_dataset(
+        arrays["x"], arrays["y"], str(path), seed, arrays.get("x_test"), arrays.get("y_test"), regression
+    )
 
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -208,7 +259,7 @@ def _load_idx(path: Path, seed: int) -> Dataset:
     return make_dataset(flat(x), y, str(path), seed, flat(x_test), y_test)
 
 
-def _load_csv(path: Path, seed: int, label_column: str | None) -> Dataset:
+def _load_csv(path: Path, seed: int, label_column: str | None, regression: bool = False) -> Dataset:
     """CSV with one example per row. The label column is ``label_column`` (a header name or a 0-based index),
     else a column headed ``label``/``y``/``target``/``class``, else the last column."""
     try:
@@ -255,7 +306,7 @@ def _load_csv(path: Path, seed: int, label_column: str | None) -> Dataset:
                 ) from None
     if width < 2:
         raise DataError(f"{path}: need at least one feature column besides the label")
-    return make_dataset(np.delete(values, column, axis=1), values[:, column], str(path), seed)
+    return make_dataset(np.delete(values, column, axis=1), values[:, column], str(path), seed, regression=regression)
 
 
 def odd_one_out(count: int, vocab: int, pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +329,9 @@ def load_odd_one_out(seed: int = 0, train: int = 30000, test: int = 2000, vocab:
     return Dataset(x_train, y_train, x_test, y_test, vocab, "odd one out")
 
 
-def load(path: str | Path | None = None, seed: int = 0, label_column: str | None = None) -> Dataset:
+def load(
+    path: str | Path | None = None, seed: int = 0, label_column: str | None = None, regression: bool = False
+) -> Dataset:
     """Load a dataset: the bundled digits when ``path`` is None, else a ``.npz`` (arrays ``x``, ``y``, optionally
     ``x_test``, ``y_test``), an IDX file or directory (MNIST, Fashion-MNIST), or a ``.csv``.
 
@@ -286,6 +339,7 @@ def load(path: str | Path | None = None, seed: int = 0, label_column: str | None
         path: the file or directory, or None for the digits bundled with scikit-learn.
         seed: seeds the train/test split when the data has no test part.
         label_column: for CSV, the label column's header name or 0-based index.
+        regression: the targets are numbers (``.npz`` and ``.csv``), not class labels.
 
     Returns:
         A standardised :class:`Dataset`.
@@ -294,15 +348,19 @@ def load(path: str | Path | None = None, seed: int = 0, label_column: str | None
         DataError: one line naming the file and the problem.
     """
     if path is None:
+        if regression:
+            raise DataError("regression needs a data file with numeric targets (.npz or .csv); the digits are labels")
         return load_digits(seed)
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     name = path.name.lower()
     if name.endswith(".npz"):
-        return _load_npz(path, seed)
+        return _load_npz(path, seed, regression)
     if name.endswith(".csv"):
-        return _load_csv(path, seed, label_column)
+        return _load_csv(path, seed, label_column, regression)
+    if regression:
+        raise DataError(f"{path}: regression reads numeric targets from .npz or .csv files")
     if path.is_dir() or "idx" in name:
         return _load_idx(path, seed)
     raise DataError(f"{path}: unknown format; expected .npz, .csv, or MNIST-style IDX files (*-idx3-ubyte[.gz])")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import jax
 from jax.experimental import multihost_utils
 
+from mnet.errors import SettingError
+
 
 @dataclass(frozen=True)
 class ProcessGroup:
@@ -56,7 +58,7 @@ def settings(
     if coordinator is None and count is None and index is None:
         return None
     if coordinator is None or count is None or index is None:
-        raise ValueError(
+        raise SettingError(
             "several processes need all three of the coordinator address, the process count and this process's "
             f"index (got coordinator={coordinator}, count={count}, index={index}); set MNET_COORDINATOR, "
             "MNET_NUM_PROCESSES and MNET_PROCESS_ID, or use mnet launch"
@@ -64,9 +66,9 @@ def settings(
     try:
         count, index = int(count), int(index)
     except ValueError:
-        raise ValueError(f"the process count and index must be integers, got {count!r} and {index!r}") from None
+        raise SettingError(f"the process count and index must be integers, got {count!r} and {index!r}") from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"process index {index} is not in [0, {count}) processes")
+        raise SettingError(f"process index {index} is not in [0, {count}) processes")
     return ProcessGroup(str(coordinator), count, index)
 
 

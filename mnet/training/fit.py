@@ -25,11 +25,13 @@ from mnet import losses
 from mnet.core.protocol import Array, Params, apply_layer, call_forward, is_stateful
 from mnet.core.protocol import LayerProtocol as Layer
 from mnet.core.state import init_state
-from mnet.errors import CheckpointError, DivergenceError
+from mnet.errors import CheckpointError, DataError, DivergenceError, SettingError
 from mnet.training import checkpoint, distributed, sharding
 from mnet.training.data import Dataset
 from mnet.training.layout import Layout, data_parallel_mesh, epoch_order, make_epoch
+from mnet.training.sampling import check_sampling
 from mnet.training.steps import GRADIENT_MODES
+from mnet.training.trained import model_record
 
 
 @dataclass
@@ -103,11 +105,13 @@ def fit(
     grad: str = "manual",
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     config: dict | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     devices: int | None = None,
     layout: str = "replicated",
     model_devices: int | None = None,
+    sampling: str = "shuffle",
 ) -> FitResult:
     """Train ``net`` on ``data``; named after Keras's ``fit`` since it is the same job: epochs over a dataset.
 
@@ -126,6 +130,8 @@ def fit(
             with BatchNorm, epoch, seed, history, ``config``) is written atomically after every epoch whose loss is
             finite.
         resume: continue from ``checkpoint_path`` if it exists (it must match the parameters and optimizer).
+        overwrite: start afresh even though ``checkpoint_path`` exists, replacing it. Without ``resume`` or
+            ``overwrite`` an existing checkpoint is refused: a run never overwrites earlier work unasked.
         config: JSON-serialisable description stored in the checkpoint; resuming refuses a different one.
         on_epoch: called as ``on_epoch(epoch, record)`` after every epoch, for progress display.
         devices: data-parallel training over this many devices (0: all; every process's devices when several
@@ -136,6 +142,11 @@ def fit(
             ``"tensor"`` (paired dense layers split column- then row-wise over ``model_devices``).
         model_devices: the tensor-parallel group size for ``layout="tensor"`` (default: all the devices); the
             batch is split over the ``devices // model_devices`` groups.
+        sampling: ``"shuffle"`` (each epoch a permutation cut into batches of ``batch_size``) or ``"poisson"``
+            (DP-SGD's: every step, each example joins with probability ``batch_size / examples``; one device, a
+            gradient that weighs rows such as :func:`mnet.clipped_value_and_grad`; the privacy spent is
+            ``mnet.dp_epsilon(sigma, batch_size / examples, epochs * (examples // batch_size), delta,
+            examples=examples)``).
 
     Returns:
         :class:`FitResult` with the final params, optimizer state, :class:`History` and model state (``state``:
@@ -143,11 +154,20 @@ def fit(
         training mode; the test figures use them, in evaluation mode).
 
     Raises:
-        DivergenceError: the training loss became NaN or infinite; names the epoch, and the checkpoint (if any)
-            still holds the last good epoch.
+        DivergenceError: the training loss, or any parameter, became NaN or infinite; names the epoch, and the
+            checkpoint (if any) still holds the last good epoch.
+        DataError: the features or the targets hold NaN or infinite values.
+        CheckpointError: ``checkpoint_path`` exists and neither ``resume`` nor ``overwrite`` is set, or it cannot
+            be resumed (another configuration, optimizer or network).
     """
     optimizer = optimizer or optax.adam(1e-3)
     devices = _checked_settings(data, grad, batch_size, devices, layout)
+    _refuse_non_finite(data)
+    if checkpoint_path is not None and Path(checkpoint_path).exists() and not (resume or overwrite):
+        raise CheckpointError(
+            f"{checkpoint_path} already exists: resume from it, or overwrite it explicitly (a new run never "
+            "replaces a checkpoint unasked)"
+        )
     params = jax.tree_util.tree_map(jnp.array, params)  # a private copy, since the epoch donates its buffers
     opt_state = optimizer.init(params)
     # The model state (BatchNorm's running statistics) is trained beside the params and saved with them; a network
@@ -177,7 +197,8 @@ def fit(
             sharding.place(t, w)
             for t, w in ((params, plan.params), (opt_state, plan.opt_state), (state, plan.replicated))
         )
-    run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, layout=plan)
+    check_sampling(sampling, grad, stateful, plan is not None)
+    run_epoch = make_epoch(net, loss, optimizer, batch_size, grad, layout=plan, sampling=sampling)
     on_host = plan is not None  # on a mesh the minibatches are cut on the host
     batches = _EpochInputs(
         plan,
@@ -187,25 +208,46 @@ def fit(
         np.asarray(data.y_train) if on_host else None,
     )
 
+    described = model_record(net, loss, data)  # the network as data, so the checkpoint serves without this script
     for epoch in range(start + 1, epochs + 1):
         began = time.perf_counter()
         new_params, new_opt_state, new_state, train_loss = run_epoch(
             params, opt_state, state, *batches(epoch_key(seed, epoch), batch_size)
         )
         train_loss = float(sharding.to_host(train_loss))
-        if not math.isfinite(train_loss):
+        # The parameters too: a loss can stay finite while they are not (an activation that hides a NaN).
+        broken = None if math.isfinite(train_loss) else f"the training loss is {train_loss}"
+        if broken is None and not bool(sharding.to_host(_all_finite(new_params))):
+            broken = "a parameter is NaN or infinite (the gradients or the update overflowed)"
+        if broken is not None:
             kept = f"; {checkpoint_path} still holds epoch {epoch - 1}" if checkpoint_path and epoch > 1 else ""
-            raise DivergenceError(f"training diverged at epoch {epoch}: the training loss is {train_loss}{kept}")
+            raise DivergenceError(f"training diverged at epoch {epoch}: {broken}{kept}")
         params, opt_state, state = new_params, new_opt_state, new_state
         record = _epoch_record(evaluate, params, state, (x_seen, y_seen), (x_test, y_test), epoch, train_loss)
         record["seconds"] = time.perf_counter() - began
         history.append(**record)
         if checkpoint_path is not None:
             saved = (params, opt_state, state) if stateful else (params, opt_state)
-            _save_checkpoint(checkpoint_path, saved, epoch, config, history)
+            _save_checkpoint(checkpoint_path, saved, {"epoch": epoch, "config": config, "model": described}, history)
         if on_epoch is not None:
             on_epoch(epoch, record)
     return FitResult(params, opt_state, history, state)
+
+
+@jax.jit
+def _all_finite(tree) -> Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _refuse_non_finite(data: Dataset) -> None:
+    """NaN or infinite data would train to nonsense, refused before the first step."""
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        values = np.asarray(getattr(data, name))
+        if np.issubdtype(values.dtype, np.inexact) and values.size and not np.isfinite(values).all():
+            count = int(values.size - np.isfinite(values).sum())
+            raise DataError(f"fit: {name} holds {count} NaN or infinite values; clean or drop those examples first")
 
 
 def _mesh(devices: int | None, layout: str, model_devices: int | None):
@@ -220,29 +262,41 @@ def _mesh(devices: int | None, layout: str, model_devices: int | None):
 def _checked_settings(data: Dataset, grad: Any, batch_size: int, devices: int | None, layout: str) -> int | None:
     """Refuse settings ``fit`` cannot run; the devices to train on (all of them when several processes joined)."""
     if not callable(grad) and grad not in GRADIENT_MODES:
-        raise ValueError(f"grad must be one of {GRADIENT_MODES} or a value_and_grad-like function, got {grad!r}")
+        raise SettingError(f"grad must be one of {GRADIENT_MODES} or a value_and_grad-like function, got {grad!r}")
     if not 0 < batch_size <= len(data.x_train):
-        raise ValueError(
+        raise SettingError(
             f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}"
         )
     if devices is None and jax.process_count() > 1:
         devices = 0  # processes that have joined train together, over all their devices
     if layout not in sharding.LAYOUTS:
-        raise ValueError(f"layout must be one of {sharding.LAYOUTS}, got {layout!r}")
+        raise SettingError(f"layout must be one of {sharding.LAYOUTS}, got {layout!r}")
     if layout != "replicated" and devices is None:
-        raise ValueError(f"layout {layout!r} shards the parameters over devices: pass devices= as well")
+        raise SettingError(f"layout {layout!r} shards the parameters over devices: pass devices= as well")
     return devices
+
+
+#: The parts of a training checkpoint, in the order they are saved.
+CHECKPOINT_PARTS = ("the parameters", "the optimizer state", "the model state")
 
 
 def _resumed(path: str | Path, config: dict, stateful: bool, params: Params, opt_state: Any, state: Any) -> tuple:
     """``(params, opt_state, state, history, epoch)`` from the checkpoint, which must be of this configuration."""
-    restored, meta = checkpoint.read_tree(path, (params, opt_state, state) if stateful else (params, opt_state))
+    written = checkpoint.read_metadata(path).get("config")
+    if written != config:
+        raise CheckpointError(f"{path}: cannot resume with other settings: {config_difference(written, config)}")
+    like = (params, opt_state, state) if stateful else (params, opt_state)
+    restored, meta = checkpoint.read_tree(path, like, CHECKPOINT_PARTS)
     params, opt_state, state = restored if stateful else (*restored, ())
-    if meta.get("config") != config:
-        raise CheckpointError(
-            f"{path}: written by a different configuration ({meta.get('config')}), cannot resume with {config}"
-        )
     return params, opt_state, state, History.from_dict(meta["history"]), int(meta["epoch"])
+
+
+def config_difference(written: Any, now: dict) -> str:
+    """One line: each setting that differs, as ``lr 0.001 in the checkpoint, 0.01 now``."""
+    if not isinstance(written, dict):
+        return "the checkpoint records no configuration"
+    names = [name for name in dict.fromkeys([*written, *now]) if written.get(name) != now.get(name)]
+    return "; ".join(f"{name} {written.get(name)!r} in the checkpoint, {now.get(name)!r} now" for name in names)
 
 
 @dataclass
@@ -280,10 +334,10 @@ def _epoch_record(evaluate, params, state, seen: tuple, test: tuple, epoch: int,
     )
 
 
-def _save_checkpoint(path: str | Path, saved: Any, epoch: int, config: dict, history: History) -> None:
+def _save_checkpoint(path: str | Path, saved: Any, meta: dict, history: History) -> None:
     """Process 0 writes (atomically) what every process holds alike; the barrier keeps the others from running ahead
     of a checkpoint that is not on disk yet."""
     tree = sharding.to_host(saved)
     if distributed.is_leader():
-        checkpoint.save_tree(path, tree, {"epoch": epoch, "config": config, "history": history.to_dict()})
-    distributed.barrier(f"mnet checkpoint epoch {epoch}")
+        checkpoint.save_tree(path, tree, {**meta, "history": history.to_dict()})
+    distributed.barrier(f"mnet checkpoint epoch {meta['epoch']}")

@@ -5,15 +5,38 @@ device or a coordinator of its own.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
+from mnet.errors import SettingError
+
 #: mnet's subcommands: ``launch -- train ...`` runs ``python -m mnet train ...`` in each process.
-SUBCOMMANDS = ("train", "check", "bench")
+SUBCOMMANDS = ("train", "check", "eval", "predict", "bench")
+
+#: Start-up lines of the collective libraries that every process prints and that say nothing to a user (gloo's
+#: "Rank 0 is connected to 1 peer ranks"); :func:`launch` drops them from what it passes on.
+NOISE = (re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks"),)
+
+
+def forward_lines(source, target) -> threading.Thread:
+    """Copy ``source``'s lines to ``target`` as they come, leaving out :data:`NOISE`, on a thread of its own."""
+
+    def copy() -> None:
+        for line in iter(source.readline, ""):
+            if not any(pattern.match(line) for pattern in NOISE):
+                target.write(line)
+                target.flush()
+        source.close()
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
 
 
 def free_port() -> int:
@@ -27,7 +50,7 @@ def command_line(argv: Sequence[str]) -> list[str]:
     """What each process runs: ``python -m mnet ARGV`` for an mnet subcommand, ``ARGV`` itself otherwise."""
     argv = list(argv)
     if not argv:
-        raise ValueError("launch: nothing to run; give a command after --, e.g. mnet launch -n 2 -- train")
+        raise SettingError("launch: nothing to run; give a command after --, e.g. mnet launch -n 2 -- train")
     return [sys.executable, "-m", "mnet", *argv] if argv[0] in SUBCOMMANDS else argv
 
 
@@ -38,7 +61,7 @@ def start(
     coordinator on ``127.0.0.1``. ``local_devices`` gives each process that many CPU devices (forced host devices,
     and the CPU platform), standing in for the accelerators of several hosts."""
     if count < 1:
-        raise ValueError(f"launch: the process count must be at least 1, got {count}")
+        raise SettingError(f"launch: the process count must be at least 1, got {count}")
     command = command_line(argv)
     coordinator = f"127.0.0.1:{port or free_port()}"
     processes = []
@@ -131,9 +154,16 @@ def launch(
     Returns:
         0 when every process succeeds, else the first failure's exit status.
     """
-    processes = start(count, argv, local_devices=local_devices, port=port)
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    processes = start(count, argv, local_devices=local_devices, port=port, **pipes)
+    copies = [forward_lines(p.stdout, sys.stdout) for p in processes] + [
+        forward_lines(p.stderr, sys.stderr) for p in processes
+    ]
     try:
         return supervise(processes, grace_seconds=grace_seconds)
     except KeyboardInterrupt:
         stop(processes)
         raise
+    finally:
+        for copy in copies:
+            copy.join(timeout=5)

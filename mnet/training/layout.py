@@ -18,7 +18,10 @@ from mnet import losses
 from mnet.compiled import compiled_memory
 from mnet.core.protocol import LayerProtocol as Layer
 from mnet.core.protocol import Params, is_stateful, is_stochastic
+from mnet.errors import SettingError
+from mnet.optim.accounting import poisson_capacity
 from mnet.training import sharding
+from mnet.training.sampling import poisson_batch
 from mnet.training.steps import gradient_function, make_stateful_step, make_step, stateful_gradient_function
 
 
@@ -37,6 +40,33 @@ def epoch_order(key: jax.Array, examples: int, batch_size: int) -> jax.Array:
     steps = examples // batch_size
     shuffle_key = jax.random.split(key)[0]
     return jax.random.permutation(shuffle_key, examples)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def _poisson_epoch(update: Callable, net: Layer, batch_size: int) -> Callable:
+    """The jitted epoch of Poisson-sampled steps, ``examples // batch_size`` of them, on one device."""
+
+    def epoch(params, opt_state, state, x, y, key):
+        examples = x.shape[0]
+        capacity = poisson_capacity(examples, batch_size)
+        steps = examples // batch_size
+        draws = jax.random.split(jax.random.split(key)[0], steps)
+
+        def step(carry, keys):
+            draw_key, step_key = keys
+            indices, included = poisson_batch(draw_key, examples, batch_size, capacity)
+            extra = {"key": step_key, "train": True} if is_stochastic(net) else {}
+            optimizer_key = jax.random.fold_in(step_key, 1)
+            *carry, value = update(
+                *carry, x[indices], y[indices], optimizer_key, included=included, expected_batch=batch_size, **extra
+            )
+            return tuple(carry), value
+
+        (params, opt_state, state), values = jax.lax.scan(
+            step, (params, opt_state, state), (draws, step_keys(key, steps))
+        )
+        return params, opt_state, state, jnp.mean(values)
+
+    return jax.jit(epoch, donate_argnums=(0, 1, 2))
 
 
 def step_keys(key: jax.Array, steps: int) -> jax.Array:
@@ -89,6 +119,7 @@ def make_epoch(
     batch_size: int,
     grad: str | Callable = "manual",
     layout: Layout | None = None,
+    sampling: str = "shuffle",
 ) -> Callable:
     """The jitted epoch; params, optimizer state and model state are donated. ``state`` is the model state
     (BatchNorm's running statistics), ``()`` for a network without one.
@@ -101,6 +132,10 @@ def make_epoch(
     parameters and optimizer state stay where ``layout`` puts them; XLA partitions the step and inserts the
     collectives (the all-reduce that sums the gradient, the gathers of sharded weights), so the update is the
     single-device one up to the order of the sums.
+
+    ``sampling="poisson"`` (one device): each of the epoch's ``examples // batch_size`` steps draws its own Poisson
+    batch (:mod:`mnet.training.sampling`), and the gradient function gets ``included=`` and ``expected_batch=``,
+    the optimizer ``expected_batch=``.
     """
     if is_stateful(net):
         update = make_stateful_step(stateful_gradient_function(net, loss, grad), optimizer)
@@ -111,9 +146,12 @@ def make_epoch(
             params, opt_state, value = stateless(params, opt_state, x, y, optimizer_key, **extra)
             return params, opt_state, state, value
 
+    if sampling == "poisson":
+        return _poisson_epoch(update, net, batch_size)
+
     data_devices = 1 if layout is None else layout.mesh.shape["data"]
     if batch_size % data_devices:
-        raise ValueError(f"batch_size {batch_size} must be divisible by the {data_devices} devices")
+        raise SettingError(f"batch_size {batch_size} must be divisible by the {data_devices} devices")
     split = (
         (lambda a: a)
         if layout is None

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnet.core.paths import at_path, replaced_at
 from mnet.core.walk import units
+from mnet.errors import SettingError
 from mnet.layers.dense import Dense
 
 LAYOUTS = ("replicated", "fsdp", "tensor")
@@ -49,12 +50,12 @@ def make_mesh(devices: int, model: int = 1) -> Mesh:
     available = jax.devices()
     count = len(available) if devices == 0 else devices
     if not 1 <= count <= len(available):
-        raise ValueError(
+        raise SettingError(
             f"asked for {devices} devices but only {len(available)} are available "
             f"({available[0].platform}); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N adds more"
         )
     if model < 1 or count % model:
-        raise ValueError(f"the {count} devices cannot form tensor-parallel groups of {model}")
+        raise SettingError(f"the {count} devices cannot form tensor-parallel groups of {model}")
     return Mesh(np.array(available[:count]).reshape(count // model, model), ("data", "model"))
 
 
@@ -98,15 +99,15 @@ def parameter_specs(net: Any, params: Any, layout: str, mesh: Mesh, example: Any
     ``params``. ``example`` (one input batch, or its ``jax.ShapeDtypeStruct``) is needed by ``"tensor"``, which finds
     the Dense layers by walking the network."""
     if layout not in LAYOUTS:
-        raise ValueError(f"parameter layout must be one of {LAYOUTS}, got {layout!r}")
+        raise SettingError(f"parameter layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "replicated":
         return jax.tree_util.tree_map(lambda _: PartitionSpec(), params)
     if layout == "fsdp":
         return jax.tree_util.tree_map(lambda leaf: _fsdp_spec(leaf, mesh.shape["data"]), params)
     if mesh.shape["model"] == 1:
-        raise ValueError("tensor parallelism needs a mesh with more than one device on its 'model' axis")
+        raise SettingError("tensor parallelism needs a mesh with more than one device on its 'model' axis")
     if example is None:
-        raise ValueError("the tensor layout finds the Dense layers by walking the network: give an example input")
+        raise SettingError("the tensor layout finds the Dense layers by walking the network: give an example input")
     return _tensor_specs(net, params, mesh.shape["model"], example)
 
 

@@ -11,6 +11,7 @@ import optax
 from mnet import losses
 from mnet.checking.reference import autodiff_value_and_grad, autodiff_value_grad_and_state
 from mnet.core.protocol import LayerProtocol as Layer
+from mnet.errors import SettingError
 from mnet.quantities.gradient import value_and_grad, value_grad_and_state
 
 GRADIENT_MODES = ("manual", "autodiff")
@@ -25,7 +26,7 @@ def gradient_function(net: Layer, loss: losses.Loss, grad: str | Callable):
         return value_and_grad(net, loss)
     if grad == "autodiff":
         return autodiff_value_and_grad(net, loss)
-    raise ValueError(f"grad must be one of {GRADIENT_MODES}, got {grad!r}")
+    raise SettingError(f"grad must be one of {GRADIENT_MODES}, got {grad!r}")
 
 
 def stateful_gradient_function(net: Layer, loss: losses.Loss, grad: str | Callable):
@@ -35,7 +36,7 @@ def stateful_gradient_function(net: Layer, loss: losses.Loss, grad: str | Callab
         return value_grad_and_state(net, loss)
     if grad == "autodiff":
         return autodiff_value_grad_and_state(net, loss)
-    raise ValueError(
+    raise SettingError(
         f"{net!r} keeps state (BatchNorm), so fit needs grad='manual' or 'autodiff' to update the running statistics, "
         f"got {grad!r}"
     )
@@ -49,15 +50,17 @@ def make_step(value_and_grad_fn: Callable, optimizer: optax.GradientTransformati
 
     def step(params, opt_state, x, y, optimizer_key=None, **kwargs):
         value, grads = value_and_grad_fn(params, x, y, **kwargs)
-        return (*_apply_update(optimizer, grads, params, opt_state, x, y, optimizer_key), value)
+        # A Poisson-sampled batch's rows are a buffer: the optimizer (DP noise) is told the batch it stands for.
+        sampled = {"expected_batch": kwargs["expected_batch"]} if "expected_batch" in kwargs else {}
+        return (*_apply_update(optimizer, grads, params, opt_state, x, y, optimizer_key, **sampled), value)
 
     return step
 
 
-def _apply_update(optimizer: optax.GradientTransformation, grads, params, opt_state, x, y, optimizer_key):
+def _apply_update(optimizer: optax.GradientTransformation, grads, params, opt_state, x, y, optimizer_key, **extra):
     """``(params, opt_state)`` after one update; an optimizer that takes extra arguments also gets the batch."""
     if isinstance(optimizer, optax.GradientTransformationExtraArgs):
-        updates, opt_state = optimizer.update(grads, opt_state, params, inputs=x, targets=y, key=optimizer_key)
+        updates, opt_state = optimizer.update(grads, opt_state, params, inputs=x, targets=y, key=optimizer_key, **extra)
     else:
         updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state

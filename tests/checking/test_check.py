@@ -165,8 +165,12 @@ def test_cli_check_default_prints_table_and_exits_0():
 def test_cli_check_json_with_everything():
     result = run_cli(
         "check",
+        "--input-shape",
+        "5",
         "--layers",
-        "5,7,3",
+        "7",
+        "--outputs",
+        "3",
         "--activation",
         "tanh",
         "--loss",
@@ -190,11 +194,12 @@ def test_cli_check_json_with_everything():
     "args, message",
     [
         (["--layers", "64,x"], "expected comma-separated positive integers"),
-        (["--layers", "64"], "--layers needs the input width"),
+        (["--widths", "64"], "--widths needs the input width"),
+        (["--model", "cnn", "--layers", "32"], "build --model mlp only"),
         (["--activation", "swish"], "invalid choice: 'swish'"),
         (["--batch", "0"], "expected a positive integer"),
         (["--dtype", "int8"], "invalid choice"),
-        (["--loss", "cross_entropy", "--layers", "4,1"], "at least 2 output classes"),
+        (["--loss", "cross_entropy", "--outputs", "1"], "at least 2 output classes"),
     ],
 )
 def test_cli_check_bad_options_one_line(args, message):
@@ -215,7 +220,7 @@ def test_cli_check_exits_1_on_disagreement(monkeypatch, capsys):
         return mnet.serial(*net.layers[:-1], WrongBiasDense(widths[-1]))
 
     monkeypatch.setattr(mnet, "mlp", wrong_mlp)
-    assert cli.main(["check", "--layers", "6,8,3", "--dtype", "float64"]) == 1
+    assert cli.main(["check", "--input-shape", "6", "--layers", "8", "--outputs", "3", "--dtype", "float64"]) == 1
     out = capsys.readouterr().out
     assert "first wrong layer is [2] WrongBiasDense(3)" in out
     np.testing.assert_equal("MISMATCH" in out, True)

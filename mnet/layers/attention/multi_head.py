@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from mnet.core.layer import check_param_keys, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, call_forward
 from mnet.core.walk import Compound
-from mnet.errors import LayerError
+from mnet.errors import LayerError, SettingError
 from mnet.layers.attention.blockwise import BlockwiseAttentionCore
 from mnet.layers.attention.core import AttentionCore
 from mnet.layers.attention.heads import HeadLayout
@@ -80,15 +80,15 @@ class MultiHeadSelfAttention(Compound):
             if value is not None or name == "num_heads":
                 positive_int(value, name, "MultiHeadSelfAttention")
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise SettingError(
                 f"MultiHeadSelfAttention: num_kv_heads = {self.num_kv_heads} does not divide num_heads = "
                 f"{self.num_heads} (each key-value head serves num_heads / num_kv_heads query heads)"
             )
         if self.rope_base is not None:
             if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, int | float) or self.rope_base <= 1:
-                raise ValueError(f"MultiHeadSelfAttention: rope_base must be a number > 1, got {self.rope_base!r}")
+                raise SettingError(f"MultiHeadSelfAttention: rope_base must be a number > 1, got {self.rope_base!r}")
             if self.head_dim is not None and self.head_dim % 2:
-                raise ValueError(
+                raise SettingError(
                     f"MultiHeadSelfAttention: rotary positions pair the features of a head, so head_dim must be "
                     f"even, got {self.head_dim}"
                 )

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mnet.core.protocol import Array
+from mnet.errors import SettingError
 from mnet.layers.recurrent.through_time import Recurrent, sigmoid_slope, tanh_slope
 
 
@@ -30,7 +31,7 @@ class RNN(Recurrent):
     def __post_init__(self):
         super().__post_init__()
         if self.activation not in ("tanh", "relu"):
-            raise ValueError(f"RNN: activation must be 'tanh' or 'relu', got {self.activation!r}")
+            raise SettingError(f"RNN: activation must be 'tanh' or 'relu', got {self.activation!r}")
 
     def __repr__(self) -> str:
         return f"RNN({self.hidden})" if self.activation == "tanh" else f"RNN({self.hidden}, activation='relu')"

@@ -56,6 +56,15 @@ def _fresh_compilation_caches():
     gc.collect()
 
 
+@pytest.fixture(autouse=True)
+def _x64_kept():
+    """A test that runs a command in-process (``mnet check --dtype float32`` sets JAX's x64 flag as a user's run
+    needs) leaves the flag as the suite has it."""
+    yield
+    if not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+
+
 _SLOW = {
     line.strip()
     for line in (Path(__file__).with_name("slow.txt")).read_text().splitlines()

@@ -103,7 +103,7 @@ def format_table(result: dict) -> str:
     header = f"{'row':<5}{'contender':<{width}}{'median':>12}{'speed-up':>10}{'temp MB':>10}{'peak MB':>10}  notes"
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
-        lines.append(f"{row['name']:<6}{row['description']}")
+        lines.append(f"{row['name']} {row['description']}")  # a space whatever the name's length (W1bf16, M1-256)
         for name in row["seconds"]:
             time_text, note = contender_figures(row, name, peaks)
             memory = row.get("memory", {}).get(name, NOT_AVAILABLE)

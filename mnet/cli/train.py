@@ -163,8 +163,9 @@ def finite_or_none(value) -> float | None:
 class EpochReporter:
     """Shows each epoch: a tqdm bar on a terminal, else one line per epoch through ``say``."""
 
-    def __init__(self, epochs: int, say, quiet_bar: bool):
-        self.epochs, self.say, self.bar = epochs, say, None
+    def __init__(self, epochs: int, say, quiet_bar: bool, resuming: str | None = None):
+        # A resumed run says so with its first epoch: a run refused before it trains never claims to resume.
+        self.epochs, self.say, self.bar, self.resuming = epochs, say, None, resuming
         if sys.stderr.isatty() and not quiet_bar:
             # A terminal that reports a 0 x 0 size (some pseudo-terminals do) makes tqdm hide its bar; shutil falls
             # back to 80 x 24 there.
@@ -172,6 +173,9 @@ class EpochReporter:
             self.bar = tqdm(total=epochs, unit="epoch", file=sys.stderr, ncols=columns, nrows=rows)
 
     def __call__(self, epoch: int, record: dict) -> None:
+        if self.resuming is not None:
+            print(self.resuming, file=sys.stderr)
+            self.resuming = None
         if self.bar is not None:
             self.bar.n = epoch
             self.bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{record['test_accuracy']:.4f}")
@@ -295,10 +299,7 @@ def resumed_epoch(args: argparse.Namespace) -> int | None:
         )
     if not args.resume:
         return None
-    epoch = int(checkpoint.read_metadata(args.checkpoint).get("epoch", 0))
-    if distributed.is_leader():
-        print(f"resuming from epoch {epoch} of {args.checkpoint}", file=sys.stderr)
-    return epoch
+    return int(checkpoint.read_metadata(args.checkpoint).get("epoch", 0))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -339,7 +340,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dp_clip is not None:
         noise = mnet.dp_noise(args.dp_clip, args.dp_noise, None, jax.random.fold_in(jax.random.key(args.seed), 7))
         optimizer, grad = optax.chain(noise, optimizer), mnet.clipped_value_and_grad(net, loss, args.dp_clip)
-    reporter = EpochReporter(args.epochs, say, quiet_bar=args.json)
+    resuming = (
+        None if done is None or not distributed.is_leader() else f"resuming from epoch {done} of {args.checkpoint}"
+    )
+    reporter = EpochReporter(args.epochs, say, quiet_bar=args.json, resuming=resuming)
     try:
         result = training.fit(
             net,

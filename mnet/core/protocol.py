@@ -153,6 +153,8 @@ def call_forward(
     train flag only to a layer that keeps state, and a padding mask (``mask=``, None for none) only to a layer that
     reads one (:func:`takes_mask`), so that the deterministic call ``forward(params, x)`` works for every layer.
     Other ``options`` go to the layer as they are."""
+    if isinstance(layer, type):
+        raise KindError(f"{layer.__name__} is a class; pass an instance, such as {layer.__name__}(...)")
     kwargs: dict[str, Any] = dict(options)
     mask = kwargs.pop("mask", None)
     if mask is not None and takes_mask(layer):

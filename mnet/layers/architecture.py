@@ -80,6 +80,8 @@ def build_network(description: Any) -> Any:
         SettingError: an unknown class, an unknown field or a value that is not plain data, naming where in the
             description it sits (``layers[2].out_dim``).
     """
+    if not isinstance(description, dict):
+        raise SettingError(f"build_network: the network is {description!r:.80}, not a layer description")
     return _decode(description, "network")
 
 

@@ -37,6 +37,12 @@ class _Normalization(Layer):
     #: Whether the mean is subtracted and there is a shift ``beta`` (LayerNorm, BatchNorm), or neither (RMSNorm).
     centred = True
 
+    def __post_init__(self):
+        if not (isinstance(self.eps, int | float) and 0 < self.eps < float("inf")):
+            raise SettingError(
+                f"{type(self).__name__}: eps must be a positive number (it keeps 1/sqrt finite), got {self.eps!r}"
+            )
+
     def _axes(self, ndim: int) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -271,6 +277,7 @@ class BatchNorm(_Normalization):
     stateful = True
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.momentum <= 1.0:
             raise SettingError(f"BatchNorm: momentum must be in [0, 1] (the new batch's weight), got {self.momentum}")
 

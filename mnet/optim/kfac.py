@@ -24,6 +24,7 @@ transformation that turns a direction into a step: :func:`kfac` is ``optax.chain
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -87,10 +88,14 @@ def precondition(inverses: Any, grads: Params) -> Params:
     return type(grads)(precondition(inv, g) for inv, g in zip(inverses, grads))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_settings(damping: float, decay: float, inverse_every: int, kind: str) -> None:
-    if not damping > 0:
+    if not (_is_number(damping) and damping > 0):
         raise SettingError(f"kfac: damping must be > 0 (it keeps the factors invertible), got {damping!r}")
-    if not 0 <= decay < 1:
+    if not (_is_number(decay) and 0 <= decay < 1):
         raise SettingError(f"kfac: decay must be in [0, 1) (the weight kept by the moving average), got {decay!r}")
     if not (isinstance(inverse_every, int) and inverse_every >= 1):
         raise SettingError(f"kfac: inverse_every must be a positive int, got {inverse_every!r}")
@@ -232,7 +237,7 @@ def kfac(
         ``optax.chain(kfac_preconditioner(...), optax.sgd(learning_rate, momentum))``; to use another step rule,
         chain :func:`kfac_preconditioner` yourself.
     """
-    if not learning_rate > 0:
+    if not (_is_number(learning_rate) and learning_rate > 0):
         raise SettingError(f"kfac: learning_rate must be > 0, got {learning_rate!r}")
     return optax.chain(
         kfac_preconditioner(net, loss, input_shape, kl_clip=kl_clip, learning_rate=learning_rate, **preconditioner),

@@ -55,8 +55,13 @@ def atomic_write(path: str | Path, write) -> None:
         pass
 
 
-def _leaf_bytes(leaf) -> tuple[np.ndarray, dict]:
+def _leaf_bytes(leaf, where: str) -> tuple[np.ndarray, dict]:
     array = np.asarray(leaf)
+    if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == bool):
+        # an object array's bytes are pointers: written, they would read back as garbage
+        raise CheckpointError(
+            f"cannot save leaf {where}: {type(leaf).__name__} of dtype {array.dtype} is no array of numbers"
+        )
     raw = np.frombuffer(array.tobytes(order="C"), np.uint8)
     return raw, {"shape": list(array.shape), "dtype": jnp.dtype(array.dtype).name}
 
@@ -66,7 +71,7 @@ def save_tree(path: str | Path, tree: Any, metadata: dict | None = None) -> None
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     arrays, entries, digest = {}, [], hashlib.sha256()
     for index, (key_path, leaf) in enumerate(flat):
-        raw, entry = _leaf_bytes(leaf)
+        raw, entry = _leaf_bytes(leaf, jax.tree_util.keystr(key_path))
         arrays[f"leaf_{index}"] = raw
         entries.append({"path": jax.tree_util.keystr(key_path), **entry})
         digest.update(raw.tobytes())

@@ -161,7 +161,7 @@ def fit(
             be resumed (another configuration, optimizer or network).
     """
     optimizer = optimizer or optax.adam(1e-3)
-    devices = _checked_settings(data, grad, batch_size, devices, layout)
+    devices = _checked_settings(data, grad, batch_size, devices, layout, epochs)
     _refuse_non_finite(data)
     if checkpoint_path is not None and Path(checkpoint_path).exists() and not (resume or overwrite):
         raise CheckpointError(
@@ -259,11 +259,15 @@ def _mesh(devices: int | None, layout: str, model_devices: int | None):
     return data_parallel_mesh(devices, model)
 
 
-def _checked_settings(data: Dataset, grad: Any, batch_size: int, devices: int | None, layout: str) -> int | None:
+def _checked_settings(
+    data: Dataset, grad: Any, batch_size: int, devices: int | None, layout: str, epochs: int
+) -> int | None:
     """Refuse settings ``fit`` cannot run; the devices to train on (all of them when several processes joined)."""
+    if not (isinstance(epochs, int) and epochs >= 0):
+        raise SettingError(f"fit: epochs must be an int >= 0 (the total, counting a resumed run's), got {epochs!r}")
     if not callable(grad) and grad not in GRADIENT_MODES:
         raise SettingError(f"grad must be one of {GRADIENT_MODES} or a value_and_grad-like function, got {grad!r}")
-    if not 0 < batch_size <= len(data.x_train):
+    if not (isinstance(batch_size, int) and 0 < batch_size <= len(data.x_train)):
         raise SettingError(
             f"batch_size must be between 1 and the {len(data.x_train)} training examples, got {batch_size}"
         )

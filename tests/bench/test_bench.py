@@ -49,3 +49,28 @@ def test_bench_bad_row_name_is_one_line():
         [sys.executable, "-m", "mnet", "bench", "--quick", "--rows", "W9"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "W9" in result.stderr
+
+
+def test_throughput_is_set_against_the_peak_of_its_own_dtype():
+    """Defect 7: a bfloat16 row was divided by the float32 peak (145% "of peak")."""
+    from mnet.bench.suite import contender_figures, format_table
+
+    row = {
+        "name": "W1bf16",
+        "description": "training step",
+        "seconds": {"hand": 0.01},
+        "ratios": {"hand": 1.0},
+        "extra": {"gflops_per_s": {"hand": 145.0}, "peak_dtype": "bfloat16"},
+        "memory": {"hand": {"temp_bytes": 10**6, "peak_bytes": 2 * 10**6}},
+    }
+    peaks = {"float32": 100.0, "bfloat16": 290.0}
+    assert contender_figures(row, "hand", peaks)[1] == "145.0 GFLOP/s = 50% of the bfloat16 peak"
+    result = {
+        "machine": {"processor": "x86_64", "cpu_count": 2, "backend": "cpu", "jax": "0"},
+        "matmul_peak_gflops": 100.0,
+        "matmul_peak_gflops_by_dtype": peaks,
+        "rows": [row],
+    }
+    table = format_table(result)
+    assert "bfloat16 peak 290.0 GFLOP/s" in table.splitlines()[0]
+    assert all("W1bf16training" not in line for line in table.splitlines())

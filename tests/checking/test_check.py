@@ -224,3 +224,76 @@ def test_cli_check_exits_1_on_disagreement(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "first wrong layer is [2] WrongBiasDense(3)" in out
     np.testing.assert_equal("MISMATCH" in out, True)
+
+
+def test_mixed_precision_is_judged_by_the_precision_it_computes_in():
+    """Defect 1: float32 gradients from bfloat16 products carry bfloat16's rounding, so float32's tolerance failed
+    them; the working precision is read from the compiled function's jaxpr."""
+    from mnet.checking.agreement import working_precision
+
+    net = mnet.mlp([32, 10], compute_dtype="bfloat16")
+    _, params = net.init(jax.random.key(0), (64,))
+    x, y = jax.random.normal(jax.random.key(1), (16, 64)), jnp.arange(16) % 10
+    report = mnet.compare_gradients(net, mnet.losses.softmax_cross_entropy, params, x, y)
+    assert report.ok and {row.autodiff.tolerance for row in report.rows} == {tolerance(jnp.bfloat16)}
+    worst = max(row.autodiff.max_rel_error for row in report.rows)
+    assert tolerance(jnp.float32) < worst < tolerance(jnp.bfloat16)  # above float32's: the old verdict
+    x32 = x.astype(jnp.float32)
+    assert working_precision(lambda a: (a.astype(jnp.float16) * 2).astype(jnp.float32), x32) == jnp.float16
+    assert working_precision(lambda a: a * 2, x32) == jnp.float32
+    assert working_precision(lambda a: a + 1, jnp.arange(3)) is None
+
+
+@dataclass(frozen=True)
+class WrongShapeScale:
+    """A user's layer whose backward sums its gradient over the features too: a scalar for a (d,) parameter."""
+
+    def init(self, key, input_shape):
+        return tuple(input_shape), {"s": jnp.ones(input_shape[-1])}
+
+    def forward(self, params, x):
+        return x * params["s"], x
+
+    def backward(self, params, x, dy):
+        return {"s": jnp.sum(x * dy)}, dy * params["s"]
+
+
+def test_a_backward_of_the_wrong_shape_is_named_at_its_position():
+    """Defect 4: the wrong shape passed through value_and_grad, crashed compare_gradients in numpy and fit inside
+    optax; now every entry point names the layer, its position and both shapes, while tracing."""
+    net = mnet.serial(mnet.Dense(4), mnet.serial(mnet.Tanh(), WrongShapeScale()), mnet.Dense(3))
+    _, params = net.init(jax.random.key(0), (5,))
+    x, y = jnp.ones((6, 5)), jnp.arange(6) % 3
+    loss = mnet.losses.softmax_cross_entropy
+    expected = r"WrongShapeScale\(\) at position \[1\]\[1\] of the network: backward returned a gradient of shape \(\) "
+    expected += r"for params\['s'\] of shape \(4,\)"
+    with pytest.raises(mnet.LayerError, match=expected):
+        jax.make_jaxpr(mnet.value_and_grad(net, loss))(params, x, y)
+    with pytest.raises(mnet.LayerError, match=expected):
+        mnet.compare_gradients(net, loss, params, x, y)
+    digits = mnet.data.load_digits(0)
+    wide = mnet.serial(mnet.Dense(4), WrongShapeScale(), mnet.Dense(10))
+    _, wide_params = wide.init(jax.random.key(0), (64,))
+    with pytest.raises(mnet.LayerError, match=r"WrongShapeScale\(\) at position \[1\]"):
+        mnet.fit(wide, loss, wide_params, digits, epochs=1)
+    with pytest.raises(mnet.LayerError, match="WrongShapeScale.*shape \\(\\) for params\\['s'\\]"):
+        mnet.value_and_grad(WrongShapeScale(), mnet.losses.mse)({"s": jnp.ones(5)}, x, x)
+
+
+def test_compare_gradients_checks_dropout_in_training_and_batchnorm_in_evaluation_mode():
+    loss = mnet.losses.softmax_cross_entropy
+    x, y = jax.random.normal(jax.random.key(1), (6, 5)), jnp.arange(6) % 3
+    dropout = mnet.serial(mnet.Dense(8), mnet.Relu(), mnet.Dropout(0.4), mnet.Dense(3))
+    _, params = dropout.init(jax.random.key(0), (5,))
+    report = mnet.compare_gradients(dropout, loss, params, x, y, key=jax.random.key(3), train=True, finite_differences=True)
+    assert report.ok and all(row.finite_differences.ok for row in report.rows)
+    assert "layer-by-layer rows left out" in report.notes[-1]
+    # the mask really is drawn: the gradient differs from evaluation mode's
+    evaluation = mnet.compare_gradients(dropout, loss, params, x, y)
+    assert not np.isclose(report.value, evaluation.value)
+    batchnorm = mnet.serial(mnet.Dense(8), mnet.BatchNorm(), mnet.Tanh(), mnet.Dense(3))
+    _, params = batchnorm.init(jax.random.key(0), (5,))
+    state = jax.tree_util.tree_map(lambda s: s + 0.3, mnet.init_state(batchnorm, params, (5,)))
+    for mode in (dict(state=state), dict(state=state, train=True)):
+        report = mnet.compare_gradients(batchnorm, loss, params, x, y, finite_differences=True, **mode)
+        assert report.ok and all(row.finite_differences.ok for row in report.rows), report

@@ -374,3 +374,23 @@ def test_the_whole_jacobian_fallback_equals_the_walk(monkeypatch):
             whole = la.functional_covariance(x)[1]
         module.batch_functional_covariance.clear_cache()
         np.testing.assert_allclose(whole, walked, rtol=1e-10, atol=1e-14)
+
+
+def test_an_optimum_at_the_edge_of_the_search_is_reported():
+    """Defect 8: the held-out NLL's best precision sat at the grid's end and came back as if found."""
+    import warnings
+
+    net, params, x, y = classifier(CE, n=30, seed=3)
+    la = mnet.laplace(net, CE, params, x, y, structure="diag")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the evidence's maximum inside the search: no warning
+        best = la.optimize_prior_precision().prior_precision
+    assert 1e-6 < best < 1e6
+    for lower, upper in ((best * 1e3, 1e8), (1e-9, best * 1e-3)):
+        edge = lower if lower > best else upper
+        with pytest.warns(mnet.SearchEdgeWarning, match=f"rises towards the search's bound {edge:g}; the optimum may"):
+            found = la.optimize_prior_precision(lower=lower, upper=upper).prior_precision
+        assert found == pytest.approx(edge, rel=1e-6)
+    # this untrained network's held-out NLL falls as the precision shrinks: every grid ends at its smallest value
+    with pytest.warns(mnet.SearchEdgeWarning, match="least at the grid's smallest value, 10000"):
+        assert la.optimize_prior_precision("nll", x_val=x, targets_val=y, grid=[1e4, 1e5, 1e6]).prior_precision == 1e4

@@ -117,3 +117,12 @@ def test_dense_initializer_choice_and_zero_bias():
     assert abs(float(jnp.std(params["W"])) - 2.0) < 0.2 and jnp.all(params["b"] == 1)
     with pytest.raises(ValueError, match="unknown initializer 'glorious'"):
         mnet.Dense(3, W_init="glorious")
+
+
+def test_relu_keeps_nan_as_jax_nn_relu_does():
+    """Defect 3: ReLU mapped NaN to 0, so a network whose parameters had gone NaN could return a finite loss."""
+    z = jnp.asarray([-1.0, 0.0, 2.0, jnp.nan, -jnp.inf, jnp.inf])
+    y, cache = mnet.Relu().forward((), z)
+    np.testing.assert_array_equal(y, jax.nn.relu(z))
+    _, dz = mnet.Relu().backward((), cache, jnp.ones_like(z))
+    np.testing.assert_array_equal(dz, jax.grad(lambda a: jnp.sum(jax.nn.relu(a)))(z))

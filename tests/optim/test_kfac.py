@@ -158,3 +158,18 @@ def test_kfac_digits_experiment_quick(tmp_path):
         assert curve["steps"] == [44, 88] and 0 < curve["seconds"][0] < curve["seconds"][1]
     assert results["K-FAC"]["test_accuracy"][0] > results["Adam"]["test_accuracy"][0] + 0.05
     assert (tmp_path / "kfac_digits.png").stat().st_size > 10_000
+
+
+def test_kfac_reads_token_ids_for_a_network_that_starts_with_an_embedding():
+    """Defect 2: the dummy input was float, and the error blamed the user's data."""
+    net = mnet.serial(mnet.Embedding(11, 8), mnet.Dense(6), mnet.Tanh(), mnet.LastStep(), mnet.Dense(3))
+    _, params = net.init(jax.random.key(0), (5,))
+    ids = jax.random.randint(jax.random.key(1), (16, 5), 0, 11)
+    labels = jnp.arange(16) % 3
+    optimizer = mnet.kfac(net, CE, (5,))
+    state = optimizer.init(params)
+    grads = mnet.grad(net, CE)(params, ids, labels)
+    direction, _ = jax.jit(optimizer.update)(grads, state, params, inputs=ids, targets=labels, key=jax.random.key(2))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(direction))
+    with pytest.raises(mnet.SettingError, match="has no parameters, so there is nothing to precondition"):
+        mnet.kfac(mnet.serial(mnet.Relu()), CE, (5,)).init(())

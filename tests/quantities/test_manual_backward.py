@@ -79,3 +79,38 @@ def test_bridge_plugs_into_optax_style_loss():
     loss = mnet.losses.softmax_cross_entropy
     via_bridge = jax.value_and_grad(lambda p: loss.value(mnet.with_manual_backward(net)(p, x), labels))(params)
     assert_trees_close(via_bridge, mnet.value_and_grad(net, loss)(params, x, labels), 1e-12)
+
+
+def test_with_manual_tangent_runs_the_hand_tangents_and_serves_every_transformation():
+    """The forward-mode twin: jax.jvp and jax.jacfwd through it equal autodiff's, run the hand tangent rules, and
+    jax.grad and jax.hessian work through it too (the tangent pass is linear, so JAX can transpose it)."""
+    from tests.helpers import no_autodiff
+
+    with jax.enable_x64(True):
+        net = mnet.serial(mnet.Dense(6), mnet.Tanh(), mnet.LayerNorm(), mnet.Dense(3))
+        _, params = net.init(jax.random.key(0), (4,), jnp.float64)
+        x = jax.random.normal(jax.random.key(1), (2, 4), jnp.float64)
+        hand, reference = mnet.with_manual_tangent(net), lambda p, inputs: net.forward(p, inputs)[0]
+        directions = (jax.tree_util.tree_map(jnp.ones_like, params), x)
+        assert_trees_close(jax.jvp(hand, (params, x), directions), jax.jvp(reference, (params, x), directions), 1e-12)
+        objective = lambda fn: lambda p: jnp.sum(jnp.sin(fn(p, x)))  # noqa: E731
+        assert_trees_close(jax.grad(objective(hand))(params), jax.grad(objective(reference))(params), 1e-12)
+        second = lambda fn: jax.hessian(lambda inputs: jnp.sum(fn(params, inputs) ** 2))(x)  # noqa: E731
+        assert_trees_close(second(hand), second(reference), 1e-11)
+        assert_trees_close(jax.jacfwd(hand, argnums=1)(params, x), jax.jacfwd(reference, argnums=1)(params, x), 1e-12)
+        with no_autodiff():  # the forward-mode rule itself is the hand tangent pass
+            jax.make_jaxpr(lambda p, t: apply_tangent_rule(net, p, x, t))(params, directions[0])
+
+
+def apply_tangent_rule(net, params, x, dparams):
+    return mnet.jvp(net)(params, x, dparams, None)
+
+
+def test_an_empty_batch_is_refused_at_every_driver():
+    net = mnet.mlp([4, 3])
+    _, params = net.init(jax.random.key(0), (5,))
+    x, y = jnp.zeros((0, 5)), jnp.zeros((0,), jnp.int32)
+    loss = mnet.losses.softmax_cross_entropy
+    for driver in (mnet.value_and_grad, mnet.per_example_grad_norms, mnet.per_example_grads, mnet.diag_ggn):
+        with pytest.raises(mnet.LossError, match="the batch is empty \\(targets of shape \\(0,\\)\\)"):
+            jax.make_jaxpr(driver(net, loss))(params, x, y)

@@ -170,3 +170,16 @@ def test_supervise_stops_the_rest_after_a_failure_and_at_the_timeout():
     processes = launch.start(1, [sys.executable, "-c", "import time; time.sleep(60)"])
     assert launch.supervise(processes, timeout_seconds=1, say=said.append) == 124
     assert processes[0].poll() is not None and "ran past 1 s" in said[-1]
+
+
+def test_the_launcher_passes_every_line_on_but_the_collective_librarys_start_up_noise():
+    import io
+
+    source = io.StringIO(
+        "[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n"
+        "epoch 1/1  train loss 2.1\n"
+        "[Gloo] a line gloo means a user to read\n"
+    )
+    target = io.StringIO()
+    launch.forward_lines(source, target).join(timeout=5)
+    assert target.getvalue() == "epoch 1/1  train loss 2.1\n[Gloo] a line gloo means a user to read\n"

@@ -248,3 +248,52 @@ def test_idx_plain_and_gzipped(tmp_path):
     dataset = data.load(tmp_path)
     assert dataset.example_shape == (20,) and len(dataset.x_train) == 30 and len(dataset.x_test) == 10
     np.testing.assert_array_equal(dataset.y_test, labels[:10])
+
+
+def test_non_finite_data_is_refused_before_any_step():
+    dataset = small_digits()
+    net = mnet.mlp([10])
+    _, params = net.init(jax.random.key(0), (64,))
+    x = dataset.x_train.copy()
+    x[3, 5] = np.nan
+    poisoned = data.Dataset(x, dataset.y_train, dataset.x_test, dataset.y_test, 10, "poisoned")
+    with pytest.raises(mnet.DataError, match="fit: x_train holds 1 NaN or infinite values"):
+        train.fit(net, CE, params, poisoned, epochs=1)
+
+
+def test_parameters_that_go_non_finite_stop_training_whatever_the_activations_hide(tmp_path):
+    """An activation that maps NaN to a number (as mnet's ReLU once did) keeps the loss finite while the parameters
+    are NaN: the parameters are checked too, and the checkpoint keeps the last good epoch."""
+
+    class HidesNaN(mnet.Tanh):
+        def forward(self, params, x):
+            y, cache = super().forward(params, x)
+            return jnp.nan_to_num(y, nan=0.0), cache
+
+    net = mnet.serial(mnet.Dense(8), HidesNaN(), mnet.Dense(10))
+    _, params = net.init(jax.random.key(0), (64,))
+
+    def poison_at(step):
+        def update(updates, count, params=None):
+            first = jax.tree_util.tree_map(lambda u: jnp.where(count >= step, jnp.nan, u), updates[0])
+            return (first, *updates[1:]), count + 1  # only the layer before the activation that hides NaN
+
+        return optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32), update)
+
+    optimizer = optax.chain(optax.sgd(0.1), poison_at(30))  # 400 examples in batches of 32: epoch 3
+    path = tmp_path / "run.npz"
+    with pytest.raises(DivergenceError, match=r"epoch 3: a parameter is NaN or infinite.*still holds epoch 2"):
+        train.fit(net, CE, params, small_digits(), optimizer=optimizer, epochs=5, checkpoint_path=path)
+    assert checkpoint.read_metadata(path)["epoch"] == 2
+
+
+def test_fit_never_overwrites_a_checkpoint_unasked_and_names_what_differs(tmp_path):
+    dataset, net = small_digits(), mnet.mlp([10])
+    _, params = net.init(jax.random.key(0), (64,))
+    path = tmp_path / "run.npz"
+    train.fit(net, CE, params, dataset, epochs=1, checkpoint_path=path)
+    with pytest.raises(CheckpointError, match="already exists: resume from it, or overwrite it explicitly"):
+        train.fit(net, CE, params, dataset, epochs=1, checkpoint_path=path)
+    with pytest.raises(CheckpointError, match="the optimizer state in the file does not match this run's"):
+        train.fit(net, CE, params, dataset, epochs=2, checkpoint_path=path, resume=True, optimizer=optax.sgd(0.1))
+    assert train.fit(net, CE, params, dataset, epochs=1, checkpoint_path=path, overwrite=True).history.epoch == [1]

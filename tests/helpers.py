@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -219,3 +222,22 @@ def reference_attention(layer, params, x, mask=None):
     weights = jnp.where(allowed, jax.nn.softmax(scores, axis=-1, where=allowed), 0.0)
     out = jnp.einsum("bhst,bthd->bshd", weights, v).reshape(batch, length, heads * head_dim)
     return out @ params["o"]["W"] + params["o"]["b"]
+
+
+def run_mnet(*argv, cwd=None) -> subprocess.CompletedProcess:
+    """``mnet ARGV`` in this process, its stdout and stderr captured, as a user's run has it (JAX's x64 off; the
+    suite's fixture turns it back on): the command line's own code without a fresh interpreter and JAX import per
+    call. The tests that must see the real entry point (the README's job) run a subprocess instead."""
+    from mnet import cli  # the command line's modules, imported only by the tests that run it
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    jax.config.update("jax_enable_x64", False)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = cli.main([str(a) for a in argv])
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(list(argv), status, out.getvalue(), err.getvalue())

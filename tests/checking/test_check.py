@@ -1,8 +1,6 @@
 """compare_gradients, its layer-by-layer localisation, finite differences, cost, and `mnet check` end to end."""
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import jax
@@ -13,6 +11,7 @@ import pytest
 import mnet
 from mnet.checking.agreement import FINITE_DIFFERENCE_TOLERANCE, tolerance
 from mnet.checking.cost import compare_cost
+from tests.helpers import run_mnet
 
 
 @dataclass(frozen=True, repr=False)
@@ -153,7 +152,7 @@ def test_memory_analysis_never_reports_a_zero():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mnet", *args], capture_output=True, text=True, timeout=300)
+    return run_mnet(*args)
 
 
 def test_cli_check_default_prints_table_and_exits_0():

@@ -1,13 +1,13 @@
 """`mnet check` and `mnet train` for any network: the built-in models and a user's MODULE:ATTR, and every bad value
-as one line and exit status 2, all through a subprocess as a user runs them."""
+as one line and exit status 2, each run in-process through the command line's own entry point (`mnet.cli.main`)."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+
+from tests.helpers import run_mnet
 
 USER_MODULE = textwrap.dedent('''
     from dataclasses import dataclass
@@ -53,7 +53,7 @@ def workdir(tmp_path_factory):
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mnet", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+    return run_mnet(*args, cwd=cwd)
 
 
 def test_check_a_users_network_and_the_built_in_models(workdir):

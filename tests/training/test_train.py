@@ -14,7 +14,7 @@ import mnet
 from mnet import train
 from mnet.errors import CheckpointError, DivergenceError
 from mnet.training import checkpoint, data
-from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_close, run_mnet
 
 CE = mnet.losses.softmax_cross_entropy
 
@@ -93,6 +93,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def run_cli(*args, cwd=None):
+    """The real entry point, a fresh interpreter: for the runs that must be exactly a user's."""
     return subprocess.run([sys.executable, "-m", "mnet", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
@@ -123,9 +124,9 @@ def test_cli_default_training_reaches_97_percent():
 def test_cli_resume_continues_to_the_same_result(tmp_path):
     ckpt = tmp_path / "ck.npz"
     common = ["--layers", "32", "--batch-size", "64", "--json", "--checkpoint", str(ckpt)]
-    whole = run_cli("train", "--epochs", "4", *common[:-2], "--json")
-    first = run_cli("train", "--epochs", "2", *common)
-    resumed = run_cli("train", "--epochs", "4", "--resume", *common)
+    whole = run_mnet("train", "--epochs", "4", *common[:-2], "--json")
+    first = run_mnet("train", "--epochs", "2", *common)
+    resumed = run_mnet("train", "--epochs", "4", "--resume", *common)
     assert first.returncode == resumed.returncode == whole.returncode == 0, resumed.stderr
     assert (
         json.loads(resumed.stdout.splitlines()[-1])["test_accuracy"]
@@ -135,7 +136,7 @@ def test_cli_resume_continues_to_the_same_result(tmp_path):
 
 
 def test_cli_divergence_exits_nonzero_with_one_line():
-    result = run_cli("train", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "3")
+    result = run_mnet("train", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "3")
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("mnet train: error: training diverged at epoch 1") and "Traceback" not in result.stderr
@@ -202,7 +203,7 @@ def test_bad_data_is_one_clear_line(tmp_path, case):
 @pytest.mark.parametrize("case", ["missing", "non_numeric", "fractional_labels", "lengths"])
 def test_cli_bad_data_exits_nonzero_without_traceback(tmp_path, case):
     path, message = write_bad_data(tmp_path, case)
-    result = run_cli("train", "--data", str(path), "--epochs", "1")
+    result = run_mnet("train", "--data", str(path), "--epochs", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (
         result.stderr.count("\n") == 1 and message in result.stderr and result.stderr.startswith("mnet train: error:")
@@ -224,7 +225,7 @@ def test_user_data_formats_load_and_train(tmp_path):
     np.testing.assert_array_equal(
         data.load(tmp_path / "d.npz", seed=3).y_test, data.load(tmp_path / "d.csv", seed=3).y_test
     )
-    result = run_cli("train", "--data", str(tmp_path / "d.csv"), "--epochs", "2", "--batch-size", "8", "--json")
+    result = run_mnet("train", "--data", str(tmp_path / "d.csv"), "--epochs", "2", "--batch-size", "8", "--json")
     assert result.returncode == 0, result.stderr
 
 

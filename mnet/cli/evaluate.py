@@ -9,7 +9,8 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from mnet.cli.train import finite_or_none, load_data
+from mnet.cli.reporting import finite_or_none
+from mnet.cli.train import load_data
 from mnet.training import text
 from mnet.training.fit import make_evaluate
 from mnet.training.trained import load_trained

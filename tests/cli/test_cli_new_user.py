@@ -95,7 +95,7 @@ def test_flags_that_would_be_ignored_are_refused_in_their_own_terms(capsys, argv
 def test_a_gradient_that_is_zero_in_exact_arithmetic_says_why_it_agrees(capsys):
     """The transformer's key bias has a zero gradient, so its relative error is rounding over rounding: the line
     must say that it agrees by its absolute error, not print an error above the tolerance as "agree"."""
-    from mnet.cli.train import gradient_check
+    from mnet.cli.reporting import gradient_check
 
     net = mnet.serial(mnet.Embedding(6, 8), mnet.MultiHeadSelfAttention(2), mnet.LastStep(), mnet.Dense(3))
     _, params = net.init(__import__("jax").random.key(0), (5,))

@@ -44,7 +44,16 @@ import numpy as np
 from mnet.checking import reference
 from mnet.checking.agreement import Agreement
 from mnet.checking.curvature_rows import diag_hessian_row, kronecker_row
-from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, perturbed, random_input, rule_source
+from mnet.checking.layer_report import (
+    Check,
+    LayerReport,
+    RuleRow,
+    compare_rule,
+    compared_rows,
+    perturbed,
+    random_input,
+    rule_source,
+)
 from mnet.core.protocol import (
     LayerProtocol,
     Shape,
@@ -91,24 +100,24 @@ def _forward_mode_rows(layer: Any, params: Any, x: jax.Array, dy: jax.Array, rng
         hv, dx_tangent = reference.layer_backward_tangent(layer, p, inputs, c, dp, t, ct)
         return (hv, dx_tangent) if t is not None else hv
 
-    rows = []
-    for rule, hand, ref, arguments in (
-        (
-            "tangent",
-            hand_tangent,
-            lambda p, inputs, dp, t: reference.layer_jvp(layer, p, inputs, dp, t),
-            (params, x, dparams, dx),
+    def ref_tangent(p, inputs, dp, t):
+        return reference.layer_jvp(layer, p, inputs, dp, t)
+
+    def source(rule: str) -> str:
+        found = rule_source(layer, rule, params)
+        return "default" if found == "absent" else found
+
+    checks = [
+        Check("tangent", source("tangent"), hand_tangent, ref_tangent, (params, x, dparams, dx)),
+        Check(
+            "backward_tangent",
+            source("backward_tangent"),
+            hand_backward_tangent,
+            ref_backward_tangent,
+            (params, x, dparams, dx, dy, dy_tangent),
         ),
-        ("backward_tangent", hand_backward_tangent, ref_backward_tangent, (params, x, dparams, dx, dy, dy_tangent)),
-    ):
-        source = rule_source(layer, rule, params)
-        try:
-            mine = jax.jit(hand)(*arguments)
-        except LayerError as missing:
-            rows.append(RuleRow(rule, "absent", note=str(missing)))
-            continue
-        rows.append(compare_rule(rule, "default" if source == "absent" else source, mine, jax.jit(ref)(*arguments)))
-    return rows
+    ]
+    return compared_rows(checks, (LayerError,), str)
 
 
 def check_layer(layer: LayerProtocol, input_shape: Shape, *, batch: int = 4, seed: int = 0) -> LayerReport:
@@ -329,15 +338,14 @@ def _per_example_rows(layer: Any, d: _Draws) -> list[RuleRow]:
                 (d.params, d.x, d.columns),
             )
         )
-    rows = []
-    for rule, hand, ref, arguments in checks:
-        try:
-            mine = jax.jit(hand)(*arguments)
-        except MissingRule as missing:
-            rows.append(RuleRow(rule, "absent", note=f"{missing}: derivatives run the network one example at a time"))
-            continue
-        rows.append(compare_rule(rule, rule_source(layer, rule, d.params), mine, jax.jit(ref)(*arguments)))
-    return rows
+    return compared_rows(
+        [
+            Check(rule, rule_source(layer, rule, d.params), hand, ref, arguments)
+            for rule, hand, ref, arguments in checks
+        ],
+        (MissingRule,),
+        lambda missing: f"{missing}: derivatives run the network one example at a time",
+    )
 
 
 def _cache_of(layer: Any, params: Any, x: jax.Array) -> Any:

@@ -3,6 +3,7 @@ and the comparison that fills a row."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,43 @@ class LayerReport:
                 verdict,
             ]
         )
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule to compare: the hand-derived function, its reference, the arguments both take, and the row's
+    source (``own``, ``default``, ``driver``)."""
+
+    rule: str
+    source: str
+    hand: Callable
+    ref: Callable
+    arguments: tuple
+
+
+def compared_rows(checks: list[Check], missing: tuple[type[Exception], ...], note: Callable[[Exception], str]) -> list:
+    """Every check's row, in order. A rule the layer or network cannot compute shows when its hand-derived function is
+    traced (one of ``missing``): its row is "absent", with ``note(error)``. The rest are compiled as two programs,
+    every hand-derived function in one and every reference in the other, the arguments passed in (never baked in as
+    constants): a dozen small compilations cost more than two larger ones (``check_network`` on an MLP: 8.6 s
+    against 6.0 s)."""
+    absent: dict[str, str] = {}
+    for check in checks:
+        try:
+            jax.eval_shape(check.hand, *check.arguments)
+        except missing as error:
+            absent[check.rule] = note(error)
+    present = [check for check in checks if check.rule not in absent]
+    inputs = [check.arguments for check in present]
+    mine = jax.jit(lambda every: [check.hand(*a) for check, a in zip(present, every)])(inputs)
+    theirs = jax.jit(lambda every: [check.ref(*a) for check, a in zip(present, every)])(inputs)
+    found = {check.rule: (a, b) for check, a, b in zip(present, mine, theirs)}
+    return [
+        RuleRow(check.rule, "absent", note=absent[check.rule])
+        if check.rule in absent
+        else compare_rule(check.rule, check.source, *found[check.rule])
+        for check in checks
+    ]
 
 
 def compare_rule(rule: str, source: str, mine: Any, ref: Any) -> RuleRow:

@@ -37,7 +37,15 @@ import numpy as np
 
 from mnet.checking import reference
 from mnet.checking.curvature_rows import kronecker_comparison
-from mnet.checking.layer_report import LayerReport, RuleRow, compare_rule, perturbed, random_input
+from mnet.checking.layer_report import (
+    Check,
+    LayerReport,
+    RuleRow,
+    compare_rule,
+    compared_rows,
+    perturbed,
+    random_input,
+)
 from mnet.core.protocol import LayerProtocol, Shape, call_forward, init_layer, require_layer
 from mnet.errors import MnetError
 from mnet.losses import Loss
@@ -136,7 +144,11 @@ def _check(net: Any, loss: Loss, input_shape: tuple[int, ...], batch: int, seed:
     ]
     order = {name: k for k, name in enumerate(QUANTITIES)}
     checks.sort(key=lambda check: order[check[0]])
-    rows = _rows(checks)
+    rows = compared_rows(
+        [Check(name, "driver", hand, ref, arguments) for name, hand, ref, arguments in checks],
+        (MnetError,),
+        lambda unsupported: " ".join(str(unsupported).split()),
+    )
     rows.append(_diag_hessian_row(net, loss, params, x, targets, objective, rng))
     rows.append(_kronecker_row(net, loss, params, x, targets))
     return LayerReport(repr(net), input_shape, batch, tuple(rows), title=f"check_network {net!r}, loss {loss!r}")
@@ -151,27 +163,6 @@ def _draw(net: Any, loss: Loss, input_shape: tuple[int, ...], batch: int, seed: 
     targets = loss.random_targets(outputs, jax.random.key(seed + 1))
     v = jax.tree_util.tree_map(lambda p: _normal(rng, p) if _floating(p) else jnp.zeros_like(p), params)
     return params, x, x2, targets, v, _normal(rng, x) if _floating(x) else None
-
-
-def _rows(checks: list[tuple[str, Callable, Callable, tuple]]) -> list[RuleRow]:
-    """Every quantity's row. A quantity the network cannot compute shows when its driver is traced (an
-    :class:`MnetError`): its row is "absent". The others are compiled as two programs, every hand-derived driver in
-    one and every reference in the other, since a dozen small compilations cost more than two larger ones."""
-    absent: dict[str, str] = {}
-    for name, hand, _, arguments in checks:
-        try:
-            jax.eval_shape(hand, *arguments)
-        except MnetError as unsupported:
-            absent[name] = " ".join(str(unsupported).split())
-    present = [check for check in checks if check[0] not in absent]
-    inputs = [arguments for *_, arguments in present]  # passed in, never baked into the programs as constants
-    mine = jax.jit(lambda every: [check[1](*a) for check, a in zip(present, every)])(inputs)
-    theirs = jax.jit(lambda every: [check[2](*a) for check, a in zip(present, every)])(inputs)
-    found = {name: (a, b) for (name, *_), a, b in zip(present, mine, theirs)}
-    return [
-        RuleRow(name, "absent", note=absent[name]) if name in absent else compare_rule(name, "driver", *found[name])
-        for name, *_ in checks
-    ]
 
 
 def _diag_hessian_row(net, loss, params, x, targets, objective, rng) -> RuleRow:

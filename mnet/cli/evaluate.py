@@ -28,8 +28,9 @@ def run_eval(args: argparse.Namespace) -> int:
         int(config.get("context", 128)),
         model.loss.kind == "regression",
     )
-    split = "train" if args.split == "train" else "test"
-    x = model.prepare(raw_inputs(dataset, split), f"--data {args.data or 'the training run’s data'} ({split} split)")
+    split = args.split
+    source = args.data or "the run's own data"
+    x = model.prepare(raw_inputs(dataset, split), f"--data {source} ({split} split)")
     y = np.asarray(getattr(dataset, f"y_{split}"))
     if model.loss.kind == "classification":
         outputs = (len(y), *np.shape(y)[1:], int(model.metadata["model"]["classes"]))
@@ -42,8 +43,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         bits = f", {result['bits_per_character']:.3f} bits per character" if "bits_per_character" in result else ""
-        accuracy = "" if result["accuracy"] is None else f", accuracy {result['accuracy']:.4f}"
-        print(f"{args.checkpoint}: {split} loss {result['loss']:.4g}{accuracy}{bits} on {len(y)} examples")
+        correct = "" if result["accuracy"] is None else f", accuracy {result['accuracy']:.4f}"
+        print(f"{args.checkpoint}: {split} loss {result['loss']:.4g}{correct}{bits} on {len(y)} examples")
     return 0
 
 

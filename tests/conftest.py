@@ -65,8 +65,6 @@ def _x64_kept():
         jax.config.update("jax_enable_x64", True)
 
 
-WAITING_FIRST = "tests/training/test_multiprocess.py"
-
 _SLOW = {
     line.strip()
     for line in (Path(__file__).with_name("slow.txt")).read_text().splitlines()
@@ -81,6 +79,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if f"{item.nodeid.split('::')[0]}::{getattr(item, 'originalname', item.name)}" in _SLOW:
             item.add_marker(pytest.mark.slow)
-    # The several-process tests mostly wait (for heartbeats, for their processes to start): first, their waiting
-    # overlaps the other worker's compiling, where last it left a core idle at the end of the run.
-    items.sort(key=lambda item: not item.nodeid.startswith(WAITING_FIRST))

@@ -13,6 +13,7 @@ import pytest
 import mnet
 from mnet.errors import SettingError
 from mnet.training.sampling import poisson_batch
+from tests.helpers import no_autodiff
 
 CE = mnet.losses.softmax_cross_entropy
 
@@ -105,6 +106,8 @@ def test_a_poisson_batch_sums_the_included_clipped_gradients_over_the_expected_b
             np.testing.assert_allclose(mine, reference, rtol=1e-12, atol=1e-15)
         losses = jax.vmap(one, (None, 0, 0))(params, x, y)
         assert float(value) == pytest.approx(float(jnp.sum(losses * included) / 5), rel=1e-12)
+        with no_autodiff():  # the weighted clipped sum is hand-derived too
+            jax.make_jaxpr(lambda p: clipped(p, x, y, included=included, expected_batch=6))(params)
 
 
 def test_the_noise_is_tied_to_the_batch_it_is_calibrated_for():

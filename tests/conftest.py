@@ -17,12 +17,14 @@ if os.environ.get("MNET_TESTS_DEFAULT_COMPILER") != "1":
 # One persistent compilation cache for the whole run, shared by the subprocesses the tests start (CLI runs, several
 # processes, the bench): the same programs recompiled by later modules and by every subprocess are read back
 # instead (the CLI, training and data-parallel tests: 117 s cold without it, 104 s with it). JAX keys each entry by
-# the program, the devices and XLA_FLAGS, so a run under other flags compiles its own. Removed at the end.
+# the program, the devices and XLA_FLAGS, so a run under other flags compiles its own. Removed at the end. Only
+# programs that took a second or more to compile are written: since the command-line tests run in-process, writing
+# every small program cost more than reading them back saved (four heavy files: 366 s of CPU with every program
+# written, 336 s with none).
 _CACHE = tempfile.mkdtemp(prefix="mnet-tests-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 # Deliberate float32 products: GPUs run float32 matmuls as TF32 by default (about 1e-3 relative), which the
 # float32 tolerances here are not written for; "highest" is full float32 there and changes nothing on CPU. Set

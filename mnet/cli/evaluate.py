@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet.cli.reporting import finite_or_none
-from mnet.cli.train import load_data
+from mnet.cli.train import GPT_CONTEXT, load_data
 from mnet.training import text
 from mnet.training.fit import make_evaluate
 from mnet.training.trained import load_trained
@@ -25,7 +25,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.data if args.data is not None else config.get("data"),
         int(config.get("seed", 0)),
         args.label_column if args.data is not None else config.get("label_column"),
-        int(config.get("context", 128)),
+        int(config.get("context") or GPT_CONTEXT),
         model.loss.kind == "regression",
     )
     split = args.split

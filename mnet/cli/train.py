@@ -34,6 +34,7 @@ TRAINING_DEFAULTS = {"mlp": (40, 32, 1e-3), "cnn": (20, 32, 1e-3), "transformer"
 
 #: ``--model gpt``: a LLaMA-style decoder small enough for a laptop's CPU (``mnet.models.gpt``'s other defaults).
 GPT_D_MODEL, GPT_LAYERS, GPT_HEADS, GPT_KV_HEADS = 64, 2, 4, 2
+GPT_CONTEXT = 128
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "kfac")
 
@@ -141,8 +142,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--layout {args.layout} shards the parameters over devices: give --devices N (0: all)")
     if args.model_devices is not None and args.layout != "tensor":
         raise UsageError("--model-devices sets the tensor-parallel group: it needs --layout tensor")
-    if args.context != 128 and args.model != "gpt":
+    if args.context is not None and args.model != "gpt":
         raise UsageError("--context applies to --model gpt only")
+    args.context = args.context or GPT_CONTEXT
     if args.optimizer == "kfac" and (args.schedule != "constant" or args.weight_decay):
         raise UsageError("--optimizer kfac takes a constant --lr and no --weight-decay")
     if args.warmup_epochs and args.schedule != "warmup-cosine":
@@ -274,7 +276,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--label-column", default=None, help="CSV label column (name or 0-based index)")
     train.add_argument(
-        "--context", type=positive_int, default=128, help="--model gpt on the bundled text: characters per window"
+        "--context",
+        type=positive_int,
+        default=None,
+        help=f"--model gpt on the bundled text: characters per window (default {GPT_CONTEXT})",
     )
     train.add_argument(
         "--layers",

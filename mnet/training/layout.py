@@ -42,33 +42,6 @@ def epoch_order(key: jax.Array, examples: int, batch_size: int) -> jax.Array:
     return jax.random.permutation(shuffle_key, examples)[: steps * batch_size].reshape(steps, batch_size)
 
 
-def _poisson_epoch(update: Callable, net: Layer, batch_size: int) -> Callable:
-    """The jitted epoch of Poisson-sampled steps, ``examples // batch_size`` of them, on one device."""
-
-    def epoch(params, opt_state, state, x, y, key):
-        examples = x.shape[0]
-        capacity = poisson_capacity(examples, batch_size)
-        steps = examples // batch_size
-        draws = jax.random.split(jax.random.split(key)[0], steps)
-
-        def step(carry, keys):
-            draw_key, step_key = keys
-            indices, included = poisson_batch(draw_key, examples, batch_size, capacity)
-            extra = {"key": step_key, "train": True} if is_stochastic(net) else {}
-            optimizer_key = jax.random.fold_in(step_key, 1)
-            *carry, value = update(
-                *carry, x[indices], y[indices], optimizer_key, included=included, expected_batch=batch_size, **extra
-            )
-            return tuple(carry), value
-
-        (params, opt_state, state), values = jax.lax.scan(
-            step, (params, opt_state, state), (draws, step_keys(key, steps))
-        )
-        return params, opt_state, state, jnp.mean(values)
-
-    return jax.jit(epoch, donate_argnums=(0, 1, 2))
-
-
 def step_keys(key: jax.Array, steps: int) -> jax.Array:
     """One key per step of the epoch (dropout masks, a stochastic optimizer), independent of the shuffle."""
     return jax.random.split(jax.random.split(key)[1], steps)
@@ -146,9 +119,6 @@ def make_epoch(
             params, opt_state, value = stateless(params, opt_state, x, y, optimizer_key, **extra)
             return params, opt_state, state, value
 
-    if sampling == "poisson":
-        return _poisson_epoch(update, net, batch_size)
-
     data_devices = 1 if layout is None else layout.mesh.shape["data"]
     if batch_size % data_devices:
         raise SettingError(f"batch_size {batch_size} must be divisible by the {data_devices} devices")
@@ -159,29 +129,46 @@ def make_epoch(
     )
 
     def scan_steps(params, opt_state, state, batches, fetch):
+        """``fetch(batch) -> (x, y, step_key, sampled)``; ``sampled`` is what a Poisson batch adds (its weights)."""
+
         def step(carry, batch):
-            x, y, step_key = fetch(batch)
+            x, y, step_key, sampled = fetch(batch)
             # A network with randomness (dropout) trains in training mode with a fresh key every step.
             extra = {"key": step_key, "train": True} if is_stochastic(net) else {}
             optimizer_key = jax.random.fold_in(step_key, 1)  # independent of the dropout draws
-            *carry, value = update(*carry, split(x), split(y), optimizer_key, **extra)
+            *carry, value = update(*carry, split(x), split(y), optimizer_key, **sampled, **extra)
             return tuple(carry), value
 
         (params, opt_state, state), values = jax.lax.scan(step, (params, opt_state, state), batches)
         return params, opt_state, state, jnp.mean(values)
+
+    if sampling == "poisson":
+
+        def poisson_epoch(params, opt_state, state, x, y, key):
+            examples, steps = x.shape[0], x.shape[0] // batch_size
+            capacity = poisson_capacity(examples, batch_size)
+
+            def fetch(batch):
+                indices, included = poisson_batch(batch[0], examples, batch_size, capacity)
+                return x[indices], y[indices], batch[1], {"included": included, "expected_batch": batch_size}
+
+            draws = jax.random.split(jax.random.split(key)[0], steps)
+            return scan_steps(params, opt_state, state, (draws, step_keys(key, steps)), fetch)
+
+        return jax.jit(poisson_epoch, donate_argnums=(0, 1, 2))
 
     if layout is None:
 
         def epoch(params, opt_state, state, x, y, key):
             order = epoch_order(key, x.shape[0], batch_size)
             batches = (order, step_keys(key, order.shape[0]))
-            return scan_steps(params, opt_state, state, batches, lambda b: (x[b[0]], y[b[0]], b[1]))
+            return scan_steps(params, opt_state, state, batches, lambda b: (x[b[0]], y[b[0]], b[1], {}))
 
         return jax.jit(epoch, donate_argnums=(0, 1, 2))
 
     def sharded_epoch(params, opt_state, state, xs, ys, key_data):
         keys = step_keys(jax.random.wrap_key_data(key_data), xs.shape[0])
-        return scan_steps(params, opt_state, state, (xs, ys, keys), lambda b: b)
+        return scan_steps(params, opt_state, state, (xs, ys, keys), lambda b: (*b, {}))
 
     everywhere = layout.replicated
     return jax.jit(

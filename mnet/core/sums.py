@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 from mnet.core.protocol import Array, Params
+from mnet.errors import LayerError
 
 
 def add_cotangents(a: Array, b: Array) -> Array:
@@ -49,3 +52,20 @@ def sum_stack(a: Array, weights: Array | None = None) -> Array:
     for k in range(1, a.shape[0]):
         total = total + (a[k] if weights is None else a[k] * weights[k])
     return total
+
+
+def kept_weights(kept: Array | None, batch: int, positions: int, dtype: Any, layer: object) -> Array:
+    """``(batch, positions)`` weights in ``dtype``: 1 at every position a padding mask keeps (``kept``, ``(batch, T)``
+    booleans) and 0 at the padding; all ones without a mask. An operand with one position per example (a layer
+    after pooling over the sequence) weighs each example by whether it holds any token. A layer whose positions are
+    not the sequence's cannot say which of them are padding: then a :class:`mnet.LayerError` names it."""
+    if kept is None:
+        return jnp.ones((batch, positions), dtype)
+    kept = kept.reshape(kept.shape[0], -1)
+    if positions == kept.shape[1]:
+        return kept.astype(dtype)
+    if positions == 1:
+        return jnp.any(kept, axis=1, keepdims=True).astype(dtype)
+    raise LayerError(
+        layer, f"has {positions} positions per example, and a padding mask of shape {tuple(kept.shape)} has {kept.shape[1]}"
+    )

@@ -12,7 +12,7 @@ from mnet import initializers
 from mnet.core.curvature import Columns, Curvature, Group, WeightedRows, next_origin, signed_square_sum
 from mnet.core.layer import Layer, describe, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
-from mnet.core.sums import sum_stack
+from mnet.core.sums import kept_weights, sum_stack
 from mnet.errors import SettingError
 
 
@@ -256,20 +256,23 @@ class Dense(Layer):
             diag["b"] = jnp.sum(columns_sq, axis=0)
         return diag
 
-    def kronecker_factors(self, params: Params, x: Cache, S: Array) -> Params:
+    def kronecker_factors(self, params: Params, x: Cache, S: Array, kept: Array | None = None) -> Params:
         """``z = a W'`` with ``a = [x, 1]`` and ``W' = [W; b]``, so example ``b``'s GGN block for ``W'`` (row-major)
         is ``sum_c (a_b a_b^T) kron (S[c, b] S[c, b]^T)``: at batch 1 exactly ``kron(A, G)``. Over a batch K-FAC
         takes the mean of each factor, ``A = mean_b a_b a_b^T`` and ``G = mean_b sum_c S[c, b] S[c, b]^T``.
         With positions (a sequence, a convolution's windows) every position counts as an example in both means
         (K-FAC "expand", Eschenhagen et al. 2023): the block is then approximated by ``P kron(A, G)`` for ``P``
-        positions, the factor that the cross-position terms, which a Kronecker product cannot hold, leave out."""
+        positions, the factor that the cross-position terms, which a Kronecker product cannot hold, leave out.
+        Under a padding mask (``kept``) the means run over the kept positions only."""
         xs, Ss = self._curvature_operands(params, x, S)
-        rows = xs.shape[0] * xs.shape[1]
         if self.use_bias:
             xs = jnp.concatenate([xs, jnp.ones(xs.shape[:2] + (1,), xs.dtype)], axis=-1)
+        weights = kept_weights(kept, xs.shape[0], xs.shape[1], xs.dtype, self)[..., None]
+        kept_xs, kept_Ss = (xs, Ss) if kept is None else (xs * weights, Ss * weights)
+        rows = jnp.maximum(jnp.sum(weights), 1)
         return {
-            "A": jnp.einsum("bsi,bsj->ij", xs, xs) / rows,
-            "G": jnp.einsum("cbsi,cbsj->ij", Ss, Ss) / rows,
+            "A": jnp.einsum("bsi,bsj->ij", kept_xs, xs) / rows,
+            "G": jnp.einsum("cbsi,cbsj->ij", kept_Ss, Ss) / rows,
         }
 
     def diag_hessian(self, params: Params, x: Cache, curvature: Curvature) -> tuple[Params, Curvature]:

@@ -12,7 +12,7 @@ import numpy as np
 from mnet import initializers
 from mnet.core.layer import Layer, describe, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
-from mnet.core.sums import batch_sq_norms
+from mnet.core.sums import batch_sq_norms, kept_weights
 
 
 @dataclass(frozen=True, repr=False)
@@ -128,6 +128,21 @@ class Embedding(Layer):
         same = rows[:, :, None] == rows[:, None, :]
         sq = jnp.sum(jnp.where(same, jnp.einsum("bsd,btd->bst", dys, dys), 0), axis=(1, 2))
         return sq, np.zeros(ids.shape, jax.dtypes.float0)
+
+    def kronecker_factors(self, params: Params, ids: Cache, S: Array, kept: Array | None = None) -> Params:
+        """As a dense layer on one-hot inputs (:meth:`mnet.Dense.kronecker_factors`, every position an example):
+        ``A = mean_bs onehot(ids_bs) onehot(ids_bs)^T`` is diagonal, each id's frequency among the positions, and
+        ``G = mean_bs sum_c S[c, b, s] S[c, b, s]^T``. ``A`` is returned as the dense ``(vocab, vocab)`` matrix K-FAC
+        and Laplace expect (for a large vocabulary that is ``vocab^2`` floats); under a padding mask (``kept``)
+        only the kept positions count."""
+        dtype = params["W"].dtype
+        rows = ids.reshape(ids.shape[0], -1)
+        weights = kept_weights(kept, rows.shape[0], rows.shape[1], dtype, self)
+        Ss = S.reshape(S.shape[0], rows.shape[0], rows.shape[1], self.dim).astype(dtype)
+        kept_Ss = Ss if kept is None else Ss * weights[..., None]
+        count = jnp.maximum(jnp.sum(weights), 1)
+        frequencies = jnp.zeros(self.vocab, dtype).at[rows.reshape(-1)].add(weights.reshape(-1), mode="drop")
+        return {"A": jnp.diag(frequencies) / count, "G": jnp.einsum("cbsi,cbsj->ij", kept_Ss, Ss) / count}
 
     def ntk_contribution(self, params: Params, ids1: Cache, ids2: Cache, dys1: Array, dys2: Array) -> Array:
         b1, b2 = ids1.shape[0], ids2.shape[0]

@@ -375,7 +375,7 @@ class BatchNorm(_Normalization):
         xhat, rstd = cache
         return self._per_example_affine_grads(xhat, dy), dy * params["gamma"] * rstd
 
-    def kronecker_factors(self, params: Params, cache: Cache, S: Array) -> None:
+    def kronecker_factors(self, params: Params, cache: Cache, S: Array, kept: Array | None = None) -> None:
         """No Kronecker structure (like LayerNorm's ``None``), and refused in training mode."""
         self._refuse_coupled(cache)
         return None

@@ -5,15 +5,16 @@ loss-Hessian square root carried back to its output, by one walk of the square r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
-from mnet.core.walk import StackedQuantity, walk
-from mnet.errors import SettingError
-from mnet.losses import Loss
+from mnet.core.walk import StackedQuantity, own_rule, walk
+from mnet.errors import LayerError, SettingError
+from mnet.losses import Loss, with_mask
 
 
 class KroneckerFactors(StackedQuantity):
@@ -23,6 +24,19 @@ class KroneckerFactors(StackedQuantity):
     rule gets ``None`` (it has no Kronecker structure the walk could know of)."""
 
     rule = "kronecker_factors"
+
+    def __init__(self, kept: Array | None = None):
+        self.kept = kept
+
+    def share_of(self, layer, params, caches, carried):
+        """Under a padding mask the rule also gets ``kept`` (``(batch, T)`` booleans), so that its means run over
+        the kept positions only; a rule that cannot take it is named rather than left to count the padding."""
+        own = own_rule(layer, self.rule)
+        if own is None or self.kept is None:
+            return super().share_of(layer, params, caches, carried)
+        if "kept" not in inspect.signature(own).parameters:
+            raise LayerError(layer, "has a kronecker_factors rule without kept=, so it cannot leave padding out")
+        return own(params, *caches, *carried, kept=self.kept)
 
     def share(self, layer, params, caches, carried):
         return None
@@ -71,14 +85,17 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
     ``b``'s loss Hessian ``H_b`` carried back to ``z`` (exact, ``C`` columns, for ``kind="kflr"``; one sample
     from the loss's predictive distribution for ``kind="kfac"``, which needs ``key``). ``kron(A, G)``
     approximates the GGN block of ``concatenate([W, b[None]]).reshape(-1)`` and equals it for ``"kflr"`` at
-    batch 1. Conv2D (its windows as positions) and attention's four projections (the sequence as positions)
-    follow the position convention of :meth:`mnet.Dense.kronecker_factors`: every position counts as an example.
+    batch 1. Conv2D (its windows as positions), attention's four projections and the gated MLP's (the sequence as
+    positions) follow the position convention of :meth:`mnet.Dense.kronecker_factors`: every position counts as an
+    example. An :class:`mnet.Embedding` is a dense layer on one-hot ids: its ``A`` is diagonal, the ids'
+    frequencies. Under a padding ``mask`` (``(batch, T)``, True at tokens) only the kept positions count, in both
+    means.
 
     Returns:
         A pytree like ``params`` down to each layer's entry: a dense-like entry becomes ``{"A", "G"}``; an
         attention layer's entry ``{"q", "k", "v", "o"}`` of those; a parameterless layer's stays ``()``; a layer
-        with parameters but no Kronecker structure (LayerNorm, Embedding, a user's layer without a
-        ``kronecker_factors`` rule) has ``None``.
+        with parameters but no Kronecker structure (LayerNorm, RMSNorm, a user's layer without a
+        ``kronecker_factors`` rule) has ``None``, and so has a matrix used twice (a tied embedding).
     """
     if kind not in KRONECKER_KINDS:
         raise SettingError(f"kfac_factors: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
@@ -92,18 +109,15 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
         state: Any = None,
         mask: Array | None = None,
     ) -> Any:
-        if mask is not None:
-            raise SettingError(
-                "kfac_factors: a padding mask is not supported yet (the input factor A would count the padded "
-                "positions); compute the factors on unpadded batches"
-            )
-        outputs, cache = call_forward(net, params, x, state=state)
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, state=state, mask=mask)
         if kind == "kflr":
-            S = loss.hessian_sqrt(outputs, targets)
+            S = masked_loss.hessian_sqrt(outputs, targets)
         elif key is None:
             raise SettingError('kfac_factors(kind="kfac") samples from the predictive distribution: pass key=...')
         else:
-            S = loss.sampled_hessian_sqrt(outputs, targets, key, 1)
-        return walk(net, KRONECKER_FACTORS, params, (cache,), (S,))[0]
+            S = masked_loss.sampled_hessian_sqrt(outputs, targets, key, 1)
+        quantity = KRONECKER_FACTORS if mask is None else KroneckerFactors(kept=jnp.asarray(mask))
+        return walk(net, quantity, params, (cache,), (S,))[0]
 
     return kfac_factors_fn

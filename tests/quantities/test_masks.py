@@ -128,9 +128,28 @@ def test_bad_masks_are_named():
         mnet.value_and_grad(net, LOSS)(params, x, y[:, :2], mask=mask)
     with pytest.raises(LossError, match="no positions to leave out"):
         mnet.losses.mse.masked(jnp.zeros((3, 4)), mask)
-    with pytest.raises(ValueError, match="padding mask is not supported yet"):
-        mnet.kfac_factors(net, LOSS)(params, x, y, mask=mask)
     with pytest.raises(ValueError, match="ignore_index must be a negative int"):
         mnet.losses.SoftmaxCrossEntropy(ignore_index=3)
     with pytest.raises(LossError, match="label -1"):  # without ignore_index, -1 is no label
         LOSS.value(jnp.zeros((2, 3)), jnp.array([0, -1]))
+
+
+def test_kronecker_factors_under_a_mask_count_the_kept_positions_only():
+    """Every factor is a mean over positions, so the padded batch's equals the unpadded examples' factors pooled by
+    their token counts (the all-padding example counts for nothing); the embedding's ``A`` is the ids' frequencies."""
+    net = encoder()
+    params = problem(net, 2)
+    x, y, mask = padded_batch()
+    padded = jax.jit(mnet.kfac_factors(net, LOSS))(params, x, y, mask=mask)
+    pooled = [
+        jax.tree_util.tree_map(
+            lambda f, n=n: n * f, mnet.kfac_factors(net, LOSS)(params, x[b : b + 1, :n], y[b : b + 1, :n])
+        )
+        for b, n in enumerate(LENGTHS)
+        if n
+    ]
+    expected = jax.tree_util.tree_map(lambda *fs: sum(fs) / sum(LENGTHS), *pooled)
+    assert_trees_close(padded, expected, rtol=1e-12)
+    tokens = np.concatenate([np.asarray(x[b, :n]) for b, n in enumerate(LENGTHS)])
+    np.testing.assert_allclose(np.diag(padded[0]["A"]), np.bincount(tokens, minlength=VOCAB) / tokens.size, rtol=1e-15)
+    assert set(padded[1][1]) == {"q", "k", "v", "o"} and padded[1][0] is None  # RMSNorm: no Kronecker structure

@@ -200,6 +200,33 @@ def test_kronecker_factors_over_a_batch_and_over_positions():
     assert {name: entry["G"].shape for name, entry in factors[0].items()} == {n: (4, 4) for n in "qkvo"}
 
 
+def test_an_embeddings_kronecker_factors_are_a_dense_layers_on_one_hot_ids():
+    """The reference is the same network with the lookup written as ``onehot(ids) W`` (a Dense without bias, whose
+    factors the test above checks against autodiff); ``A`` comes out diagonal, the ids' frequencies."""
+    head = mnet.serial(mnet.Tanh(), mnet.MultiHeadSelfAttention(2), mnet.Flatten(), mnet.Dense(3))
+    net = mnet.serial(mnet.Embedding(6, 4), head)
+    params, ids, targets = problem(net, (5,), CE, 9, ids=True)
+    dense = mnet.serial(mnet.Dense(4, use_bias=False), head)
+    factors = mnet.kfac_factors(net, CE)(params, ids, targets)
+    expected = mnet.kfac_factors(dense, CE)(params, jax.nn.one_hot(ids, 6, dtype=jnp.float64), targets)
+    assert_trees_close(factors, expected, 1e-12)
+    np.testing.assert_allclose(factors[0]["A"], np.diag(np.bincount(np.ravel(ids), minlength=6) / ids.size), rtol=1e-15)
+
+
+def test_a_users_kronecker_rule_that_cannot_take_a_mask_is_named():
+    class OldRule(mnet.Dense):
+        def kronecker_factors(self, params, x, S):
+            return super().kronecker_factors(params, x, S)
+
+    net = mnet.serial(mnet.Embedding(6, 4), mnet.MultiHeadSelfAttention(2), OldRule(3))
+    params, ids, _ = problem(net, (5,), CE, 10, ids=True)
+    labels = jnp.zeros((3, 5), int)
+    mask = jnp.arange(5)[None] < jnp.array([[5], [3], [1]])
+    assert mnet.kfac_factors(net, CE)(params, ids, labels)[2]["A"].shape == (5, 5)  # without a mask it serves
+    with pytest.raises(LayerError, match=r"Dense\(3\) at position \[2\].*without kept="):
+        mnet.kfac_factors(net, CE)(params, ids, labels, mask=mask)
+
+
 def test_kfac_sampling_is_unbiased_for_kflr():
     net = mnet.serial(mnet.Dense(4), mnet.Tanh(), mnet.Dense(3))
     for loss in (CE, BCE):

@@ -68,7 +68,15 @@ def test_no_private_name_crosses_a_module():
 
 #: The only imports inside functions: dependencies that are optional (peers, plotting backends) or deferred for a
 #: stated reason. Each is commented on its line or the line above.
-DEFERRED = {"torch", "kfac_jax", "matplotlib", "matplotlib.pyplot", "sklearn.datasets", "jax.experimental", "dp_accounting"}
+DEFERRED = {
+    "torch",
+    "kfac_jax",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "sklearn.datasets",
+    "jax.experimental",
+    "dp_accounting",
+}
 
 
 def test_imports_inside_functions_are_optional_and_commented():

@@ -67,5 +67,6 @@ def kept_weights(kept: Array | None, batch: int, positions: int, dtype: Any, lay
     if positions == 1:
         return jnp.any(kept, axis=1, keepdims=True).astype(dtype)
     raise LayerError(
-        layer, f"has {positions} positions per example, and a padding mask of shape {tuple(kept.shape)} has {kept.shape[1]}"
+        layer,
+        f"has {positions} positions per example, and a padding mask of shape {tuple(kept.shape)} has {kept.shape[1]}",
     )

@@ -284,7 +284,9 @@ def test_compare_gradients_checks_dropout_in_training_and_batchnorm_in_evaluatio
     x, y = jax.random.normal(jax.random.key(1), (6, 5)), jnp.arange(6) % 3
     dropout = mnet.serial(mnet.Dense(8), mnet.Relu(), mnet.Dropout(0.4), mnet.Dense(3))
     _, params = dropout.init(jax.random.key(0), (5,))
-    report = mnet.compare_gradients(dropout, loss, params, x, y, key=jax.random.key(3), train=True, finite_differences=True)
+    report = mnet.compare_gradients(
+        dropout, loss, params, x, y, key=jax.random.key(3), train=True, finite_differences=True
+    )
     assert report.ok and all(row.finite_differences.ok for row in report.rows)
     assert "layer-by-layer rows left out" in report.notes[-1]
     # the mask really is drawn: the gradient differs from evaluation mode's

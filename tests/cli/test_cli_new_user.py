@@ -140,7 +140,9 @@ def test_regression_trains_evaluates_and_predicts(capsys, tmp_path):
     status, out, err = run(capsys, "eval", "--checkpoint", ckpt, "--json")
     assert status == 0, err and json.loads(out)["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
     np.save(tmp_path / "raw.npy", x[:7])
-    assert run(capsys, "predict", "--checkpoint", ckpt, "--input", str(tmp_path / "raw.npy"), "--output", out_path)[0] == 0
+    assert (
+        run(capsys, "predict", "--checkpoint", ckpt, "--input", str(tmp_path / "raw.npy"), "--output", out_path)[0] == 0
+    )
     np.testing.assert_allclose(np.load(out_path)["outputs"][:, 0], y[:7], atol=0.5)
 
 

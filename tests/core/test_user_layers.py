@@ -82,7 +82,6 @@ def test_non_layers_are_refused_clearly():
         mnet.check_layer(42, (3,))
 
 
-
 @pytest.mark.parametrize("layer, shape", LAYERS, ids=[repr(layer)[:40] for layer, _ in LAYERS])
 def test_check_layer_passes_every_built_in_layer(layer, shape):
     report = mnet.check_layer(layer, shape, batch=3)

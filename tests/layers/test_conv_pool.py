@@ -194,7 +194,19 @@ def test_cnn_float32_and_report():
     assert report.ok, report
     # One row per unit: the residual's and the parallel's blocks are opened (a Conv2D is checked whole).
     assert [row.position for row in report.layers] == [
-        "[0]", "[1]", "[2]", "[3]", "[4][0][0]", "[4][0][1]", "[5][0]", "[5][1]", "[6]", "[7]", "[8]", "[9]", "[10]"
+        "[0]",
+        "[1]",
+        "[2]",
+        "[3]",
+        "[4][0][0]",
+        "[4][0][1]",
+        "[5][0]",
+        "[5][1]",
+        "[6]",
+        "[7]",
+        "[8]",
+        "[9]",
+        "[10]",
     ]
 
 

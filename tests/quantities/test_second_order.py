@@ -63,7 +63,6 @@ HAND_PICKED = [  # (network, example shape): every layer kind that must have a s
 CASES = [(0, CE), (0, MSE), (0, BCE), (1, CE), (2, MSE), (3, CE)]
 
 
-
 def problem(net, shape, loss, seed, dtype=jnp.float64, batch=3, ids=False):
     rng = np.random.default_rng(seed)
     _, params = net.init(jax.random.key(seed), shape, dtype)

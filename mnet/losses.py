@@ -31,10 +31,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mnet import activations
 from mnet.errors import LossError, SettingError
+from mnet.labels import check_labels, in_range
 
 Array = jax.Array
 
@@ -61,7 +61,7 @@ class Loss:
     Everything else that depends on which loss this is lives here too, so that training, the checks and the
     Laplace approximation never ask which loss they hold: ``kind`` (``"regression"``, ``"classification"``, or
     None for a loss without a likelihood), :meth:`accuracy`, :meth:`check_targets`, :meth:`random_targets`,
-    :meth:`predictive` and :meth:`negative_log_likelihood_affine`."""
+    :meth:`predictive`, :meth:`negative_log_likelihood_affine` and :meth:`likelihood_weights`."""
 
     name = "loss"
     #: ``"regression"`` or ``"classification"`` for a loss that is a negative log-likelihood (up to an affine map);
@@ -130,6 +130,13 @@ class Loss:
         """``(s, c)`` with ``-log p(t | f) = s * l + c`` for one example of ``units`` outputs, ``l`` this loss per
         example (``sigma_noise`` the Gaussian's standard deviation, for regression)."""
         raise LossError(f"{self!r}: " + self.likelihood("negative_log_likelihood_affine"))
+
+    def likelihood_weights(self, outputs: Array, targets: Array, sigma_noise: float) -> tuple[Array, float]:
+        """``(w, c)``, ``w`` of shape ``(batch,)``, with ``-log p(t_b | f_b) = w_b l_b + c`` for every example of the
+        batch: what the Laplace approximation weighs each example's loss and curvature by. By default every example
+        has the same weight, :meth:`negative_log_likelihood_affine`'s."""
+        scale, constant = self.negative_log_likelihood_affine(_units(outputs), sigma_noise)
+        return jnp.full(jnp.shape(outputs)[:1], scale, outputs.dtype), constant
 
     def masked(self, targets: Array, mask: Array) -> tuple[Loss, Array]:
         """The loss and targets that leave out the positions where ``mask`` (``(batch, T)`` booleans) is False.
@@ -244,13 +251,23 @@ class SoftmaxCrossEntropy(Loss):
         return jax.nn.softmax(logits, axis=-1)
 
     def negative_log_likelihood_affine(self, units: int, sigma_noise: float) -> tuple[float, float]:
-        """Categorical: the loss is the negative log-likelihood itself."""
+        """Categorical: the loss of a flat output is the negative log-likelihood itself."""
         return 1.0, 0.0
 
+    def likelihood_weights(self, outputs: Array, labels: Array, sigma_noise: float) -> tuple[Array, float]:
+        """A sequence's log-likelihood is the sum over its labelled positions, its loss their mean: ``w_b = n_b``,
+        the example's labelled positions (``ignore_index`` left out; 1 for a flat output)."""
+        kept = self._kept(jnp.asarray(labels)).astype(outputs.dtype)
+        return jnp.sum(kept.reshape(kept.shape[0], -1), axis=1), 0.0
+
     def predictive_negative_log_likelihood(self, probabilities: Array, labels: Array) -> Array:
+        """The mean over examples of ``-log p(y_b)``, for a sequence the sum over its labelled positions."""
         tiny = jnp.finfo(probabilities.dtype).tiny
-        picked = jnp.take_along_axis(probabilities, jnp.asarray(labels)[:, None], axis=1)
-        return -jnp.mean(jnp.log(jnp.maximum(picked, tiny)))
+        labels = jnp.asarray(labels)
+        kept = self._kept(labels)
+        picked = jnp.take_along_axis(probabilities, jnp.where(kept, labels, 0)[..., None], axis=-1)[..., 0]
+        each = jnp.where(kept, -jnp.log(jnp.maximum(picked, tiny)), 0)
+        return jnp.mean(jnp.sum(each.reshape(each.shape[0], -1), axis=1))
 
     def _check(self, logits: Array, labels: Array) -> None:
         if logits.ndim < 2:
@@ -293,7 +310,7 @@ class SoftmaxCrossEntropy(Loss):
         log_normaliser = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
         kept = self._kept(labels)
         picked = jnp.take_along_axis(shifted, jnp.where(kept, labels, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        losses = jnp.where(_in_range(labels, logits.shape[-1], self.ignore_index), log_normaliser - picked, jnp.nan)
+        losses = jnp.where(in_range(labels, logits.shape[-1], self.ignore_index), log_normaliser - picked, jnp.nan)
         weighted = jnp.where(kept, losses, 0) * self._weights(labels, losses.dtype)
         return jnp.sum(weighted.reshape(logits.shape[0], -1), axis=1)
 
@@ -306,7 +323,7 @@ class SoftmaxCrossEntropy(Loss):
         rows = jnp.indices(labels.shape, sparse=True)
         kept = self._kept(labels)
         gradient = probabilities.at[(*rows, jnp.where(kept, labels, 0).astype(jnp.int32))].add(-1)
-        gradient = jnp.where(_in_range(labels, logits.shape[-1], self.ignore_index)[..., None], gradient, jnp.nan)
+        gradient = jnp.where(in_range(labels, logits.shape[-1], self.ignore_index)[..., None], gradient, jnp.nan)
         return gradient * self._weights(labels, gradient.dtype)[..., None]
 
     def hessian_sqrt(self, logits: Array, labels: Array) -> Array:
@@ -350,24 +367,6 @@ def _unit_columns(outputs: Array, scale: Array) -> Array:
     units = _units(outputs)
     basis = jnp.eye(units, dtype=scale.dtype).reshape((units, 1) + outputs.shape[1:])
     return basis * scale[None]
-
-
-def _in_range(labels: Array, classes: int, ignore_index: int | None = None) -> Array:
-    inside = (labels >= 0) & (labels < classes)
-    return inside if ignore_index is None else inside | (labels == ignore_index)
-
-
-def check_labels(labels, classes: int, where: str, ignore_index: int | None = None) -> None:
-    """Refuse concrete class labels outside ``[0, classes)`` (``ignore_index`` allowed) with a :class:`LossError`
-    naming the first one."""
-    concrete = np.asarray(labels).reshape(-1)
-    ignored = concrete == ignore_index if ignore_index is not None else np.zeros(concrete.shape, bool)
-    outside = np.flatnonzero(((concrete < 0) | (concrete >= classes)) & ~ignored)
-    if outside.size:
-        index = int(outside[0])
-        raise LossError(
-            f"{where}: label {int(concrete[index])} (at index {index}) is outside [0, {classes}) for {classes} classes"
-        )
 
 
 @dataclass(frozen=True, repr=False)

@@ -4,7 +4,10 @@ Model. The data ``D = {(x_n, t_n)}``, ``n = 1..N``, have the likelihood the loss
 ``-log p(t_n | f(x_n; theta)) = s * l_n + c`` (``l_n`` the loss's per-example value): the softmax cross-entropy is
 the categorical likelihood (``s = 1``), the sigmoid binary cross-entropy the Bernoulli one per output unit
 (``s = U``, the number of units, since mnet averages over them), and the mean squared error a Gaussian with noise
-``sigma`` (``s = U / (2 sigma^2)``, ``c = U/2 log(2 pi sigma^2)``). The prior is isotropic,
+``sigma`` (``s = U / (2 sigma^2)``, ``c = U/2 log(2 pi sigma^2)``). A sequence model's softmax cross-entropy
+averages over the positions, its likelihood multiplies them: ``s_n = T_n``, the example's labelled positions
+(:meth:`mnet.losses.Loss.likelihood_weights`), so that padding counts for nothing and every token once; the fit
+scales each example's loss-Hessian square root by ``sqrt(s_n)``. The prior is isotropic,
 ``theta ~ N(0, alpha^-1 I)`` with precision ``alpha``. Around the trained parameters ``theta*`` the log posterior
 is approximated to second order with the Gauss-Newton matrix in place of the Hessian:
 
@@ -34,6 +37,12 @@ The eigenvalues ``lambda_k`` of ``s N GGN`` (the diagonal itself, or the product
 maximum by bisection on the derivative's sign in ``log alpha``. On a linear model with a Gaussian likelihood
 every step is exact (the GGN is the Hessian, K-FLR's factors are exact) and this is the exact evidence of Bayesian
 linear regression.
+
+Subsets. ``subset="last_layer"`` is the posterior over the last layer with parameters of a :func:`mnet.serial` alone,
+the layers before it frozen at ``theta*`` as a feature map (Kristiadi et al. 2020; laplace-torch's
+``subset_of_weights="last_layer"``): its curvature is the same GGN's block for that layer, and every method maps
+its inputs through the features first. For a GPT that is the read-out ``h W`` at every position; a read-out tied to
+the embedding has no parameters of its own, and is refused.
 
 Predictive (the linearised model, "GLM"): ``f(x; theta) ~ f(x; theta*) + J(x) (theta - theta*)``, so the outputs
 are Gaussian with mean ``f(x; theta*)`` and covariance ``J(x) Lambda^-1 J(x)^T`` (``K x K`` per example). A walk

@@ -14,6 +14,7 @@ from mnet.core.walk import walk
 from mnet.errors import SettingError
 from mnet.laplace.posterior import Laplace
 from mnet.laplace.structure import STRUCTURES, KronBlock, chunks, is_entry, positive
+from mnet.laplace.subset import SUBSETS, split_last_layer
 from mnet.losses import Loss
 from mnet.quantities.ggn import check_samples, loss_square_root, summed_diag_ggn
 from mnet.quantities.kronecker import KroneckerFactors, is_factor_pair
@@ -37,16 +38,20 @@ class _DataKronecker(KroneckerFactors):
 DATA_KRONECKER = _DataKronecker()
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def fit_chunk(net, loss, structure, mc_samples, params, x, targets, key):
-    """One chunk's summed negative log-likelihood (in loss units), summed GGN diagonal, and (for ``"kron"``) its
-    factors with positions folded in; the factors are means over the chunk."""
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 8))
+def fit_chunk(net, loss, structure, mc_samples, params, x, targets, key, sigma):
+    """One chunk's summed negative log-likelihood, summed GGN diagonal of the negative log-likelihood, and (for
+    ``"kron"``) its factors with positions folded in (means over the chunk's positions). Each example's loss
+    Hessian square root is scaled by ``sqrt(w_b)`` of :meth:`mnet.losses.Loss.likelihood_weights`, so that a
+    sequence counts each labelled position once, however many it has."""
     outputs, cache = net.forward(params, x)
-    loss_sum = jnp.sum(loss.per_example(outputs, targets))
+    weights, constant = loss.likelihood_weights(outputs, targets, sigma)
+    nll = jnp.sum(weights * loss.per_example(outputs, targets)) + x.shape[0] * constant
     S = loss_square_root(loss, outputs, targets, mc_samples, key)
+    S = S * jnp.sqrt(weights).reshape((1, -1) + (1,) * (S.ndim - 2)).astype(S.dtype)
     diagonal = summed_diag_ggn(net, params, x, cache, S)
     factors = walk(net, DATA_KRONECKER, params, (cache,), (S,))[0] if structure == "kron" else None
-    return loss_sum, diagonal, factors
+    return nll, diagonal, factors
 
 
 def eigen_block(pair: dict, scale: float) -> KronBlock:
@@ -68,6 +73,7 @@ def laplace(
     mc_samples: int | None = None,
     key: Array | None = None,
     batch_size: int = 256,
+    subset: str = "all",
 ) -> Laplace:
     """Fit a Laplace approximation around trained parameters ``params`` on the training data ``(x, targets)``.
 
@@ -86,6 +92,13 @@ def laplace(
             it from ``S`` draws per example from the model's predictive distribution (needs ``key``).
         key: the PRNG key for ``mc_samples``.
         batch_size: examples per compiled call of the fit.
+        subset: ``"all"`` weights, or ``"last_layer"``: the posterior over the last layer with parameters of a
+            :func:`mnet.serial` alone, the layers before it frozen at ``params`` as a feature map (the returned
+            Laplace's ``params`` are then that layer's, and every method takes the network's own inputs).
+
+    A sequence model's likelihood counts every labelled position: with :func:`mnet.losses.softmax_cross_entropy`
+    on ``(N, T, vocab)`` logits, ``-log p(t_n) = sum_t l_nt``, the loss's mean over positions times their number
+    (padding labelled ``ignore_index`` left out, see :meth:`mnet.losses.Loss.likelihood_weights`).
 
     Returns:
         A :class:`Laplace`: ``log_marginal_likelihood``, ``optimize_prior_precision``, ``posterior_variance``,
@@ -98,6 +111,8 @@ def laplace(
     """
     if structure not in STRUCTURES:
         raise SettingError(f"laplace: structure must be one of {STRUCTURES}, got {structure!r}")
+    if subset not in SUBSETS:
+        raise SettingError(f"laplace: subset must be one of {SUBSETS}, got {subset!r}")
     alpha = positive(prior_precision, "prior_precision")
     sigma = positive(sigma_noise, "sigma_noise")
     loss.likelihood("laplace")
@@ -114,26 +129,28 @@ def laplace(
             f"laplace: x and targets must hold the same number (> 0) of examples, got x {jnp.shape(x)} and "
             f"targets {jnp.shape(targets)}"
         )
-    loss_sum, diagonal, factors = 0.0, None, None
+    features = None
+    if subset == "last_layer":
+        features, net, params = split_last_layer(net, params)
+        x = features(x, batch_size)
+    nll, diagonal, factors = 0.0, None, None
     for i, part in enumerate(chunks(n, batch_size)):
         chunk_key = None if key is None else jax.random.fold_in(key, i)
-        total, diag, kron = fit_chunk(net, loss, structure, mc_samples, params, x[part], targets[part], chunk_key)
+        total, diag, kron = fit_chunk(
+            net, loss, structure, mc_samples, params, x[part], targets[part], chunk_key, sigma
+        )
         size = part.stop - part.start
-        loss_sum = loss_sum + total
+        nll = nll + total
         diagonal = diag if diagonal is None else jax.tree_util.tree_map(jnp.add, diagonal, diag)
         if structure == "kron":
             weighted = jax.tree_util.tree_map(lambda f, size=size: f * size, kron)
             factors = weighted if factors is None else jax.tree_util.tree_map(jnp.add, factors, weighted)
-    units = math.prod(jax.eval_shape(lambda p, xs: net.forward(p, xs)[0], params, x[:1]).shape[1:])
-    scale, constant = loss.negative_log_likelihood_affine(units, sigma)
-    log_likelihood = -(scale * loss_sum + n * constant)
-    curvature = jax.tree_util.tree_map(lambda d: scale * d, diagonal)
     entries = None
     if structure == "kron":
         if not any(is_factor_pair(node) for node in jax.tree_util.tree_leaves(factors, is_leaf=is_entry)):
             raise SettingError(f'laplace: {net!r} has no layer with Kronecker factors; use structure="diag"')
         entries = jax.tree_util.tree_map(
-            lambda node: eigen_block({k: v / n for k, v in node.items()}, scale * n) if is_factor_pair(node) else node,
+            lambda node: eigen_block({k: v / n for k, v in node.items()}, n) if is_factor_pair(node) else node,
             factors,
             is_leaf=is_entry,
         )
@@ -142,10 +159,11 @@ def laplace(
         loss,
         params,
         structure,
-        curvature,
+        diagonal,
         entries,
         prior_precision=alpha,
         sigma_noise=sigma,
         n_data=n,
-        log_likelihood=log_likelihood,
+        log_likelihood=-nll,
+        features=features,
     )

@@ -14,6 +14,7 @@ from mnet.errors import SearchEdgeWarning, SettingError
 from mnet.laplace.evidence import log_evidence, maximise_evidence
 from mnet.laplace.predictive import batch_functional_covariance, normal_like, sampled_moments, scale_by_root
 from mnet.laplace.structure import LINKS, KronBlock, chunks, map_entries, positive
+from mnet.laplace.subset import Features
 from mnet.quantities.kronecker import unstack_bias
 
 
@@ -31,20 +32,37 @@ class Laplace:
     :meth:`with_prior_precision` return new ones.
 
     Attributes:
-        net, loss, params: the network, its loss and the parameters ``theta*`` the posterior is centred on.
+        net, loss, params: the network, its loss and the parameters ``theta*`` the posterior is centred on (for
+            ``subset="last_layer"`` the last layer and what follows it, and its params).
+        subset: ``"all"`` or ``"last_layer"``; features: None, or the frozen layers before the last one
+            (:class:`mnet.laplace.subset.Features`), which every method applies to its inputs first.
         structure: ``"diag"`` or ``"kron"``.
         likelihood: ``"classification"`` or ``"regression"``.
         prior_precision: ``alpha``; ``sigma_noise``: the Gaussian noise (regression).
         n_data: ``N``; n_params: the number of parameters; log_likelihood: ``log p(D | theta*)``.
-        curvature: the diagonal of ``s N GGN``, like ``params`` (used where no Kronecker block is).
+        curvature: the diagonal of ``s N GGN`` (each example weighted by its own ``s_n``), like ``params`` (used
+            where no Kronecker block is).
         entries: None for ``"diag"``; for ``"kron"`` a tree like :func:`mnet.kfac_factors`' result with a
             :class:`KronBlock` at every Kronecker-factored entry, None at the other layers with parameters.
     """
 
     def __init__(
-        self, net, loss, params, structure, curvature, entries, *, prior_precision, sigma_noise, n_data, log_likelihood
+        self,
+        net,
+        loss,
+        params,
+        structure,
+        curvature,
+        entries,
+        *,
+        prior_precision,
+        sigma_noise,
+        n_data,
+        log_likelihood,
+        features: Features | None = None,
     ):
-        self.net, self.loss, self.params = net, loss, params
+        self.net, self.loss, self.params, self.features = net, loss, params, features
+        self.subset = "all" if features is None else "last_layer"
         self.structure, self.curvature, self.entries = structure, curvature, entries
         self.likelihood = loss.likelihood("laplace")
         self.prior_precision, self.sigma_noise = prior_precision, sigma_noise
@@ -53,9 +71,13 @@ class Laplace:
         self.n_params = sum(leaf.size for leaf in leaves)
         self._sq_norm: Array = sum((jnp.sum(jnp.square(leaf)) for leaf in leaves), jnp.zeros(()))
 
+    def inputs(self, x: Array, batch_size: int = 64) -> Array:
+        """What :attr:`net` reads for network inputs ``x``: ``x`` itself, or a last-layer Laplace's features."""
+        return x if self.features is None else self.features(x, batch_size)
+
     def __repr__(self) -> str:
         return (
-            f"Laplace(structure={self.structure!r}, likelihood={self.likelihood!r}, n_data={self.n_data}, "
+            f"Laplace(structure={self.structure!r}, subset={self.subset!r}, likelihood={self.likelihood!r}, n_data={self.n_data}, "
             f"n_params={self.n_params}, prior_precision={float(self.prior_precision):.4g})"
         )
 
@@ -72,6 +94,7 @@ class Laplace:
             sigma_noise=self.sigma_noise,
             n_data=self.n_data,
             log_likelihood=self.log_likelihood,
+            features=self.features,
         )
 
     # -- the evidence ---------------------------------------------------------------------------------------------
@@ -193,6 +216,7 @@ class Laplace:
         """``(f, cov)``: the network's outputs at ``theta*`` and, per example, ``J Lambda^-1 J^T`` over its ``K``
         outputs flattened, ``(batch, K, K)``; computed ``batch_size`` examples at a time."""
         outs, covs = [], []
+        x = self.inputs(x, batch_size)
         for part in chunks(x.shape[0], batch_size):
             f, cov = batch_functional_covariance(
                 self.net, self.entries, self.curvature, self.params, x[part], self.prior_precision
@@ -228,6 +252,7 @@ class Laplace:
         noise = self.sigma_noise**2
         if link == "sampled":
             assert key is not None
+            x = self.inputs(x, batch_size)
             moments = [
                 sampled_moments(
                     self.net,
@@ -247,7 +272,7 @@ class Laplace:
                 return first
             return first, second - first**2 + noise
         if link == "map":
-            f = self.net.forward(self.params, x)[0]
+            f = self.net.forward(self.params, self.inputs(x, batch_size))[0]
             variance = jnp.zeros_like(f)
         else:
             f, cov = self.functional_covariance(x, batch_size=batch_size)

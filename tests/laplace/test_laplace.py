@@ -232,7 +232,7 @@ def test_the_diagonal_fit_never_holds_a_jacobian_and_grows_with_the_outputs_by_a
         net = mnet.serial(mnet.Dense(widths[1]), mnet.Relu(), mnet.Dense(outputs))
         _, params = net.init(jax.random.key(0), (widths[0],), dtype=jnp.float32)
         x, y = jnp.ones((batch, widths[0]), jnp.float32), jnp.zeros((batch,), jnp.int32)
-        compiled = fit_chunk.lower(net, CE, "diag", None, params, x, y, None).compile()
+        compiled = fit_chunk.lower(net, CE, "diag", None, params, x, y, None, 1.0).compile()
         return compiled.memory_analysis().temp_size_in_bytes, sum(p.size for p in jax.tree_util.tree_leaves(params))
 
     small, _ = temporary(50)

@@ -193,7 +193,7 @@ def kfac_preconditioner(
         key = extra.get("key")
         if kind == "kfac" and key is None:
             raise SettingError('kfac: kind="kfac" samples the loss Hessian\'s square root: pass key= to update')
-        batch = factors_fn(params, extra["inputs"], extra["targets"], key=key)
+        batch = factors_fn(params, extra["inputs"], extra["targets"], key=key, mask=extra.get("mask"))
         kept = jnp.where(state.step == 0, 0.0, decay)
         factors = _map_pairs(
             lambda old, new: old if not is_factor_pair(old) else {k: kept * old[k] + (1 - kept) * new[k] for k in old},

@@ -39,6 +39,10 @@ class Dataset:
     #: ``"classification"`` (integer labels; ``num_classes`` of them) or ``"regression"`` (float targets
     #: ``(n, num_classes)``: ``num_classes`` is then the number of outputs).
     task: str = "classification"
+    #: Padding masks ``(n, T)`` (True at the tokens) for batches of sequences of several lengths, or None: :func:`mnet.fit`
+    #: hands each batch's rows to the network (every attention layer) and the loss, so that padding counts for nothing.
+    mask_train: np.ndarray | None = None
+    mask_test: np.ndarray | None = None
 
     @property
     def example_shape(self) -> tuple[int, ...]:

@@ -70,9 +70,14 @@ class FitResult:
 
 def make_evaluate(net: Layer, loss: losses.Loss) -> Callable:
     """Jitted ``(params, x, y, state=()) -> (loss, accuracy)``; accuracy is NaN for losses that are not classifiers.
-    A network that keeps state is evaluated with its running statistics (evaluation mode)."""
+    A network that keeps state is evaluated with its running statistics (evaluation mode); ``y`` may be the pair
+    ``(labels, mask)`` of padded sequences."""
 
     def evaluate(params, x, y, state=()):
+        if isinstance(y, tuple):  # padded sequences: (labels, mask)
+            masked, labels = losses.with_mask(loss, *y)
+            outputs = call_forward(net, params, x, mask=y[1])[0]
+            return masked.value(outputs, labels), masked.accuracy(outputs, labels)
         outputs = call_forward(net, params, x, state=state)[0] if is_stateful(net) else apply_layer(net, params, x)
         return loss.value(outputs, y), loss.accuracy(outputs, y)
 
@@ -118,7 +123,8 @@ def fit(
     Arguments:
         net, loss: the network and the loss to minimise.
         params: initial parameters (copied, never consumed: the donated buffers are fit's own).
-        data: a :class:`mnet.data.Dataset` (features and integer labels).
+        data: a :class:`mnet.data.Dataset` (features and integer labels; for sequences of several lengths, its
+            ``mask_train``/``mask_test`` padding masks reach every attention layer and the loss, batch by batch).
         optimizer: any optax transformation (default ``optax.adam(1e-3)``).
         epochs: total number of epochs (a resumed run continues up to this number).
         batch_size: minibatch size; must not exceed the number of training examples.
@@ -163,6 +169,7 @@ def fit(
     optimizer = optimizer or optax.adam(1e-3)
     devices = _checked_settings(data, grad, batch_size, devices, layout, epochs)
     _refuse_non_finite(data)
+    check_masks(data, is_stateful(net))
     if checkpoint_path is not None and Path(checkpoint_path).exists() and not (resume or overwrite):
         raise CheckpointError(
             f"{checkpoint_path} already exists: resume from it, or overwrite it explicitly (a new run never "
@@ -186,8 +193,8 @@ def fit(
     evaluate = make_evaluate(net, loss)
     mesh = _mesh(devices, layout, model_devices)
     # Evaluation reads the data from the default device, put there once.
-    x_seen, y_seen = jnp.asarray(data.x_train, feature_dtype), jnp.asarray(data.y_train)
-    x_test, y_test = jnp.asarray(data.x_test, feature_dtype), jnp.asarray(data.y_test)
+    x_seen, y_seen = jnp.asarray(data.x_train, feature_dtype), targets_of(data.y_train, data.mask_train)
+    x_test, y_test = jnp.asarray(data.x_test, feature_dtype), targets_of(data.y_test, data.mask_test)
     plan: Layout | None = None
     if mesh is not None:
         # Every array of the run is a global array on the mesh; each process fills only its own devices' shards.
@@ -205,7 +212,9 @@ def fit(
         x_seen,
         y_seen,
         np.asarray(data.x_train, feature_dtype) if on_host else None,
-        np.asarray(data.y_train) if on_host else None,
+        (np.asarray(data.y_train) if data.mask_train is None else (np.asarray(data.y_train), data.mask_train))
+        if on_host
+        else None,
     )
 
     described = model_record(net, loss, data)  # the network as data, so the checkpoint serves without this script
@@ -239,6 +248,29 @@ def _all_finite(tree) -> Array:
     leaves = jax.tree_util.tree_leaves(tree)
     leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def targets_of(labels: Any, mask: Any) -> Any:
+    """The labels a run carries: the array, or for padded sequences the pair ``(labels, mask)``."""
+    return jnp.asarray(labels) if mask is None else (jnp.asarray(labels), jnp.asarray(mask))
+
+
+def check_masks(data: Dataset, stateful: bool) -> None:
+    """Padding masks come for both splits or neither, boolean, one row per example and one column per position."""
+    given = [name for name in ("mask_train", "mask_test") if getattr(data, name) is not None]
+    if not given:
+        return
+    if len(given) == 1:
+        raise DataError(f"fit: the dataset has {given[0]} but not the other split's; give both or neither")
+    if stateful:
+        raise SettingError("fit: a network that keeps state (BatchNorm) trains without padding masks")
+    for split in ("train", "test"):
+        mask, x = np.asarray(getattr(data, f"mask_{split}")), np.asarray(getattr(data, f"x_{split}"))
+        if mask.dtype != bool or mask.ndim != 2 or mask.shape != x.shape[:2]:
+            raise DataError(
+                f"fit: mask_{split} must be booleans of shape (examples, T) = {x.shape[:2]} like x_{split}'s first "
+                f"axes, got {mask.dtype} of shape {mask.shape}"
+            )
 
 
 def _refuse_non_finite(data: Dataset) -> None:
@@ -313,14 +345,15 @@ class _EpochInputs:
     x_device: Array
     y_device: Array
     x_host: np.ndarray | None
-    y_host: np.ndarray | None
+    y_host: Any
 
     def __call__(self, key: Array, batch_size: int) -> tuple:
         if self.plan is None or self.x_host is None or self.y_host is None:
             return self.x_device, self.y_device, key
         order = np.asarray(epoch_order(key, len(self.x_host), batch_size))
         key_data = sharding.place(np.asarray(jax.random.key_data(key)), self.plan.replicated)
-        return self.plan.gather_batches(self.x_host, order), self.plan.gather_batches(self.y_host, order), key_data
+        ys = jax.tree_util.tree_map(lambda host: self.plan.gather_batches(host, order), self.y_host)
+        return self.plan.gather_batches(self.x_host, order), ys, key_data
 
 
 def _epoch_record(evaluate, params, state, seen: tuple, test: tuple, epoch: int, train_loss: float) -> dict:

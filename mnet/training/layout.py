@@ -85,6 +85,11 @@ class Layout:
         return jax.make_array_from_callback(shape, self.batches, rows)
 
 
+def rows(targets: Any, indices: jax.Array) -> Any:
+    """The rows ``indices`` of the targets: labels, or the pair ``(labels, mask)``."""
+    return jax.tree_util.tree_map(lambda a: a[indices], targets)
+
+
 def make_epoch(
     net: Layer,
     loss: losses.Loss,
@@ -109,6 +114,9 @@ def make_epoch(
     ``sampling="poisson"`` (one device): each of the epoch's ``examples // batch_size`` steps draws its own Poisson
     batch (:mod:`mnet.training.sampling`), and the gradient function gets ``included=`` and ``expected_batch=``,
     the optimizer ``expected_batch=``.
+
+    ``y`` may be the pair ``(labels, mask)`` (padded sequences, ``mask`` ``(examples, T)``): each batch's mask rows
+    go to the gradient function and the optimizer as ``mask=``.
     """
     if is_stateful(net):
         update = make_stateful_step(stateful_gradient_function(net, loss, grad), optimizer)
@@ -116,6 +124,8 @@ def make_epoch(
         stateless = make_step(gradient_function(net, loss, grad), optimizer)
 
         def update(params, opt_state, state, x, y, optimizer_key=None, **extra):
+            if isinstance(y, tuple):  # padded sequences: (labels, mask), the mask for the gradient and the optimizer
+                y, extra = y[0], {**extra, "mask": y[1]}
             params, opt_state, value = stateless(params, opt_state, x, y, optimizer_key, **extra)
             return params, opt_state, state, value
 
@@ -136,7 +146,9 @@ def make_epoch(
             # A network with randomness (dropout) trains in training mode with a fresh key every step.
             extra = {"key": step_key, "train": True} if is_stochastic(net) else {}
             optimizer_key = jax.random.fold_in(step_key, 1)  # independent of the dropout draws
-            *carry, value = update(*carry, split(x), split(y), optimizer_key, **sampled, **extra)
+            *carry, value = update(
+                *carry, split(x), jax.tree_util.tree_map(split, y), optimizer_key, **sampled, **extra
+            )
             return tuple(carry), value
 
         (params, opt_state, state), values = jax.lax.scan(step, (params, opt_state, state), batches)
@@ -150,7 +162,7 @@ def make_epoch(
 
             def fetch(batch):
                 indices, included = poisson_batch(batch[0], examples, batch_size, capacity)
-                return x[indices], y[indices], batch[1], {"included": included, "expected_batch": batch_size}
+                return x[indices], rows(y, indices), batch[1], {"included": included, "expected_batch": batch_size}
 
             draws = jax.random.split(jax.random.split(key)[0], steps)
             return scan_steps(params, opt_state, state, (draws, step_keys(key, steps)), fetch)
@@ -162,7 +174,7 @@ def make_epoch(
         def epoch(params, opt_state, state, x, y, key):
             order = epoch_order(key, x.shape[0], batch_size)
             batches = (order, step_keys(key, order.shape[0]))
-            return scan_steps(params, opt_state, state, batches, lambda b: (x[b[0]], y[b[0]], b[1], {}))
+            return scan_steps(params, opt_state, state, batches, lambda b: (x[b[0]], rows(y, b[0]), b[1], {}))
 
         return jax.jit(epoch, donate_argnums=(0, 1, 2))
 

@@ -46,12 +46,14 @@ def make_step(value_and_grad_fn: Callable, optimizer: optax.GradientTransformati
     """One optimizer step ``(params, opt_state, x, y, optimizer_key=None, **kwargs) -> (params, opt_state, loss
     value)``; keyword arguments (a dropout key, ``train=True``) go to the gradient function. An optimizer that takes
     extra arguments (``optax.GradientTransformationExtraArgs``, such as :func:`mnet.kfac`) also gets the batch,
-    ``inputs=x, targets=y``, and ``key=optimizer_key``; optax's own transformations ignore them."""
+    ``inputs=x, targets=y``, its padding ``mask=`` if it has one, and ``key=optimizer_key``; optax's own
+    transformations ignore them."""
 
     def step(params, opt_state, x, y, optimizer_key=None, **kwargs):
         value, grads = value_and_grad_fn(params, x, y, **kwargs)
-        # A Poisson-sampled batch's rows are a buffer: the optimizer (DP noise) is told the batch it stands for.
-        sampled = {"expected_batch": kwargs["expected_batch"]} if "expected_batch" in kwargs else {}
+        # A Poisson-sampled batch's rows are a buffer: the optimizer (DP noise) is told the batch it stands for; a
+        # padded batch's mask goes on too (K-FAC's factors leave the padding out).
+        sampled = {name: kwargs[name] for name in ("expected_batch", "mask") if name in kwargs}
         return (*_apply_update(optimizer, grads, params, opt_state, x, y, optimizer_key, **sampled), value)
 
     return step

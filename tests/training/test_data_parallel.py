@@ -43,6 +43,20 @@ LAYOUTS_SCRIPT = textwrap.dedent("""
         out[name]["memory"] = train.layout_memory(wide, loss, optax.adam(1e-3), wide_params, np.zeros(256, np.float32),
                                                   64, devices=4, layout=layout, model_devices=model)
     out["parameter_bytes"] = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(wide_params))
+    # padded sequences: each batch's mask rows travel with its labels, over the mesh too
+    V, T = 7, 5
+    attention = mnet.MultiHeadSelfAttention(2, num_kv_heads=1, rope_base=50.0, use_bias=False)
+    encoder = mnet.serial(mnet.Embedding(V, 8), mnet.residual(mnet.serial(mnet.RMSNorm(), attention)), mnet.Dense(V))
+    _, encoder_params = encoder.init(jax.random.key(0), (T,))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, V, (16, T))
+    masks = np.arange(T)[None] < rng.integers(1, T + 1, 16)[:, None]
+    padded = mnet.data.Dataset(ids[:12], np.roll(ids, -1, 1)[:12], ids[12:], np.roll(ids, -1, 1)[12:], V, "padded",
+                               mask_train=masks[:12], mask_test=masks[12:])
+    fits = [train.fit(encoder, loss, encoder_params, padded, optimizer=optax.sgd(0.1), epochs=2, batch_size=4,
+                      **options).params for options in ({}, {"devices": 4})]
+    out["masked_max_rel"] = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                                for a, b in zip(*map(jax.tree_util.tree_leaves, fits)))
     try:
         train.fit(net, loss, params, data, epochs=1, batch_size=66, devices=4)
     except ValueError as error:
@@ -73,6 +87,7 @@ def test_sharded_layouts_equal_replicated_and_hold_a_quarter():
     column, row = [None, "model"], ["model", None]
     assert out["tensor"]["specs"] == [column, ["model"], row, [], [], []]
     assert out["odd_batch"] == "batch_size 66 must be divisible by the 4 devices"
+    assert out["masked_max_rel"] < 1e-5
     total = out["parameter_bytes"]
     replicated, fsdp, tensor = (out[name]["memory"] for name in ("replicated", "fsdp", "tensor4"))
     assert replicated["parameters"] == total and replicated["optimizer_state"] >= 2 * total

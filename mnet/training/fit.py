@@ -350,10 +350,10 @@ class _EpochInputs:
     def __call__(self, key: Array, batch_size: int) -> tuple:
         if self.plan is None or self.x_host is None or self.y_host is None:
             return self.x_device, self.y_device, key
-        order = np.asarray(epoch_order(key, len(self.x_host), batch_size))
-        key_data = sharding.place(np.asarray(jax.random.key_data(key)), self.plan.replicated)
-        ys = jax.tree_util.tree_map(lambda host: self.plan.gather_batches(host, order), self.y_host)
-        return self.plan.gather_batches(self.x_host, order), ys, key_data
+        plan, order = self.plan, np.asarray(epoch_order(key, len(self.x_host), batch_size))
+        key_data = sharding.place(np.asarray(jax.random.key_data(key)), plan.replicated)
+        ys = jax.tree_util.tree_map(lambda host: plan.gather_batches(host, order), self.y_host)
+        return plan.gather_batches(self.x_host, order), ys, key_data
 
 
 def _epoch_record(evaluate, params, state, seen: tuple, test: tuple, epoch: int, train_loss: float) -> dict:

@@ -132,13 +132,11 @@ def laplace(
     features = None
     if subset == "last_layer":
         features, net, params = split_last_layer(net, params)
-        x = features(x, batch_size)
     nll, diagonal, factors = 0.0, None, None
     for i, part in enumerate(chunks(n, batch_size)):
         chunk_key = None if key is None else jax.random.fold_in(key, i)
-        total, diag, kron = fit_chunk(
-            net, loss, structure, mc_samples, params, x[part], targets[part], chunk_key, sigma
-        )
+        inputs = x[part] if features is None else features(x[part], batch_size)  # a chunk's features at a time
+        total, diag, kron = fit_chunk(net, loss, structure, mc_samples, params, inputs, targets[part], chunk_key, sigma)
         size = part.stop - part.start
         nll = nll + total
         diagonal = diag if diagonal is None else jax.tree_util.tree_map(jnp.add, diagonal, diag)

@@ -77,8 +77,8 @@ class Laplace:
 
     def __repr__(self) -> str:
         return (
-            f"Laplace(structure={self.structure!r}, subset={self.subset!r}, likelihood={self.likelihood!r}, n_data={self.n_data}, "
-            f"n_params={self.n_params}, prior_precision={float(self.prior_precision):.4g})"
+            f"Laplace(structure={self.structure!r}, subset={self.subset!r}, likelihood={self.likelihood!r}, "
+            f"n_data={self.n_data}, n_params={self.n_params}, prior_precision={float(self.prior_precision):.4g})"
         )
 
     def with_prior_precision(self, prior_precision: float) -> Laplace:
@@ -216,10 +216,14 @@ class Laplace:
         """``(f, cov)``: the network's outputs at ``theta*`` and, per example, ``J Lambda^-1 J^T`` over its ``K``
         outputs flattened, ``(batch, K, K)``; computed ``batch_size`` examples at a time."""
         outs, covs = [], []
-        x = self.inputs(x, batch_size)
         for part in chunks(x.shape[0], batch_size):
             f, cov = batch_functional_covariance(
-                self.net, self.entries, self.curvature, self.params, x[part], self.prior_precision
+                self.net,
+                self.entries,
+                self.curvature,
+                self.params,
+                self.inputs(x[part], batch_size),
+                self.prior_precision,
             )
             outs.append(f)
             covs.append(cov)
@@ -252,7 +256,6 @@ class Laplace:
         noise = self.sigma_noise**2
         if link == "sampled":
             assert key is not None
-            x = self.inputs(x, batch_size)
             moments = [
                 sampled_moments(
                     self.net,
@@ -260,7 +263,7 @@ class Laplace:
                     self.entries,
                     self.curvature,
                     self.params,
-                    x[part],
+                    self.inputs(x[part], batch_size),
                     self.prior_precision,
                     jax.random.fold_in(key, i),
                     samples,

@@ -212,9 +212,7 @@ def fit(
         x_seen,
         y_seen,
         np.asarray(data.x_train, feature_dtype) if on_host else None,
-        (np.asarray(data.y_train) if data.mask_train is None else (np.asarray(data.y_train), data.mask_train))
-        if on_host
-        else None,
+        targets_of(data.y_train, data.mask_train, np.asarray) if on_host else None,
     )
 
     described = model_record(net, loss, data)  # the network as data, so the checkpoint serves without this script
@@ -250,9 +248,10 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def targets_of(labels: Any, mask: Any) -> Any:
-    """The labels a run carries: the array, or for padded sequences the pair ``(labels, mask)``."""
-    return jnp.asarray(labels) if mask is None else (jnp.asarray(labels), jnp.asarray(mask))
+def targets_of(labels: Any, mask: Any, as_array: Callable = jnp.asarray) -> Any:
+    """The labels a run carries, as ``as_array`` makes them (on the device, or on the host for a mesh): the array, or
+    for padded sequences the pair ``(labels, mask)``."""
+    return as_array(labels) if mask is None else (as_array(labels), as_array(mask))
 
 
 def check_masks(data: Dataset, stateful: bool) -> None:

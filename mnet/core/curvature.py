@@ -158,6 +158,17 @@ class Curvature:
         groups = tuple(group.scaled(rearrange) for group in self.columns())
         return Curvature(rearrange(self.grad), groups, None if self.diag is None else rearrange(self.diag))
 
+    def times(self, v: Array) -> Array:
+        """``H_y v`` example by example, for ``v`` shaped like ``grad``: each set's ``sum_k s_k c_k (c_k . v)`` plus
+        ``d * v``."""
+        total = jnp.zeros_like(v) if self.diag is None else self.diag * v
+        for group in self.columns():
+            weights = jnp.sum(group.columns * v[None], axis=tuple(range(2, group.columns.ndim)))
+            if group.signs is not None:
+                weights = weights * group.signs
+            total = total + jnp.einsum("kb,kb...->b...", weights, group.columns)
+        return total
+
     def plus_diagonal(self, extra: Array | None) -> Curvature:
         if extra is None:
             return self

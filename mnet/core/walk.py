@@ -97,6 +97,12 @@ class Quantity:
         at a time do (exact for per-example quantities)."""
         raise MissingRule(layer, self.rule)
 
+    def tie_at(self, layer: Any, params: Params, caches: tuple, carried: tuple, first: Any, second: Any) -> Any:
+        """:meth:`tie` with what the walk knows at the tied layer (its params, its caches, the values carried into
+        its output), for a quantity whose cross terms between the two uses can be computed from them (the Hessian
+        diagonal); by default :meth:`tie`."""
+        return self.tie(layer, first, second)
+
     def finish(self, shares: Any, carried: tuple) -> Any:
         return shares
 

@@ -249,7 +249,7 @@ class Dense(Layer):
         ``(x^2)^T (sum_c S[c]^2)``, with no per-example array at all."""
         xs, Ss = self._curvature_operands(params, x, S)
         if xs.shape[1] > 1:
-            return jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), self.per_example_diag_ggn(params, x, S))
+            return jax.tree_util.tree_map(sum_stack, self.per_example_diag_ggn(params, x, S))
         columns_sq = sum_stack(Ss[:, :, 0] ** 2)
         diag = {"W": (xs[:, 0] ** 2).T @ columns_sq}
         if self.use_bias:

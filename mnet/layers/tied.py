@@ -8,8 +8,9 @@ that network; at the end the tied table's two shares meet in the quantity's own 
   Jacobians): the two uses' shares add, exactly, ``dE = dE_lookup + dE_readout``;
 * quadratic in it (per-example norms, the NTK, the GGN diagonal): the cross terms between the uses are not in the
   shares, so these fall back to one example at a time (each example's summed gradient of ``E``, squared), exact;
-* the Hessian diagonal has no rule yet (it would need the two uses' mixed second derivatives) and says so; its
-  Hutchinson estimate works;
+* the Hessian diagonal: the two uses' diagonals plus twice the diagonal of their mixed block, which the quantity
+  computes from the layer's caches in :meth:`mnet.core.Quantity.tie_at`
+  (:func:`mnet.quantities.diag_hessian.tied_cross_diagonal`: ``T d`` tangent passes through the body);
 * Kronecker factors: none for ``E``. Its GGN block is ``B_lookup + B_readout + cross terms``; the lookup's block is
   ``kron(onehot counts, G)`` over ``(vocab, d)`` and the read-out's, for ``W = E^T``, ``kron(h h^T, g g^T)`` with the
   roles of rows and columns exchanged, and no single Kronecker product holds the sum. K-FAC keeps ``E``'s plain
@@ -107,8 +108,14 @@ class Tied(Compound):
 
     def walk(self, quantity: Quantity, params: Params, caches: tuple, carried: tuple) -> tuple[Any, tuple]:
         inner = self.network(caches[0])
-        (lookup, body, readout), carried = walk(inner, quantity, self.to_network(params), caches, carried)
-        return {"embedding": quantity.tie(self, lookup, readout), "body": body}, carried
+        (lookup, body, readout), below = walk(inner, quantity, self.to_network(params), caches, carried)
+        return {"embedding": quantity.tie_at(self, params, caches, carried, lookup, readout), "body": body}, below
+
+    def uses(self, cache: Cache) -> tuple[Array, Cache, Array]:
+        """What a forward pass left of the table's two uses: ``(ids, the body's cache, h)``, ``h`` the body's
+        output that the read-out multiplies by ``E^T``."""
+        ids, body_cache, readout_cache = cache
+        return ids, body_cache, readout_cache
 
     def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
         try:

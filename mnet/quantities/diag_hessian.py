@@ -17,8 +17,10 @@ import jax.numpy as jnp
 
 from mnet.core.curvature import Columns, Curvature, next_origin, no_rule, signed_square_sum
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward, has_params
+from mnet.core.sums import sum_stack
+from mnet.core.tangent import tangent_walk
 from mnet.core.walk import Quantity, own_rule, walk
-from mnet.errors import LayerError, SettingError
+from mnet.errors import SettingError
 from mnet.losses import Loss, with_mask
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.per_example import per_example_stack
@@ -33,12 +35,9 @@ class DiagHessian(Quantity):
 
     rule = "diag_hessian"
 
-    def tie(self, layer, first, second):
-        raise LayerError(
-            layer,
-            "uses one parameter twice (tied weights): its exact Hessian diagonal needs the cross terms between the two "
-            "uses, which have no rule yet; diag_hessian(net, loss, hutchinson_samples=S) estimates it without bias",
-        )
+    def tie_at(self, layer, params, caches, carried, first, second):
+        cross = tied_cross_diagonal(layer, params, caches[0], carried[0])
+        return {"W": first["W"] + second["W"] + 2 * cross}
 
     def at_unit(self, layer, params, caches, carried):
         own = own_rule(layer, self.rule)
@@ -59,7 +58,7 @@ class DiagHessian(Quantity):
             return jax.tree_util.tree_map(lambda g: g * g, per_example)
 
         share = signed_square_sum(curvature.groups, squares)
-        return jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), share), (below,)
+        return jax.tree_util.tree_map(sum_stack, share), (below,)
 
     def fork(self, value):
         return value.expanded()
@@ -103,6 +102,43 @@ def from_hessian_vector_rule(layer: Any, cache: Any, curvature: Curvature) -> Cu
     return replace(below, groups=below.groups + (own,))
 
 
+def tied_cross_diagonal(layer: Any, params: Params, cache: Any, curvature: Curvature) -> Array:
+    """The diagonal of the mixed block ``d^2 L / dE_lookup dE_readout`` of a table used twice
+    (:class:`mnet.layers.tied.Tied`, ``z = body(E[ids]) E^T``), summed over the batch: the walk's two shares are
+    the diagonals of the two uses' own blocks, so the table's diagonal is ``lookup + readout + 2 cross``.
+
+    The read-out's gradient is ``dL/dE_r[v, j] = sum_t g[t, v] h[t, j]`` (``g = dl/dz``, ``h`` the body's output).
+    Moving the lookup along a direction ``u`` moves ``h`` by ``dh = J_body u`` and ``z`` by ``dz = dh E^T``, so
+    ``g`` by ``H_z dz``; the derivative of the read-out's gradient is ``sum_t (H_z dz)[t, v] h[t, j] + g[t, v]
+    dh[t, j]``. The direction ``E_l[v, j]`` is ``e_j`` at every position ``s`` with ``ids[s] = v``, and the
+    derivative is linear in it: so ``cross[v, j] = sum_b sum_{s: ids[b, s] = v} c[b, s, j]``, with ``c[b, s, j]``
+    the derivative above at ``v = ids[b, s]`` along ``e_j`` at position ``s`` alone. Exact; the cost is one
+    hand-derived tangent pass through the body per (position, feature), ``T d`` passes of the whole batch at once
+    (independent of the vocabulary), each with one product by the loss Hessian's columns."""
+    ids, body_cache, h = layer.uses(cache)
+    table = params["embedding"]["W"]
+    vocab, width = table.shape
+    batch, positions = ids.shape[0], math.prod(ids.shape[1:])
+    chosen = jax.nn.one_hot(ids.reshape(batch, positions), vocab, dtype=h.dtype)  # (batch, positions, vocab)
+    flat_h = h.reshape(batch, positions, width)
+    grad = curvature.grad.reshape(batch, positions, vocab)
+    still = jax.tree_util.tree_map(jnp.zeros_like, params["body"])
+
+    def derivative(position: Array, feature: Array) -> Array:
+        direction = jnp.broadcast_to(position[:, None] * feature[None, :], (batch, positions, width))
+        dh = tangent_walk(layer.body, params["body"], body_cache, still, direction.reshape(h.shape))[0]
+        dh = jnp.zeros_like(h) if dh is None else dh
+        moved = curvature.times(dh @ table.T).reshape(batch, positions, vocab)
+        at = jnp.einsum("p,bpv->bv", position, chosen)  # each example's id at this position
+        along = (flat_h @ feature) * jnp.einsum("btv,bv->bt", moved, at)
+        along = along + (dh.reshape(batch, positions, width) @ feature) * jnp.einsum("btv,bv->bt", grad, at)
+        return jnp.sum(along, axis=1)
+
+    eye_p, eye_w = jnp.eye(positions, dtype=h.dtype), jnp.eye(width, dtype=h.dtype)
+    c = jax.vmap(jax.vmap(derivative, in_axes=(None, 0)), in_axes=(0, None))(eye_p, eye_w)  # (positions, width, b)
+    return jnp.einsum("bpv,pjb->vj", chosen, c)
+
+
 def diag_hessian(net: LayerProtocol, loss: Loss, hutchinson_samples: int | None = None) -> Callable[..., Params]:
     """``f(params, x, targets)``: the exact diagonal of ``H``, the Hessian of ``L = mean_b l_b`` with respect to
     every parameter.
@@ -111,7 +147,8 @@ def diag_hessian(net: LayerProtocol, loss: Loss, hutchinson_samples: int | None 
     the current activation as signed columns plus a diagonal (:mod:`mnet.core.curvature`), starting from the
     loss Hessian's square root; every activation adds ``phi''(z) * g`` (``g`` the gradient reaching it) to the
     diagonal. Dense, Conv2D, pools, elementwise activations (Softmax too), Dropout, Flatten, Reshape, Embedding,
-    LayerNorm, RMSNorm, the gated MLP and the combinators have second-order rules; a parameterless layer with a
+    LayerNorm, RMSNorm, the gated MLP and the combinators have second-order rules, and a table used twice (tied
+    embeddings) adds its uses' mixed block (:func:`tied_cross_diagonal`); a parameterless layer with a
     Hessian-vector rule and none of its own (the attention cores) gets its curvature from that rule
     (:func:`from_hessian_vector_rule`, exact, but ``O(n)`` passes for an input of ``n`` numbers per example). A
     network holding any other layer (a user's layer with parameters and no ``diag_hessian`` rule, nor

@@ -173,7 +173,7 @@ def summed_diag_ggn(
     try:
         return DIAG_GGN.run(net, params, cache, S)[0]
     except MissingRule:
-        return jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), _one_example_at_a_time(net, params, x, S, mask))
+        return jax.tree_util.tree_map(sum_stack, _one_example_at_a_time(net, params, x, S, mask))
 
 
 def ggn_vector_product(net: LayerProtocol, loss: Loss) -> Callable[[Params, Array, Array, Params], Params]:

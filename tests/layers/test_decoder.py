@@ -186,7 +186,7 @@ def test_every_quantity_through_a_gpt_agrees_with_autodiff():
         if row.agreement is not None:
             a = row.agreement
             assert min(a.max_rel_error, a.max_abs_error / max(a.global_scale, 1e-300)) < 1e-9, str(report)
-    assert report["diag_hessian"].source == "absent" and "tied weights" in report["diag_hessian"].note
+    assert report["diag_hessian"].agreement is not None  # the tied table's exact diagonal, cross terms included
 
 
 def test_a_tied_table_gets_the_sum_of_its_two_uses():
@@ -202,8 +202,14 @@ def test_a_tied_table_gets_the_sum_of_its_two_uses():
     assert_trees_close(grads[0]["embedding"], jax.tree_util.tree_map(jnp.add, separate[0], separate[-1]), 1e-13)
     factors = jax.eval_shape(mnet.kfac_factors(net, LOSS), params, x, y)  # the structure: nothing to compute
     assert factors[0]["embedding"] is None  # no Kronecker structure for a matrix used twice
-    with pytest.raises(mnet.LayerError, match=r"Tied\(.*tied weights.*hutchinson_samples"):
-        jax.eval_shape(mnet.diag_hessian(net, LOSS), params, x, y)
+    # The Hessian diagonal is not the sum of the two uses' diagonals: the mixed block between them counts twice.
+    diagonal = jax.jit(mnet.diag_hessian(net, LOSS))(params, x, y)
+    flat, unravel = ravel_pytree(params)
+    dense = jnp.diag(jax.jit(jax.hessian(lambda f: LOSS.value(net.apply(unravel(f), x), y)))(flat))
+    assert_trees_close(diagonal, unravel(dense), 1e-10, tree_scale=True)
+    own = jax.jit(mnet.diag_hessian(untied, LOSS))((table, *params[0]["body"], table), x, y)
+    uses = own[0]["W"] + own[-1]["W"]
+    assert float(jnp.max(jnp.abs(diagonal[0]["embedding"]["W"] - uses))) > 1e-3 * float(jnp.max(jnp.abs(uses)))
 
 
 def gpt_problem(dtype=jnp.float64, **options):
@@ -215,12 +221,14 @@ def gpt_problem(dtype=jnp.float64, **options):
 
 def test_the_hand_derived_quantities_of_a_gpt_use_no_autodiff():
     net, params, x, y = gpt_problem()
+    tied, tied_params, _, _ = gpt_problem(tie_embeddings=True)
     v = jax.tree_util.tree_map(jnp.ones_like, params)
     functions = {
         "value_and_grad": (mnet.value_and_grad(net, LOSS), (params, x, y)),
         "norms": (mnet.per_example_grad_norms(net, LOSS), (params, x, y)),
         "hvp": (mnet.hessian_vector_product(net, LOSS), (params, x, y, v)),
         "diag_hessian": (mnet.diag_hessian(net, LOSS), (params, x, y)),
+        "diag_hessian_tied": (mnet.diag_hessian(tied, LOSS), (tied_params, x, y)),
     }
     # JAX differentiates while it traces (the guard refuses jax.make_jaxpr(jax.grad(f)) too, as
     # tests/quantities/test_no_autodiff.py checks), so tracing under the guard is the test; the values are
@@ -396,9 +404,9 @@ def test_every_quantity_through_random_gpts_with_padding(config):
     expected = jax.jit(lambda *a: reference_quantities(net, *a))(*arguments)
     for name in expected:
         assert_trees_close(hand[name], expected[name], 1e-9, tree_scale=True)
-    # The exact diagonal refuses a tied table by name (tests/layers/test_decoder.py), and its blockwise core equals
-    # the whole one (tests/layers/test_blockwise_attention.py): here the whole core, which compiles in half the time.
-    if not config["tie_embeddings"] and config["block_size"] is None:
+    # The exact diagonal's blockwise core equals the whole one (tests/layers/test_blockwise_attention.py): here the
+    # whole core, which compiles in half the time.
+    if config["block_size"] is None:
         flat, unravel = ravel_pytree(params)
         masked, labels = LOSS.masked(y, mask)
         dense = jax.jit(jax.hessian(lambda f: masked.value(net.apply(unravel(f), x, mask=mask), labels)))(flat)

@@ -11,6 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import mnet
+from mnet.core.curvature import Columns, Curvature, WeightedRows
 from mnet.errors import LossError
 from tests.cases import GatedLinearUnit
 from tests.helpers import assert_trees_close, no_autodiff, random_targets
@@ -197,3 +198,28 @@ def test_bad_input_is_refused_clearly():
         mnet.diag_ggn(net, MSE, mc_samples=2)(params, x, targets)
     with pytest.raises(ValueError, match="mc_samples must be a positive int"):
         mnet.diag_ggn(net, MSE, mc_samples=0)
+
+
+def test_a_carried_curvature_times_a_vector_is_its_dense_hessian_times_it():
+    # Columns with and without signs, a factored dense layer's rows and a diagonal: H_b = sum_k s c c^T + diag(d).
+    rng = np.random.default_rng(0)
+    batch, shape = 3, (2, 4)
+    n = int(np.prod(shape))
+    plain = rng.normal(size=(2, batch) + shape)
+    signed, signs = rng.normal(size=(3, batch) + shape), rng.choice([-1.0, 1.0], size=(3, batch))
+    W, d, scale = rng.normal(size=(n, 5)), rng.normal(size=(batch, 5)), rng.normal(size=(batch, n))
+    diag, v = rng.normal(size=(batch,) + shape), rng.normal(size=(batch,) + shape)
+    rows = WeightedRows(2, jnp.asarray(W), jnp.asarray(d), jnp.asarray(scale))
+    flat_rows = Curvature(jnp.zeros((batch, n)), (rows,)).times(jnp.asarray(v.reshape(batch, n)))
+    curvature = Curvature(
+        jnp.zeros((batch,) + shape),
+        (Columns(0, jnp.asarray(plain)), Columns(1, jnp.asarray(signed), jnp.asarray(signs))),
+        jnp.asarray(diag),
+    )
+    for b in range(batch):
+        c1, c2 = plain[:, b].reshape(2, n), signed[:, b].reshape(3, n)
+        H = c1.T @ c1 + (c2.T * signs[:, b]) @ c2 + np.diag(diag[b].reshape(n))
+        np.testing.assert_allclose(np.asarray(curvature.times(jnp.asarray(v)))[b].reshape(n), H @ v[b].reshape(n),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+        H_rows = np.diag(scale[b]) @ W @ np.diag(d[b]) @ W.T @ np.diag(scale[b])
+        np.testing.assert_allclose(np.asarray(flat_rows)[b], H_rows @ v[b].reshape(n), rtol=1e-12, atol=1e-12)

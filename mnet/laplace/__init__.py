@@ -44,6 +44,10 @@ the layers before it frozen at ``theta*`` as a feature map (Kristiadi et al. 202
 its inputs through the features first. For a GPT that is the read-out ``h W`` at every position; a read-out tied to
 the embedding has no parameters of its own, and is refused.
 
+Masks. A causal decoder's padding is its labels' ``ignore_index``. A model that reads a padding mask (attention that
+is not causal) takes it as every quantity does, ``laplace(..., mask=m)``, and the predictive methods take the mask
+of their own inputs: the mask reaches the attention and the loss, so a padded position adds nothing.
+
 Predictive (the linearised model, "GLM"): ``f(x; theta) ~ f(x; theta*) + J(x) (theta - theta*)``, so the outputs
 are Gaussian with mean ``f(x; theta*)`` and covariance ``J(x) Lambda^-1 J(x)^T`` (``K x K`` per example). A walk
 carrying one cotangent per output (as the NTK's does) computes it: every layer takes its own block of the

@@ -9,48 +9,50 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from mnet.core.protocol import Array, LayerProtocol, Params
+from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
+from mnet.core.sums import kept_weights
 from mnet.core.walk import walk
 from mnet.errors import SettingError
 from mnet.laplace.posterior import Laplace
 from mnet.laplace.structure import STRUCTURES, KronBlock, chunks, is_entry, positive
 from mnet.laplace.subset import SUBSETS, split_last_layer
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 from mnet.quantities.ggn import check_samples, loss_square_root, summed_diag_ggn
 from mnet.quantities.kronecker import KroneckerFactors, is_factor_pair
 
 
 class _DataKronecker(KroneckerFactors):
-    """:func:`mnet.kfac_factors`' walk with every ``G`` multiplied by the layer's number of output positions, so that
-    ``kron(A, G)`` approximates the layer's GGN block per example whatever its positions (see
-    :meth:`mnet.Dense.kronecker_factors`: the block is ``P kron(A, G)``)."""
+    """:func:`mnet.kfac_factors`' walk with every ``G`` multiplied by the layer's number of output positions per
+    example, so that ``kron(A, G)`` approximates the layer's GGN block per example whatever its positions (see
+    :meth:`mnet.Dense.kronecker_factors`: the block is ``P kron(A, G)``). Under a padding mask the means run over the
+    kept positions, and the factor is their number per example, ``kept / batch``."""
 
     def share_of(self, layer, params, caches, carried):
         factors = super().share_of(layer, params, caches, carried)
-        positions = math.prod(carried[0].shape[2:-1])
+        batch, positions = carried[0].shape[1], math.prod(carried[0].shape[2:-1])
+        per_example = jnp.sum(kept_weights(self.kept, batch, positions, carried[0].dtype, layer)) / batch
         return jax.tree_util.tree_map(
-            lambda pair: {"A": pair["A"], "G": positions * pair["G"]} if is_factor_pair(pair) else pair,
+            lambda pair: {"A": pair["A"], "G": per_example * pair["G"]} if is_factor_pair(pair) else pair,
             factors,
             is_leaf=is_entry,
         )
 
 
-DATA_KRONECKER = _DataKronecker()
-
-
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 8))
-def fit_chunk(net, loss, structure, mc_samples, params, x, targets, key, sigma):
+def fit_chunk(net, loss, structure, mc_samples, params, x, targets, key, sigma, mask=None):
     """One chunk's summed negative log-likelihood, summed GGN diagonal of the negative log-likelihood, and (for
     ``"kron"``) its factors with positions folded in (means over the chunk's positions). Each example's loss
     Hessian square root is scaled by ``sqrt(w_b)`` of :meth:`mnet.losses.Loss.likelihood_weights`, so that a
-    sequence counts each labelled position once, however many it has."""
-    outputs, cache = net.forward(params, x)
+    sequence counts each labelled position once, however many it has. A padding ``mask`` reaches the network's
+    attention and the loss (:func:`mnet.losses.with_mask`), so padded positions count for nothing."""
+    loss, targets = with_mask(loss, targets, mask)
+    outputs, cache = call_forward(net, params, x, mask=mask)
     weights, constant = loss.likelihood_weights(outputs, targets, sigma)
     nll = jnp.sum(weights * loss.per_example(outputs, targets)) + x.shape[0] * constant
     S = loss_square_root(loss, outputs, targets, mc_samples, key)
     S = S * jnp.sqrt(weights).reshape((1, -1) + (1,) * (S.ndim - 2)).astype(S.dtype)
-    diagonal = summed_diag_ggn(net, params, x, cache, S)
-    factors = walk(net, DATA_KRONECKER, params, (cache,), (S,))[0] if structure == "kron" else None
+    diagonal = summed_diag_ggn(net, params, x, cache, S, mask)
+    factors = walk(net, _DataKronecker(kept=mask), params, (cache,), (S,))[0] if structure == "kron" else None
     return nll, diagonal, factors
 
 
@@ -74,6 +76,7 @@ def laplace(
     key: Array | None = None,
     batch_size: int = 256,
     subset: str = "all",
+    mask: Array | None = None,
 ) -> Laplace:
     """Fit a Laplace approximation around trained parameters ``params`` on the training data ``(x, targets)``.
 
@@ -95,6 +98,9 @@ def laplace(
         subset: ``"all"`` weights, or ``"last_layer"``: the posterior over the last layer with parameters of a
             :func:`mnet.serial` alone, the layers before it frozen at ``params`` as a feature map (the returned
             Laplace's ``params`` are then that layer's, and every method takes the network's own inputs).
+        mask: a padding mask, ``(N, T)`` booleans (True at tokens), for a model that reads one (attention that is not
+            causal): it reaches the network and the loss as in every quantity, so a padded position adds nothing to
+            the curvature or the likelihood. The predictive methods take the mask of their own inputs.
 
     A sequence model's likelihood counts every labelled position: with :func:`mnet.losses.softmax_cross_entropy`
     on ``(N, T, vocab)`` logits, ``-log p(t_n) = sum_t l_nt``, the loss's mean over positions times their number
@@ -129,14 +135,22 @@ def laplace(
             f"laplace: x and targets must hold the same number (> 0) of examples, got x {jnp.shape(x)} and "
             f"targets {jnp.shape(targets)}"
         )
+    if mask is not None and (jnp.shape(mask)[:1] != (n,) or jnp.asarray(mask).dtype != bool):
+        raise SettingError(
+            f"laplace: mask must hold one row of booleans per example, {n} in all; got {jnp.asarray(mask).dtype} of "
+            f"shape {jnp.shape(mask)}"
+        )
     features = None
     if subset == "last_layer":
         features, net, params = split_last_layer(net, params)
     nll, diagonal, factors = 0.0, None, None
     for i, part in enumerate(chunks(n, batch_size)):
         chunk_key = None if key is None else jax.random.fold_in(key, i)
-        inputs = x[part] if features is None else features(x[part], batch_size)  # a chunk's features at a time
-        total, diag, kron = fit_chunk(net, loss, structure, mc_samples, params, inputs, targets[part], chunk_key, sigma)
+        rows = None if mask is None else mask[part]
+        inputs = x[part] if features is None else features(x[part], batch_size, rows)  # a chunk's features at a time
+        total, diag, kron = fit_chunk(
+            net, loss, structure, mc_samples, params, inputs, targets[part], chunk_key, sigma, rows
+        )
         size = part.stop - part.start
         nll = nll + total
         diagonal = diag if diagonal is None else jax.tree_util.tree_map(jnp.add, diagonal, diag)

@@ -9,12 +9,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnet.core.protocol import Array, Params
+from mnet.core.protocol import Array, Params, call_forward
 from mnet.errors import SearchEdgeWarning, SettingError
 from mnet.laplace.evidence import log_evidence, maximise_evidence
 from mnet.laplace.predictive import batch_functional_covariance, normal_like, sampled_moments, scale_by_root
 from mnet.laplace.structure import LINKS, KronBlock, chunks, map_entries, positive
 from mnet.laplace.subset import Features
+from mnet.losses import with_mask
 from mnet.quantities.kronecker import unstack_bias
 
 
@@ -71,9 +72,10 @@ class Laplace:
         self.n_params = sum(leaf.size for leaf in leaves)
         self._sq_norm: Array = sum((jnp.sum(jnp.square(leaf)) for leaf in leaves), jnp.zeros(()))
 
-    def inputs(self, x: Array, batch_size: int = 64) -> Array:
-        """What :attr:`net` reads for network inputs ``x``: ``x`` itself, or a last-layer Laplace's features."""
-        return x if self.features is None else self.features(x, batch_size)
+    def inputs(self, x: Array, batch_size: int = 64, mask: Array | None = None) -> Array:
+        """What :attr:`net` reads for network inputs ``x`` (under their padding ``mask``): ``x`` itself, or a
+        last-layer Laplace's features."""
+        return x if self.features is None else self.features(x, batch_size, mask)
 
     def __repr__(self) -> str:
         return (
@@ -124,6 +126,7 @@ class Laplace:
         *,
         x_val: Array | None = None,
         targets_val: Array | None = None,
+        mask_val: Array | None = None,
         grid: Any = None,
         lower: float = 1e-8,
         upper: float = 1e8,
@@ -135,7 +138,7 @@ class Laplace:
                 derivative in ``log alpha`` within ``[lower, upper]`` (to a relative 1e-12, or at a bound when the
                 maximum lies beyond it). ``"nll"`` minimises the negative log-likelihood of the probit (regression:
                 Gaussian) predictive on held-out data ``(x_val, targets_val)`` over ``grid``.
-            x_val, targets_val: held-out data, for ``"nll"``.
+            x_val, targets_val: held-out data, for ``"nll"``; mask_val: its padding mask, if the model reads one.
             grid: candidate precisions for ``"nll"`` (default: 41 values, log-spaced from 1e-2 to 1e6).
 
         Returns:
@@ -158,15 +161,19 @@ class Laplace:
                 'laplace: method="nll" chooses the prior precision on held-out data: pass x_val= and targets_val='
             )
         candidates = [float(a) for a in (jnp.logspace(-2, 6, 41) if grid is None else grid)]
-        losses = [self.with_prior_precision(alpha).predictive_nll(x_val, targets_val) for alpha in candidates]
+        losses = [
+            self.with_prior_precision(alpha).predictive_nll(x_val, targets_val, mask=mask_val) for alpha in candidates
+        ]
         best = int(jnp.argmin(jnp.asarray(losses)))
         if len(candidates) > 1 and best in (0, len(candidates) - 1):
             end = "smallest" if candidates[best] == min(candidates) else "largest"
             _report_edge(f"the held-out NLL is least at the grid's {end} value, {candidates[best]:g}", "grid=")
         return self.with_prior_precision(candidates[best])
 
-    def predictive_nll(self, x: Array, targets: Array) -> float:
-        """The mean negative log-likelihood of ``targets`` under the probit (regression: Gaussian) predictive."""
+    def predictive_nll(self, x: Array, targets: Array, *, mask: Array | None = None) -> float:
+        """The mean negative log-likelihood of ``targets`` under the probit (regression: Gaussian) predictive; under a
+        padding ``mask`` the padded positions count for nothing."""
+        loss, targets = with_mask(self.loss, targets, mask)
         if self.likelihood == "regression":
             prediction = self.predict(x)
             assert isinstance(prediction, tuple)
@@ -179,9 +186,9 @@ class Laplace:
                     )
                 )
             )
-        probs = self.predict(x)
+        probs = self.predict(x, mask=mask)
         assert not isinstance(probs, tuple)
-        return float(self.loss.predictive_negative_log_likelihood(probs, targets))
+        return float(loss.predictive_negative_log_likelihood(probs, targets))
 
     # -- the posterior --------------------------------------------------------------------------------------------
 
@@ -212,25 +219,37 @@ class Laplace:
 
     # -- the linearised predictive --------------------------------------------------------------------------------
 
-    def functional_covariance(self, x: Array, *, batch_size: int = 64) -> tuple[Array, Array]:
+    def functional_covariance(
+        self, x: Array, *, batch_size: int = 64, mask: Array | None = None
+    ) -> tuple[Array, Array]:
         """``(f, cov)``: the network's outputs at ``theta*`` and, per example, ``J Lambda^-1 J^T`` over its ``K``
-        outputs flattened, ``(batch, K, K)``; computed ``batch_size`` examples at a time."""
+        outputs flattened, ``(batch, K, K)``; computed ``batch_size`` examples at a time, under the inputs' padding
+        ``mask`` if the model reads one (a padded position's outputs are computed too, and mean nothing)."""
         outs, covs = [], []
         for part in chunks(x.shape[0], batch_size):
+            rows = None if mask is None else mask[part]
             f, cov = batch_functional_covariance(
                 self.net,
                 self.entries,
                 self.curvature,
                 self.params,
-                self.inputs(x[part], batch_size),
+                self.inputs(x[part], batch_size, rows),
                 self.prior_precision,
+                rows,
             )
             outs.append(f)
             covs.append(cov)
         return jnp.concatenate(outs), jnp.concatenate(covs)
 
     def predict(
-        self, x: Array, *, link: str = "probit", samples: int = 100, key: Array | None = None, batch_size: int = 64
+        self,
+        x: Array,
+        *,
+        link: str = "probit",
+        samples: int = 100,
+        key: Array | None = None,
+        batch_size: int = 64,
+        mask: Array | None = None,
     ) -> Array | tuple[Array, Array]:
         """The linearised (GLM) predictive at inputs ``x``.
 
@@ -241,6 +260,7 @@ class Laplace:
                 ``"map"`` (the plug-in prediction at ``theta*``, for comparison).
             samples, key: for ``link="sampled"``.
             batch_size: examples per compiled call.
+            mask: the inputs' padding mask, for a model that reads one.
 
         Returns:
             Classification: probabilities, ``(batch, classes)`` for the softmax cross-entropy (rows sum to one),
@@ -263,10 +283,11 @@ class Laplace:
                     self.entries,
                     self.curvature,
                     self.params,
-                    self.inputs(x[part], batch_size),
+                    self.inputs(x[part], batch_size, None if mask is None else mask[part]),
                     self.prior_precision,
                     jax.random.fold_in(key, i),
                     samples,
+                    None if mask is None else mask[part],
                 )
                 for i, part in enumerate(chunks(x.shape[0], batch_size))
             ]
@@ -275,10 +296,10 @@ class Laplace:
                 return first
             return first, second - first**2 + noise
         if link == "map":
-            f = self.net.forward(self.params, self.inputs(x, batch_size))[0]
+            f = call_forward(self.net, self.params, self.inputs(x, batch_size, mask), mask=mask)[0]
             variance = jnp.zeros_like(f)
         else:
-            f, cov = self.functional_covariance(x, batch_size=batch_size)
+            f, cov = self.functional_covariance(x, batch_size=batch_size, mask=mask)
             variance = jnp.diagonal(cov, axis1=1, axis2=2).reshape(f.shape)
         if self.likelihood == "regression":
             return f, variance + noise

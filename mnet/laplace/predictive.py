@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnet.core.protocol import Array, Params
+from mnet.core.protocol import Array, Params, call_forward
 from mnet.core.tangent import tangent_walk
 from mnet.core.walk import MissingRule, StackedQuantity
 from mnet.laplace.structure import KronBlock, map_entries
@@ -103,15 +103,15 @@ def posterior_table(entries: Any, curvature: Any, params: Params, alpha: Array) 
 
 
 @partial(jax.jit, static_argnums=(0,))
-def batch_functional_covariance(net, entries, curvature, params, x, alpha):
-    f, cache = net.forward(params, x)
+def batch_functional_covariance(net, entries, curvature, params, x, alpha, mask=None):
+    f, cache = call_forward(net, params, x, mask=mask)
     try:
         quantity = FunctionCovariance(posterior_table(entries, curvature, params, alpha), alpha)
         return f, quantity.run(net, params, cache, output_basis(f))[0]
     except MissingRule:
         pass
     # The whole Jacobian of the batch, contracted entry by entry.
-    jac = jacobian(net)(params, x)
+    jac = jacobian(net)(params, x, mask=mask)
     batch, K = f.shape[0], math.prod(f.shape[1:])
     shares: list[Array] = []
 
@@ -127,10 +127,10 @@ def batch_functional_covariance(net, entries, curvature, params, x, alpha):
 
 
 @partial(jax.jit, static_argnums=(0, 1, 8))
-def sampled_moments(net, loss, entries, curvature, params, x, alpha, key, samples):
+def sampled_moments(net, loss, entries, curvature, params, x, alpha, key, samples, mask=None):
     """The mean over ``samples`` draws of the linearised model's prediction (probabilities for classification,
     outputs for regression), and of its square."""
-    f, cache = net.forward(params, x)
+    f, cache = call_forward(net, params, x, mask=mask)
 
     def one(carry, k):
         delta = scale_by_root(entries, curvature, normal_like(k, params), params, alpha)

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mnet.core.protocol import Array, Params, has_params
+from mnet.core.protocol import Array, Params, call_forward, has_params
 from mnet.errors import SettingError
 from mnet.laplace.structure import chunks
 from mnet.layers.combinators import Serial, serial
@@ -20,8 +20,8 @@ SUBSETS = ("all", "last_layer")
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _apply(body: Any, params: Params, x: Array) -> Array:
-    return body.forward(params, x)[0]
+def _apply(body: Any, params: Params, x: Array, mask: Array | None) -> Array:
+    return call_forward(body, params, x, mask=mask)[0]
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,14 @@ class Features:
     body: Any
     params: Params
 
-    def __call__(self, x: Array, batch_size: int) -> Array:
-        """The features of ``x``, ``batch_size`` examples per compiled call."""
-        return jnp.concatenate([_apply(self.body, self.params, x[part]) for part in chunks(x.shape[0], batch_size)])
+    def __call__(self, x: Array, batch_size: int, mask: Array | None = None) -> Array:
+        """The features of ``x`` (under its padding ``mask``), ``batch_size`` examples per compiled call."""
+        return jnp.concatenate(
+            [
+                _apply(self.body, self.params, x[part], None if mask is None else mask[part])
+                for part in chunks(x.shape[0], batch_size)
+            ]
+        )
 
 
 def split_last_layer(net: Any, params: Params) -> tuple[Features, Any, Params]:

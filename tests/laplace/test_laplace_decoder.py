@@ -136,3 +136,57 @@ def test_a_padded_batch_is_the_sum_of_its_sequences_alone_and_runs_without_autod
     np.testing.assert_allclose(ravel_pytree(la.curvature)[0], ravel_pytree(curvature)[0], rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(la.log_likelihood, sum(a.log_likelihood for a in alone), rtol=1e-12)
     assert la.entries[0]["embedding"] is None  # the tied table: no Kronecker factors, its diagonal instead
+
+
+def encoder():
+    """Not causal: without the mask a padded key would reach every query, so a padded position would count."""
+    attention = mnet.MultiHeadSelfAttention(2, num_kv_heads=1, rope_base=50.0)
+    net = mnet.serial(
+        mnet.Embedding(VOCAB, 8), mnet.residual(mnet.serial(mnet.RMSNorm(), attention)), mnet.Silu(), mnet.Dense(VOCAB)
+    )
+    _, params = net.init(jax.random.key(3), (T,), jnp.float64)
+    rng = np.random.default_rng(4)
+    return net, jax.tree_util.tree_map(lambda p: p * (1 + 0.3 * rng.standard_normal(p.shape)), params)
+
+
+def test_a_padded_non_causal_batch_is_its_sequences_alone_unpadded():
+    """``laplace(mask=)``: the diag curvature and likelihood of a padded batch are the sums of each sequence's own,
+    unpadded and unmasked; with every sequence of one length ``L``, the kron fit and the predictive equal those of the
+    batch cut to ``L`` positions."""
+    net, params = encoder()
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, VOCAB, (N, T)))
+    labels = jnp.asarray(np.random.default_rng(6).integers(0, VOCAB, (N, T)))
+    mask = jnp.arange(T)[None] < jnp.asarray(LENGTHS)[:, None]
+    la = mnet.laplace(net, mnet.losses.softmax_cross_entropy, params, ids, labels, mask=mask, batch_size=2)
+    alone = [
+        mnet.laplace(net, mnet.losses.softmax_cross_entropy, params, ids[b : b + 1, :n], labels[b : b + 1, :n])
+        for b, n in enumerate(LENGTHS)
+    ]
+    curvature = jax.tree_util.tree_map(lambda *d: sum(d), *(a.curvature for a in alone))
+    np.testing.assert_allclose(ravel_pytree(la.curvature)[0], ravel_pytree(curvature)[0], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(la.log_likelihood, sum(a.log_likelihood for a in alone), rtol=1e-12)
+    unmasked = mnet.laplace(net, mnet.losses.softmax_cross_entropy, params, ids, labels)
+    assert abs(float(unmasked.log_likelihood - la.log_likelihood)) > 1e-3  # the mask changed something
+    # one length for all: the masked kron fit, predictive and held-out NLL are the cut batch's
+    L = 3
+    cut_mask = jnp.broadcast_to(jnp.arange(T) < L, (N, T))
+    with no_autodiff():
+        padded = mnet.laplace(
+            net, mnet.losses.softmax_cross_entropy, params, ids, labels, structure="kron", mask=cut_mask
+        ).with_prior_precision(0.5)
+        f, cov = padded.functional_covariance(ids, mask=cut_mask)
+        nll = padded.predictive_nll(ids, labels, mask=cut_mask)
+    cut = mnet.laplace(
+        net, mnet.losses.softmax_cross_entropy, params, ids[:, :L], labels[:, :L], structure="kron"
+    ).with_prior_precision(0.5)
+    np.testing.assert_allclose(padded.eigenvalues(), cut.eigenvalues(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(padded.log_marginal_likelihood(), cut.log_marginal_likelihood(), rtol=1e-12)
+    f_cut, cov_cut = cut.functional_covariance(ids[:, :L])
+    np.testing.assert_allclose(f[:, :L], f_cut, rtol=1e-12)
+    first = L * VOCAB  # the (position, class) entries of the first L positions
+    np.testing.assert_allclose(cov[:, :first, :first], cov_cut, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(nll, cut.predictive_nll(ids[:, :L], labels[:, :L]), rtol=1e-12)
+    sampled = padded.predict(ids, link="sampled", samples=3, key=jax.random.key(0), mask=cut_mask)
+    np.testing.assert_allclose(sampled[:, :L].sum(-1), 1, rtol=1e-12)
+    with pytest.raises(mnet.SettingError, match="mask must hold one row of booleans per example, 3 in all"):
+        mnet.laplace(net, mnet.losses.softmax_cross_entropy, params, ids, labels, mask=mask[:2])

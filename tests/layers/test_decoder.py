@@ -202,14 +202,8 @@ def test_a_tied_table_gets_the_sum_of_its_two_uses():
     assert_trees_close(grads[0]["embedding"], jax.tree_util.tree_map(jnp.add, separate[0], separate[-1]), 1e-13)
     factors = jax.eval_shape(mnet.kfac_factors(net, LOSS), params, x, y)  # the structure: nothing to compute
     assert factors[0]["embedding"] is None  # no Kronecker structure for a matrix used twice
-    # The Hessian diagonal is not the sum of the two uses' diagonals: the mixed block between them counts twice.
-    diagonal = jax.jit(mnet.diag_hessian(net, LOSS))(params, x, y)
-    flat, unravel = ravel_pytree(params)
-    dense = jnp.diag(jax.jit(jax.hessian(lambda f: LOSS.value(net.apply(unravel(f), x), y)))(flat))
-    assert_trees_close(diagonal, unravel(dense), 1e-10, tree_scale=True)
-    own = jax.jit(mnet.diag_hessian(untied, LOSS))((table, *params[0]["body"], table), x, y)
-    uses = own[0]["W"] + own[-1]["W"]
-    assert float(jnp.max(jnp.abs(diagonal[0]["embedding"]["W"] - uses))) > 1e-3 * float(jnp.max(jnp.abs(uses)))
+    # The Hessian diagonal (the uses' diagonals plus twice their mixed block) is compared with jax.hessian by
+    # test_every_quantity_through_a_gpt_agrees_with_autodiff and the random-GPT sweep, tied configurations included.
 
 
 def gpt_problem(dtype=jnp.float64, **options):

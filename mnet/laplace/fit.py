@@ -14,7 +14,7 @@ from mnet.core.sums import kept_weights
 from mnet.core.walk import walk
 from mnet.errors import SettingError
 from mnet.laplace.posterior import Laplace
-from mnet.laplace.structure import STRUCTURES, KronBlock, chunks, is_entry, positive
+from mnet.laplace.structure import STRUCTURES, KronBlock, chunk_of, chunks, is_entry, positive
 from mnet.laplace.subset import SUBSETS, split_last_layer
 from mnet.losses import Loss, with_mask
 from mnet.quantities.ggn import check_samples, loss_square_root, summed_diag_ggn
@@ -146,7 +146,7 @@ def laplace(
     nll, diagonal, factors = 0.0, None, None
     for i, part in enumerate(chunks(n, batch_size)):
         chunk_key = None if key is None else jax.random.fold_in(key, i)
-        rows = None if mask is None else mask[part]
+        rows = chunk_of(mask, part)
         inputs = x[part] if features is None else features(x[part], batch_size, rows)  # a chunk's features at a time
         total, diag, kron = fit_chunk(
             net, loss, structure, mc_samples, params, inputs, targets[part], chunk_key, sigma, rows

@@ -13,7 +13,7 @@ from mnet.core.protocol import Array, Params, call_forward
 from mnet.errors import SearchEdgeWarning, SettingError
 from mnet.laplace.evidence import log_evidence, maximise_evidence
 from mnet.laplace.predictive import batch_functional_covariance, normal_like, sampled_moments, scale_by_root
-from mnet.laplace.structure import LINKS, KronBlock, chunks, map_entries, positive
+from mnet.laplace.structure import LINKS, KronBlock, chunk_of, chunks, map_entries, positive
 from mnet.laplace.subset import Features
 from mnet.losses import with_mask
 from mnet.quantities.kronecker import unstack_bias
@@ -227,7 +227,7 @@ class Laplace:
         ``mask`` if the model reads one (a padded position's outputs are computed too, and mean nothing)."""
         outs, covs = [], []
         for part in chunks(x.shape[0], batch_size):
-            rows = None if mask is None else mask[part]
+            rows = chunk_of(mask, part)
             f, cov = batch_functional_covariance(
                 self.net,
                 self.entries,
@@ -283,11 +283,11 @@ class Laplace:
                     self.entries,
                     self.curvature,
                     self.params,
-                    self.inputs(x[part], batch_size, None if mask is None else mask[part]),
+                    self.inputs(x[part], batch_size, chunk_of(mask, part)),
                     self.prior_precision,
                     jax.random.fold_in(key, i),
                     samples,
-                    None if mask is None else mask[part],
+                    chunk_of(mask, part),
                 )
                 for i, part in enumerate(chunks(x.shape[0], batch_size))
             ]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from mnet.core.protocol import Array, Params, call_forward, has_params
 from mnet.errors import SettingError
-from mnet.laplace.structure import chunks
+from mnet.laplace.structure import chunk_of, chunks
 from mnet.layers.combinators import Serial, serial
 
 SUBSETS = ("all", "last_layer")
@@ -35,10 +35,7 @@ class Features:
     def __call__(self, x: Array, batch_size: int, mask: Array | None = None) -> Array:
         """The features of ``x`` (under its padding ``mask``), ``batch_size`` examples per compiled call."""
         return jnp.concatenate(
-            [
-                _apply(self.body, self.params, x[part], None if mask is None else mask[part])
-                for part in chunks(x.shape[0], batch_size)
-            ]
+            [_apply(self.body, self.params, x[part], chunk_of(mask, part)) for part in chunks(x.shape[0], batch_size)]
         )
 
 

@@ -5,6 +5,7 @@
                                    # verified against jax.grad first)
     python3 quickstart.py test     # set up .venv, then run the whole test suite (in parallel workers)
     python3 quickstart.py test --fast   # the developers' subset: every module, a few minutes
+    python3 quickstart.py setup    # only set up .venv (to add packages to it by hand, torch for one)
 
 Set-up is idempotent: the virtual environment in .venv is created once and the project installed into it
 (editable, with the test and docs extras); later runs reuse it. Extra arguments are passed through
@@ -53,10 +54,12 @@ def test_arguments(extra: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     commands = {"train": lambda extra: ["-m", "mnet", "train", *extra], "test": test_arguments}
-    if not argv or argv[0] not in commands:
-        print(f"usage: python3 quickstart.py {{{'|'.join(commands)}}} [arguments...]", file=sys.stderr)
+    if not argv or argv[0] not in (*commands, "setup"):
+        print(f"usage: python3 quickstart.py {{{'|'.join((*commands, 'setup'))}}} [arguments...]", file=sys.stderr)
         return 2
     set_up()
+    if argv[0] == "setup":
+        return 0
     return subprocess.run([str(PYTHON), *commands[argv[0]](argv[1:])], cwd=ROOT).returncode
 
 

@@ -7,7 +7,7 @@ quantity), ``mnet.optim``, ``mnet.laplace``, ``mnet.checking`` (the autodiff ref
 ``mnet.bench`` and ``mnet.cli``.
 """
 
-from mnet import activations, errors, initializers, layers, losses, models, training
+from mnet import activations, errors, initializers, interop, layers, losses, models, training
 from mnet.checking import reference
 from mnet.checking.cost import compare_cost
 from mnet.checking.gradient_report import GradientReport
@@ -66,6 +66,7 @@ from mnet.layers import (
     Softplus,
     Tanh,
     Tied,
+    Transpose,
     Unembed,
     parallel,
     residual,
@@ -134,6 +135,7 @@ __all__ = [
     "RNN",
     "Relu",
     "Reshape",
+    "Transpose",
     "RMSNorm",
     "Residual",
     "Serial",
@@ -179,6 +181,7 @@ __all__ = [
     "losses",
     "mlp",
     "models",
+    "interop",
     "ntk",
     "parallel",
     "per_example_diag_ggn",

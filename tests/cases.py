@@ -68,6 +68,7 @@ LAYERS = [
     (mnet.serial(mnet.Gelu(), mnet.Gelu(approximate=True), mnet.Softplus(), mnet.Identity(), mnet.Softmax()), (5,)),
     (mnet.Flatten(), (2, 3)),
     (mnet.Reshape((3, 2)), (6,)),
+    (mnet.Transpose((2, 0, 1)), (2, 3, 4)),
     (mnet.LayerNorm(), (3, 4)),
     (mnet.Dropout(0.3), (5,)),
     (mnet.Conv2D(2, 3, stride=2, padding="SAME"), (5, 5, 2)),

@@ -70,6 +70,8 @@ def test_no_private_name_crosses_a_module():
 #: stated reason. Each is commented on its line or the line above.
 DEFERRED = {
     "torch",
+    "equinox",
+    "flax",
     "kfac_jax",
     "matplotlib",
     "matplotlib.pyplot",

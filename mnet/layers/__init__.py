@@ -25,7 +25,7 @@ from mnet.layers.gated import GatedMLP, GatedProduct
 from mnet.layers.normalization import BatchNorm, LayerNorm, RMSNorm
 from mnet.layers.pooling import AvgPool2D, MaxPool2D
 from mnet.layers.recurrent import GRU, LSTM, RNN, LastStep, Recurrent
-from mnet.layers.shape import Flatten, Reshape
+from mnet.layers.shape import Flatten, Reshape, Transpose
 from mnet.layers.tied import Tied, Unembed
 from mnet.layers.windows import Windows
 
@@ -60,6 +60,7 @@ __all__ = [
     "Policy",
     "Relu",
     "Reshape",
+    "Transpose",
     "RMSNorm",
     "Residual",
     "Serial",

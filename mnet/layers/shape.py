@@ -89,3 +89,44 @@ class Reshape(_Rearrange):
         return x.reshape((x.shape[0],) + self.shape), shape_record(x)
 
     backward = Flatten.backward  # the same rule: dy reshaped back to the recorded example shape
+
+
+@dataclass(frozen=True, repr=False)
+class Transpose(_Rearrange):
+    """Permute each example's axes: ``(batch, d_0, ..., d_k) -> (batch, d_axes[0], ..., d_axes[k])``, NumPy's
+    ``transpose(axes)`` of every example; ``dx = dy`` permuted back by the inverse permutation.
+
+    ``Transpose((1, 2, 0))`` turns a channels-first image ``(C, H, W)`` (PyTorch's, Equinox's and Flax's
+    ``nnx.Conv`` with channels first) into mnet's ``(H, W, C)``, and ``Transpose((2, 0, 1))`` turns it back.
+
+    Arguments:
+        axes: a permutation of ``0 .. k`` (the example axes, no batch axis).
+    """
+
+    axes: tuple[int, ...]
+
+    def __post_init__(self):
+        axes = tuple(self.axes) if isinstance(self.axes, (tuple, list)) else None
+        if not axes or sorted(axes) != list(range(len(axes))) or any(isinstance(a, bool) for a in axes):
+            raise SettingError(f"Transpose: axes must be a permutation of 0 .. k, got {self.axes!r}")
+        object.__setattr__(self, "axes", axes)
+
+    def __repr__(self) -> str:
+        return f"Transpose({self.axes})"
+
+    def init(self, key: Array, input_shape: Shape, dtype=None) -> tuple[Shape, Params]:
+        shape = self._check_input_shape(input_shape)
+        if len(shape) != len(self.axes):
+            raise self._fail(f"permutes {len(self.axes)} example axes, got examples of shape {shape}")
+        return tuple(shape[a] for a in self.axes), ()
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
+        self._check_input(x)
+        self._check_no_params(params)
+        if x.ndim != len(self.axes) + 1:
+            raise self._fail(f"permutes {len(self.axes)} example axes, got input of shape {tuple(x.shape)}")
+        return x.transpose((0, *(a + 1 for a in self.axes))), ()
+
+    def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
+        inverse = sorted(range(len(self.axes)), key=lambda i: self.axes[i])
+        return (), dy.transpose((0, *(a + 1 for a in inverse)))

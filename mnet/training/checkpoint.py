@@ -1,12 +1,8 @@
 """Saving and loading pytrees of arrays: atomically, without pickle, validated on the way back in.
 
-File format (a NumPy ``.npz`` zip, read with ``allow_pickle=False``):
-
-* ``manifest``: UTF-8 JSON with the format tag, one entry per leaf (its path such as ``[0]['W']``, shape and
-  dtype), a SHA-256 of all leaf bytes, free-form ``metadata`` (a training checkpoint keeps its epoch,
-  seed, configuration, history and the network's description there) and a SHA-256 of the metadata;
-* ``leaf_0``, ``leaf_1``, ...: each leaf's raw bytes as ``uint8``, so every dtype (bfloat16 included)
-  round-trips exactly.
+The files are safetensors, which any safetensors reader (NumPy, PyTorch, Hugging Face's tools) opens: each leaf
+one tensor named by its path (``0.W``), the tree's structure, checksums and mnet's version in the header's
+metadata (:mod:`mnet.training.formats`); files in mnet's earlier ``.npz`` format still load.
 
 Writes go to a temporary file in the target's directory, are flushed to disk, then renamed over the target,
 so a crash leaves either the old file or the new one, never half of one.
@@ -14,11 +10,8 @@ so a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet.errors import CheckpointError
+from mnet.training import formats
 
-FORMAT = "mnet-pytree-v1"
+FORMAT = formats.FORMAT
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -55,81 +49,17 @@ def atomic_write(path: str | Path, write) -> None:
         pass
 
 
-def _leaf_bytes(leaf, where: str) -> tuple[np.ndarray, dict]:
-    array = np.asarray(leaf)
-    if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == bool):
-        # an object array's bytes are pointers: written, they would read back as garbage
-        raise CheckpointError(
-            f"cannot save leaf {where}: {type(leaf).__name__} of dtype {array.dtype} is no array of numbers"
-        )
-    raw = np.frombuffer(array.tobytes(order="C"), np.uint8)
-    return raw, {"shape": list(array.shape), "dtype": jnp.dtype(array.dtype).name}
-
-
 def save_tree(path: str | Path, tree: Any, metadata: dict | None = None) -> None:
-    """Write any pytree of arrays (and JSON-serialisable ``metadata``) to ``path`` atomically."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    arrays, entries, digest = {}, [], hashlib.sha256()
-    for index, (key_path, leaf) in enumerate(flat):
-        raw, entry = _leaf_bytes(leaf, jax.tree_util.keystr(key_path))
-        arrays[f"leaf_{index}"] = raw
-        entries.append({"path": jax.tree_util.keystr(key_path), **entry})
-        digest.update(raw.tobytes())
-    metadata = metadata or {}
-    manifest = {
-        "format": FORMAT,
-        "leaves": entries,
-        "sha256": digest.hexdigest(),
-        "metadata": metadata,
-        "metadata_sha256": _metadata_digest(metadata),
-    }
-    arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
-    atomic_write(path, lambda file: np.savez(file, **arrays))  # type: ignore[arg-type]  # numpy stubs type **arrays as allow_pickle
-
-
-def _metadata_digest(metadata: Any) -> str:
-    """A SHA-256 of the metadata's canonical JSON: an edit to the architecture or the configuration after the file
-    was written is refused on reading, as an edit to the arrays is."""
-    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
-
-
-def _read_archive(path: Path, with_leaves: bool = True) -> tuple[dict, list]:
-    """The manifest and (optionally) the raw leaves of an mnet file, checked for format and checksum."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "manifest" not in archive.files:
-                raise CheckpointError(f"{path}: not an mnet checkpoint (no manifest)")
-            manifest = json.loads(archive["manifest"].tobytes().decode())
-            leaves = manifest["leaves"] if with_leaves else []
-            raw = [archive[f"leaf_{i}"] for i in range(len(leaves))]
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, KeyError, OSError, ValueError, json.JSONDecodeError, TypeError) as error:
-        # numpy's own message would suggest allow_pickle=True for a file that is no archive: never advice to give.
-        raise CheckpointError(
-            f"{path}: truncated or corrupted checkpoint, or another kind of file ({type(error).__name__})"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise CheckpointError(f"{path}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
-    # Files written before the metadata had a checksum carry none, and still load.
-    if "metadata_sha256" in manifest and manifest["metadata_sha256"] != _metadata_digest(manifest.get("metadata")):
-        raise CheckpointError(f"{path}: its metadata (configuration, architecture) was edited after it was written")
-    if with_leaves:
-        digest = hashlib.sha256()
-        for chunk in raw:
-            digest.update(chunk.tobytes())
-        if digest.hexdigest() != manifest["sha256"]:
-            raise CheckpointError(f"{path}: corrupted checkpoint (checksum mismatch)")
-    return manifest, raw
+    """Write any pytree of arrays (and JSON-serialisable ``metadata``) to ``path`` atomically, as safetensors
+    (:mod:`mnet.training.formats`: each leaf a tensor named by its path, ``0.W``)."""
+    data = formats.encode(tree, metadata)
+    atomic_write(path, lambda file: file.write(data))
 
 
 def read_metadata(path: str | Path) -> dict:
     """The ``metadata`` a file was saved with (a training checkpoint's epoch, configuration and history), without
     reading its arrays. Raises :class:`CheckpointError` as :func:`read_tree` does."""
-    return _read_archive(Path(path), with_leaves=False)[0]["metadata"]
+    return formats.decode(Path(path), with_leaves=False)[0]["metadata"]
 
 
 def _first_differing_part(saved: list[str], expected: list[str], parts: tuple[str, ...]) -> str:
@@ -158,8 +88,7 @@ def read_tree(path: str | Path, like: Any, parts: tuple[str, ...] = ()) -> tuple
             the message names the path and what differs.
     """
     path = Path(path)
-    manifest, raw = _read_archive(path)
-
+    manifest, raw = formats.decode(path, like)
     return _rebuilt(path, manifest["leaves"], raw, like, parts, prefix=""), manifest["metadata"]
 
 
@@ -171,7 +100,7 @@ def read_entry(path: str | Path, index: int, like: Any) -> tuple[Any, dict]:
         ``(entry, metadata)``. Raises :class:`CheckpointError` as :func:`read_tree` does.
     """
     path = Path(path)
-    manifest, raw = _read_archive(path)
+    manifest, raw = formats.decode(path)
     prefix = f"[{index}]"
     chosen = [(entry, chunk) for entry, chunk in zip(manifest["leaves"], raw) if entry["path"].startswith(prefix)]
     entries, chunks = [entry for entry, _ in chosen], [chunk for _, chunk in chosen]
@@ -226,7 +155,7 @@ def save_params(path: str | Path, params: Any) -> None:
     """Write a parameter pytree to ``path`` atomically (a crash never leaves a half-written file there).
 
     Arguments:
-        path: destination file (conventionally ``*.npz``); parent directories are created.
+        path: destination file (conventionally ``*.safetensors``); parent directories are created.
         params: a pytree of arrays, e.g. from ``net.init``.
     """
     save_tree(path, params)

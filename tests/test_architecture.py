@@ -72,6 +72,7 @@ DEFERRED = {
     "torch",
     "equinox",
     "flax",
+    "orbax.checkpoint",
     "kfac_jax",
     "matplotlib",
     "matplotlib.pyplot",

@@ -2,7 +2,8 @@
 
 The files are safetensors, which any safetensors reader (NumPy, PyTorch, Hugging Face's tools) opens: each leaf
 one tensor named by its path (``0.W``), the tree's structure, checksums and mnet's version in the header's
-metadata (:mod:`mnet.training.formats`); files in mnet's earlier ``.npz`` format still load.
+metadata (:mod:`mnet.training.formats`); files in mnet's earlier ``.npz`` format still load. The readers also take
+a sharded checkpoint, a directory named ``*.orbax`` (:mod:`mnet.training.sharded_checkpoint`).
 
 Writes go to a temporary file in the target's directory, are flushed to disk, then renamed over the target,
 so a crash leaves either the old file or the new one, never half of one.
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnet.errors import CheckpointError
-from mnet.training import formats
+from mnet.training import formats, sharded_checkpoint
 
 FORMAT = formats.FORMAT
 
@@ -59,6 +60,8 @@ def save_tree(path: str | Path, tree: Any, metadata: dict | None = None) -> None
 def read_metadata(path: str | Path) -> dict:
     """The ``metadata`` a file was saved with (a training checkpoint's epoch, configuration and history), without
     reading its arrays. Raises :class:`CheckpointError` as :func:`read_tree` does."""
+    if sharded_checkpoint.is_sharded(path):
+        return sharded_checkpoint.read_sharded_metadata(path)
     return formats.decode(Path(path), with_leaves=False)[0]["metadata"]
 
 
@@ -87,6 +90,8 @@ def read_tree(path: str | Path, like: Any, parts: tuple[str, ...] = ()) -> tuple
         CheckpointError: the file is missing, truncated, corrupted, not an mnet file, or differs from ``like``;
             the message names the path and what differs.
     """
+    if sharded_checkpoint.is_sharded(path):
+        return sharded_checkpoint.read_sharded(path, like)
     path = Path(path)
     manifest, raw = formats.decode(path, like)
     return _rebuilt(path, manifest["leaves"], raw, like, parts, prefix=""), manifest["metadata"]
@@ -99,6 +104,8 @@ def read_entry(path: str | Path, index: int, like: Any) -> tuple[Any, dict]:
     Returns:
         ``(entry, metadata)``. Raises :class:`CheckpointError` as :func:`read_tree` does.
     """
+    if sharded_checkpoint.is_sharded(path):
+        return sharded_checkpoint.read_sharded_entry(path, index, like)
     path = Path(path)
     manifest, raw = formats.decode(path)
     prefix = f"[{index}]"

@@ -26,7 +26,7 @@ from mnet.core.protocol import Array, Params, apply_layer, call_forward, is_stat
 from mnet.core.protocol import LayerProtocol as Layer
 from mnet.core.state import init_state
 from mnet.errors import CheckpointError, DataError, DivergenceError, SettingError
-from mnet.training import checkpoint, distributed, sharding
+from mnet.training import checkpoint, distributed, sharded_checkpoint, sharding
 from mnet.training.data import Dataset
 from mnet.training.layout import Layout, data_parallel_mesh, epoch_order, make_epoch
 from mnet.training.sampling import check_sampling
@@ -134,7 +134,8 @@ def fit(
             :func:`mnet.clipped_value_and_grad` for DP-SGD.
         checkpoint_path: if given, a training checkpoint (params, optimizer state, the model state of a network
             with BatchNorm, epoch, seed, history, ``config``) is written atomically after every epoch whose loss is
-            finite.
+            finite: one safetensors file, or with a path ending in ``.orbax`` a sharded orbax checkpoint directory
+            that every process writes its own shards to (:mod:`mnet.training.sharded_checkpoint`).
         resume: continue from ``checkpoint_path`` if it exists (it must match the parameters and optimizer).
         overwrite: start afresh even though ``checkpoint_path`` exists, replacing it. Without ``resume`` or
             ``overwrite`` an existing checkpoint is refused: a run never overwrites earlier work unasked.
@@ -372,7 +373,11 @@ def _epoch_record(evaluate, params, state, seen: tuple, test: tuple, epoch: int,
 
 def _save_checkpoint(path: str | Path, saved: Any, meta: dict, history: History) -> None:
     """Process 0 writes (atomically) what every process holds alike; the barrier keeps the others from running ahead
-    of a checkpoint that is not on disk yet."""
+    of a checkpoint that is not on disk yet. A sharded checkpoint (``*.orbax``) is written by every process, each its
+    own shards."""
+    if sharded_checkpoint.is_sharded(path):
+        sharded_checkpoint.save_sharded(path, saved, {**meta, "history": history.to_dict()})
+        return
     tree = sharding.to_host(saved)
     if distributed.is_leader():
         checkpoint.save_tree(path, tree, {**meta, "history": history.to_dict()})

@@ -133,6 +133,10 @@ def decode(path: Path, like: Any = None, with_leaves: bool = True) -> tuple[dict
     checksums. A safetensors file without mnet's manifest is matched to ``like``'s tensor names."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: a directory, not a checkpoint file (a sharded checkpoint's name ends in .orbax)"
+        )
     with open(path, "rb") as file:
         magic = file.read(4)
     if magic == b"PK\x03\x04":

@@ -2,6 +2,7 @@
 two processes of two forced CPU devices each against one process of four, and a run with a killed process that
 stops within a bound and resumes from its checkpoint to the uninterrupted result."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -12,8 +13,9 @@ import time
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
-from mnet.training import distributed, launch
+from mnet.training import distributed, launch, sharded_checkpoint
 
 pytestmark = pytest.mark.skipif(
     "jax_cpu_collectives_implementation" not in jax.config.values,
@@ -127,13 +129,66 @@ def test_a_killed_process_stops_the_run_and_resume_matches(tmp_path):
         env=four_devices_env(),
     )
     assert alone.returncode == 0, alone.stderr[-3000:]
-    resumed, uninterrupted = np.load(params), np.load(reference)
-    leaves = [name for name in uninterrupted.files if name.startswith("leaf_")]
-    assert len(leaves) == 4
-    for name in leaves:  # mnet's format keeps each leaf's raw bytes; the MLP's are all float32
-        a, b = (np.frombuffer(f[name].tobytes(), np.float32) for f in (resumed, uninterrupted))
-        gap = np.max(np.abs(a - b)) / np.max(np.abs(b))
+    resumed, uninterrupted = (safetensors.numpy.load_file(path) for path in (params, reference))
+    assert sorted(uninterrupted) == sorted(resumed) == ["0.W", "0.b", "2.W", "2.b"]
+    for name, b in uninterrupted.items():
+        gap = np.max(np.abs(resumed[name] - b)) / np.max(np.abs(b))
         assert gap < 1e-5, (name, gap)
+
+
+SHARDED = textwrap.dedent("""
+    import sys
+    import mnet
+    mnet.distributed.initialize()
+    import jax, numpy as np, optax
+    full = mnet.data.load_digits(0)
+    data = mnet.data.Dataset(full.x_train[:256], full.y_train[:256], full.x_test, full.y_test, 10, "digits")
+    net = mnet.mlp([64, 32, 10])
+    _, params = net.init(jax.random.key(0), (64,))
+    result = mnet.fit(net, mnet.losses.softmax_cross_entropy, params, data, optimizer=optax.adam(3e-3), epochs=2,
+                      batch_size=64, devices=0, layout="fsdp", checkpoint_path=sys.argv[1])
+    whole = mnet.sharding.to_host((result.params, result.opt_state))
+    if jax.process_index() == 0:
+        leaves = jax.tree_util.tree_leaves(whole)
+        np.savez(sys.argv[2], *leaves, sharded=jax.tree_util.tree_leaves(result.params)[0].sharding.spec != ())
+""")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("orbax") is None, reason="needs orbax-checkpoint (pip install mnet[orbax])"
+)
+def test_two_processes_write_their_shards_and_one_process_of_one_device_resumes(tmp_path):
+    """fit with a sharded checkpoint (run.orbax) in two processes of two devices, the parameters and the optimizer
+    state sharded over all four (layout fsdp): each process writes its own shards; this process, one device,
+    reads the checkpoint whole to the same bits and resumes from it."""
+    import optax
+
+    import mnet
+
+    script, path = tmp_path / "train.py", tmp_path / "run.orbax"
+    script.write_text(SHARDED)
+    with open(tmp_path / "group.log", "w") as log:
+        status, _, _ = run_group(2, [sys.executable, str(script), str(path), str(tmp_path / "whole.npz")], log)
+    assert status == 0, (tmp_path / "group.log").read_text()[-3000:]
+    (step,) = [entry for entry in path.iterdir() if entry.name.isdigit()]
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= {e.name for e in (step / "state").iterdir()}
+
+    full = mnet.data.load_digits(0)
+    data = mnet.data.Dataset(full.x_train[:256], full.y_train[:256], full.x_test, full.y_test, 10, "digits")
+    net = mnet.mlp([64, 32, 10])
+    _, params = net.init(jax.random.key(0), (64,), np.float32)
+    optimizer = optax.adam(3e-3)
+    like = jax.tree_util.tree_map(np.asarray, (params, optimizer.init(params)))
+    restored, meta = sharded_checkpoint.read_sharded(path, like)
+    whole = np.load(tmp_path / "whole.npz")
+    assert bool(whole["sharded"]) and meta["epoch"] == 2
+    for index, leaf in enumerate(jax.tree_util.tree_leaves(restored)):
+        np.testing.assert_array_equal(leaf, whole[f"arr_{index}"])
+    loss = mnet.losses.softmax_cross_entropy
+    resumed = mnet.fit(
+        net, loss, params, data, optimizer=optimizer, epochs=3, batch_size=64, checkpoint_path=path, resume=True
+    )
+    assert resumed.history.epoch == [1, 2, 3]
 
 
 def test_launch_refuses_bad_input():

@@ -116,11 +116,16 @@ def test_outputs_and_gradients_equal_the_equinox_models(case):
     np.testing.assert_allclose(dx, x_grad, rtol=1e-10, atol=1e-12)
 
 
-def test_token_ids_go_through_an_embedding():
-    model = nn.Sequential([nn.Embedding(9, 4, key=jax.random.key(0)), nn.Linear(4, 3, key=jax.random.key(1))])
+def test_token_ids_go_through_an_embedding_and_its_gradient_is_equinoxs():
+    layers = [nn.Embedding(9, 4, key=jax.random.key(0)), nn.LayerNorm(4), nn.Linear(4, 3, key=jax.random.key(1))]
+    model = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, nn.Sequential(layers))
     ids = jnp.arange(6) % 9
+    cotangent = jax.random.normal(jax.random.key(2), (6, 3))
     net, params = from_equinox(model)
-    np.testing.assert_allclose(net.apply(params, ids), jax.vmap(model)(ids), rtol=1e-12)
+    out, cache = net.forward(params, ids)
+    np.testing.assert_allclose(out, jax.vmap(model)(ids), rtol=1e-12)
+    grads = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m)(ids) * cotangent))(model)
+    assert_trees_close(net.backward(params, cache, cotangent)[0], from_equinox(eqx.combine(grads, model))[1], 1e-10)
 
 
 def test_an_equinox_mlps_gradient_is_mnets_hand_derived_one():

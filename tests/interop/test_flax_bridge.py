@@ -102,12 +102,17 @@ def test_a_flax_cnns_per_example_norms_are_mnets():
     assert repr(net).startswith("serial(Conv2D(3, (3, 3), padding='SAME')")  # Flax's layout is mnet's: no transposes
 
 
-def test_token_ids_go_through_an_embedding():
+def test_token_ids_go_through_an_embedding_and_its_gradient_is_flaxs():
     rngs = nnx.Rngs(0)
     model = nnx.Sequential(nnx.Embed(9, 4, rngs=rngs, **F64), nnx.Linear(4, 3, rngs=rngs, **F64))
     ids = jnp.arange(12).reshape(2, 6) % 9
+    cotangent = jax.random.normal(jax.random.key(2), (2, 6, 3))
     net, params = from_flax(model)
-    np.testing.assert_allclose(net.apply(params, ids), model(ids), rtol=1e-12)
+    out, cache = net.forward(params, ids)
+    np.testing.assert_allclose(out, model(ids), rtol=1e-12)
+    holding = nnx.clone(model)
+    nnx.update(holding, nnx.grad(lambda m: jnp.sum(m(ids) * cotangent))(model))
+    assert_trees_close(net.backward(params, cache, cotangent)[0], from_flax(holding)[1], 1e-10)
 
 
 @pytest.mark.parametrize(

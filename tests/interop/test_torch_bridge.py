@@ -42,6 +42,7 @@ def cnn():
         nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0)),
         nn.Tanh(),
         nn.AvgPool2d(2, stride=1, padding=1),
+        nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
         nn.Flatten(),
         nn.Linear(4 * 3 * 4, 5),
     )

@@ -116,8 +116,10 @@ def test_a_checkpoint_directory_with_its_config_loads_and_saves_back(tmp_path):
     assert_trees_close(params_again, params, 0)
 
 
-def test_pytorchs_load_state_dict_takes_the_exported_names():
+def test_pytorchs_load_state_dict_takes_the_saved_file(tmp_path):
     torch = pytest.importorskip("torch", reason="needs torch (pip install mnet[bridges])")
+    import safetensors.torch
+
     nn = torch.nn
     sd = state_dict(np.random.default_rng(3))
     _, params = load_llama(sd, num_heads=HEADS)
@@ -140,7 +142,8 @@ def test_pytorchs_load_state_dict_takes_the_exported_names():
     model.model.embed_tokens, model.model.norm = nn.Embedding(VOCAB, D), nn.RMSNorm(D)
     model.model.layers = nn.ModuleList([Layer() for _ in range(LAYERS)])
     model.lm_head = nn.Linear(D, VOCAB, bias=False)
-    exported = {name: torch.from_numpy(array) for name, array in export_llama(params).items()}
+    save_llama(tmp_path / "model.safetensors", params)
+    exported = safetensors.torch.load_file(tmp_path / "model.safetensors")
     model.double().load_state_dict(exported, strict=True)  # every name and shape is PyTorch's
     held = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
     ids = np.arange(6)[None] % VOCAB

@@ -53,7 +53,12 @@ USER_NETWORKS = {
 
 #: The modern decoder's layers: each must have a second-order rule that check_layer compares (not skips).
 DECODER_LAYERS = [
-    (mnet.serial(mnet.Dense(4), mnet.Silu(), mnet.RMSNorm(), mnet.Softmax(), mnet.Dense(3)), (2, 5)),
+    (
+        mnet.serial(
+            mnet.Dense(4), mnet.Silu(), mnet.RMSNorm(), mnet.Softmax(), mnet.RMSNorm(1e-5, use_bias=True), mnet.Dense(3)
+        ),
+        (2, 5),
+    ),
     (mnet.GatedMLP(5, activation="gelu", use_bias=True), (2, 4)),
     (mnet.MultiHeadSelfAttention(2, num_kv_heads=1, rope_base=100.0, causal=True), (3, 4)),
     (mnet.Unembed(5), (3, 4)),

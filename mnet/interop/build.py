@@ -138,10 +138,11 @@ class Builder:
         beta = self.array(bias) if bias is not None else jnp.zeros(width, gamma.dtype)
         self.add(LayerNorm(float(eps)), {"gamma": gamma.reshape(-1), "beta": beta.reshape(-1)})
 
-    def rms_norm(self, weight: Any | None, eps: float, width: int) -> None:
+    def rms_norm(self, weight: Any | None, eps: float, width: int, bias: Any | None = None) -> None:
         self.vectors()
         gamma = self.array(weight) if weight is not None else jnp.ones(width, self.dtype or jnp.float32)
-        self.add(RMSNorm(float(eps)), {"gamma": gamma.reshape(-1)})
+        params = {"gamma": gamma.reshape(-1)} | ({} if bias is None else {"beta": self.array(bias).reshape(-1)})
+        self.add(RMSNorm(float(eps), use_bias=bias is not None), params)
 
     def embedding(self, weight: Any) -> None:
         table = self.array(weight)

@@ -6,7 +6,7 @@ An Equinox module maps one example; the converted network maps a batch of them (
 
 Mapped: ``Sequential``; ``Linear``; ``MLP`` (its linear layers and activations); ``Conv2d`` (zero padding, no
 dilation or groups); ``MaxPool2d`` and ``AvgPool2d`` (no ``use_ceil``); ``LayerNorm`` over the last axis;
-``RMSNorm`` without a shift (``use_bias=False``: mnet's RMSNorm, as LLaMA's, has none); ``Embedding`` (then an
+``RMSNorm`` (with its shift, ``use_bias``, Equinox's default); ``Embedding`` (then an
 example is a token id, or ids of any shape); ``MultiheadAttention`` as self-attention ``mha(x, x, x)`` on ``(T,
 D)`` examples; ``Identity``; ``Dropout`` (as the identity, the model in inference mode); ``Lambda`` of an activation
 (``jax.nn.relu``, ``jax.nn.gelu`` and the others of :func:`mnet.interop.build.activation`, also through
@@ -68,11 +68,9 @@ def _convert(builder: Builder, module: Any, where: str, eqx: Any) -> None:
             raise unsupported("from_equinox", where, module, f"shape {module.shape}: only the last axis is mapped")
         builder.layer_norm(module.weight, module.bias, module.eps, module.shape[0])
     elif isinstance(module, nn.RMSNorm):
-        if module.bias is not None or len(module.shape) != 1:
-            raise unsupported(
-                "from_equinox", where, module, "mnet's RMSNorm has no shift: build it with use_bias=False"
-            )
-        builder.rms_norm(module.weight, module.eps, module.shape[0])
+        if len(module.shape) != 1:
+            raise unsupported("from_equinox", where, module, f"shape {module.shape}: only the last axis is mapped")
+        builder.rms_norm(module.weight, module.eps, module.shape[0], module.bias)
     elif isinstance(module, nn.Embedding):
         builder.embedding(module.weight)
     elif isinstance(module, nn.MultiheadAttention):

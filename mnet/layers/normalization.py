@@ -34,8 +34,13 @@ class _Normalization(Layer):
     """The rules shared by LayerNorm and BatchNorm in training: ``_axes(ndim)`` names the normalised axes."""
 
     eps: float
-    #: Whether the mean is subtracted and there is a shift ``beta`` (LayerNorm, BatchNorm), or neither (RMSNorm).
+    #: Whether the mean is subtracted (LayerNorm, BatchNorm) or not (RMSNorm).
     centred = True
+
+    @property
+    def shifted(self) -> bool:
+        """Whether there is a shift ``beta``: with the centring (LayerNorm, BatchNorm), or asked for (RMSNorm)."""
+        return self.centred
 
     def __post_init__(self):
         if not (isinstance(self.eps, int | float) and 0 < self.eps < float("inf")):
@@ -58,11 +63,11 @@ class _Normalization(Layer):
         shape = self._check_input_shape(input_shape)
         dtype = default_float_dtype() if dtype is None else dtype
         params = {"gamma": jnp.ones(shape[-1:], dtype)}
-        return shape, params | {"beta": jnp.zeros(shape[-1:], dtype)} if self.centred else params
+        return shape, params | {"beta": jnp.zeros(shape[-1:], dtype)} if self.shifted else params
 
     def _check(self, params: Params, x: Array) -> None:
         self._check_input(x)
-        keys = {"gamma", "beta"} if self.centred else {"gamma"}
+        keys = {"gamma", "beta"} if self.shifted else {"gamma"}
         if not isinstance(params, dict) or set(params) != keys:
             raise self._fail(f"expects params with keys {sorted(keys)}, got {describe(params)}")
         if params["gamma"].shape != x.shape[-1:]:
@@ -82,14 +87,14 @@ class _Normalization(Layer):
 
     def _affine_grads(self, xhat: Array, dy: Array) -> Params:
         grads = {"gamma": self._feature_sums(dy * xhat)}
-        return grads | {"beta": self._feature_sums(dy)} if self.centred else grads
+        return grads | {"beta": self._feature_sums(dy)} if self.shifted else grads
 
     def _train_backward(self, params: Params, xhat: Array, rstd: Array, dy: Array) -> tuple[Params, Array]:
         return self._affine_grads(xhat, dy), self._normalized(xhat, rstd, dy * params["gamma"])
 
     def _train_tangent(self, params: Params, xhat: Array, rstd: Array, dparams: Params, dx: Array | None) -> Array:
         """``dy = gamma * N dx + xhat * dgamma + dbeta``: ``N`` is symmetric, so forward mode applies backward's map."""
-        dy = xhat * dparams["gamma"] + dparams["beta"] if self.centred else xhat * dparams["gamma"]
+        dy = xhat * dparams["gamma"] + dparams["beta"] if self.shifted else xhat * dparams["gamma"]
         return dy if dx is None else dy + params["gamma"] * self._normalized(xhat, rstd, dx)
 
     def _train_backward_tangent(
@@ -121,7 +126,7 @@ class _Normalization(Layer):
         """Example ``b``'s own ``dgamma_b = sum(dy_b * xhat_b)``, ``dbeta_b = sum(dy_b)`` over its positions."""
         batch, n = dy.shape[0], xhat.shape[-1]
         grads = {"gamma": jnp.sum((dy * xhat).reshape(batch, -1, n), axis=1)}
-        return grads | {"beta": jnp.sum(dy.reshape(batch, -1, n), axis=1)} if self.centred else grads
+        return grads | {"beta": jnp.sum(dy.reshape(batch, -1, n), axis=1)} if self.shifted else grads
 
 
 @dataclass(frozen=True, repr=False)
@@ -145,7 +150,7 @@ class LayerNorm(_Normalization):
         self._check(params, x)
         xhat, rstd, _, _ = self._statistics(x)
         y = params["gamma"] * xhat
-        return (y + params["beta"] if self.centred else y), (xhat, rstd)
+        return (y + params["beta"] if self.shifted else y), (xhat, rstd)
 
     def backward(self, params: Params, cache: Cache, dy: Array) -> tuple[Params, Array]:
         xhat, rstd = cache
@@ -188,13 +193,13 @@ class LayerNorm(_Normalization):
         def squares(columns: Array) -> Params:
             cs = columns.reshape((columns.shape[0],) + xh.shape)
             per = {"gamma": jnp.einsum("bpj,kbpj->kbj", xh, cs) ** 2}
-            return per | {"beta": jnp.sum(cs, axis=2) ** 2} if self.centred else per
+            return per | {"beta": jnp.sum(cs, axis=2) ** 2} if self.shifted else per
 
         share = jax.tree_util.tree_map(lambda v: jnp.sum(v, axis=0), signed_square_sum(curvature.columns(), squares))
         if curvature.diag is not None:
             d = curvature.diag.reshape(xh.shape)
             share["gamma"] = share["gamma"] + jnp.einsum("bpj,bpj->j", xh**2, d)
-            if self.centred:
+            if self.shifted:
                 share["beta"] = share["beta"] + jnp.sum(d, axis=(0, 1))
         below = curvature.through(lambda v: self._normalized(xhat, rstd, v * gamma))
         u = curvature.grad * gamma
@@ -216,7 +221,8 @@ class LayerNorm(_Normalization):
 class RMSNorm(LayerNorm):
     """Root-mean-square normalisation (Zhang and Sennrich, 2019) over the last axis, as ``torch.nn.RMSNorm(d,
     eps=eps)`` with ``weight = gamma``: ``y = gamma * xhat``, ``xhat = x r``, ``r = 1 / sqrt(mean(x^2) + eps)``.
-    No mean is subtracted and there is no shift. Params ``{"gamma": (d,)}``; cache ``xhat`` and ``r``.
+    No mean is subtracted, and there is no shift unless ``use_bias`` (Equinox's ``RMSNorm`` has one by default):
+    then ``y = gamma * xhat + beta``. Params ``{"gamma": (d,)}`` (and ``"beta"``); cache ``xhat`` and ``r``.
 
     The rules are LayerNorm's without the centring. With ``g = dy * gamma`` the Jacobian-vector product is ::
 
@@ -229,13 +235,21 @@ class RMSNorm(LayerNorm):
 
     Arguments:
         eps: added to the mean square (default 1e-6, as LLaMA's).
+        use_bias: a shift ``beta`` after the scale (default False, as LLaMA's and PyTorch's).
     """
 
     eps: float = 1e-6
+    use_bias: bool = False
     centred = False
 
+    @property
+    def shifted(self) -> bool:
+        return self.use_bias
+
     def __repr__(self) -> str:
-        return "RMSNorm()" if self.eps == 1e-6 else f"RMSNorm(eps={self.eps})"
+        options = [f"eps={self.eps}"] if self.eps != 1e-6 else []
+        options += ["use_bias=True"] if self.use_bias else []
+        return f"RMSNorm({', '.join(options)})"
 
 
 @dataclass(frozen=True, repr=False)

@@ -30,6 +30,7 @@ def mlp(key):
             nn.Lambda(functools.partial(jax.nn.leaky_relu, negative_slope=0.2)),
             nn.Lambda(jax.nn.elu),
             nn.RMSNorm(6, use_bias=False),
+            nn.RMSNorm(6, eps=1e-4),  # Equinox's default: with a shift
             nn.Identity(),
             nn.Dropout(0.2, inference=True),
             nn.Linear(6, 4, use_bias=False, key=k[2]),
@@ -78,6 +79,16 @@ def self_attention_model(model):
     return apply
 
 
+def perturbed(model):
+    """The model in float64 with every array moved off its initial value (norms' unit scales and zero shifts
+    included), so that each weight shows in the outputs."""
+    arrays, rest = eqx.partition(model, eqx.is_array)
+    leaves, treedef = jax.tree_util.tree_flatten(arrays)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    moved = [leaf.astype(jnp.float64) + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    return eqx.combine(jax.tree_util.tree_unflatten(treedef, moved), rest)
+
+
 def without_kv_biases(params):
     attention = {name: dict(p) for name, p in params[1].items()}
     for name in "kv":
@@ -95,7 +106,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_and_gradients_equal_the_equinox_models(case):
     build, shape, as_function = CASES[case]
-    model = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, build(jax.random.key(0)))
+    model = perturbed(build(jax.random.key(0)))
     x = jax.random.normal(jax.random.key(1), shape)
     y = jax.vmap(as_function(model))(x)
     cotangent = jax.random.normal(jax.random.key(2), y.shape)
@@ -143,7 +154,7 @@ def test_an_equinox_mlps_gradient_is_mnets_hand_derived_one():
     "module, message",
     [
         (nn.Sequential([nn.Lambda(jax.nn.relu6)]), r"equinox.Lambda at model.layers\[0\].*'relu6' is not mapped"),
-        (nn.Sequential([nn.RMSNorm(4)]), r"equinox.RMSNorm at model.layers\[0\].*use_bias=False"),
+        (nn.Sequential([nn.LayerNorm((2, 4))]), r"equinox.LayerNorm at model.layers\[0\].*only the last axis"),
         (nn.Conv2d(2, 2, 3, dilation=2, key=jax.random.key(0)), r"equinox.Conv2d at model.*dilation=1"),
         (nn.Sequential([nn.GRUCell(2, 3, key=jax.random.key(0))]), r"equinox.GRUCell at model.layers\[0\]"),
     ],

@@ -26,11 +26,18 @@ from mnet.training import formats, sharded_checkpoint
 FORMAT = formats.FORMAT
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would make every checkpoint private to its writer
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)

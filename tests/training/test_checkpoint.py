@@ -141,3 +141,12 @@ def test_a_leaf_safetensors_cannot_hold_is_refused_by_its_path(tmp_path, params)
     with pytest.raises(CheckpointError, match="two leaves would share the tensor name 'a.b'"):
         mnet.save_params(tmp_path / "p.safetensors", {"a.b": jnp.zeros(1), "a": {"b": jnp.zeros(1)}})
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_a_file_gets_the_permissions_of_any_new_file(tmp_path, params):
+    mask = os.umask(0o027)
+    try:
+        mnet.save_params(tmp_path / "p.safetensors", params)
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o640

@@ -6,7 +6,6 @@ import builtins
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 

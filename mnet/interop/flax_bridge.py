@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mnet.interop.build import Builder, function_layer, unsupported
+from mnet.interop.build import Builder, activation, function_layer, unsupported
 from mnet.layers.combinators import Serial
 
 
@@ -99,7 +99,7 @@ def _convert(builder: Builder, module: Any, where: str, nnx: Any) -> None:
     elif isinstance(module, nnx.MultiHeadAttention):
         _attention(builder, module, where)
     elif isinstance(module, nnx.Dropout):
-        function_layer(builder, lambda x: x, where, module)
+        builder.add(activation("identity"))
     elif isinstance(module, functools.partial) and module.func in (nnx.max_pool, nnx.avg_pool):
         _pool(builder, module, where, nnx)
     elif callable(module) and not isinstance(module, nnx.Module):

@@ -151,7 +151,7 @@ def load_llama(
         params: tuple = ({"embedding": embedding, "body": (*blocks, norm)},)
     else:
         params = (embedding, *blocks, norm, {"W": cast("lm_head.weight", True)})
-    _check_shapes(net, params, tensors)
+    _check_shapes(net, params)
     return net, params
 
 
@@ -174,7 +174,7 @@ def _cast(array: np.ndarray, dtype: Any, transpose: bool) -> jnp.ndarray:
     return jnp.asarray(array, dtype or array.dtype)
 
 
-def _check_shapes(net: Serial, params: tuple, tensors: dict) -> None:
+def _check_shapes(net: Serial, params: tuple) -> None:
     """Every tensor's shape against the one ``gpt`` expects (a layer of another width is named, not broadcast)."""
     expected = jax.eval_shape(lambda: net.init(jax.random.key(0), (1,))[1])
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(expected)):

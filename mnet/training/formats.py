@@ -72,10 +72,10 @@ def tensor_name(key_path: Any) -> str:
     return jax.tree_util.keystr(key_path, simple=True, separator=".")
 
 
-def tensor_names(tree: Any) -> list[str]:
-    """The names of ``tree``'s leaves in its order, refused when two leaves would share one (a dict key holding a
-    ``.``, say, can make ``{"a.b": x}`` and ``{"a": {"b": y}}`` collide)."""
-    names = [tensor_name(key_path) for key_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+def tensor_names(flat: list) -> list[str]:
+    """The names of the flattened leaves ``[(key_path, leaf), ...]`` in their order, refused when two leaves would
+    share one (a dict key holding a ``.``, say, can make ``{"a.b": x}`` and ``{"a": {"b": y}}`` collide)."""
+    names = [tensor_name(key_path) for key_path, _ in flat]
     if len(set(names)) != len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})
         raise CheckpointError(f"cannot save: two leaves would share the tensor name {repeated[0]!r}")
@@ -112,7 +112,7 @@ def mnet_version() -> str:
 def encode(tree: Any, metadata: dict | None = None) -> bytes:
     """The safetensors bytes of ``tree`` (any pytree of arrays) and its JSON-serialisable ``metadata``."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    names = tensor_names(tree)
+    names = tensor_names(flat)
     arrays = [leaf_array(leaf, jax.tree_util.keystr(key_path)) for key_path, leaf in flat]
     digest = hashlib.sha256()
     for array in arrays:

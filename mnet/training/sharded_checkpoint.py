@@ -86,12 +86,17 @@ def _latest(path: Path, manager: Any) -> int:
     return step
 
 
+def _record(manager: Any, step: int, ocp: Any) -> dict:
+    """The step's JSON record (the leaves and the metadata), without reading its arrays."""
+    return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+
 def read_sharded_metadata(path: str | Path) -> dict:
     """The metadata of the newest step of the checkpoint directory ``path``, without reading its arrays."""
     ocp, path = _orbax(), Path(path)
     with _manager(path, ocp) as manager:
         step = _latest(path, manager)
-        record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        record = _record(manager, step, ocp)
     return record["metadata"]
 
 
@@ -111,7 +116,7 @@ def read_sharded(path: str | Path, like: Any) -> tuple[Any, dict]:
     ocp, path = _orbax(), Path(path)
     with _manager(path, ocp) as manager:
         step = _latest(path, manager)
-        record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        record = _record(manager, step, ocp)
         _check(path, record["leaves"], _leaves(like))
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), like)
         state = ocp.args.PyTreeRestore(item=like, restore_args=restore_args)
@@ -131,7 +136,7 @@ def read_sharded_entry(path: str | Path, index: int, like: Any) -> tuple[Any, di
     ocp, path = _orbax(), Path(path)
     with _manager(path, ocp) as manager:
         step = _latest(path, manager)
-        record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        record = _record(manager, step, ocp)
         prefix = f"[{index}]"
         chosen = [i for i, entry in enumerate(record["leaves"]) if entry["path"].startswith(prefix)]
         saved = [{**record["leaves"][i], "path": record["leaves"][i]["path"][len(prefix) :]} for i in chosen]

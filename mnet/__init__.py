@@ -7,7 +7,7 @@ quantity), ``mnet.optim``, ``mnet.laplace``, ``mnet.checking`` (the autodiff ref
 ``mnet.bench`` and ``mnet.cli``.
 """
 
-from mnet import activations, errors, initializers, interop, layers, losses, models, training
+from mnet import activations, errors, initializers, interop, layers, losses, models, spectrum, training
 from mnet.checking import reference
 from mnet.checking.cost import compare_cost
 from mnet.checking.gradient_report import GradientReport
@@ -30,6 +30,7 @@ from mnet.errors import (
     SearchEdgeWarning,
     SettingError,
 )
+from mnet.influence import Influence, influence
 from mnet.laplace import Laplace, laplace
 from mnet.layers import (
     GRU,
@@ -77,6 +78,7 @@ from mnet.optim.accounting import dp_epsilon, poisson_capacity
 from mnet.optim.dp import clipped_value_and_grad, dp_noise
 from mnet.optim.kfac import KFACState, kfac, kfac_preconditioner
 from mnet.quantities.diag_hessian import diag_hessian
+from mnet.quantities.ekfac import eigen_correction, ekfac_factors
 from mnet.quantities.ggn import diag_ggn, ggn_vector_product, per_example_diag_ggn
 from mnet.quantities.gradient import grad, value_and_grad, value_grad_and_state, with_manual_backward
 from mnet.quantities.hessian_vector import hessian_vector_product
@@ -173,6 +175,11 @@ __all__ = [
     "jvp",
     "kfac",
     "kfac_factors",
+    "ekfac_factors",
+    "eigen_correction",
+    "Influence",
+    "influence",
+    "spectrum",
     "kfac_preconditioner",
     "laplace",
     "launch",

@@ -70,3 +70,20 @@ def kept_weights(kept: Array | None, batch: int, positions: int, dtype: Any, lay
         layer,
         f"has {positions} positions per example, and a padding mask of shape {tuple(kept.shape)} has {kept.shape[1]}",
     )
+
+
+def rotated_gradient_squares(inputs: Array, columns: Array) -> Array:
+    """``mean_b sum_c (inputs_b^T columns_cb)^2``, entry by entry, for ``inputs`` ``(batch, s, n_in)`` and
+    ``columns`` ``(C, batch, s, n_out)`` (both already rotated into a layer's eigenbases): EK-FAC's corrected
+    eigenvalues, each example's gradient summed over its ``s`` positions before it is squared. With one position
+    the gradient is an outer product and its square the outer product of squares, one product for the batch; with
+    more the per-column gradients are built, one column at a time (``lax.map``), so that memory holds
+    ``batch n_in n_out`` numbers, not ``C`` times that."""
+    batch = inputs.shape[0]
+    if inputs.shape[1] == 1:
+        return (inputs[:, 0] ** 2).T @ sum_stack(columns[:, :, 0] ** 2) / batch
+
+    def one_column(column: Array) -> Array:
+        return jnp.sum(jnp.einsum("bsi,bsj->bij", inputs, column) ** 2, axis=0)
+
+    return jnp.sum(jax.lax.map(one_column, columns), axis=0) / batch

@@ -3,39 +3,21 @@ Kronecker factors with their positions) and the ``Laplace`` it returns."""
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from mnet.core.chunks import chunks
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
-from mnet.core.sums import kept_weights
 from mnet.core.walk import walk
 from mnet.errors import SettingError
 from mnet.laplace.posterior import Laplace
-from mnet.laplace.structure import STRUCTURES, KronBlock, chunk_of, chunks, is_entry, positive
+from mnet.laplace.structure import STRUCTURES, KronBlock, chunk_of, is_entry, positive
 from mnet.laplace.subset import SUBSETS, split_last_layer
 from mnet.losses import Loss, with_mask
 from mnet.quantities.ggn import check_samples, loss_square_root, summed_diag_ggn
-from mnet.quantities.kronecker import KroneckerFactors, is_factor_pair
-
-
-class _DataKronecker(KroneckerFactors):
-    """:func:`mnet.kfac_factors`' walk with every ``G`` multiplied by the layer's number of output positions per
-    example, so that ``kron(A, G)`` approximates the layer's GGN block per example whatever its positions (see
-    :meth:`mnet.Dense.kronecker_factors`: the block is ``P kron(A, G)``). Under a padding mask the means run over the
-    kept positions, and the factor is their number per example, ``kept / batch``."""
-
-    def share_of(self, layer, params, caches, carried):
-        factors = super().share_of(layer, params, caches, carried)
-        batch, positions = carried[0].shape[1], math.prod(carried[0].shape[2:-1])
-        per_example = jnp.sum(kept_weights(self.kept, batch, positions, carried[0].dtype, layer)) / batch
-        return jax.tree_util.tree_map(
-            lambda pair: {"A": pair["A"], "G": per_example * pair["G"]} if is_factor_pair(pair) else pair,
-            factors,
-            is_leaf=is_entry,
-        )
+from mnet.quantities.kronecker import GGNBlockFactors, is_factor_pair
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 8))
@@ -52,7 +34,7 @@ def fit_chunk(net, loss, structure, mc_samples, params, x, targets, key, sigma, 
     S = loss_square_root(loss, outputs, targets, mc_samples, key)
     S = S * jnp.sqrt(weights).reshape((1, -1) + (1,) * (S.ndim - 2)).astype(S.dtype)
     diagonal = summed_diag_ggn(net, params, x, cache, S, mask)
-    factors = walk(net, _DataKronecker(kept=mask), params, (cache,), (S,))[0] if structure == "kron" else None
+    factors = walk(net, GGNBlockFactors(kept=mask), params, (cache,), (S,))[0] if structure == "kron" else None
     return nll, diagonal, factors
 
 

@@ -9,11 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mnet.core.chunks import chunks
 from mnet.core.protocol import Array, Params, call_forward
 from mnet.errors import SearchEdgeWarning, SettingError
 from mnet.laplace.evidence import log_evidence, maximise_evidence
 from mnet.laplace.predictive import batch_functional_covariance, normal_like, sampled_moments, scale_by_root
-from mnet.laplace.structure import LINKS, KronBlock, chunk_of, chunks, map_entries, positive
+from mnet.laplace.structure import LINKS, KronBlock, chunk_of, map_entries, positive
 from mnet.laplace.subset import Features
 from mnet.losses import with_mask
 from mnet.quantities.kronecker import unstack_bias

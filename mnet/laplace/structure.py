@@ -50,10 +50,6 @@ def positive(value: Any, name: str) -> float:
     return float(value)
 
 
-def chunks(n: int, batch_size: int) -> list[slice]:
-    return [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-
-
 def chunk_of(mask: Array | None, part: slice) -> Array | None:
     """A padding mask's rows for one chunk (None stays None)."""
     return None if mask is None else mask[part]

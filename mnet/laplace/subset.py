@@ -11,9 +11,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mnet.core.chunks import chunks
 from mnet.core.protocol import Array, Params, call_forward, has_params
 from mnet.errors import SettingError
-from mnet.laplace.structure import chunk_of, chunks
+from mnet.laplace.structure import chunk_of
 from mnet.layers.combinators import Serial, serial
 
 SUBSETS = ("all", "last_layer")

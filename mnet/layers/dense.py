@@ -12,7 +12,7 @@ from mnet import initializers
 from mnet.core.curvature import Columns, Curvature, Group, WeightedRows, next_origin, signed_square_sum
 from mnet.core.layer import Layer, describe, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
-from mnet.core.sums import kept_weights, sum_stack
+from mnet.core.sums import kept_weights, rotated_gradient_squares, sum_stack
 from mnet.errors import SettingError
 
 
@@ -274,6 +274,17 @@ class Dense(Layer):
             "A": jnp.einsum("bsi,bsj->ij", kept_xs, xs) / rows,
             "G": jnp.einsum("cbsi,cbsj->ij", kept_Ss, Ss) / rows,
         }
+
+    def eigen_correction(self, params: Params, x: Cache, S: Array, basis: Params) -> Array:
+        """EK-FAC's eigenvalues for ``W' = [W; b]`` in the eigenbasis ``kron(Q_A, Q_G)`` of its factors
+        (``basis = {"A": Q_A, "G": Q_G}``): column ``c``'s gradient for example ``b`` is ``A_b^T S[c, b]``
+        (``A_b = [X_b, 1]``, its positions as rows), so in the basis it is ``(A_b Q_A)^T (S[c, b] Q_G)``, the
+        operands rotated before the product; ``mean_b sum_c`` of its squares is the exact diagonal of the layer's
+        GGN block in that basis (:func:`mnet.core.sums.rotated_gradient_squares`)."""
+        xs, Ss = self._curvature_operands(params, x, S)
+        if self.use_bias:
+            xs = jnp.concatenate([xs, jnp.ones(xs.shape[:2] + (1,), xs.dtype)], axis=-1)
+        return rotated_gradient_squares(xs @ basis["A"].astype(xs.dtype), Ss @ basis["G"].astype(xs.dtype))
 
     def diag_hessian(self, params: Params, x: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
         """The Hessian diagonal for ``W`` and ``b`` from the Hessian at ``z`` (:mod:`mnet.core.curvature`).

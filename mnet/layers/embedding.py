@@ -12,7 +12,7 @@ import numpy as np
 from mnet import initializers
 from mnet.core.layer import Layer, describe, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
-from mnet.core.sums import batch_sq_norms, kept_weights
+from mnet.core.sums import batch_sq_norms, kept_weights, rotated_gradient_squares
 
 
 @dataclass(frozen=True, repr=False)
@@ -143,6 +143,16 @@ class Embedding(Layer):
         count = jnp.maximum(jnp.sum(weights), 1)
         frequencies = jnp.zeros(self.vocab, dtype).at[rows.reshape(-1)].add(weights.reshape(-1), mode="drop")
         return {"A": jnp.diag(frequencies) / count, "G": jnp.einsum("cbsi,cbsj->ij", kept_Ss, Ss) / count}
+
+    def eigen_correction(self, params: Params, ids: Cache, S: Array, basis: Params) -> Array:
+        """As a dense layer on one-hot inputs (:meth:`mnet.Dense.eigen_correction`): the rotated input at a position
+        is the row ``Q_A[id]`` of the basis, so no one-hot is built; each example's rotated gradient
+        ``sum_s Q_A[id_bs]^T (S[c, b, s] Q_G)`` is squared and averaged over the batch."""
+        dtype = params["W"].dtype
+        rows = ids.reshape(ids.shape[0], -1)
+        Ss = S.reshape(S.shape[0], rows.shape[0], rows.shape[1], self.dim).astype(dtype)
+        rotated_inputs = jnp.take(basis["A"].astype(dtype), rows, axis=0)
+        return rotated_gradient_squares(rotated_inputs, Ss @ basis["G"].astype(dtype))
 
     def ntk_contribution(self, params: Params, ids1: Cache, ids2: Cache, dys1: Array, dys2: Array) -> Array:
         b1, b2 = ids1.shape[0], ids2.shape[0]

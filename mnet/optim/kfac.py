@@ -155,7 +155,8 @@ def kfac_preconditioner(
         decay: weight kept by the factors' moving average per step.
         inverse_every: steps between refreshes of the damped inverses.
         kind: ``"kfac"`` (one sampled column of the loss Hessian's square root per example: cheap, needs
-            ``key=`` in ``update``) or ``"kflr"`` (the exact square root: ``C`` columns).
+            ``key=`` in ``update``), ``"kflr"`` (the exact square root: ``C`` columns) or ``"empirical"`` (each
+            example's gradient at its label: the empirical Fisher).
         pi_correction: split the damping between the factors by their mean eigenvalues.
         kl_clip: if given, every direction is scaled down (never up) so that ``learning_rate^2 <direction,
             grads>`` (the step's quadratic form under the curvature) is at most ``kl_clip`` (Ba et al. 2017).

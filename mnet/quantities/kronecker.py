@@ -6,12 +6,15 @@ loss-Hessian square root carried back to its output, by one walk of the square r
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
+from mnet.core.sums import kept_weights
 from mnet.core.walk import StackedQuantity, own_rule, walk
 from mnet.errors import LayerError, SettingError
 from mnet.losses import Loss, with_mask
@@ -51,7 +54,45 @@ class KroneckerFactors(StackedQuantity):
 KRONECKER_FACTORS = KroneckerFactors()
 
 
-KRONECKER_KINDS = ("kflr", "kfac")
+class GGNBlockFactors(KroneckerFactors):
+    """:func:`kfac_factors`' walk with every ``G`` multiplied by the layer's number of output positions per example,
+    so that ``kron(A, G)`` approximates the layer's block of the GGN of the mean loss whatever its positions (see
+    :meth:`mnet.Dense.kronecker_factors`: the block is ``P kron(A, G)``). Under a padding mask the means run over the
+    kept positions, and the factor is their number per example, ``kept / batch``. Laplace and the K-FAC influence
+    preconditioner use these."""
+
+    def share_of(self, layer, params, caches, carried):
+        factors = super().share_of(layer, params, caches, carried)
+        batch, positions = carried[0].shape[1], math.prod(carried[0].shape[2:-1])
+        per_example = jnp.sum(kept_weights(self.kept, batch, positions, carried[0].dtype, layer)) / batch
+        return jax.tree_util.tree_map(
+            lambda pair: {"A": pair["A"], "G": per_example * pair["G"]} if is_factor_pair(pair) else pair,
+            factors,
+            is_leaf=lambda node: is_factor_pair(node) or node is None,
+        )
+
+
+# What the factors' ``G`` is built from: the loss Hessian's exact square root (KFLR: the GGN), one sample from the
+# predictive distribution (KFAC: the Fisher, unbiased), or each example's own gradient at its true label (the
+# empirical Fisher, as in Kronfluence's and EK-FAC's "empirical" setting).
+KRONECKER_KINDS = ("kflr", "kfac", "empirical")
+
+
+def factor_columns(loss: Loss, outputs: Array, targets: Array, kind: str, key: Array | None, where: str) -> Array:
+    """The ``(C, batch, *output)`` columns a Kronecker walk starts from, for ``kind`` (see :data:`KRONECKER_KINDS`);
+    ``where`` names the caller in the error for a missing ``key``."""
+    if kind == "kflr":
+        return loss.hessian_sqrt(outputs, targets)
+    if kind == "empirical":
+        return loss.per_example_grad(outputs, targets)[None]
+    if key is None:
+        raise SettingError(f'{where}(kind="kfac") samples from the predictive distribution: pass key=...')
+    return loss.sampled_hessian_sqrt(outputs, targets, key, 1)
+
+
+def check_kind(kind: Any, where: str) -> None:
+    if kind not in KRONECKER_KINDS:
+        raise SettingError(f"{where}: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
 
 
 def is_factor_pair(node: Any) -> bool:
@@ -83,7 +124,8 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
     For a dense layer ``z = a W'`` (``a`` the input with a 1 appended for the bias, ``W' = [W; b]``):
     ``A = mean_b a_b a_b^T`` and ``G = mean_b S_b S_b^T``, ``S_b`` the columns of the square root of example
     ``b``'s loss Hessian ``H_b`` carried back to ``z`` (exact, ``C`` columns, for ``kind="kflr"``; one sample
-    from the loss's predictive distribution for ``kind="kfac"``, which needs ``key``). ``kron(A, G)``
+    from the loss's predictive distribution for ``kind="kfac"``, which needs ``key``; the example's own loss
+    gradient at its label for ``kind="empirical"``, the empirical Fisher's factor). ``kron(A, G)``
     approximates the GGN block of ``concatenate([W, b[None]]).reshape(-1)`` and equals it for ``"kflr"`` at
     batch 1. Conv2D (its windows as positions), attention's four projections and the gated MLP's (the sequence as
     positions) follow the position convention of :meth:`mnet.Dense.kronecker_factors`: every position counts as an
@@ -97,8 +139,7 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
         with parameters but no Kronecker structure (LayerNorm, RMSNorm, a user's layer without a
         ``kronecker_factors`` rule) has ``None``, and so has a matrix used twice (a tied embedding).
     """
-    if kind not in KRONECKER_KINDS:
-        raise SettingError(f"kfac_factors: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+    check_kind(kind, "kfac_factors")
 
     def kfac_factors_fn(
         params: Params,
@@ -111,12 +152,7 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
     ) -> Any:
         masked_loss, targets = with_mask(loss, targets, mask)
         outputs, cache = call_forward(net, params, x, state=state, mask=mask)
-        if kind == "kflr":
-            S = masked_loss.hessian_sqrt(outputs, targets)
-        elif key is None:
-            raise SettingError('kfac_factors(kind="kfac") samples from the predictive distribution: pass key=...')
-        else:
-            S = masked_loss.sampled_hessian_sqrt(outputs, targets, key, 1)
+        S = factor_columns(masked_loss, outputs, targets, kind, key, "kfac_factors")
         quantity = KRONECKER_FACTORS if mask is None else KroneckerFactors(kept=jnp.asarray(mask))
         return walk(net, quantity, params, (cache,), (S,))[0]
 

@@ -1,0 +1,262 @@
+"""Influence scores between query and training examples, ``score(q, n) = g_q^T (C + damping I)^-1 g_n``, and what
+is read from them: self-influence and each query's most helpful and most harmful training examples.
+
+Memory. The queries' gradients are preconditioned once, ``v_q = (C + damping I)^-1 g_q`` (a stack of ``Q`` trees
+like the params), and no training gradient is ever built: ``<g_n, v_q>`` is the derivative of example ``n``'s
+loss along ``v_q``, ``(dl_n / dy_n) . (J_n v_q)``, so a training batch is scored by one forward pass, each query's
+tangent pass through its cache (the hand-derived forward mode, :func:`mnet.core.tangent.tangent_walk`) and a dot
+with the loss's per-example output gradients. For a dense layer the tangent pass's share is ``a_nt v_q`` and the
+dot takes it to ``sum_t a_nt v_q s_nt^T``, the per-example inner-product rule; every layer with a tangent rule
+(all of mnet's) is covered without a rule of its own. Memory is ``O(parameters x queries)`` plus one batch's
+activations per query, however large the training set (:func:`pairwise_scores` compiles the whole set into one
+program whose memory the tests read from XLA).
+
+Signs follow Kronfluence: a positive score is a helpful example (a step on its loss lowers the query's loss to
+first order), a negative one harmful.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from mnet.core.chunks import chunks, split_batches
+from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
+from mnet.core.tangent import tangent_walk
+from mnet.errors import DataError, SettingError
+from mnet.influence.preconditioner import PRECONDITIONERS, Preconditioner, fit_preconditioner
+from mnet.losses import Loss
+from mnet.quantities.kronecker import check_kind
+from mnet.quantities.per_example import per_example_grads
+from mnet.quantities.tangent import input_tangent
+
+FALLBACKS = (None, "diag")
+
+
+def batch_scores(net: LayerProtocol, loss: Loss, params: Params, queries: Params, x: Array, targets: Array) -> Array:
+    """``(Q, batch)``: ``<g_n, v_q>`` for every preconditioned query ``v_q`` (``queries``, leading axis ``Q``) and
+    every example of the batch, by tangent passes (see the module's docstring)."""
+    outputs, cache = call_forward(net, params, x)
+    cotangents = loss.per_example_grad(outputs, targets).reshape(x.shape[0], -1)
+
+    def along(v: Params) -> Array:
+        dy, _ = tangent_walk(net, params, cache, v, input_tangent(x, None))
+        return (
+            jnp.zeros(cotangents.shape[0], cotangents.dtype)
+            if dy is None
+            else jnp.sum(dy.reshape(cotangents.shape) * cotangents, axis=1)
+        )
+
+    return jax.vmap(along)(queries)
+
+
+def pairwise_scores(net: LayerProtocol, loss: Loss, batch_size: int) -> Callable[[Params, Params, Array, Array], Array]:
+    """``f(params, queries, x, targets) -> (Q, n)``: :func:`batch_scores` over a whole training set in one program,
+    ``lax.map`` over chunks of ``batch_size`` examples (the rows that do not fill a chunk scored apart)."""
+
+    def pairwise_scores_fn(params: Params, queries: Params, x: Array, targets: Array) -> Array:
+        (xs, ts), rest = split_batches((x, targets), batch_size)
+        per_chunk = jax.lax.map(lambda chunk: batch_scores(net, loss, params, queries, *chunk), (xs, ts))
+        scores = jnp.moveaxis(per_chunk, 0, 1).reshape(per_chunk.shape[1], -1)
+        return scores if rest is None else jnp.concatenate([scores, batch_scores(net, loss, params, queries, *rest)], 1)
+
+    return pairwise_scores_fn
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def scores_chunk(net, loss, params, queries, x, targets):
+    return batch_scores(net, loss, params, queries, x, targets)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def preconditioned_gradients(net, loss, preconditioner, params, x, targets, arrays):
+    grads = per_example_grads(net, loss)(params, x, targets)
+    return with_arrays(preconditioner, arrays).solve(grads), grads
+
+
+def arrays_of(preconditioner: Preconditioner) -> tuple:
+    return (preconditioner.diagonal, preconditioner.blocks, preconditioner.dense)
+
+
+def with_arrays(preconditioner: Preconditioner, arrays: tuple) -> Preconditioner:
+    """The preconditioner with its fitted arrays traced (passed to a jitted function as arguments, not constants)."""
+    return Preconditioner(preconditioner.name, preconditioner.damping, *arrays)
+
+
+def static(preconditioner: Preconditioner) -> Preconditioner:
+    """What a jitted function may hash: the name and the damping (the arrays travel as arguments)."""
+    return Preconditioner(preconditioner.name, preconditioner.damping)
+
+
+class TopK(NamedTuple):
+    """Per query, the ``k`` most helpful training examples (largest scores first) and the ``k`` most harmful (most
+    negative first): indices into the training set ``(Q, k)`` and their scores ``(Q, k)``."""
+
+    helpful: Array
+    helpful_scores: Array
+    harmful: Array
+    harmful_scores: Array
+
+
+def describe_data(x: Any, targets: Any) -> str:
+    return f"inputs {tuple(jnp.shape(x))} {jnp.asarray(x).dtype}, targets {tuple(jnp.shape(targets))} {jnp.asarray(targets).dtype}"
+
+
+def data_kind(a: Any) -> str:
+    dtype = jnp.asarray(a).dtype
+    return "integer" if jnp.issubdtype(dtype, jnp.integer) else "bool" if dtype == jnp.bool_ else "float"
+
+
+def check_like(x: Any, targets: Any, train_x: Any, train_targets: Any, what: str) -> None:
+    """Refuse ``what`` (queries) whose examples or labels differ in shape or kind from the training data's."""
+    if jnp.shape(x)[:1] != jnp.shape(targets)[:1]:
+        raise DataError(f"influence: {what} have {jnp.shape(x)[0]} inputs but {jnp.shape(targets)[0]} targets")
+    same = all(
+        jnp.shape(a)[1:] == jnp.shape(b)[1:] and data_kind(a) == data_kind(b)
+        for a, b in ((x, train_x), (targets, train_targets))
+    )
+    if not same:
+        raise DataError(
+            f"influence: {what} ({describe_data(x, targets)}) do not match the training data "
+            f"({describe_data(train_x, train_targets)}) in example shape or kind"
+        )
+
+
+class Influence:
+    """A fitted influence model (:func:`mnet.influence`): the training data, its curvature damped, and the scores
+    that follow. Every method runs by hand, chunk by chunk of ``batch_size`` training examples.
+
+    Attributes:
+        preconditioner: the fitted :class:`mnet.influence.preconditioner.Preconditioner` (its ``name`` and the
+            ``damping`` used, which is ``0.1`` times the curvature's mean eigenvalue unless one was given).
+        x, targets: the training data.
+    """
+
+    def __init__(self, net, loss, params, x, targets, preconditioner: Preconditioner, batch_size: int, progress: bool):
+        self.net, self.loss, self.params = net, loss, params
+        self.x, self.targets = x, targets
+        self.preconditioner, self.batch_size, self.progress = preconditioner, batch_size, progress
+
+    @property
+    def damping(self) -> float:
+        return self.preconditioner.damping
+
+    def _solved(self, x: Array, targets: Array) -> tuple[Params, Params]:
+        return preconditioned_gradients(
+            self.net, self.loss, static(self.preconditioner), self.params, x, targets, arrays_of(self.preconditioner)
+        )
+
+    def preconditioned_queries(self, query_x: Array, query_targets: Array) -> Params:
+        """``v_q = (C + damping I)^-1 g_q`` for every query, a tree like the params with a leading query axis."""
+        check_like(query_x, query_targets, self.x, self.targets, "queries")
+        return self._solved(jnp.asarray(query_x), jnp.asarray(query_targets))[0]
+
+    def scores(self, query_x: Array, query_targets: Array) -> Array:
+        """``(Q, n)``: ``g_q^T (C + damping I)^-1 g_n`` for every query ``q`` and training example ``n``.
+
+        Arguments:
+            query_x, query_targets: the queries, shaped and typed as the training data.
+
+        Returns:
+            The scores, a positive one helpful.
+        """
+        queries = self.preconditioned_queries(query_x, query_targets)
+        parts = chunks(self.x.shape[0], self.batch_size)
+        bar = tqdm(parts, desc="influence", unit="batch", file=sys.stderr, disable=not self.progress)
+        scored = [scores_chunk(self.net, self.loss, self.params, queries, self.x[p], self.targets[p]) for p in bar]
+        return jnp.concatenate(scored, axis=1)
+
+    def self_influence(self) -> Array:
+        """``(n,)``: every training example's ``g_n^T (C + damping I)^-1 g_n`` (large for examples the model finds
+        atypical, a mislabeled one most of all). Each batch's per-example gradients are built here, a batch at a
+        time: a quadratic form needs each gradient whole."""
+        parts = chunks(self.x.shape[0], self.batch_size)
+        bar = tqdm(parts, desc="self-influence", unit="batch", file=sys.stderr, disable=not self.progress)
+        values = []
+        for part in bar:
+            solved, grads = self._solved(self.x[part], self.targets[part])
+            values.append(
+                sum(
+                    jnp.sum((s * g).reshape(g.shape[0], -1), axis=1)
+                    for s, g in zip(*map(jax.tree_util.tree_leaves, (solved, grads)))
+                )
+            )
+        return jnp.concatenate(values)
+
+    def top_k(self, query_x: Array, query_targets: Array, k: int) -> TopK:
+        """Each query's ``k`` most helpful and ``k`` most harmful training examples (:class:`TopK`)."""
+        n = self.x.shape[0]
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise SettingError(f"influence top_k: k must be an int in [1, {n}] (the training set's size), got {k!r}")
+        scores = self.scores(query_x, query_targets)
+        helpful_scores, helpful = jax.lax.top_k(scores, k)
+        harmful_scores, harmful = jax.lax.top_k(-scores, k)
+        return TopK(helpful, helpful_scores, harmful, -harmful_scores)
+
+
+def influence(
+    net: LayerProtocol,
+    loss: Loss,
+    params: Params,
+    x: Array,
+    targets: Array,
+    *,
+    preconditioner: str = "ekfac",
+    kind: str = "kflr",
+    damping: float | None = None,
+    batch_size: int = 256,
+    key: Array | None = None,
+    fallback: str | None = None,
+    progress: bool = False,
+) -> Influence:
+    """Fit an influence model on the training data ``(x, targets)``: the curvature ``C`` once, over the whole set.
+
+    Arguments:
+        net, loss, params: the trained network, its loss and its parameters.
+        x, targets: the training data (the examples scored).
+        preconditioner: ``"ekfac"`` (default, as Kronfluence), ``"kfac"``, ``"diag"``, ``"identity"`` (gradient
+            similarity, ``g_q^T g_n / (1 + damping)``) or ``"ggn"`` (the dense curvature, for networks of at most
+            10,000 parameters: the reference).
+        kind: the curvature's columns: ``"kflr"`` (the GGN), ``"kfac"`` (the Fisher, one sample per example: needs
+            ``key``) or ``"empirical"`` (the empirical Fisher).
+        damping: ``damping > 0`` added to ``C``; None for ``0.1`` times ``C``'s mean eigenvalue.
+        batch_size: training examples per compiled chunk.
+        key: the samples' key for ``kind="kfac"``.
+        fallback: None (a layer with parameters but no Kronecker structure, such as a LayerNorm, is refused by name
+            for ``"kfac"``/``"ekfac"``) or ``"diag"`` (such layers are preconditioned by ``C``'s diagonal).
+        progress: a progress bar over the training batches on standard error.
+
+    Returns:
+        An :class:`Influence`.
+    """
+    if preconditioner not in PRECONDITIONERS:
+        raise SettingError(f"influence: preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    check_kind(kind, "influence")
+    if fallback not in FALLBACKS:
+        raise SettingError(f"influence: fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if damping is not None and (isinstance(damping, bool) or not isinstance(damping, int | float) or not damping > 0):
+        raise SettingError(f"influence: damping must be a positive number (or None for the default), got {damping!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SettingError(f"influence: batch_size must be a positive int, got {batch_size!r}")
+    x, targets = jnp.asarray(x), jnp.asarray(targets)
+    check_like(x, targets, x, targets, "the training data")
+    fitted = fit_preconditioner(
+        net,
+        loss,
+        params,
+        x,
+        targets,
+        name=preconditioner,
+        kind=kind,
+        damping=damping,
+        batch_size=batch_size,
+        key=key,
+        fallback=fallback,
+    )
+    return Influence(net, loss, params, x, targets, fitted, batch_size, progress)

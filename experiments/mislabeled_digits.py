@@ -165,15 +165,20 @@ def plot_examples(data, x, y, flipped, queries, top, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     k = top.helpful.shape[1]
+    mean, std = data.standardisation  # the loader's standardisation undone: the digits as they were drawn
+
+    def image(features):
+        return (np.asarray(features) * std + mean).reshape(8, 8)
+
     figure, axes = plt.subplots(len(queries), 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.5 * len(queries)))
     for row, q in enumerate(queries):
-        axes[row, 0].imshow(data.x_test[q].reshape(8, 8), cmap="gray_r")
+        axes[row, 0].imshow(image(data.x_test[q]), cmap="gray_r")
         axes[row, 0].set_title(f"test: {data.y_test[q]}", fontsize=8)
         for column, (index, kind) in enumerate(
             [(i, "+") for i in top.helpful[row]] + [(i, "-") for i in top.harmful[row]]
         ):
             axis = axes[row, 1 + column]
-            axis.imshow(x[int(index)].reshape(8, 8), cmap="gray_r")
+            axis.imshow(image(x[int(index)]), cmap="gray_r")
             mark = " (flipped)" if flipped[int(index)] else ""
             axis.set_title(f"{kind} label {y[int(index)]}{mark}", fontsize=7, color="red" if mark else "black")
     for axis in axes.flat:

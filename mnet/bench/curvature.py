@@ -234,6 +234,9 @@ def row_kfac_step(widths: list[int], batch: int, rounds: int, period: int = 10) 
             kfac(net, LOSS, (widths[0],), inverse_every=period, kind="kflr")
         ),
         f"K-FAC (kfac), {period} steps, inverses every step": periodic(kfac(net, LOSS, (widths[0],), inverse_every=1)),
+        f"EK-FAC (kfac), {period} steps, bases once": periodic(
+            kfac(net, LOSS, (widths[0],), inverse_every=period, eigenvalue_correction=True)
+        ),
     }
     seconds = interleaved_medians(
         {name: functools.partial(fn, params, x, y) for name, fn in contenders.items()}, rounds

@@ -31,7 +31,7 @@ from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.walk import units, walk
 from mnet.errors import LayerError, SettingError
 from mnet.losses import Loss
-from mnet.quantities.ekfac import eigen_correction, eigenbases, is_basis_pair
+from mnet.quantities.ekfac import eigen_correction, eigenbases, eigenbasis_solve, is_basis_pair
 from mnet.quantities.ggn import summed_diag_ggn
 from mnet.quantities.kronecker import GGNBlockFactors, factor_columns, is_factor_pair, stack_bias, unstack_bias
 from mnet.quantities.per_example import PER_EXAMPLE_BACKWARD
@@ -157,9 +157,9 @@ def solve_blocks(blocks: Any, grads: Params, diagonal: Any, damping: float) -> P
     """Each Kronecker entry's ``[W; b]`` solved in its eigenbasis, ``Q_A ((Q_A^T M Q_G) / (S + damping)) Q_G^T``;
     an entry without a block divided by the diagonal (the fallback) where one was fitted."""
     if isinstance(blocks, dict) and set(blocks) == {"QA", "QG", "S"}:
-        M = stack_bias(grads)
-        rotated = jnp.einsum("ia,qij,jb->qab", blocks["QA"], M, blocks["QG"]) / (blocks["S"] + damping)
-        return unstack_bias(jnp.einsum("ia,qab,jb->qij", blocks["QA"], rotated, blocks["QG"]), grads)
+        return unstack_bias(
+            eigenbasis_solve(blocks["QA"], blocks["QG"], blocks["S"], stack_bias(grads), damping), grads
+        )
     if blocks is None:
         return jax.tree_util.tree_map(lambda g, d: g / (d + damping), grads, diagonal)
     if blocks == ():

@@ -36,6 +36,7 @@ from mnet.core.protocol import input_dtype as network_input_dtype
 from mnet.core.walk import walk
 from mnet.errors import SettingError
 from mnet.losses import Loss
+from mnet.quantities.ekfac import eigen_correction, eigenbases, eigenbasis_solve
 from mnet.quantities.kronecker import (
     KRONECKER_FACTORS,
     KRONECKER_KINDS,
@@ -48,11 +49,14 @@ from mnet.quantities.kronecker import (
 
 class KFACState(NamedTuple):
     """The preconditioner's state: the step count, the averaged factors and their damped inverses (trees like
-    :func:`mnet.kfac_factors`' result: ``{"A", "G"}`` per dense-like entry, ``()`` or None elsewhere)."""
+    :func:`mnet.kfac_factors`' result: ``{"A", "G"}`` per dense-like entry, ``()`` or None elsewhere). For EK-FAC
+    (``eigenvalue_correction=True``) ``inverses`` holds the factors' eigenbases ``{"A": Q_A, "G": Q_G}`` instead, and
+    ``scales`` the corrected eigenvalues ``S`` per entry (None for K-FAC)."""
 
     step: Array
     factors: Any
     inverses: Any
+    scales: Any = None
 
 
 def _map_pairs(fn, *trees: Any) -> Any:
@@ -86,6 +90,18 @@ def precondition(inverses: Any, grads: Params) -> Params:
     if isinstance(inverses, dict):
         return {name: precondition(inverses[name], grads[name]) for name in grads}
     return type(grads)(precondition(inv, g) for inv, g in zip(inverses, grads))
+
+
+def precondition_in_eigenbases(bases: Any, scales: Any, grads: Params, damping: float) -> Params:
+    """EK-FAC's direction: every dense-like entry's ``[W; b]`` solved in its eigenbasis with the corrected
+    eigenvalues (:func:`mnet.quantities.ekfac.eigenbasis_solve`); the rest unchanged."""
+    if is_factor_pair(bases):
+        return unstack_bias(eigenbasis_solve(bases["A"], bases["G"], scales, stack_bias(grads), damping), grads)
+    if bases is None or bases == ():
+        return grads
+    if isinstance(bases, dict):
+        return {name: precondition_in_eigenbases(bases[name], scales[name], grads[name], damping) for name in grads}
+    return type(grads)(precondition_in_eigenbases(b, s, g, damping) for b, s, g in zip(bases, scales, grads))
 
 
 def _is_number(value: Any) -> bool:
@@ -145,8 +161,15 @@ def kfac_preconditioner(
     kl_clip: float | None = None,
     learning_rate: float = 1.0,
     input_dtype: Any = None,
+    eigenvalue_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The K-FAC preconditioner: gradients in, natural-gradient directions out (chain it with a step rule).
+
+    With ``eigenvalue_correction=True`` it is EK-FAC (George et al. 2018): every ``inverse_every`` steps the
+    averaged factors' eigenbases are taken (``eigh``), and every step the batch's corrected eigenvalues in the bases
+    held (:func:`mnet.eigen_correction`, from the same columns as the factors) are averaged with the same ``decay``
+    (restarted from the batch's at each refresh, since the old ones belong to the old bases); the direction is
+    ``Q_A ((Q_A^T dW' Q_G) / (S + damping)) Q_G^T``, damped by ``damping`` itself (no factored damping).
 
     Arguments:
         net, loss: the network and loss being trained.
@@ -163,6 +186,7 @@ def kfac_preconditioner(
         learning_rate: the step rule's learning rate, used by ``kl_clip`` alone.
         input_dtype: the inputs' dtype (default: int32 token ids for a network that starts with an embedding, else
             the parameters' float dtype).
+        eigenvalue_correction: EK-FAC instead of K-FAC (see above).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, inputs, targets,
@@ -173,6 +197,7 @@ def kfac_preconditioner(
     """
     _check_settings(damping, decay, inverse_every, kind)
     factors_fn = kfac_factors(net, loss, kind)
+    correction_fn = eigen_correction(net, loss, kind)
 
     def init(params: Params) -> KFACState:
         if not has_params(params):
@@ -184,7 +209,15 @@ def kfac_preconditioner(
                 "there is nothing to precondition"
             )
         # Two sets of buffers, since fit donates the state.
-        return KFACState(jnp.zeros((), jnp.int32), _zero_factors(structure), _zero_factors(structure))
+        if not eigenvalue_correction:
+            return KFACState(jnp.zeros((), jnp.int32), _zero_factors(structure), _zero_factors(structure))
+        scales = _map_pairs(
+            lambda pair: (
+                jnp.zeros((pair["A"].shape[0], pair["G"].shape[0]), pair["A"].dtype) if is_factor_pair(pair) else pair
+            ),
+            structure,
+        )
+        return KFACState(jnp.zeros((), jnp.int32), _zero_factors(structure), _zero_factors(structure), scales)
 
     def update(grads: Params, state: KFACState, params: Params | None = None, **extra: Any):
         if params is None or "inputs" not in extra or "targets" not in extra:
@@ -201,17 +234,36 @@ def kfac_preconditioner(
             state.factors,
             batch,
         )
-        inverses = jax.lax.cond(
-            state.step % inverse_every == 0,
-            lambda: _map_pairs(
-                lambda pair: _damped_inverses(pair, damping, pi_correction) if is_factor_pair(pair) else pair, factors
-            ),
-            lambda: state.inverses,
-        )
-        direction = precondition(inverses, grads)
+        refresh = state.step % inverse_every == 0
+        if eigenvalue_correction:
+            bases = jax.lax.cond(refresh, lambda: eigenbases(factors), lambda: state.inverses)
+            batch_scales = correction_fn(
+                params, extra["inputs"], extra["targets"], bases, key=key, mask=extra.get("mask")
+            )
+            kept_scales = jnp.where(refresh, 0.0, decay)
+            scales = _map_pairs(
+                lambda old, new, basis: (
+                    new if not is_factor_pair(basis) else kept_scales * old + (1 - kept_scales) * new
+                ),
+                state.scales,
+                batch_scales,
+                bases,
+            )
+            direction = precondition_in_eigenbases(bases, scales, grads, damping)
+            inverses = bases
+        else:
+            inverses = jax.lax.cond(
+                refresh,
+                lambda: _map_pairs(
+                    lambda pair: _damped_inverses(pair, damping, pi_correction) if is_factor_pair(pair) else pair,
+                    factors,
+                ),
+                lambda: state.inverses,
+            )
+            direction, scales = precondition(inverses, grads), None
         if kl_clip is not None:
             direction = _kl_clipped(direction, grads, kl_clip, learning_rate)
-        return direction, KFACState(state.step + 1, factors, inverses)
+        return direction, KFACState(state.step + 1, factors, inverses, scales)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -232,7 +284,8 @@ def kfac(
         net, loss, input_shape: as :func:`kfac_preconditioner`.
         learning_rate, momentum: the step along the natural-gradient direction.
         kl_clip: bounds every step's quadratic form (see :func:`kfac_preconditioner`); None switches it off.
-        **preconditioner: ``damping``, ``decay``, ``inverse_every``, ``kind``, ``pi_correction``, ``input_dtype``.
+        **preconditioner: ``damping``, ``decay``, ``inverse_every``, ``kind``, ``pi_correction``, ``input_dtype``,
+            ``eigenvalue_correction`` (True for EK-FAC).
 
     Returns:
         ``optax.chain(kfac_preconditioner(...), optax.sgd(learning_rate, momentum))``; to use another step rule,

@@ -35,7 +35,14 @@ from mnet.core.paths import flatten_with_keys
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.walk import StackedQuantity, own_rule, walk
 from mnet.losses import Loss, with_mask
-from mnet.quantities.kronecker import check_kind, factor_columns, is_factor_pair, kfac_factors
+from mnet.quantities.kronecker import (
+    KRONECKER_FACTORS,
+    KroneckerFactors,
+    check_kind,
+    factor_columns,
+    is_factor_pair,
+    kfac_factors,
+)
 
 
 def is_eigen_block(node: Any) -> bool:
@@ -184,6 +191,26 @@ def eigen_correction(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Call
     return eigen_correction_fn
 
 
+def factors_and_correction(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable[..., tuple[Any, Any]]:
+    """``f(params, x, targets, bases, *, key=None, mask=None) -> (factors, S)``: one forward pass and one set of
+    columns for both :func:`mnet.kfac_factors`' factors and :func:`eigen_correction` in ``bases`` (EK-FAC's
+    optimizer refreshes the factors and corrects the eigenvalues of the bases it holds, every step)."""
+    check_kind(kind, "ekfac")
+
+    def factors_and_correction_fn(
+        params: Params, x: Array, targets: Array, bases: Any, *, key: Array | None = None, mask: Array | None = None
+    ) -> tuple[Any, Any]:
+        masked_loss, targets = with_mask(loss, targets, mask)
+        outputs, cache = call_forward(net, params, x, mask=mask)
+        columns = factor_columns(masked_loss, outputs, targets, kind, key, "ekfac")
+        quantity = KRONECKER_FACTORS if mask is None else KroneckerFactors(kept=jnp.asarray(mask))
+        factors = walk(net, quantity, params, (cache,), (columns,))[0]
+        in_order = bases_in_visit_order(net, params, x, columns, bases)
+        return factors, walk(net, EigenCorrection(in_order), params, (cache,), (columns,))[0]
+
+    return factors_and_correction_fn
+
+
 def ekfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable[..., Any]:
     """``f(params, x, targets, *, key=None, state=None, mask=None)``: every layer's EK-FAC approximation of its GGN
     block, ``kron(Q_A, Q_G) diag(vec(S)) kron(Q_A, Q_G)^T``, from one batch: the factors
@@ -229,3 +256,11 @@ def combine(bases: Any, corrected: Any) -> Any:
         return None if S is None else {"QA": basis["A"], "QG": basis["G"], "S": S}
 
     return jax.tree_util.tree_map(entry, bases, corrected, is_leaf=is_basis_pair)
+
+
+def eigenbasis_solve(QA: Array, QG: Array, S: Array, M: Array, damping: float | Array) -> Array:
+    """``(kron(Q_A, Q_G) diag(vec S) kron(Q_A, Q_G)^T + damping I)^-1 vec(M)`` for every ``M`` of a stack (leading
+    axes allowed), as ``Q_A ((Q_A^T M Q_G) / (S + damping)) Q_G^T``: four products, no Kronecker matrix. With ``S``
+    the products of the factors' eigenvalues it is K-FAC's damped inverse; with the corrected ones, EK-FAC's."""
+    rotated = jnp.einsum("ia,...ij,jb->...ab", QA, M, QG) / (S + damping)
+    return jnp.einsum("ia,...ab,jb->...ij", QA, rotated, QG)

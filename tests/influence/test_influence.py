@@ -14,6 +14,7 @@ import mnet
 from mnet.core.paths import at_path, flatten_with_keys
 from mnet.errors import DataError, LayerError, SettingError
 from mnet.influence import pairwise_scores
+from mnet.quantities.ekfac import is_eigen_block
 from mnet.quantities.kronecker import is_factor_pair, stack_bias
 from tests.helpers import no_autodiff
 
@@ -38,9 +39,14 @@ def flat_grads(net, loss, params, x, y):
 
 def dense_ggn(net, loss, params, x, y):
     flat, unravel = ravel_pytree(params)
-    J = jax.vmap(lambda xb: jax.jacrev(lambda f: net.apply(unravel(f), xb[None])[0])(flat))(x)
+    J = jax.vmap(lambda xb: jax.jacrev(lambda f: net.apply(unravel(f), xb[None])[0].reshape(-1))(flat))(x)
     outputs = net.apply(params, x)
-    H = jax.vmap(lambda o, t: jax.hessian(lambda u: loss.per_example(u[None], t[None])[0])(o))(outputs, y)
+    m = outputs[0].size
+
+    def one_hessian(o, t):
+        return jax.hessian(lambda u: loss.per_example(u.reshape((1,) + o.shape), t[None])[0])(o.reshape(-1))
+
+    H = jax.vmap(one_hessian)(outputs, y).reshape(-1, m, m)
     return jnp.einsum("bop,boq,bqr->pr", J, H, J) / x.shape[0]
 
 
@@ -63,13 +69,13 @@ def test_exact_preconditioner_against_the_dense_autodiff_ggn(kind, loss):
     np.testing.assert_allclose(model.self_influence(), jnp.diag(solve_scores(curvature, 1e-3, Gn, Gn)), rtol=1e-8)
 
 
-def kronecker_matrix(params, entries, P):
+def kronecker_matrix(params, entries, P, diagonal=None):
     """The dense preconditioner with the Kronecker blocks ``entries`` (``path -> (M_ij)`` matrices acting on the
     row-major ``[W; b]``), as a matrix in ``ravel_pytree``'s coordinates: each block's rows and columns found by
-    unravelling the unit vectors."""
+    unravelling the unit vectors; elsewhere ``diag(diagonal)`` (the fallback), or zero."""
     flat, unravel = ravel_pytree(params)
     basis = jax.vmap(lambda e: unravel(e))(jnp.eye(P))
-    matrix = np.zeros((P, P))
+    matrix = np.zeros((P, P)) if diagonal is None else np.diag(np.asarray(diagonal))
     for path, block in entries.items():
         coordinates = np.asarray(jax.vmap(lambda tree, p=path: stack_bias(at_path(tree, p)).reshape(-1))(basis))
         index = np.argmax(np.abs(coordinates), axis=0)  # the flat coordinate behind each entry of [W; b]
@@ -154,6 +160,32 @@ def test_ekfac_on_positions_and_layers_without_kronecker_structure():
     np.testing.assert_allclose(
         model.scores(x[:3], y[:3]), solve_scores(matrix, 1e-2, Gn[:3], Gn), rtol=1e-8, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_decoder_with_ekfac_and_the_exact_ggn(tie):
+    """The GPT (grouped-query attention, rotary positions, RMSNorm, a gated MLP, optionally a tied read-out): the
+    exact preconditioner against the dense autodiff GGN of the sequence loss, and EK-FAC (attention's and the gated
+    MLP's projections, the embedding; RMSNorm and a tied table by the diagonal) against its dense construction."""
+    net = mnet.models.gpt(11, 6, 8, 1, 2, num_kv_heads=1, hidden=12, tie_embeddings=tie)
+    _, params = net.init(jax.random.key(0), (6,), jnp.float64)
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.integers(0, 11, (12, 6))), jnp.asarray(rng.integers(0, 11, (12, 6)))
+    Gn = flat_grads(net, CE, params, x, y)
+    ggn = jax.jit(lambda p: dense_ggn(net, CE, p, x, y))(params)
+    exact = mnet.influence(net, CE, params, x, y, preconditioner="ggn", damping=1e-3, batch_size=5)
+    expected = solve_scores(ggn, 1e-3, Gn[:3], Gn)
+    np.testing.assert_allclose(exact.scores(x[:3], y[:3]), expected, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(expected))))
+    model = mnet.influence(net, CE, params, x, y, preconditioner="ekfac", fallback="diag", damping=1e-3, batch_size=12)
+    blocks = mnet.ekfac_factors(net, CE)(params, x, y)
+    entries = {}
+    for path, block in flatten_with_keys(blocks, is_leaf=lambda n: n is None or is_eigen_block(n)):
+        if is_eigen_block(block):
+            Q = jnp.kron(block["QA"], block["QG"])
+            entries[path] = Q @ jnp.diag(block["S"].reshape(-1)) @ Q.T
+    assert len(entries) == (7 if tie else 9)  # q, k, v, o, gate, up, down; untied, the embedding and the read-out too
+    matrix = kronecker_matrix(params, entries, Gn.shape[1], jnp.diag(ggn))
+    np.testing.assert_allclose(model.scores(x[:3], y[:3]), solve_scores(matrix, 1e-3, Gn[:3], Gn), rtol=1e-8, atol=1e-10)
 
 
 def test_memory_stays_that_of_the_queries_as_the_training_set_grows():

@@ -23,6 +23,7 @@ from mnet import layers
 from mnet.core import Composite
 from mnet.core.walk import BACKWARD
 from mnet.quantities.diag_hessian import DIAG_HESSIAN
+from mnet.quantities.ekfac import EigenCorrection
 from mnet.quantities.ggn import DIAG_GGN, PER_EXAMPLE_DIAG_GGN
 from mnet.quantities.hessian_vector import HESSIAN_VECTOR
 from mnet.quantities.kronecker import KRONECKER_FACTORS
@@ -40,6 +41,7 @@ RULES = (
     PER_EXAMPLE_DIAG_GGN.rule,
     DIAG_GGN.rule,
     KRONECKER_FACTORS.rule,
+    EigenCorrection.rule,
     DIAG_HESSIAN.rule,
     "initial_state",
     "updated_state",
@@ -69,7 +71,7 @@ def cell(layer_class: type, rule: str) -> str:
             getattr(layer_class, HESSIAN_VECTOR.rule, None)
         )
         return "default" if rule == DIAG_HESSIAN.rule and parameterless_with_hvp else "none"
-    return "none" if rule == KRONECKER_FACTORS.rule else "default"
+    return "none" if rule in (KRONECKER_FACTORS.rule, EigenCorrection.rule) else "default"
 
 
 def rule_matrix() -> dict[str, dict[str, str]]:

@@ -128,7 +128,9 @@ def bases_in_visit_order(net: LayerProtocol, params: Params, x: Array, columns: 
     for keys, visit in flatten_with_keys(tree, is_leaf=lambda node: isinstance(node, Visit)):
         if isinstance(visit, Visit):
             basis = entry_at(bases, keys)
-            in_order[visit.index] = basis if is_factor_pair(basis) else None
+            # A unit's entry is one pair (a dense layer), or a dict holding pairs (a recurrent layer's two products).
+            holds_pairs = any(is_factor_pair(node) for node in jax.tree_util.tree_leaves(basis, is_leaf=is_factor_pair))
+            in_order[visit.index] = basis if holds_pairs else None
     return in_order
 
 

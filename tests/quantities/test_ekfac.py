@@ -33,6 +33,8 @@ NETWORKS = {  # name: (network, example shape, integer inputs)
         False,
     ),
     "embedding": (mnet.serial(mnet.Embedding(7, 4), mnet.Gelu(), mnet.Flatten(), mnet.Dense(3)), (3,), True),
+    "lstm": (mnet.serial(mnet.LSTM(3), mnet.LastStep(), mnet.Dense(3)), (4, 2), False),
+    "gru": (mnet.serial(mnet.GRU(3), mnet.Flatten(), mnet.Dense(3)), (3, 2), False),
 }
 
 
@@ -167,3 +169,17 @@ def test_ekfac_refuses_an_unknown_kind_and_a_missing_key():
         ekfac_factors(net, CE, "exact")
     with pytest.raises(SettingError, match="pass key"):
         ekfac_factors(net, CE, "kfac")(params, x, targets)
+
+
+def test_recurrent_factors_are_the_products_moments():
+    """``A`` of ``W_ih`` is the mean of ``x_t x_t^T`` over examples and time steps and ``A`` of ``W_hh`` that of the
+    previous states ``h_{t-1}`` (zero at ``t = 0``), from an independent run of the cell; the biases have None."""
+    net, params, x, targets = problem("lstm", CE, 9)
+    factors = mnet.kfac_factors(net, CE)(params, x, targets)
+    assert factors[0]["b_ih"] is None and factors[0]["b_hh"] is None
+    rows = x.reshape(-1, 2)
+    np.testing.assert_allclose(factors[0]["W_ih"]["A"], rows.T @ rows / rows.shape[0], rtol=1e-12)
+    states = mnet.LSTM(3).apply(params[0], x)  # (batch, T, hidden)
+    previous = jnp.concatenate([jnp.zeros_like(states[:, :1]), states[:, :-1]], axis=1).reshape(-1, 3)
+    np.testing.assert_allclose(factors[0]["W_hh"]["A"], previous.T @ previous / previous.shape[0], rtol=1e-10)
+    assert factors[0]["W_ih"]["G"].shape == (12, 12)

@@ -342,6 +342,34 @@ class Recurrent(Layer):
         s_a, s_b, h_prev = self._stacks(params, cache, S)
         return self._layout(dense.per_example_diag_ggn(ih, cache[0], s_a), dense.per_example_diag_ggn(hh, h_prev, s_b))
 
+    def kronecker_factors(self, params: Params, cache: Cache, S: Array, kept: Array | None = None) -> Params:
+        """The two products' factors, the time steps as positions (:meth:`mnet.Dense.kronecker_factors`): ``A`` of
+        the inputs ``x_t`` for ``W_ih`` and of the previous states ``h_{t-1}`` for ``W_hh``, ``G`` of the columns
+        carried back through time to the gate pre-activations. The flat layout cannot hold a pair acting on
+        ``[W; b]`` jointly, so the pairs are the matrices' alone (no 1 appended) and the biases have None (K-FAC
+        keeps their plain gradient)."""
+        s_a, s_b, h_prev = self._stacks(params, cache, S)
+        dense = Dense(self.gates * self.hidden, use_bias=False)
+        return {
+            "W_ih": dense.kronecker_factors({"W": params["W_ih"]}, cache[0], s_a, kept),
+            "b_ih": None,
+            "W_hh": dense.kronecker_factors({"W": params["W_hh"]}, h_prev, s_b, kept),
+            "b_hh": None,
+        }
+
+    def eigen_correction(self, params: Params, cache: Cache, S: Array, basis: Params) -> Params:
+        """EK-FAC's eigenvalues of both products in their bases (:meth:`mnet.Dense.eigen_correction`), each
+        example's gradient summed over its time steps; None where ``basis`` has no pair."""
+        s_a, s_b, h_prev = self._stacks(params, cache, S)
+        dense = Dense(self.gates * self.hidden, use_bias=False)
+        corrected: dict = {"b_ih": None, "b_hh": None}
+        for name, inputs, columns in (("W_ih", cache[0], s_a), ("W_hh", h_prev, s_b)):
+            pair = basis.get(name) if isinstance(basis, dict) else None
+            corrected[name] = (
+                None if pair is None else dense.eigen_correction({"W": params[name]}, inputs, columns, pair)
+            )
+        return corrected
+
     def _tangent_scan(self, params: Params, cache: Cache, dparams: Params, dx: Array | None) -> tuple:
         """The forward scan along the tangent: every step's ``R{p_t}`` and ``R{state_{t-1}}`` (time-major, as the
         cache keeps ``p_t`` and the states) and the last state's tangent."""

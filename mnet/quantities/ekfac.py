@@ -35,14 +35,7 @@ from mnet.core.paths import flatten_with_keys
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.walk import StackedQuantity, own_rule, walk
 from mnet.losses import Loss, with_mask
-from mnet.quantities.kronecker import (
-    KRONECKER_FACTORS,
-    KroneckerFactors,
-    check_kind,
-    factor_columns,
-    is_factor_pair,
-    kfac_factors,
-)
+from mnet.quantities.kronecker import check_kind, factor_columns, is_factor_pair, kfac_factors
 
 
 def is_eigen_block(node: Any) -> bool:
@@ -191,26 +184,6 @@ def eigen_correction(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Call
         return walk(net, EigenCorrection(in_order), params, (cache,), (columns,))[0]
 
     return eigen_correction_fn
-
-
-def factors_and_correction(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable[..., tuple[Any, Any]]:
-    """``f(params, x, targets, bases, *, key=None, mask=None) -> (factors, S)``: one forward pass and one set of
-    columns for both :func:`mnet.kfac_factors`' factors and :func:`eigen_correction` in ``bases`` (EK-FAC's
-    optimizer refreshes the factors and corrects the eigenvalues of the bases it holds, every step)."""
-    check_kind(kind, "ekfac")
-
-    def factors_and_correction_fn(
-        params: Params, x: Array, targets: Array, bases: Any, *, key: Array | None = None, mask: Array | None = None
-    ) -> tuple[Any, Any]:
-        masked_loss, targets = with_mask(loss, targets, mask)
-        outputs, cache = call_forward(net, params, x, mask=mask)
-        columns = factor_columns(masked_loss, outputs, targets, kind, key, "ekfac")
-        quantity = KRONECKER_FACTORS if mask is None else KroneckerFactors(kept=jnp.asarray(mask))
-        factors = walk(net, quantity, params, (cache,), (columns,))[0]
-        in_order = bases_in_visit_order(net, params, x, columns, bases)
-        return factors, walk(net, EigenCorrection(in_order), params, (cache,), (columns,))[0]
-
-    return factors_and_correction_fn
 
 
 def ekfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable[..., Any]:

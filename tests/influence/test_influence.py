@@ -175,7 +175,9 @@ def test_a_decoder_with_ekfac_and_the_exact_ggn(tie):
     ggn = jax.jit(lambda p: dense_ggn(net, CE, p, x, y))(params)
     exact = mnet.influence(net, CE, params, x, y, preconditioner="ggn", damping=1e-3, batch_size=5)
     expected = solve_scores(ggn, 1e-3, Gn[:3], Gn)
-    np.testing.assert_allclose(exact.scores(x[:3], y[:3]), expected, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(expected))))
+    np.testing.assert_allclose(
+        exact.scores(x[:3], y[:3]), expected, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(expected)))
+    )
     model = mnet.influence(net, CE, params, x, y, preconditioner="ekfac", fallback="diag", damping=1e-3, batch_size=12)
     blocks = mnet.ekfac_factors(net, CE)(params, x, y)
     entries = {}
@@ -185,7 +187,9 @@ def test_a_decoder_with_ekfac_and_the_exact_ggn(tie):
             entries[path] = Q @ jnp.diag(block["S"].reshape(-1)) @ Q.T
     assert len(entries) == (7 if tie else 9)  # q, k, v, o, gate, up, down; untied, the embedding and the read-out too
     matrix = kronecker_matrix(params, entries, Gn.shape[1], jnp.diag(ggn))
-    np.testing.assert_allclose(model.scores(x[:3], y[:3]), solve_scores(matrix, 1e-3, Gn[:3], Gn), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        model.scores(x[:3], y[:3]), solve_scores(matrix, 1e-3, Gn[:3], Gn), rtol=1e-8, atol=1e-10
+    )
 
 
 def test_memory_stays_that_of_the_queries_as_the_training_set_grows():

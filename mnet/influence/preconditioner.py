@@ -30,7 +30,7 @@ from mnet.core.paths import flatten_with_keys
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.walk import units, walk
 from mnet.errors import LayerError, SettingError
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 from mnet.quantities.ekfac import eigen_correction, eigenbases, eigenbasis_solve, is_basis_pair
 from mnet.quantities.ggn import summed_diag_ggn
 from mnet.quantities.kronecker import GGNBlockFactors, factor_columns, is_factor_pair, stack_bias, unstack_bias
@@ -42,42 +42,50 @@ PRECONDITIONERS = ("identity", "diag", "kfac", "ekfac", "ggn")
 DENSE_LIMIT = 10_000
 
 
-def mean_over_chunks(fn: Callable[[Array, Array, Array | None], Any], x: Array, targets: Array, batch_size: int, key):
-    """``sum_chunks (size / n) fn(x_chunk, targets_chunk, key_chunk)``: a chunked mean of a tree of batch means."""
+def mean_over_chunks(fn: Callable[..., Any], x: Array, targets: Array, mask: Array | None, batch_size: int, key):
+    """``sum_chunks (size / n) fn(x_chunk, targets_chunk, mask_chunk, key_chunk)``: a chunked mean of a tree of
+    batch means (``mask_chunk`` None without a mask)."""
     n, total = x.shape[0], None
     for index, part in enumerate(chunks(n, batch_size)):
         chunk_key = None if key is None else jax.random.fold_in(key, index)
+        chunk_mask = None if mask is None else mask[part]
         value = jax.tree_util.tree_map(
-            lambda a, w=(part.stop - part.start) / n: a * w, fn(x[part], targets[part], chunk_key)
+            lambda a, w=(part.stop - part.start) / n: a * w, fn(x[part], targets[part], chunk_mask, chunk_key)
         )
         total = value if total is None else jax.tree_util.tree_map(jnp.add, total, value)
     return total
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def diagonal_chunk(net, loss, kind, params, x, targets, key):
-    outputs, cache = call_forward(net, params, x)
-    columns = factor_columns(loss, outputs, targets, kind, key, "influence")
-    return jax.tree_util.tree_map(lambda d: d / x.shape[0], summed_diag_ggn(net, params, x, cache, columns))
+def curvature_columns(net, loss, kind, params, x, targets, key, mask):
+    """The forward cache and ``kind``'s columns at the outputs, the padding of ``mask`` left out (the loss masked,
+    the network told which positions are tokens)."""
+    masked_loss, targets = with_mask(loss, targets, mask)
+    outputs, cache = call_forward(net, params, x, mask=mask)
+    return cache, factor_columns(masked_loss, outputs, targets, kind, key, "influence")
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def factors_chunk(net, loss, kind, params, x, targets, key):
-    outputs, cache = call_forward(net, params, x)
-    columns = factor_columns(loss, outputs, targets, kind, key, "influence")
-    return walk(net, GGNBlockFactors(), params, (cache,), (columns,))[0]
+def diagonal_chunk(net, loss, kind, params, x, targets, mask, key):
+    cache, columns = curvature_columns(net, loss, kind, params, x, targets, key, mask)
+    return jax.tree_util.tree_map(lambda d: d / x.shape[0], summed_diag_ggn(net, params, x, cache, columns, mask))
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def correction_chunk(net, loss, kind, params, x, targets, key, bases):
-    return eigen_correction(net, loss, kind)(params, x, targets, bases, key=key)
+def factors_chunk(net, loss, kind, params, x, targets, mask, key):
+    cache, columns = curvature_columns(net, loss, kind, params, x, targets, key, mask)
+    quantity = GGNBlockFactors(kept=None if mask is None else jnp.asarray(mask))
+    return walk(net, quantity, params, (cache,), (columns,))[0]
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def dense_chunk(net, loss, kind, params, x, targets, key):
+def correction_chunk(net, loss, kind, params, x, targets, mask, key, bases):
+    return eigen_correction(net, loss, kind)(params, x, targets, bases, key=key, mask=mask)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def dense_chunk(net, loss, kind, params, x, targets, mask, key):
     """``mean_b sum_c vec(g_bc) vec(g_bc)^T`` for the chunk, every column's per-example gradient built."""
-    outputs, cache = call_forward(net, params, x)
-    columns = factor_columns(loss, outputs, targets, kind, key, "influence")
+    cache, columns = curvature_columns(net, loss, kind, params, x, targets, key, mask)
     grads = jax.vmap(lambda column: PER_EXAMPLE_BACKWARD.run(net, params, cache, column)[0])(columns)
     flat = jnp.concatenate([g.reshape(g.shape[0] * g.shape[1], -1) for g in jax.tree_util.tree_leaves(grads)], axis=1)
     return flat.T @ flat / x.shape[0]
@@ -221,6 +229,7 @@ def fit_preconditioner(
     batch_size: int,
     key: Array | None,
     fallback: str | None,
+    mask: Array | None = None,
 ) -> Preconditioner:
     """Fit ``name``'s curvature over ``(x, targets)`` (means over chunks of ``batch_size``) and damp it: by
     ``damping``, or by ``0.1`` times the curvature's mean eigenvalue when ``damping`` is None (Kronfluence's
@@ -230,7 +239,12 @@ def fit_preconditioner(
 
     def fitted(chunk_fn: Callable, *extra: Any) -> Any:
         return mean_over_chunks(
-            lambda xs, ts, k: chunk_fn(net, loss, kind, params, xs, ts, k, *extra), x, targets, batch_size, key
+            lambda xs, ts, ms, k: chunk_fn(net, loss, kind, params, xs, ts, ms, k, *extra),
+            x,
+            targets,
+            mask,
+            batch_size,
+            key,
         )
 
     diagonal = blocks = dense = None

@@ -31,7 +31,7 @@ from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.tangent import tangent_walk
 from mnet.errors import DataError, SettingError
 from mnet.influence.preconditioner import PRECONDITIONERS, Preconditioner, fit_preconditioner
-from mnet.losses import Loss
+from mnet.losses import Loss, with_mask
 from mnet.quantities.kronecker import check_kind
 from mnet.quantities.per_example import per_example_grads
 from mnet.quantities.tangent import input_tangent
@@ -39,11 +39,15 @@ from mnet.quantities.tangent import input_tangent
 FALLBACKS = (None, "diag")
 
 
-def batch_scores(net: LayerProtocol, loss: Loss, params: Params, queries: Params, x: Array, targets: Array) -> Array:
+def batch_scores(
+    net: LayerProtocol, loss: Loss, params: Params, queries: Params, x: Array, targets: Array, mask: Array | None = None
+) -> Array:
     """``(Q, batch)``: ``<g_n, v_q>`` for every preconditioned query ``v_q`` (``queries``, leading axis ``Q``) and
-    every example of the batch, by tangent passes (see the module's docstring)."""
-    outputs, cache = call_forward(net, params, x)
-    cotangents = loss.per_example_grad(outputs, targets).reshape(x.shape[0], -1)
+    every example of the batch, by tangent passes (see the module's docstring); under a padding ``mask`` the padded
+    positions count for nothing."""
+    masked_loss, targets = with_mask(loss, targets, mask)
+    outputs, cache = call_forward(net, params, x, mask=mask)
+    cotangents = masked_loss.per_example_grad(outputs, targets).reshape(x.shape[0], -1)
 
     def along(v: Params) -> Array:
         dy, _ = tangent_walk(net, params, cache, v, input_tangent(x, None))
@@ -70,13 +74,14 @@ def pairwise_scores(net: LayerProtocol, loss: Loss, batch_size: int) -> Callable
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def scores_chunk(net, loss, params, queries, x, targets):
-    return batch_scores(net, loss, params, queries, x, targets)
+def scores_chunk(net, loss, params, queries, x, targets, mask):
+    return batch_scores(net, loss, params, queries, x, targets, mask)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def preconditioned_gradients(net, loss, preconditioner, params, x, targets, arrays):
-    grads = per_example_grads(net, loss)(params, x, targets)
+def preconditioned_gradients(net, loss, preconditioner, params, x, targets, mask, arrays):
+    per_example: Callable[..., Params] = per_example_grads(net, loss)
+    grads = per_example(params, x, targets, mask=mask)
     return with_arrays(preconditioner, arrays).solve(grads), grads
 
 
@@ -113,6 +118,22 @@ def data_kind(a: Any) -> str:
     return "integer" if jnp.issubdtype(dtype, jnp.integer) else "bool" if dtype == jnp.bool_ else "float"
 
 
+def check_mask(mask: Any, x: Any, name: str) -> None:
+    """Refuse a padding mask that does not give one row of booleans per example of ``x``."""
+    if mask is None:
+        return
+    shape, rows = jnp.shape(mask), jnp.shape(x)[:1]
+    if len(shape) != 2 or shape[:1] != rows or jnp.asarray(mask).dtype != jnp.bool_:
+        raise DataError(
+            f"influence: {name} must be booleans (examples, T), one row per example of inputs {tuple(jnp.shape(x))}, "
+            f"got {describe_array(mask)}"
+        )
+
+
+def describe_array(a: Any) -> str:
+    return f"{tuple(jnp.shape(a))} {jnp.asarray(a).dtype}"
+
+
 def check_like(x: Any, targets: Any, train_x: Any, train_targets: Any, what: str) -> None:
     """Refuse ``what`` (queries) whose examples or labels differ in shape or kind from the training data's."""
     if jnp.shape(x)[:1] != jnp.shape(targets)[:1]:
@@ -138,38 +159,55 @@ class Influence:
         x, targets: the training data.
     """
 
-    def __init__(self, net, loss, params, x, targets, preconditioner: Preconditioner, batch_size: int, progress: bool):
+    def __init__(
+        self, net, loss, params, x, targets, preconditioner: Preconditioner, batch_size: int, progress: bool, mask=None
+    ):
         self.net, self.loss, self.params = net, loss, params
-        self.x, self.targets = x, targets
+        self.x, self.targets, self.mask = x, targets, mask
         self.preconditioner, self.batch_size, self.progress = preconditioner, batch_size, progress
 
     @property
     def damping(self) -> float:
         return self.preconditioner.damping
 
-    def _solved(self, x: Array, targets: Array) -> tuple[Params, Params]:
+    def _solved(self, x: Array, targets: Array, mask: Array | None) -> tuple[Params, Params]:
         return preconditioned_gradients(
-            self.net, self.loss, static(self.preconditioner), self.params, x, targets, arrays_of(self.preconditioner)
+            self.net,
+            self.loss,
+            static(self.preconditioner),
+            self.params,
+            x,
+            targets,
+            mask,
+            arrays_of(self.preconditioner),
         )
 
-    def preconditioned_queries(self, query_x: Array, query_targets: Array) -> Params:
+    def _mask_rows(self, part: slice) -> Array | None:
+        return None if self.mask is None else self.mask[part]
+
+    def preconditioned_queries(self, query_x: Array, query_targets: Array, query_mask: Array | None = None) -> Params:
         """``v_q = (C + damping I)^-1 g_q`` for every query, a tree like the params with a leading query axis."""
         check_like(query_x, query_targets, self.x, self.targets, "queries")
-        return self._solved(jnp.asarray(query_x), jnp.asarray(query_targets))[0]
+        check_mask(query_mask, query_x, "query_mask")
+        return self._solved(jnp.asarray(query_x), jnp.asarray(query_targets), query_mask)[0]
 
-    def scores(self, query_x: Array, query_targets: Array) -> Array:
+    def scores(self, query_x: Array, query_targets: Array, query_mask: Array | None = None) -> Array:
         """``(Q, n)``: ``g_q^T (C + damping I)^-1 g_n`` for every query ``q`` and training example ``n``.
 
         Arguments:
             query_x, query_targets: the queries, shaped and typed as the training data.
+            query_mask: the queries' padding mask (``(Q, T)``, True at tokens), or None.
 
         Returns:
             The scores, a positive one helpful.
         """
-        queries = self.preconditioned_queries(query_x, query_targets)
+        queries = self.preconditioned_queries(query_x, query_targets, query_mask)
         parts = chunks(self.x.shape[0], self.batch_size)
         bar = tqdm(parts, desc="influence", unit="batch", file=sys.stderr, disable=not self.progress)
-        scored = [scores_chunk(self.net, self.loss, self.params, queries, self.x[p], self.targets[p]) for p in bar]
+        scored = [
+            scores_chunk(self.net, self.loss, self.params, queries, self.x[p], self.targets[p], self._mask_rows(p))
+            for p in bar
+        ]
         return jnp.concatenate(scored, axis=1)
 
     def self_influence(self) -> Array:
@@ -180,7 +218,7 @@ class Influence:
         bar = tqdm(parts, desc="self-influence", unit="batch", file=sys.stderr, disable=not self.progress)
         values = []
         for part in bar:
-            solved, grads = self._solved(self.x[part], self.targets[part])
+            solved, grads = self._solved(self.x[part], self.targets[part], self._mask_rows(part))
             values.append(
                 sum(
                     jnp.sum((s * g).reshape(g.shape[0], -1), axis=1)
@@ -189,12 +227,12 @@ class Influence:
             )
         return jnp.concatenate(values)
 
-    def top_k(self, query_x: Array, query_targets: Array, k: int) -> TopK:
+    def top_k(self, query_x: Array, query_targets: Array, k: int, query_mask: Array | None = None) -> TopK:
         """Each query's ``k`` most helpful and ``k`` most harmful training examples (:class:`TopK`)."""
         n = self.x.shape[0]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             raise SettingError(f"influence top_k: k must be an int in [1, {n}] (the training set's size), got {k!r}")
-        scores = self.scores(query_x, query_targets)
+        scores = self.scores(query_x, query_targets, query_mask)
         helpful_scores, helpful = jax.lax.top_k(scores, k)
         harmful_scores, harmful = jax.lax.top_k(-scores, k)
         return TopK(helpful, helpful_scores, harmful, -harmful_scores)
@@ -214,6 +252,7 @@ def influence(
     key: Array | None = None,
     fallback: str | None = None,
     progress: bool = False,
+    mask: Array | None = None,
 ) -> Influence:
     """Fit an influence model on the training data ``(x, targets)``: the curvature ``C`` once, over the whole set.
 
@@ -231,6 +270,9 @@ def influence(
         fallback: None (a layer with parameters but no Kronecker structure, such as a LayerNorm, is refused by name
             for ``"kfac"``/``"ekfac"``) or ``"diag"`` (such layers are preconditioned by ``C``'s diagonal).
         progress: a progress bar over the training batches on standard error.
+        mask: the training sequences' padding mask (``(n, T)`` booleans, True at tokens), or None: padded positions
+            count for nothing in the curvature, the scores and self-influence (the queries take their own
+            ``query_mask``).
 
     Returns:
         An :class:`Influence`.
@@ -246,6 +288,8 @@ def influence(
         raise SettingError(f"influence: batch_size must be a positive int, got {batch_size!r}")
     x, targets = jnp.asarray(x), jnp.asarray(targets)
     check_like(x, targets, x, targets, "the training data")
+    check_mask(mask, x, "mask")
+    mask = None if mask is None else jnp.asarray(mask)
     fitted = fit_preconditioner(
         net,
         loss,
@@ -257,6 +301,7 @@ def influence(
         damping=damping,
         batch_size=batch_size,
         key=key,
+        mask=mask,
         fallback=fallback,
     )
-    return Influence(net, loss, params, x, targets, fitted, batch_size, progress)
+    return Influence(net, loss, params, x, targets, fitted, batch_size, progress, mask)

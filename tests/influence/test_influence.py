@@ -251,3 +251,26 @@ def test_influence_refuses_bad_input():
     big_params, bx, by = problem(7, n=4, net=big, shape=(60,))
     with pytest.raises(SettingError, match="at most 10000 parameters"):
         mnet.influence(big, CE, big_params, bx, by, preconditioner="ggn")
+
+
+def test_a_padding_mask_equals_the_sequences_cut_to_their_tokens():
+    """Causal decoder sequences padded after 4 of 6 positions: with the mask, every preconditioner's scores and
+    self-influence equal those of the batch cut to 4 positions (the padding, its tokens random, counts for nothing);
+    a mask of the wrong shape is refused by name."""
+    net = mnet.models.gpt(11, 6, 8, 1, 2, num_kv_heads=1, hidden=12)
+    _, params = net.init(jax.random.key(1), (6,), jnp.float64)
+    rng = np.random.default_rng(1)
+    x, y = jnp.asarray(rng.integers(0, 11, (10, 6))), jnp.asarray(rng.integers(0, 11, (10, 6)))
+    mask = jnp.broadcast_to(jnp.arange(6) < 4, (10, 6))
+    for name in ("ekfac", "kfac", "diag", "identity", "ggn"):
+        options = dict(preconditioner=name, kind="empirical", fallback="diag", damping=1e-3, batch_size=4)
+        padded = mnet.influence(net, CE, params, x, y, mask=mask, **options)
+        cut = mnet.influence(net, CE, params, x[:, :4], y[:, :4], **options)
+        np.testing.assert_allclose(
+            padded.scores(x[:3], y[:3], query_mask=mask[:3]), cut.scores(x[:3, :4], y[:3, :4]), rtol=1e-8, err_msg=name
+        )
+        np.testing.assert_allclose(padded.self_influence(), cut.self_influence(), rtol=1e-8, err_msg=name)
+    with pytest.raises(DataError, match=r"mask must be booleans \(examples, T\), one row per example"):
+        mnet.influence(net, CE, params, x, y, mask=mask[:5])
+    with pytest.raises(DataError, match="query_mask must be booleans"):
+        padded.scores(x[:3], y[:3], query_mask=jnp.ones((3, 6)))

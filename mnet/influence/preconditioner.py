@@ -42,16 +42,28 @@ PRECONDITIONERS = ("identity", "diag", "kfac", "ekfac", "ggn")
 DENSE_LIMIT = 10_000
 
 
-def mean_over_chunks(fn: Callable[..., Any], x: Array, targets: Array, mask: Array | None, batch_size: int, key):
+def on_one_device(arrays: tuple) -> tuple:
+    """A chunk's arrays left where they are (no mesh)."""
+    return arrays
+
+
+def mean_over_chunks(
+    fn: Callable[..., Any],
+    x: Array,
+    targets: Array,
+    mask: Array | None,
+    batch_size: int,
+    key,
+    place: Callable[[tuple], tuple] = on_one_device,
+):
     """``sum_chunks (size / n) fn(x_chunk, targets_chunk, mask_chunk, key_chunk)``: a chunked mean of a tree of
-    batch means (``mask_chunk`` None without a mask)."""
+    batch means (``mask_chunk`` None without a mask), each chunk's ``(x, targets, mask)`` put where ``place`` says
+    (split over a mesh's devices, whose partial sums XLA then all-reduces)."""
     n, total = x.shape[0], None
     for index, part in enumerate(chunks(n, batch_size)):
         chunk_key = None if key is None else jax.random.fold_in(key, index)
-        chunk_mask = None if mask is None else mask[part]
-        value = jax.tree_util.tree_map(
-            lambda a, w=(part.stop - part.start) / n: a * w, fn(x[part], targets[part], chunk_mask, chunk_key)
-        )
+        chunk = place((x[part], targets[part], None if mask is None else mask[part]))
+        value = jax.tree_util.tree_map(lambda a, w=(part.stop - part.start) / n: a * w, fn(*chunk, chunk_key))
         total = value if total is None else jax.tree_util.tree_map(jnp.add, total, value)
     return total
 
@@ -230,10 +242,11 @@ def fit_preconditioner(
     key: Array | None,
     fallback: str | None,
     mask: Array | None = None,
+    place: Callable[[tuple], tuple] = on_one_device,
 ) -> Preconditioner:
-    """Fit ``name``'s curvature over ``(x, targets)`` (means over chunks of ``batch_size``) and damp it: by
-    ``damping``, or by ``0.1`` times the curvature's mean eigenvalue when ``damping`` is None (Kronfluence's
-    heuristic, over the whole network)."""
+    """Fit ``name``'s curvature over ``(x, targets)`` (means over chunks of ``batch_size``, each chunk put where
+    ``place`` says) and damp it: by ``damping``, or by ``0.1`` times the curvature's mean eigenvalue when
+    ``damping`` is None (Kronfluence's heuristic, over the whole network)."""
     if kind == "kfac" and key is None and name != "identity":
         raise SettingError('influence(kind="kfac") samples the curvature\'s columns: pass key=...')
 
@@ -245,6 +258,7 @@ def fit_preconditioner(
             mask,
             batch_size,
             key,
+            place,
         )
 
     diagonal = blocks = dense = None

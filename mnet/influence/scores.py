@@ -24,13 +24,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from mnet.core.chunks import chunks, split_batches
+from mnet.core.devices import make_mesh, place, rows_sharding
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.tangent import tangent_walk
 from mnet.errors import DataError, SettingError
-from mnet.influence.preconditioner import PRECONDITIONERS, Preconditioner, fit_preconditioner
+from mnet.influence.preconditioner import PRECONDITIONERS, Preconditioner, fit_preconditioner, on_one_device
 from mnet.losses import Loss, with_mask
 from mnet.quantities.kronecker import check_kind
 from mnet.quantities.per_example import per_example_grads
@@ -149,6 +151,32 @@ def check_like(x: Any, targets: Any, train_x: Any, train_targets: Any, what: str
         )
 
 
+def spread_over(mesh: Mesh) -> Callable[[tuple], tuple]:
+    """``place(arrays)``: a chunk's ``(x, targets, mask)`` with its rows split over ``mesh``'s ``"data"`` devices
+    (replicated when the rows do not divide evenly: the set's last, shorter chunk)."""
+
+    def place_chunk(arrays: tuple) -> tuple:
+        return place(arrays, rows_sharding(mesh, jnp.shape(arrays[0])[0]))
+
+    return place_chunk
+
+
+def data_mesh(devices: int | None, batch_size: int) -> Mesh | None:
+    """The mesh for ``influence(devices=...)``: None for one device, else ``devices`` devices (0 for all) on the
+    ``"data"`` axis, refusing a ``batch_size`` that does not split evenly over them."""
+    if devices is None:
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 0:
+        raise SettingError(f"influence: devices must be None, 0 (all) or a positive int, got {devices!r}")
+    mesh = make_mesh(devices)
+    count = mesh.shape["data"]
+    if count == 1:
+        return None
+    if batch_size % count:
+        raise SettingError(f"influence: batch_size {batch_size} must be divisible by the {count} devices")
+    return mesh
+
+
 class Influence:
     """A fitted influence model (:func:`mnet.influence`): the training data, its curvature damped, and the scores
     that follow. Every method runs by hand, chunk by chunk of ``batch_size`` training examples.
@@ -157,14 +185,31 @@ class Influence:
         preconditioner: the fitted :class:`mnet.influence.preconditioner.Preconditioner` (its ``name`` and the
             ``damping`` used, which is ``0.1`` times the curvature's mean eigenvalue unless one was given).
         x, targets: the training data.
+        mesh: the ``("data", "model")`` mesh the training chunks are split over, or None (one device).
     """
 
     def __init__(
-        self, net, loss, params, x, targets, preconditioner: Preconditioner, batch_size: int, progress: bool, mask=None
+        self,
+        net,
+        loss,
+        params,
+        x,
+        targets,
+        preconditioner: Preconditioner,
+        batch_size: int,
+        progress: bool,
+        mask=None,
+        mesh: Mesh | None = None,
     ):
         self.net, self.loss, self.params = net, loss, params
         self.x, self.targets, self.mask = x, targets, mask
         self.preconditioner, self.batch_size, self.progress = preconditioner, batch_size, progress
+        self.mesh = mesh
+        self.place_chunk = on_one_device if mesh is None else spread_over(mesh)
+
+    def _chunk(self, part: slice) -> tuple[Array, Array, Array | None]:
+        """The training rows ``part`` (inputs, targets, mask), split over the mesh's devices where there is one."""
+        return self.place_chunk((self.x[part], self.targets[part], None if self.mask is None else self.mask[part]))
 
     @property
     def damping(self) -> float:
@@ -182,14 +227,14 @@ class Influence:
             arrays_of(self.preconditioner),
         )
 
-    def _mask_rows(self, part: slice) -> Array | None:
-        return None if self.mask is None else self.mask[part]
-
     def preconditioned_queries(self, query_x: Array, query_targets: Array, query_mask: Array | None = None) -> Params:
         """``v_q = (C + damping I)^-1 g_q`` for every query, a tree like the params with a leading query axis."""
         check_like(query_x, query_targets, self.x, self.targets, "queries")
         check_mask(query_mask, query_x, "query_mask")
-        return self._solved(jnp.asarray(query_x), jnp.asarray(query_targets), query_mask)[0]
+        arrays = (jnp.asarray(query_x), jnp.asarray(query_targets), query_mask)
+        if self.mesh is not None:  # every device scores its training rows against all the queries
+            arrays = place(arrays, NamedSharding(self.mesh, PartitionSpec()))
+        return self._solved(*arrays)[0]
 
     def scores(self, query_x: Array, query_targets: Array, query_mask: Array | None = None) -> Array:
         """``(Q, n)``: ``g_q^T (C + damping I)^-1 g_n`` for every query ``q`` and training example ``n``.
@@ -204,10 +249,7 @@ class Influence:
         queries = self.preconditioned_queries(query_x, query_targets, query_mask)
         parts = chunks(self.x.shape[0], self.batch_size)
         bar = tqdm(parts, desc="influence", unit="batch", file=sys.stderr, disable=not self.progress)
-        scored = [
-            scores_chunk(self.net, self.loss, self.params, queries, self.x[p], self.targets[p], self._mask_rows(p))
-            for p in bar
-        ]
+        scored = [scores_chunk(self.net, self.loss, self.params, queries, *self._chunk(p)) for p in bar]
         return jnp.concatenate(scored, axis=1)
 
     def self_influence(self) -> Array:
@@ -218,7 +260,7 @@ class Influence:
         bar = tqdm(parts, desc="self-influence", unit="batch", file=sys.stderr, disable=not self.progress)
         values = []
         for part in bar:
-            solved, grads = self._solved(self.x[part], self.targets[part], self._mask_rows(part))
+            solved, grads = self._solved(*self._chunk(part))
             values.append(
                 sum(
                     jnp.sum((s * g).reshape(g.shape[0], -1), axis=1)
@@ -253,6 +295,7 @@ def influence(
     fallback: str | None = None,
     progress: bool = False,
     mask: Array | None = None,
+    devices: int | None = None,
 ) -> Influence:
     """Fit an influence model on the training data ``(x, targets)``: the curvature ``C`` once, over the whole set.
 
@@ -273,6 +316,10 @@ def influence(
         mask: the training sequences' padding mask (``(n, T)`` booleans, True at tokens), or None: padded positions
             count for nothing in the curvature, the scores and self-influence (the queries take their own
             ``query_mask``).
+        devices: None (one device) or the number of devices (0 for all of them, every process's after
+            :func:`mnet.distributed.initialize`) to split every training chunk over: the curvature's chunk sums are
+            all-reduced, each device scores and takes the self-influence of its own rows, and the queries are
+            replicated. ``batch_size`` must divide evenly over the devices.
 
     Returns:
         An :class:`Influence`.
@@ -286,10 +333,13 @@ def influence(
         raise SettingError(f"influence: damping must be a positive number (or None for the default), got {damping!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SettingError(f"influence: batch_size must be a positive int, got {batch_size!r}")
+    mesh = data_mesh(devices, batch_size)
     x, targets = jnp.asarray(x), jnp.asarray(targets)
     check_like(x, targets, x, targets, "the training data")
     check_mask(mask, x, "mask")
     mask = None if mask is None else jnp.asarray(mask)
+    if mesh is not None:
+        params = place(params, NamedSharding(mesh, PartitionSpec()))
     fitted = fit_preconditioner(
         net,
         loss,
@@ -303,5 +353,6 @@ def influence(
         key=key,
         mask=mask,
         fallback=fallback,
+        place=on_one_device if mesh is None else spread_over(mesh),
     )
-    return Influence(net, loss, params, x, targets, fitted, batch_size, progress, mask)
+    return Influence(net, loss, params, x, targets, fitted, batch_size, progress, mask, mesh)

@@ -29,9 +29,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mnet.core.devices import make_mesh, place, to_host
 from mnet.core.paths import at_path, replaced_at
 from mnet.core.walk import units
 from mnet.errors import SettingError
@@ -39,24 +39,9 @@ from mnet.layers.dense import Dense
 
 LAYOUTS = ("replicated", "fsdp", "tensor")
 
-
-def make_mesh(devices: int, model: int = 1) -> Mesh:
-    """A ``("data", "model")`` mesh over the first ``devices`` of ``jax.devices()`` (every process's devices, once
-    :func:`mnet.distributed.initialize` has run; 0 means all of them), ``model`` of them per tensor-parallel group.
-
-    Raises:
-        ValueError: more devices asked for than there are, or ``model`` does not divide them.
-    """
-    available = jax.devices()
-    count = len(available) if devices == 0 else devices
-    if not 1 <= count <= len(available):
-        raise SettingError(
-            f"asked for {devices} devices but only {len(available)} are available "
-            f"({available[0].platform}); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N adds more"
-        )
-    if model < 1 or count % model:
-        raise SettingError(f"the {count} devices cannot form tensor-parallel groups of {model}")
-    return Mesh(np.array(available[:count]).reshape(count // model, model), ("data", "model"))
+#: The mesh and the host-to-device placement are :mod:`mnet.core.devices`' (influence spreads its batches the same
+#: way); they are named here too, where training reads them.
+__all__ = ["LAYOUTS", "follow_parameters", "make_mesh", "parameter_specs", "place", "shardings", "to_host"]
 
 
 def _fsdp_spec(leaf: Any, parts: int) -> PartitionSpec:
@@ -132,28 +117,3 @@ def shardings(mesh: Mesh, specs: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda s: isinstance(s, PartitionSpec)
     )
-
-
-def place(tree: Any, where: Any) -> Any:
-    """Global arrays laid out as ``where`` (a tree of shardings, or one sharding for every leaf), built from host
-    values that every process holds alike: each process fills only its own devices' shards."""
-
-    def one(leaf: Any, sharding: Any) -> jax.Array:
-        host = np.asarray(leaf)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    if isinstance(where, NamedSharding):
-        return jax.tree_util.tree_map(lambda leaf: one(leaf, where), tree)
-    return jax.tree_util.tree_map(one, tree, where)
-
-
-def to_host(tree: Any) -> Any:
-    """Every leaf as a NumPy array holding its whole value, on every process (an all-gather across processes where a
-    leaf's shards live on other processes' devices)."""
-
-    def one(leaf: Any) -> np.ndarray:
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-        return np.asarray(leaf)
-
-    return jax.tree_util.tree_map(one, tree)

@@ -36,7 +36,10 @@ TRAINING_DEFAULTS = {"mlp": (40, 32, 1e-3), "cnn": (20, 32, 1e-3), "transformer"
 GPT_D_MODEL, GPT_LAYERS, GPT_HEADS, GPT_KV_HEADS = 64, 2, 4, 2
 GPT_CONTEXT = 128
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "kfac")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "kfac", "ekfac")
+
+#: The second-order optimizers: a constant step along a natural-gradient direction (mnet.kfac).
+NATURAL_GRADIENT = ("kfac", "ekfac")
 
 #: ``--loss``: the names the command line knows, and the losses they are.
 LOSSES = {"cross_entropy": "softmax_cross_entropy", "mse": "mse"}
@@ -58,6 +61,7 @@ def make_optimizer(name: str, lr, net=None, loss=None, dataset=None, weight_deca
         "adam": lambda: optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr),
         "adamw": lambda: optax.adamw(lr, weight_decay=weight_decay or 1e-4),
         "kfac": lambda: mnet.kfac(net, loss, dataset.example_shape, learning_rate=lr),
+        "ekfac": lambda: mnet.kfac(net, loss, dataset.example_shape, learning_rate=lr, eigenvalue_correction=True),
     }[name]()
 
 
@@ -145,8 +149,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.context is not None and args.model != "gpt":
         raise UsageError("--context applies to --model gpt only")
     args.context = args.context or GPT_CONTEXT
-    if args.optimizer == "kfac" and (args.schedule != "constant" or args.weight_decay):
-        raise UsageError("--optimizer kfac takes a constant --lr and no --weight-decay")
+    if args.optimizer in NATURAL_GRADIENT and (args.schedule != "constant" or args.weight_decay):
+        raise UsageError(f"--optimizer {args.optimizer} takes a constant --lr and no --weight-decay")
     if args.warmup_epochs and args.schedule != "warmup-cosine":
         raise UsageError("--warmup-epochs applies to --schedule warmup-cosine")
     if args.loss == "mse" and args.model not in ("mlp",) and ":" not in args.model:
@@ -156,7 +160,7 @@ def check_flags(args: argparse.Namespace) -> None:
     private = args.dp_clip is not None or args.dp_noise is not None
     if private and (args.dp_clip is None or args.dp_noise is None):
         raise UsageError("DP-SGD needs both --dp-clip C and --dp-noise SIGMA")
-    if private and (args.grad != "manual" or args.optimizer == "kfac" or args.devices is not None):
+    if private and (args.grad != "manual" or args.optimizer in NATURAL_GRADIENT or args.devices is not None):
         raise UsageError("--dp-clip/--dp-noise train with --grad manual, a first-order --optimizer, on one device")
     if args.dp_delta is not None and not private:
         raise UsageError("--dp-delta applies to DP-SGD (--dp-clip and --dp-noise)")
@@ -191,7 +195,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs {args.epochs} is fewer than the {done} epochs {args.checkpoint} already holds")
     args.epochs = args.epochs or max(epochs, done or 0)
     args.batch_size = args.batch_size or batch_size
-    args.lr = args.lr or (KFAC_LEARNING_RATE if args.optimizer == "kfac" else lr)
+    args.lr = args.lr or (KFAC_LEARNING_RATE if args.optimizer in NATURAL_GRADIENT else lr)
     args.layers = [256] if args.layers is None else args.layers
     args.activation = args.activation or "relu"
     dataset, net = training_problem(args)
@@ -294,7 +298,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--epochs", type=positive_int, default=None, help="default: 40 (mlp), 20 (cnn), 12 (transformer), 3 (gpt)"
     )
     train.add_argument("--batch-size", type=positive_int, default=None, help="default: 32 (64 for the transformer)")
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    train.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adam",
+        help="first-order (optax), or K-FAC / EK-FAC natural-gradient steps (mnet.kfac; default --lr 0.05)",
+    )
     train.add_argument(
         "--loss",
         choices=sorted(LOSSES),

@@ -82,6 +82,7 @@ def test_checkpoints_are_never_lost(capsys, tmp_path):
         (["--dp-delta", "1e-5"], "--dp-delta applies to DP-SGD"),
         (["--dp-clip", "1", "--dp-noise", "1", "--grad", "autodiff"], "train with --grad manual"),
         (["--optimizer", "kfac", "--schedule", "cosine"], "--optimizer kfac takes a constant --lr"),
+        (["--optimizer", "ekfac", "--weight-decay", "0.1"], "--optimizer ekfac takes a constant --lr"),
         (["--loss", "mse"], "--loss mse needs --data with numeric targets"),
         (["--resume", "--overwrite", "--checkpoint", "x.npz"], "--resume and --overwrite contradict"),
         (["--dp-noise", "-1"], "expected a number >= 0"),

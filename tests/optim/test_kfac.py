@@ -112,8 +112,9 @@ def test_kfac_step_runs_without_autodiff_on_a_cnn():
     assert_trees_close(new_params[5], params[5], 1.0)  # moved, by the plain gradient, with the right structure
 
 
-def test_cli_trains_with_kfac(capsys):
-    assert cli.main(["train", "--optimizer", "kfac", "--epochs", "2", "--layers", "32", "--json"]) == 0
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_cli_trains_with_kfac(capsys, name):
+    assert cli.main(["train", "--optimizer", name, "--epochs", "2", "--layers", "32", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["test_accuracy"] > 0.95
 

@@ -35,7 +35,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, settings  # noqa: E402 (after the environment is set)
 
 settings.register_profile(
     "mnet", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -43,9 +43,9 @@ settings.register_profile(
 settings.load_profile("mnet")
 
 
-import gc
+import gc  # noqa: E402 (after the environment is set)
 
-import pytest
+import pytest  # noqa: E402 (after the environment is set)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -171,9 +171,8 @@ def test_a_decoder_with_ekfac_and_the_exact_ggn(tie):
     _, params = net.init(jax.random.key(0), (6,), jnp.float64)
     rng = np.random.default_rng(0)
     x, y = jnp.asarray(rng.integers(0, 11, (12, 6))), jnp.asarray(rng.integers(0, 11, (12, 6)))
-    Gn = flat_grads(net, CE, params, x, y)
-    ggn = jax.jit(lambda p: dense_ggn(net, CE, p, x, y))(params)
-    exact = mnet.influence(net, CE, params, x, y, preconditioner="ggn", damping=1e-3, batch_size=5)
+    Gn, ggn = jax.jit(lambda p: (flat_grads(net, CE, p, x, y), dense_ggn(net, CE, p, x, y)))(params)
+    exact = mnet.influence(net, CE, params, x, y, preconditioner="ggn", damping=1e-3, batch_size=6)
     expected = solve_scores(ggn, 1e-3, Gn[:3], Gn)
     np.testing.assert_allclose(
         exact.scores(x[:3], y[:3]), expected, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(expected)))
@@ -260,14 +259,16 @@ def test_a_padding_mask_equals_the_sequences_cut_to_their_tokens():
     net = mnet.models.gpt(11, 6, 8, 1, 2, num_kv_heads=1, hidden=12)
     _, params = net.init(jax.random.key(1), (6,), jnp.float64)
     rng = np.random.default_rng(1)
-    x, y = jnp.asarray(rng.integers(0, 11, (10, 6))), jnp.asarray(rng.integers(0, 11, (10, 6)))
-    mask = jnp.broadcast_to(jnp.arange(6) < 4, (10, 6))
+    # 8 sequences in chunks of 4, and 4 queries: every program is compiled for one shape (unequal chunks are
+    # tested above)
+    x, y = jnp.asarray(rng.integers(0, 11, (8, 6))), jnp.asarray(rng.integers(0, 11, (8, 6)))
+    mask = jnp.broadcast_to(jnp.arange(6) < 4, (8, 6))
     for name in ("ekfac", "kfac", "diag", "identity", "ggn"):
         options = dict(preconditioner=name, kind="empirical", fallback="diag", damping=1e-3, batch_size=4)
         padded = mnet.influence(net, CE, params, x, y, mask=mask, **options)
         cut = mnet.influence(net, CE, params, x[:, :4], y[:, :4], **options)
         np.testing.assert_allclose(
-            padded.scores(x[:3], y[:3], query_mask=mask[:3]), cut.scores(x[:3, :4], y[:3, :4]), rtol=1e-8, err_msg=name
+            padded.scores(x[4:], y[4:], query_mask=mask[4:]), cut.scores(x[4:, :4], y[4:, :4]), rtol=1e-8, err_msg=name
         )
         np.testing.assert_allclose(padded.self_influence(), cut.self_influence(), rtol=1e-8, err_msg=name)
     with pytest.raises(DataError, match=r"mask must be booleans \(examples, T\), one row per example"):

@@ -158,7 +158,7 @@ def test_prior_precision_optimum_matches_a_grid_search():
         ggn, _ = dense_ggn(net, CE, params, x, y, 1.0)
         if structure == "diag":
             eig = jnp.diag(ggn)
-            dense = jax.vmap(lambda a: jnp.sum(jnp.log(eig + a)))(grid)
+            dense = jax.vmap(lambda a: jnp.sum(jnp.log(eig + a)))(grid)  # noqa: B023 (called at once, in this iteration)
             loglik = -jnp.sum(CE.per_example(net.apply(params, x), y))
             sq = jnp.sum(ravel_pytree(params)[0] ** 2)
             reference = loglik - grid / 2 * sq + eig.size / 2 * jnp.log(grid) - dense / 2
@@ -180,7 +180,7 @@ def test_predictive_probabilities_sum_to_one_and_sampling_is_the_linearised_mode
         np.testing.assert_allclose(plug_in, jax.nn.softmax(net.apply(params, x_new)), rtol=1e-12)
         # the sampled predictive: the same draws pushed through autodiff's dense Jacobian
         flat, unravel = ravel_pytree(params)
-        jac = jax.jacrev(lambda p: net.apply(unravel(p), x_new))(flat)
+        jac = jax.jacrev(lambda p: net.apply(unravel(p), x_new))(flat)  # noqa: B023 (called at once, in this iteration)
         keys = jax.random.split(jax.random.fold_in(key, 0), 16)
         draws = [ravel_pytree(la.scale_by_root(normal_like(k, params)))[0] for k in keys]
         f = net.apply(params, x_new)

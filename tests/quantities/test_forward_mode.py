@@ -197,7 +197,7 @@ def test_loss_hessian_vector_against_jax_hessian():
     v = jnp.asarray(rng.normal(size=outputs.shape))
     for loss in (CE, MSE, BCE):
         targets = random_targets(rng, loss, outputs.shape, jnp.float64)
-        H = jax.hessian(lambda o: loss.value(o, targets))(outputs)
+        H = jax.hessian(lambda o: loss.value(o, targets))(outputs)  # noqa: B023 (called at once, in this iteration)
         expected = jnp.einsum("bkcl,cl->bk", H, v)
         np.testing.assert_allclose(loss.hessian_vector(outputs, targets, v), expected, rtol=1e-12, atol=1e-15)
         # the default from the Hessian's square root, which a user's loss with hessian_sqrt inherits

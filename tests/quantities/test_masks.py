@@ -182,7 +182,7 @@ def test_fit_trains_a_padded_non_causal_model_as_autodiff_on_the_masked_loss_doe
         for rows in np.asarray(epoch_order(epoch_key(0, epoch), 8, 4)):
             mask = jnp.asarray(data.mask_train[rows])
             masked, labels = mnet.losses.with_mask(LOSS, jnp.asarray(data.y_train[rows]), mask)
-            g = jax.grad(lambda p: masked.value(net.apply(p, jnp.asarray(data.x_train[rows]), mask=mask), labels))(
+            g = jax.grad(lambda p: masked.value(net.apply(p, jnp.asarray(data.x_train[rows]), mask=mask), labels))(  # noqa: B023 (called at once, in this iteration)
                 expected
             )
             expected = jax.tree_util.tree_map(lambda a, d: a - 0.1 * d, expected, g)

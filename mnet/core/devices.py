@@ -38,11 +38,16 @@ def make_mesh(devices: int, model: int = 1) -> Mesh:
     return Mesh(np.array(available[:count]).reshape(count // model, model), ("data", "model"))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device of ``mesh`` holds the whole array."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
     """Where an array of ``rows`` examples lives on ``mesh``: its leading axis split over ``"data"`` when the rows
     divide evenly, replicated (every device computes it whole) when they do not."""
     if rows % mesh.shape["data"]:
-        return NamedSharding(mesh, PartitionSpec())
+        return replicated(mesh)
     return NamedSharding(mesh, PartitionSpec("data"))
 
 

@@ -24,11 +24,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mnet.core.chunks import chunks, split_batches
-from mnet.core.devices import make_mesh, place, rows_sharding
+from mnet.core.devices import make_mesh, place, replicated, rows_sharding
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.tangent import tangent_walk
 from mnet.errors import DataError, SettingError
@@ -151,9 +151,12 @@ def check_like(x: Any, targets: Any, train_x: Any, train_targets: Any, what: str
         )
 
 
-def spread_over(mesh: Mesh) -> Callable[[tuple], tuple]:
+def chunk_placement(mesh: Mesh | None) -> Callable[[tuple], tuple]:
     """``place(arrays)``: a chunk's ``(x, targets, mask)`` with its rows split over ``mesh``'s ``"data"`` devices
-    (replicated when the rows do not divide evenly: the set's last, shorter chunk)."""
+    (replicated when the rows do not divide evenly: the set's last, shorter chunk); left as they are without a
+    mesh."""
+    if mesh is None:
+        return on_one_device
 
     def place_chunk(arrays: tuple) -> tuple:
         return place(arrays, rows_sharding(mesh, jnp.shape(arrays[0])[0]))
@@ -205,7 +208,7 @@ class Influence:
         self.x, self.targets, self.mask = x, targets, mask
         self.preconditioner, self.batch_size, self.progress = preconditioner, batch_size, progress
         self.mesh = mesh
-        self.place_chunk = on_one_device if mesh is None else spread_over(mesh)
+        self.place_chunk = chunk_placement(mesh)
 
     def _chunk(self, part: slice) -> tuple[Array, Array, Array | None]:
         """The training rows ``part`` (inputs, targets, mask), split over the mesh's devices where there is one."""
@@ -233,7 +236,7 @@ class Influence:
         check_mask(query_mask, query_x, "query_mask")
         arrays = (jnp.asarray(query_x), jnp.asarray(query_targets), query_mask)
         if self.mesh is not None:  # every device scores its training rows against all the queries
-            arrays = place(arrays, NamedSharding(self.mesh, PartitionSpec()))
+            arrays = place(arrays, replicated(self.mesh))
         return self._solved(*arrays)[0]
 
     def scores(self, query_x: Array, query_targets: Array, query_mask: Array | None = None) -> Array:
@@ -339,7 +342,7 @@ def influence(
     check_mask(mask, x, "mask")
     mask = None if mask is None else jnp.asarray(mask)
     if mesh is not None:
-        params = place(params, NamedSharding(mesh, PartitionSpec()))
+        params = place(params, replicated(mesh))
     fitted = fit_preconditioner(
         net,
         loss,
@@ -353,6 +356,6 @@ def influence(
         key=key,
         mask=mask,
         fallback=fallback,
-        place=on_one_device if mesh is None else spread_over(mesh),
+        place=chunk_placement(mesh),
     )
     return Influence(net, loss, params, x, targets, fitted, batch_size, progress, mask, mesh)

@@ -81,6 +81,7 @@ from mnet.quantities.diag_hessian import diag_hessian
 from mnet.quantities.ekfac import eigen_correction, ekfac_factors
 from mnet.quantities.ggn import diag_ggn, ggn_vector_product, per_example_diag_ggn
 from mnet.quantities.gradient import grad, value_and_grad, value_grad_and_state, with_manual_backward
+from mnet.quantities.gradient_moments import gradient_variance, sum_grad_squared
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.jacobian import jacobian
 from mnet.quantities.kronecker import kfac_factors
@@ -168,6 +169,7 @@ __all__ = [
     "fit",
     "ggn_vector_product",
     "grad",
+    "gradient_variance",
     "hessian_vector_product",
     "init_state",
     "initializers",
@@ -190,6 +192,7 @@ __all__ = [
     "models",
     "interop",
     "ntk",
+    "sum_grad_squared",
     "parallel",
     "per_example_diag_ggn",
     "per_example_grad_norms",

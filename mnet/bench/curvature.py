@@ -155,6 +155,32 @@ def row_model_diag_ggn(name: str, problem: tuple, description: str, rounds: int,
     return Row(name, f"{description} ({TIMES})", _timed(net, params, x, y, contenders, rounds), "gradient (hand)")
 
 
+def output_curvature(outputs, labels, tangent):
+    """The loss's output Hessian applied to ``tangent`` by autodiff (``jax.jvp`` of ``jax.grad``)."""
+    return jax.jvp(jax.grad(lambda o: LOSS.value(o, labels)), (outputs,), (tangent,))[1]
+
+
+def autodiff_gvp(net: Any) -> Callable:
+    """Autodiff's GGN-vector product ``f(params, x, labels, v)``: ``jax.jvp`` through the network, the loss's output
+    Hessian, then ``jax.vjp`` back."""
+
+    def gvp(p, inputs, labels, v):
+        outputs, tangent = jax.jvp(lambda q: apply_layer(net, q, inputs), (p,), (v,))
+        return jax.vjp(lambda q: apply_layer(net, q, inputs), p)[1](output_curvature(outputs, labels, tangent))[0]
+
+    return gvp
+
+
+def autodiff_hvp(net: Any) -> Callable:
+    """Autodiff's Hessian-vector product ``f(params, x, labels, v)``: ``jax.jvp`` of ``jax.grad`` (forward over
+    reverse, the cheapest)."""
+
+    def hvp(p, inputs, labels, v):
+        return jax.jvp(jax.grad(lambda q: LOSS.value(apply_layer(net, q, inputs), labels)), (p,), (v,))[1]
+
+    return hvp
+
+
 def row_forward_mode(widths: list[int], batch: int, rounds: int) -> Row:
     """Forward mode and the curvature-vector products on the G1 MLP, each beside autodiff's way to the same
     number: ``jax.jvp``; for ``GGN v``, ``jax.jvp`` then ``jax.vjp`` through the loss's Hessian, and
@@ -165,23 +191,10 @@ def row_forward_mode(widths: list[int], batch: int, rounds: int) -> Row:
     def apply(p, inputs):
         return apply_layer(net, p, inputs)
 
-    def loss_of(p, inputs, labels):
-        return LOSS.value(apply(p, inputs), labels)
-
-    def output_curvature(outputs, labels, tangent):
-        return jax.jvp(jax.grad(lambda o: LOSS.value(o, labels)), (outputs,), (tangent,))[1]
-
-    def gvp_jvp_vjp(p, inputs, labels):
-        outputs, tangent = jax.jvp(lambda q: apply(q, inputs), (p,), (v,))
-        return jax.vjp(lambda q: apply(q, inputs), p)[1](output_curvature(outputs, labels, tangent))[0]
-
     def gvp_linearize(p, inputs, labels):
         outputs, linear = jax.linearize(lambda q: apply(q, inputs), p)
         transpose = jax.linear_transpose(linear, p)
         return transpose(output_curvature(outputs, labels, linear(v)))[0]
-
-    def hvp(p, inputs, labels):
-        return jax.jvp(jax.grad(lambda q: loss_of(q, inputs, labels)), (p,), (v,))[1]
 
     hand_jvp, hand_gvp, hand_hvp = (
         jvp(net),
@@ -192,10 +205,10 @@ def row_forward_mode(widths: list[int], batch: int, rounds: int) -> Row:
         "jvp (hand)": jax.jit(lambda p, inputs, labels: hand_jvp(p, inputs, v, inputs)),
         "jax.jvp": jax.jit(lambda p, inputs, labels: jax.jvp(lambda q, i: apply(q, i), (p, inputs), (v, inputs))),
         "GGN-vector (hand)": jax.jit(lambda p, inputs, labels: hand_gvp(p, inputs, labels, v)),
-        "GGN-vector (jax.jvp + jax.vjp)": jax.jit(gvp_jvp_vjp),
+        "GGN-vector (jax.jvp + jax.vjp)": jax.jit(lambda p, inputs, labels: autodiff_gvp(net)(p, inputs, labels, v)),
         "GGN-vector (linearize + transpose)": jax.jit(gvp_linearize),
         "HVP (hand)": jax.jit(lambda p, inputs, labels: hand_hvp(p, inputs, labels, v)),
-        "HVP (jax.jvp of jax.grad)": jax.jit(hvp),
+        "HVP (jax.jvp of jax.grad)": jax.jit(lambda p, inputs, labels: autodiff_hvp(net)(p, inputs, labels, v)),
     }
     return Row(
         "J1",

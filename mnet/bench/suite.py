@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import jax.numpy as jnp
 
-from mnet.bench import curvature, decoder, memory
+from mnet.bench import curvature, decoder, memory, versus
 from mnet.bench.gradients import (
     row_cnn_step,
     row_compile_time,
@@ -24,10 +24,12 @@ from mnet.compiled import NOT_AVAILABLE
 from mnet.errors import SettingError
 
 
-def run(quick: bool = False, only: set[str] | None = None, large: bool = False) -> dict:
+def run(quick: bool = False, only: set[str] | None = None, large: bool = False, peers: bool = False) -> dict:
     """Run the suite. ``quick`` shrinks sizes and repetitions to a smoke test of every row (about 70 s on 2 CPU
     cores, most of it compiling: one to nine seconds a row);
-    ``large`` adds the accelerator-sized training step (MLP 4096-4096-4096-4096, batch 4096, float32 and bfloat16)."""
+    ``large`` adds the accelerator-sized training step (MLP 4096-4096-4096-4096, batch 4096, float32 and bfloat16);
+    ``peers`` adds the rows P1 to P3 beside the PyTorch tools (:mod:`mnet.bench.versus`), each peer skipped with
+    its reason where it is not installed."""
     r = 3 if quick else 30
     plans: dict[str, Callable[[], Row]] = {
         "W1": lambda: row_training_step(
@@ -54,9 +56,12 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False) 
     if large:
         plans["L1"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, None, "L1")
         plans["L1bf16"] = lambda: row_training_step([4096, 4096, 4096, 4096], 4096, 10, "bfloat16", "L1bf16")
+    if peers:
+        plans.update(versus.plans(quick, min(r, 10)))
     unknown = sorted((only or set()) - set(plans))
     if unknown:
-        raise SettingError(f"unknown benchmark row(s) {', '.join(unknown)}; known: {', '.join(plans)}")
+        hint = "" if peers else " (P1 to P3 need --peers)"
+        raise SettingError(f"unknown benchmark row(s) {', '.join(unknown)}; known: {', '.join(plans)}{hint}")
     rows = [with_memory(plan) for name, plan in plans.items() if only is None or name in only]
     sizes, rounds = ((128, 256, 512), 3) if quick else (PEAK_SIZES, 10)
     peaks = matmul_peak(sizes, rounds)
@@ -83,6 +88,11 @@ def contender_figures(row: dict, name: str, peaks: dict[str, float]) -> tuple[st
         note = f"{g:.1f} GFLOP/s = {g / peaks[dtype]:.0%} of the {dtype} peak"
     elif "steps_per_s" in row["extra"]:
         note = f"{row['extra']['steps_per_s'][name]:,.0f} steps/s"
+    if "agreement" in row["extra"]:  # a peer row (mnet.bench.versus)
+        own = row["extra"]["per_own_gradient"].get(name)
+        note = f"agrees to {row['extra']['agreement'][name]:.1e}" + (
+            f"; {own:.2f}x its framework's gradient" if own is not None else ""
+        )
     return (f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"), note
 
 
@@ -104,6 +114,11 @@ def format_table(result: dict) -> str:
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
         lines.append(f"{row['name']} {row['description']}")  # a space whatever the name's length (W1bf16, M1-256)
+        lines += [
+            f"{'':<5}{peer} {reason}"
+            for peer, reason in row["extra"].get("peers", {}).items()
+            if reason.startswith("skipped")
+        ]
         for name in row["seconds"]:
             time_text, note = contender_figures(row, name, peaks)
             memory = row.get("memory", {}).get(name, NOT_AVAILABLE)

@@ -67,9 +67,13 @@ def interleaved_samples(
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            # One untimed call first: the contender before may have left caches and the allocator in a state
-            # (a vmap(jax.grad) writing 690 MB of per-example gradients once nearly doubled the next one's time).
-            jax.block_until_ready(fn())
+            # Untimed calls first, as many as a sample's: the contender before may have left caches and the allocator in
+            # a state that lasts tens of milliseconds, longer than one call (after a 351 MB per-example diag GGN a 3.2
+            # ms gradient took 7-10 ms for a 20 ms sample that followed one untimed call: G1's baseline once read 4.5
+            # ms, and cheap quantities looked cheaper than a gradient).
+            for _ in range(numbers[name]):
+                out = fn()
+            jax.block_until_ready(out)
             start = time.perf_counter()
             for _ in range(numbers[name]):
                 out = fn()

@@ -78,21 +78,30 @@ class GGNBlockFactors(KroneckerFactors):
 KRONECKER_KINDS = ("kflr", "kfac", "empirical")
 
 
-def factor_columns(loss: Loss, outputs: Array, targets: Array, kind: str, key: Array | None, where: str) -> Array:
-    """The ``(C, batch, *output)`` columns a Kronecker walk starts from, for ``kind`` (see :data:`KRONECKER_KINDS`);
-    ``where`` names the caller in the error for a missing ``key``."""
+def factor_columns(
+    loss: Loss, outputs: Array, targets: Array, kind: str, key: Array | None, where: str, mc_samples: int = 1
+) -> Array:
+    """The ``(C, batch, *output)`` columns a Kronecker walk starts from, for ``kind`` (see :data:`KRONECKER_KINDS`;
+    ``"kfac"`` draws ``mc_samples`` labels per example, each column divided by ``sqrt(mc_samples)``); ``where`` names
+    the caller in the error for a missing ``key``."""
     if kind == "kflr":
         return loss.hessian_sqrt(outputs, targets)
     if kind == "empirical":
         return loss.per_example_grad(outputs, targets)[None]
     if key is None:
         raise SettingError(f'{where}(kind="kfac") samples from the predictive distribution: pass key=...')
-    return loss.sampled_hessian_sqrt(outputs, targets, key, 1)
+    return loss.sampled_hessian_sqrt(outputs, targets, key, mc_samples)
 
 
-def check_kind(kind: Any, where: str) -> None:
+def check_kind(kind: Any, where: str, mc_samples: Any = 1) -> None:
+    """Refuse an unknown ``kind``, and ``mc_samples`` that is not a positive int or is given for a kind that draws
+    nothing (it would be ignored)."""
     if kind not in KRONECKER_KINDS:
         raise SettingError(f"{where}: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+    if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
+        raise SettingError(f"{where}: mc_samples must be a positive int, got {mc_samples!r}")
+    if mc_samples != 1 and kind != "kfac":
+        raise SettingError(f'{where}: mc_samples={mc_samples} draws labels, which only kind="kfac" does (got {kind!r})')
 
 
 def is_factor_pair(node: Any) -> bool:
@@ -118,13 +127,14 @@ def unstack_bias(matrix: Array, like: Params) -> Params:
     return {"W": matrix} if "b" not in like else {"W": matrix[..., :-1, :], "b": matrix[..., -1, :]}
 
 
-def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable[..., Any]:
+def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr", mc_samples: int = 1) -> Callable[..., Any]:
     """``f(params, x, targets, *, key=None)``: every layer's Kronecker factors of the GGN.
 
     For a dense layer ``z = a W'`` (``a`` the input with a 1 appended for the bias, ``W' = [W; b]``):
     ``A = mean_b a_b a_b^T`` and ``G = mean_b S_b S_b^T``, ``S_b`` the columns of the square root of example
     ``b``'s loss Hessian ``H_b`` carried back to ``z`` (exact, ``C`` columns, for ``kind="kflr"``; one sample
-    from the loss's predictive distribution for ``kind="kfac"``, which needs ``key``; the example's own loss
+    from the loss's predictive distribution for ``kind="kfac"``, which needs ``key``, or the mean of ``mc_samples``
+    draws' outer products (BackPACK's ``KFAC(mc_samples=N)``, curvlinops' ``mc_samples``); the example's own loss
     gradient at its label for ``kind="empirical"``, the empirical Fisher's factor). ``kron(A, G)``
     approximates the GGN block of ``concatenate([W, b[None]]).reshape(-1)`` and equals it for ``"kflr"`` at
     batch 1. Conv2D (its windows as positions), attention's four projections and the gated MLP's (the sequence as
@@ -139,7 +149,7 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
         with parameters but no Kronecker structure (LayerNorm, RMSNorm, a user's layer without a
         ``kronecker_factors`` rule) has ``None``, and so has a matrix used twice (a tied embedding).
     """
-    check_kind(kind, "kfac_factors")
+    check_kind(kind, "kfac_factors", mc_samples)
 
     def kfac_factors_fn(
         params: Params,
@@ -152,7 +162,7 @@ def kfac_factors(net: LayerProtocol, loss: Loss, kind: str = "kflr") -> Callable
     ) -> Any:
         masked_loss, targets = with_mask(loss, targets, mask)
         outputs, cache = call_forward(net, params, x, state=state, mask=mask)
-        S = factor_columns(masked_loss, outputs, targets, kind, key, "kfac_factors")
+        S = factor_columns(masked_loss, outputs, targets, kind, key, "kfac_factors", mc_samples)
         quantity = KRONECKER_FACTORS if mask is None else KroneckerFactors(kept=jnp.asarray(mask))
         return walk(net, quantity, params, (cache,), (S,))[0]
 

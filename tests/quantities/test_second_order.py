@@ -199,6 +199,37 @@ def test_kronecker_factors_over_a_batch_and_over_positions():
     assert {name: entry["G"].shape for name, entry in factors[0].items()} == {n: (4, 4) for n in "qkvo"}
 
 
+def test_kfac_factors_average_their_mc_samples_draws():
+    """``kind="kfac", mc_samples=N``: ``G`` is the mean over examples of ``sum_c s_c s_c^T`` over the ``N`` draws of
+    ``loss.sampled_hessian_sqrt`` (each divided by ``sqrt(N)``), carried to the layer's output by ``jax.vjp`` of
+    the network's tail; with many draws it approaches the exact (KFLR) factor, which one draw does not."""
+    dense, head = mnet.Dense(5), mnet.serial(mnet.Tanh(), mnet.Dense(3))
+    net = mnet.serial(dense, head)
+    params, x, targets = problem(net, (4,), CE, 9, batch=6)
+    key = jax.random.key(4)
+    factors = jax.jit(mnet.kfac_factors(net, CE, kind="kfac", mc_samples=7))(params, x, targets, key=key)
+    outputs, tail = jax.vjp(lambda z: head.apply(params[1], z), dense.apply(params[0], x))
+    S = CE.sampled_hessian_sqrt(outputs, targets, key, 7)
+    columns = jax.vmap(lambda s: tail(s)[0])(S)
+    np.testing.assert_allclose(factors[0]["G"], jnp.einsum("cbi,cbj->ij", columns, columns) / 6, rtol=1e-10)
+    np.testing.assert_allclose(factors[1][1]["G"], jnp.einsum("cbi,cbj->ij", S, S) / 6, rtol=1e-10)
+
+    def output_factors(factors):
+        return factors[0]["G"], factors[1][1]["G"]
+
+    exact = output_factors(mnet.kfac_factors(net, CE)(params, x, targets))
+
+    def error(samples):
+        sampled = mnet.kfac_factors(net, CE, kind="kfac", mc_samples=samples)(params, x, targets, key=key)
+        return max(float(jnp.linalg.norm(s - e) / jnp.linalg.norm(e)) for s, e in zip(output_factors(sampled), exact))
+
+    assert error(20_000) < 0.03 < 0.3 < error(1)
+    with pytest.raises(mnet.errors.SettingError, match="mc_samples must be a positive int"):
+        mnet.kfac_factors(net, CE, kind="kfac", mc_samples=0)
+    with pytest.raises(mnet.errors.SettingError, match="only kind=.kfac. does .got 'kflr'"):
+        mnet.kfac_factors(net, CE, mc_samples=2)
+
+
 def test_an_embeddings_kronecker_factors_are_a_dense_layers_on_one_hot_ids():
     """The reference is the same network with the lookup written as ``onehot(ids) W`` (a Dense without bias, whose
     factors the test above checks against autodiff); ``A`` comes out diagonal, the ids' frequencies."""

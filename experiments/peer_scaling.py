@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 from mnet.bench import peer_quantities, peers, versus
@@ -106,6 +105,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     sweeps_ = results["sweeps"]
     figure, axes = plt.subplots(
@@ -113,30 +113,23 @@ def plot(results: dict, path: Path) -> None:
     )
     labels = {"batch": "batch", "width": "hidden width", "depth": "hidden layers of 512"}
     for column, (sweep, configurations) in enumerate(sweeps_.items()):
-        values = list(configurations)
+        values = [int(v) for v in configurations]  # ints, also when read back from the JSON
         for row, (quantity, followed) in enumerate(FOLLOWED.items()):
             axis = axes[row, column]
             for contender in followed:
                 name = f"{quantity} · {contender}"
-                points = [(v, c["multiples"][name]) for v, c in configurations.items() if name in c["multiples"]]
+                points = [(int(v), c["multiples"][name]) for v, c in configurations.items() if name in c["multiples"]]
                 if points:
                     axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=contender)
-            axis.set(
-                xscale="log" if sweep != "depth" else "linear",
-                yscale="log",
-                xticks=values,
-                xticklabels=[str(v) for v in values],
-                xlabel=labels[sweep],
-                ylabel="own gradients",
-                title=quantity if column == 0 else "",
-            )
+            axis.set(xscale="linear" if sweep == "depth" else "log", xlabel=labels[sweep], ylim=(0, None))
+            axis.set(ylabel="own gradients", title=quantity if column == 0 else "")
+            axis.xaxis.set_minor_locator(NullLocator())  # the sweep's own values only, no log-scale minor labels
+            axis.set_xticks(values, [str(v) for v in values])
             axis.legend(fontsize=7)
             axis.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # set_xticks on a log axis: matplotlib's note on minor ticks
-        warnings.simplefilter("ignore")
-        figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 

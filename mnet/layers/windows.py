@@ -114,6 +114,10 @@ def im2col(x: Array, g: Geometry, fill: float = 0.0) -> Array:
     batch, channels = x.shape[0], x.shape[-1]
     (out_h, out_w), (sh, sw) = g.out, g.stride
     padded = jnp.pad(x, ((0, 0), g.pads[0], g.pads[1], (0, 0)), constant_values=fill)
+    if tiles(g):
+        (kh, kw) = g.kernel
+        blocks = padded[:, : out_h * kh, : out_w * kw, :].reshape(batch, out_h, kh, out_w, kw, channels)
+        return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(batch, out_h, out_w, kh * kw, channels)
     offsets = [
         jax.lax.slice(
             padded, (0, u, v, 0), (batch, u + sh * (out_h - 1) + 1, v + sw * (out_w - 1) + 1, channels), (1, sh, sw, 1)
@@ -122,6 +126,12 @@ def im2col(x: Array, g: Geometry, fill: float = 0.0) -> Array:
         for v in range(g.kernel[1])
     ]
     return jnp.stack(offsets, axis=3)
+
+
+def tiles(g: Geometry) -> bool:
+    """Whether the windows tile the padded image without overlap (stride equal to the window, as in the usual 2x2
+    pooling): then :func:`im2col` and :func:`col2im` are a reshape and a transpose."""
+    return tuple(g.stride) == tuple(g.kernel)
 
 
 def col2im(cols: Array, g: Geometry) -> Array:
@@ -135,6 +145,13 @@ def col2im(cols: Array, g: Geometry) -> Array:
     (BENCHMARKS.md, "Memory of long sequences")."""
     (sh, sw), (ph, pw) = g.stride, g.padded
     (out_h, out_w) = g.out
+    (top, _), (left, _) = g.pads
+    if tiles(g):  # every entry in at most one window: a transpose, where scatter-adds cost 15x more on XLA's CPU
+        (kh, kw), (batch, channels) = g.kernel, (cols.shape[0], cols.shape[-1])
+        blocks = cols.reshape(batch, out_h, out_w, kh, kw, channels).transpose(0, 1, 3, 2, 4, 5)
+        blocks = blocks.reshape(batch, out_h * kh, out_w * kw, channels)
+        total = jnp.pad(blocks, ((0, 0), (0, ph - out_h * kh), (0, pw - out_w * kw), (0, 0)))
+        return total[:, top : top + g.image[0], left : left + g.image[1], :]
     total = jnp.zeros((cols.shape[0], ph, pw, cols.shape[-1]), cols.dtype)
     for index in range(g.window_size):
         u, v = divmod(index, g.kernel[1])
@@ -144,7 +161,6 @@ def col2im(cols: Array, g: Geometry) -> Array:
         else:
             grid = (slice(None), slice(u, u + sh * (out_h - 1) + 1, sh), slice(v, v + sw * (out_w - 1) + 1, sw))
             total = total.at[grid].add(cols[:, :, :, index, :])
-    (top, _), (left, _) = g.pads
     return total[:, top : top + g.image[0], left : left + g.image[1], :]
 
 

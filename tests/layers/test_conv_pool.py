@@ -265,3 +265,30 @@ def test_cnn_learns_the_digits():
     _, params = net.init(jax.random.key(0), (64,), jnp.float32)
     history = mnet.fit(net, mnet.losses.softmax_cross_entropy, params, mnet.data.load_digits(0), epochs=20).history
     assert history.test_accuracy[-1] >= 0.98
+
+
+@pytest.mark.parametrize(
+    "image, kernel, pads",
+    [((8, 8), (2, 2), ((0, 0), (0, 0))), ((7, 9), (2, 3), ((1, 0), (0, 2))), ((5, 5), (3, 3), ((1, 1), (1, 1)))],
+)
+def test_tiling_windows_are_the_strided_slices_and_col2im_their_transpose(image, kernel, pads):
+    """Windows that tile the image (stride = window) take the reshape-and-transpose path: ``im2col`` equals the
+    strided slices cut one offset at a time by ``lax.slice``, and ``col2im`` is its transpose by ``jax.vjp``
+    (uncovered rows and columns, here odd sizes and padding, get no gradient)."""
+    from mnet.layers.windows import col2im, im2col, tiles
+
+    g = Geometry.of(image, kernel, kernel, pads)
+    assert tiles(g)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, *image, 3)))
+    padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    (oh, ow), (kh, kw) = g.out, kernel
+    slices = [
+        padded[:, u : u + kh * (oh - 1) + 1 : kh, v : v + kw * (ow - 1) + 1 : kw, :]
+        for u in range(kh)
+        for v in range(kw)
+    ]
+    np.testing.assert_array_equal(im2col(x, g), jnp.stack(slices, axis=3))
+    cols = jnp.asarray(rng.normal(size=(2, oh, ow, kh * kw, 3)))
+    _, transpose = jax.vjp(lambda image_: im2col(image_, g), x)
+    np.testing.assert_allclose(col2im(cols, g), transpose(cols)[0], rtol=1e-14, atol=1e-14)

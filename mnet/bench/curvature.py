@@ -92,9 +92,9 @@ def kfac_jax_status() -> str:
     return "importable; no kfac-jax contender is wired in yet"
 
 
-def row_mlp_curvature(widths: list[int], batch: int, rounds: int, name: str, autodiff: bool = True) -> Row:
-    """Every GGN quantity on an MLP (ReLU, softmax cross-entropy), with autodiff's ways to the exact and the
-    sampled diagonal (``autodiff=False`` leaves out the per-example vjp, hundreds of gradients at large sizes)."""
+def row_mlp_curvature(widths: list[int], batch: int, rounds: int, name: str) -> Row:
+    """Every GGN quantity on an MLP (ReLU, softmax cross-entropy), with autodiff's way to the sampled diagonal;
+    autodiff's exact one is the row G1v (:func:`row_autodiff_diag_ggn`)."""
     net, params, x, y = mlp_problem(widths, batch)
     contenders: dict[str, Any] = {
         "diag GGN exact": jax.jit(diag_ggn(net, LOSS)),
@@ -104,8 +104,6 @@ def row_mlp_curvature(widths: list[int], batch: int, rounds: int, name: str, aut
         "kfac factors": _with_key(kfac_factors(net, LOSS, kind="kfac")),
         "vmap(grad) sampled labels": _with_key(sampled_label_grads(net)),
     }
-    if autodiff:
-        contenders["per-example vjp per output"] = per_example_vjp_diag_ggn(net)
     return Row(
         name,
         f"GGN quantities, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}, softmax cross-entropy ({TIMES})",
@@ -113,6 +111,20 @@ def row_mlp_curvature(widths: list[int], batch: int, rounds: int, name: str, aut
         "gradient (hand)",
         {"kfac-jax": kfac_jax_status()},
     )
+
+
+def row_autodiff_diag_ggn(widths: list[int], batch: int, rounds: int) -> Row:
+    """Autodiff's exact GGN diagonal (a ``jax.vjp`` per example and output, about a thousand gradients) beside
+    mnet's, in a row of its own: interleaved with G1's contenders, its 2 GB of temporaries left the next calls
+    slow for longer than any warm-up (G1's gradient read 5.7 ms instead of 3.3, and cheap quantities looked
+    cheaper than a gradient)."""
+    net, params, x, y = mlp_problem(widths, batch)
+    contenders = {
+        "diag GGN exact": jax.jit(diag_ggn(net, LOSS)),
+        "per-example vjp per output": per_example_vjp_diag_ggn(net),
+    }
+    description = f"autodiff's exact GGN diagonal, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch} ({TIMES})"
+    return Row("G1v", description, _timed(net, params, x, y, contenders, rounds), "gradient (hand)")
 
 
 def row_diag_hessian(widths: list[int], batch: int, rounds: int) -> Row:
@@ -269,9 +281,7 @@ def plans(quick: bool, rounds: int) -> dict[str, Any]:
     small = [784, 64, 10]
     few = min(rounds, 7)
     rows = {
-        "G1": lambda: row_mlp_curvature(
-            small if quick else [784, 512, 512, 10], 32 if quick else 128, few, "G1", autodiff=not quick
-        ),
+        "G1": lambda: row_mlp_curvature(small if quick else [784, 512, 512, 10], 32 if quick else 128, few, "G1"),
         "G2": lambda: row_diag_hessian(small if quick else [784, 512, 512, 10], 32, rounds),
         "G3": lambda: row_model_diag_ggn(
             "G3", cnn_problem(16 if quick else 128), "exact GGN diagonal, digits CNN", few, not quick
@@ -283,5 +293,6 @@ def plans(quick: bool, rounds: int) -> dict[str, Any]:
     rows["J1"] = lambda: row_forward_mode(small if quick else [784, 512, 512, 10], 32 if quick else 128, rounds)
     rows["K1"] = lambda: row_kfac_step(small if quick else [784, 512, 512, 10], 32 if quick else 128, few)
     if not quick:  # the same code as G1 at a larger batch
-        rows["G1b"] = lambda: row_mlp_curvature([784, 512, 512, 10], 512, rounds, "G1b", autodiff=False)
+        rows["G1b"] = lambda: row_mlp_curvature([784, 512, 512, 10], 512, rounds, "G1b")
+        rows["G1v"] = lambda: row_autodiff_diag_ggn([784, 512, 512, 10], 128, min(rounds, 3))
     return rows

@@ -79,6 +79,14 @@ DEFERRED = {
     "sklearn.datasets",
     "jax.experimental",
     "dp_accounting",
+    # the PyTorch peers of mnet bench --peers
+    "backpack",
+    "curvlinops",
+    "opacus",
+    "opacus.grad_sample",
+    "opacus.optimizers",
+    "opacus.utils.fast_gradient_clipping_utils",
+    "torch.func",
 }
 
 

@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mnet.interop.torch_bridge import from_torch
+from mnet.models import mlp
 
 #: The peers: the module each imports and the distribution that installs it (torch.func comes with torch).
 PEER_MODULES = {
@@ -87,13 +90,12 @@ class TorchProblem:
     labels: Any = None
 
     def __post_init__(self) -> None:
-        import jax.numpy as jnp
 
         if self.x is None:
             self.x, self.labels = jnp.asarray(self.X.numpy()), jnp.asarray(self.y.numpy())
 
     def loss(self, outputs: Any) -> Any:
-        import torch
+        import torch  # optional: a peer (pip install '.[peers]')
 
         return torch.nn.functional.cross_entropy(outputs, self.y)
 
@@ -106,8 +108,7 @@ class TorchProblem:
 
     def from_layout(self, tree: Any) -> list:
         """A tree like mnet's params as tensors in ``model.parameters()`` order (the leaves' order is the same)."""
-        import jax
-        import torch
+        import torch  # optional: a peer (pip install '.[peers]')
 
         return [
             torch.from_numpy(np.array(torch_layout(np.asarray(leaf), tuple(parameter.shape))))
@@ -130,7 +131,7 @@ def mlp_problem(widths: list[int], batch: int, activation: str = "relu", seed: i
     """An MLP of ``widths`` in PyTorch (``ReLU`` or ``Tanh`` between its ``Linear`` layers), a standard normal
     batch and uniform labels, and the same in mnet; without torch, mnet's own MLP alone."""
     try:
-        import torch
+        import torch  # optional: a peer (pip install '.[peers]')
     except ImportError:
         return mnet_only(widths, batch, activation, seed)
 
@@ -147,9 +148,6 @@ def mlp_problem(widths: list[int], batch: int, activation: str = "relu", seed: i
 
 def mnet_only(widths: list[int], batch: int, activation: str, seed: int) -> TorchProblem:
     """The MLP of :func:`mlp_problem` in mnet alone (where torch is absent: JAX's autodiff is then the only peer)."""
-    import jax
-
-    from mnet.models import mlp
 
     net = mlp(widths[1:], activation=activation)
     _, params = net.init(jax.random.key(seed), (widths[0],))
@@ -161,7 +159,7 @@ def mnet_only(widths: list[int], batch: int, activation: str, seed: int) -> Torc
 def cnn_problem(batch: int, channels: tuple[int, int] = (16, 32), seed: int = 0) -> TorchProblem:
     """A CNN on 28x28 one-channel images: two 3x3 convolutions (padding 1) each with ReLU and 2x2 max pooling, then
     a linear layer to 10 classes; a standard normal batch (NCHW) and uniform labels, and the same in mnet."""
-    import torch
+    import torch  # optional: a peer (pip install '.[peers]')
 
     torch.manual_seed(seed)
     first, second = channels
@@ -183,8 +181,6 @@ def cnn_problem(batch: int, channels: tuple[int, int] = (16, 32), seed: int = 0)
 
 def stack_examples(problem: TorchProblem, per_example: list) -> Any:
     """Per-example tensors ``(batch, *shape)`` in ``model.parameters()`` order as mnet params with a batch axis."""
-    import jax
-    import jax.numpy as jnp
 
     examples = [problem.layout([t[b] for t in per_example]) for b in range(per_example[0].shape[0])]
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *examples)
@@ -196,7 +192,7 @@ def norms(per_example: list) -> Any:
 
 
 def clipped_mean(per_example: list, clip_norm: float) -> list:
-    import torch
+    import torch  # optional: a peer (pip install '.[peers]')
 
     """Opacus' and DP-SGD's clipped mean: ``mean_b g_b min(1, C / ||g_b||)``."""
     scale = torch.clamp(clip_norm / (norms(per_example) + 1e-12), max=1.0) / per_example[0].shape[0]
@@ -218,9 +214,9 @@ def autograd_gradient(problem: TorchProblem) -> Contender:
 def backpack(problem: TorchProblem, extension: str, attribute: str, convert: Callable, **options: Any) -> Contender:
     """One of BackPACK's extensions (``DiagGGNExact``, ``BatchL2Grad``, ...) in one backward pass of an extended
     copy of the model, the result read from each parameter's ``attribute``; ``convert`` takes the list of them."""
-    import torch
-    from backpack import backpack as backpack_context
-    from backpack import extend, extensions
+    import torch  # optional: a peer (pip install '.[peers]')
+    from backpack import backpack as backpack_context  # optional: a peer (pip install '.[peers]')
+    from backpack import extend, extensions  # optional: a peer (pip install '.[peers]')
 
     model = extend(copy.deepcopy(problem.model))
     loss = extend(torch.nn.CrossEntropyLoss())
@@ -242,8 +238,8 @@ def backpack_factors(outputs: list) -> list:
 
 def curvlinops_factors(problem: TorchProblem, fisher_type: str, mc_samples: int = 1) -> Contender:
     """curvlinops' ``KFACLinearOperator`` (weight and bias together), its factors computed afresh each call."""
-    import torch
-    from curvlinops import KFACLinearOperator
+    import torch  # optional: a peer (pip install '.[peers]')
+    from curvlinops import KFACLinearOperator  # optional: a peer (pip install '.[peers]')
 
     params = list(problem.model.parameters())
 
@@ -271,8 +267,8 @@ def curvlinops_factors(problem: TorchProblem, fisher_type: str, mc_samples: int 
 
 def curvlinops_product(problem: TorchProblem, operator: str, v: Any) -> Contender:
     """curvlinops' ``GGNLinearOperator`` or ``HessianLinearOperator`` applied to ``v`` (mnet params' layout)."""
-    import curvlinops
-    import torch
+    import curvlinops  # optional: a peer (pip install '.[peers]')
+    import torch  # optional: a peer (pip install '.[peers]')
 
     made = getattr(curvlinops, operator)(
         problem.model,
@@ -288,7 +284,7 @@ def curvlinops_product(problem: TorchProblem, operator: str, v: Any) -> Contende
 def opacus_per_sample(problem: TorchProblem, reduce: Callable[[list], Any], convert: Callable) -> Contender:
     """Opacus' ``GradSampleModule`` (hooks with a per-layer rule; each example's gradient of its own ``l_b``),
     then ``reduce`` of the per-sample gradients (the norms, the clipped mean, or themselves)."""
-    from opacus import GradSampleModule
+    from opacus import GradSampleModule  # optional: a peer (pip install '.[peers]')
 
     module = GradSampleModule(copy.deepcopy(problem.model))
 
@@ -303,9 +299,12 @@ def opacus_per_sample(problem: TorchProblem, reduce: Callable[[list], Any], conv
 def opacus_ghost_clipping(problem: TorchProblem, clip_norm: float) -> Contender:
     """Opacus' ghost clipping (``GradSampleModuleFastGradientClipping``): the per-example norms without per-example
     gradients, then a second backward pass of the clipped, reweighted loss; no noise (``noise_multiplier=0``)."""
+    # optional: a peer (pip install '.[peers]')
     import torch
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
-    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping  # optional: a peer
+    from opacus.optimizers import DPOptimizerFastGradientClipping  # optional: a peer
+
+    # optional: a peer
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     module = GradSampleModuleFastGradientClipping(copy.deepcopy(problem.model), max_grad_norm=clip_norm)
@@ -329,8 +328,8 @@ def opacus_ghost_clipping(problem: TorchProblem, clip_norm: float) -> Contender:
 def torch_func_per_example(problem: TorchProblem, reduce: Callable[[list], Any], convert: Callable) -> Contender:
     """``torch.func.vmap(torch.func.grad(...))`` of each example's loss through ``functional_call``, then
     ``reduce`` of the per-example gradients."""
-    import torch
-    from torch.func import functional_call, grad, vmap
+    import torch  # optional: a peer (pip install '.[peers]')
+    from torch.func import functional_call, grad, vmap  # optional: a peer (pip install '.[peers]')
 
     model = problem.model
     names = [name for name, _ in model.named_parameters()]

@@ -78,7 +78,8 @@ def test_absent_peers_are_skipped_with_their_reason(monkeypatch):
     contenders, agreement = versus.checked(problem, peer_quantities.mlp_quantities(problem, skipped), skipped)
     assert {framework for framework, _ in contenders.values()} == {"mnet", "jax"}
     assert all(
-        error < (SAMPLED if name.split(" · ")[0] in peer_quantities.EXACT_OF else FLOAT32) for name, error in agreement.items()
+        error < (SAMPLED if name.split(" · ")[0] in peer_quantities.EXACT_OF else FLOAT32)
+        for name, error in agreement.items()
     )
     monkeypatch.setattr(peers, "availability", lambda: skipped)
     result = run_mnet("bench", "--quick", "--peers", "--rows", "P1,P2", "--json")

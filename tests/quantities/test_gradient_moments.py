@@ -31,9 +31,7 @@ def reference_moments(net, loss, params, x, targets, mask=None):
 
 
 def check(net, loss, params, x, targets, mask=None):
-    expected_squares, expected_variance = jax.jit(
-        lambda p: reference_moments(net, loss, p, x, targets, mask)
-    )(params)
+    expected_squares, expected_variance = jax.jit(lambda p: reference_moments(net, loss, p, x, targets, mask))(params)
     with no_autodiff():
         squares = jax.jit(mnet.sum_grad_squared(net, loss))(params, x, targets, mask=mask)
         variance = jax.jit(mnet.gradient_variance(net, loss))(params, x, targets, mask=mask)
@@ -74,4 +72,6 @@ def test_the_variance_of_equal_gradients_is_zero():
     variance = mnet.gradient_variance(net, CE)(params, x, targets)
     assert all(float(jnp.min(v)) >= 0 and float(jnp.max(v)) < 1e-15 for v in jax.tree_util.tree_leaves(variance))
     single = mnet.sum_grad_squared(net, CE)(params, x[:1], targets[:1])
-    assert_trees_close(mnet.sum_grad_squared(net, CE)(params, x, targets), jax.tree_util.tree_map(lambda s: 6 * s, single), 1e-12)
+    assert_trees_close(
+        mnet.sum_grad_squared(net, CE)(params, x, targets), jax.tree_util.tree_map(lambda s: 6 * s, single), 1e-12
+    )

@@ -52,11 +52,11 @@ def measure(widths: list[int], batch: int, rounds: int, available: dict) -> tupl
     """Each followed contender's time as a multiple of its own framework's gradient step, and each framework's
     gradient step in seconds."""
     problem = peers.mlp_problem(widths, batch)
-    contenders = peer_quantities.gradient_contenders(problem, problem.x, problem.labels, available)
-    for quantity, found in peer_quantities.mlp_quantities(problem, available).items():
-        for name, entry in found.items():
-            if name in FOLLOWED.get(quantity, ()):
-                contenders[f"{quantity} · {name}"] = entry
+    followed = {
+        quantity: {name: entry for name, entry in found.items() if name in FOLLOWED.get(quantity, ())}
+        for quantity, found in peer_quantities.mlp_quantities(problem, available).items()
+    }
+    contenders = versus.named_contenders(problem, followed, available)
     with versus.quiet_hooks():
         seconds = interleaved_medians({name: entry[1].call for name, entry in contenders.items()}, rounds)
     gradients = {name: seconds[name] for name in contenders if name.startswith("gradient · ")}

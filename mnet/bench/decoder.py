@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mnet.bench.curvature import autodiff_gvp, autodiff_hvp
+from mnet.bench.problems import vmapped_autodiff_grads
 from mnet.bench.timing import Row, interleaved_medians
 from mnet.checking.reference import autodiff_value_and_grad
 from mnet.core.protocol import apply_layer
@@ -50,11 +52,7 @@ def autodiff_contenders(net: Any, v: Any) -> dict[str, Any]:
     by ``vmap(grad)`` at sampled labels, ``H v`` by ``jax.jvp`` of ``jax.grad``, ``GGN v`` by ``jax.jvp`` then
     ``jax.vjp``."""
 
-    def loss_of(p, x, y):
-        return LOSS.value(apply_layer(net, p, x), y)
-
-    def per_example_grads(p, x, y):
-        return jax.vmap(jax.grad(lambda q, xb, yb: loss_of(q, xb[None], yb[None])), in_axes=(None, 0, 0))(p, x, y)
+    per_example_grads = vmapped_autodiff_grads(net)
 
     def norms(p, x, y):
         grads = per_example_grads(p, x, y)
@@ -66,20 +64,12 @@ def autodiff_contenders(net: Any, v: Any) -> dict[str, Any]:
         grads = per_example_grads(p, x, sampled)
         return jax.tree_util.tree_map(lambda g: jnp.mean(g * g, axis=0), grads)
 
-    def hvp(p, x, y):
-        return jax.jvp(jax.grad(lambda q: loss_of(q, x, y)), (p,), (v,))[1]
-
-    def gvp(p, x, y):
-        outputs, tangent = jax.jvp(lambda q: apply_layer(net, q, x), (p,), (v,))
-        curvature = jax.jvp(jax.grad(lambda o: LOSS.value(o, y)), (outputs,), (tangent,))[1]
-        return jax.vjp(lambda q: apply_layer(net, q, x), p)[1](curvature)[0]
-
     return {
         "gradient (jax.grad)": jax.jit(autodiff_value_and_grad(net, LOSS)),
         "per-example norms (vmap(grad))": jax.jit(norms),
         "diag GGN MC(1) (vmap(grad) at sampled labels)": jax.jit(mc_diag_ggn),
-        "HVP (jax.jvp of jax.grad)": jax.jit(hvp),
-        "GGN-vector (jax.jvp + jax.vjp)": jax.jit(gvp),
+        "HVP (jax.jvp of jax.grad)": jax.jit(lambda p, x, y: autodiff_hvp(net)(p, x, y, v)),
+        "GGN-vector (jax.jvp + jax.vjp)": jax.jit(lambda p, x, y: autodiff_gvp(net)(p, x, y, v)),
     }
 
 

@@ -67,9 +67,9 @@ def sampled(contender: Contender, check: Callable[[], Any]) -> Contender:
     return Contender(contender.call, contender.convert, check)
 
 
-def gradient_contenders(problem: TorchProblem, x: Any, y: Any, available: dict) -> dict[str, tuple[str, Contender]]:
+def gradient_contenders(problem: TorchProblem, available: dict) -> dict[str, tuple[str, Contender]]:
     """Each framework's gradient of the mean loss, the unit of every row."""
-    net, params = problem.net, problem.params
+    net, params, x, y = problem.net, problem.params, problem.x, problem.labels
     found = {
         OWN_GRADIENT["mnet"]: ("mnet", jax_contender(value_and_grad(net, LOSS), params, x, y, lambda out: out[1])),
         OWN_GRADIENT["jax"]: ("jax", jax_contender(autodiff_value_and_grad(net, LOSS), params, x, y, lambda o: o[1])),

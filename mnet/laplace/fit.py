@@ -13,11 +13,11 @@ from mnet.core.protocol import Array, LayerProtocol, Params, call_forward
 from mnet.core.walk import walk
 from mnet.errors import SettingError
 from mnet.laplace.posterior import Laplace
-from mnet.laplace.structure import STRUCTURES, KronBlock, chunk_of, is_entry, positive
+from mnet.laplace.structure import STRUCTURES, chunk_of, is_entry, positive
 from mnet.laplace.subset import SUBSETS, split_last_layer
 from mnet.losses import Loss, with_mask
 from mnet.quantities.ggn import check_samples, loss_square_root, summed_diag_ggn
-from mnet.quantities.kronecker import GGNBlockFactors, is_factor_pair
+from mnet.quantities.kronecker import GGNBlockFactors, eigen_block, is_factor_pair
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 8))
@@ -36,12 +36,6 @@ def fit_chunk(net, loss, structure, mc_samples, params, x, targets, key, sigma, 
     diagonal = summed_diag_ggn(net, params, x, cache, S, mask)
     factors = walk(net, GGNBlockFactors(kept=mask), params, (cache,), (S,))[0] if structure == "kron" else None
     return nll, diagonal, factors
-
-
-def eigen_block(pair: dict, scale: float) -> KronBlock:
-    a, U = jnp.linalg.eigh(pair["A"])
-    g, V = jnp.linalg.eigh(pair["G"])
-    return KronBlock(jnp.maximum(a, 0), U, scale * jnp.maximum(g, 0), V)
 
 
 def laplace(

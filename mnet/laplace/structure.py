@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 
 from mnet.errors import SettingError
-from mnet.quantities.kronecker import is_factor_pair
+from mnet.quantities.kronecker import KronBlock, is_factor_pair
 
 Array = jax.Array
 
 STRUCTURES = ("diag", "kron")
 
 LINKS = ("probit", "sampled", "map")
-
-
-class KronBlock(NamedTuple):
-    """One dense-like layer's curvature ``s N P kron(A, G)``, eigendecomposed: ``A = A_vecs diag(A_vals) A_vecs^T``,
-    ``G = G_vecs diag(G_vals) G_vecs^T``, the scale ``s N P`` folded into ``G_vals``."""
-
-    A_vals: Array
-    A_vecs: Array
-    G_vals: Array
-    G_vecs: Array
 
 
 def is_entry(node: Any) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +107,26 @@ def check_kind(kind: Any, where: str, mc_samples: Any = 1) -> None:
 def is_factor_pair(node: Any) -> bool:
     """Whether ``node`` is one dense-like entry of :func:`kfac_factors`' result, ``{"A", "G"}``."""
     return isinstance(node, dict) and set(node) == {"A", "G"}
+
+
+class KronBlock(NamedTuple):
+    """One dense-like layer's Kronecker-factored curvature ``s kron(A, G)``, eigendecomposed:
+    ``A = A_vecs diag(A_vals) A_vecs^T``, ``G = G_vecs diag(G_vals) G_vecs^T``, any scale ``s`` folded into
+    ``G_vals``, so that the block's eigenvalues are ``outer(A_vals, G_vals)`` and its eigenvectors
+    ``kron(A_vecs, G_vecs)``: what Laplace's posterior and the Kronecker operator of :mod:`mnet.spectrum` hold."""
+
+    A_vals: Array
+    A_vecs: Array
+    G_vals: Array
+    G_vecs: Array
+
+
+def eigen_block(pair: dict, scale: float | Array = 1.0) -> KronBlock:
+    """A ``{"A", "G"}`` entry eigendecomposed, as the block ``scale kron(A, G)``; both factors are second moments,
+    so eigenvalues that rounding left below zero are clipped at zero."""
+    a, U = jnp.linalg.eigh(pair["A"])
+    g, V = jnp.linalg.eigh(pair["G"])
+    return KronBlock(jnp.maximum(a, 0), U, scale * jnp.maximum(g, 0), V)
 
 
 def stack_bias(grad: Params) -> Array:

@@ -77,7 +77,7 @@ from mnet.models import mlp
 from mnet.optim.accounting import dp_epsilon, poisson_capacity
 from mnet.optim.dp import clipped_value_and_grad, dp_noise
 from mnet.optim.kfac import KFACState, kfac, kfac_preconditioner
-from mnet.quantities.diag_hessian import diag_hessian
+from mnet.quantities.diag_hessian import diag_hessian, per_example_diag_hessian
 from mnet.quantities.ekfac import eigen_correction, ekfac_factors
 from mnet.quantities.ggn import diag_ggn, ggn_vector_product, per_example_diag_ggn
 from mnet.quantities.gradient import grad, value_and_grad, value_grad_and_state, with_manual_backward
@@ -195,6 +195,7 @@ __all__ = [
     "sum_grad_squared",
     "parallel",
     "per_example_diag_ggn",
+    "per_example_diag_hessian",
     "per_example_grad_norms",
     "per_example_grads",
     "reference",

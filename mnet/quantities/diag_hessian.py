@@ -180,6 +180,31 @@ def diag_hessian(net: LayerProtocol, loss: Loss, hutchinson_samples: int | None 
     return diag_hessian_fn
 
 
+def per_example_diag_hessian(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
+    """``f(params, x, targets)``: each example's own exact Hessian diagonal, ``diag(d^2 l_b / d params^2)``, of
+    its loss ``l_b`` (the convention of :func:`mnet.per_example_grads`; BackPACK's ``BatchDiagHessian`` of a mean
+    loss is this divided by the batch).
+
+    Each example is a batch of one, whose mean loss is ``l_b`` itself: :func:`diag_hessian`'s walk vectorised over
+    the examples (``jax.vmap``, no differentiation), so the cost is that of the summed diagonal with every share
+    kept per example. A padding ``mask`` goes with its example's row.
+
+    Returns:
+        A pytree like ``params`` whose every leaf has a leading batch axis; :func:`diag_hessian` is its mean.
+    """
+    single = diag_hessian(net, loss)
+
+    def per_example_diag_hessian_fn(
+        params: Params, x: Array, targets: Array, *, state: Any = None, mask: Array | None = None
+    ) -> Params:
+        def one(x_b: Array, t_b: Array, m_b: Array | None) -> Params:
+            return single(params, x_b[None], t_b[None], state=state, mask=None if m_b is None else m_b[None])
+
+        return jax.vmap(one)(x, targets, mask)
+
+    return per_example_diag_hessian_fn
+
+
 def _hutchinson(net: LayerProtocol, loss: Loss, samples: int) -> Callable[..., Params]:
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise SettingError(f"diag_hessian: hutchinson_samples must be a positive int, got {samples!r}")

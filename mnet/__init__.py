@@ -86,6 +86,7 @@ from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.jacobian import jacobian
 from mnet.quantities.kronecker import kfac_factors
 from mnet.quantities.ntk import ntk
+from mnet.quantities.one_pass import one_pass
 from mnet.quantities.per_example import per_example_grad_norms, per_example_grads
 from mnet.quantities.tangent import jvp, with_manual_tangent
 from mnet.training import checkpoint, data, distributed, launch, sharding
@@ -194,6 +195,7 @@ __all__ = [
     "ntk",
     "sum_grad_squared",
     "parallel",
+    "one_pass",
     "per_example_diag_ggn",
     "per_example_diag_hessian",
     "per_example_grad_norms",

@@ -68,7 +68,12 @@ def gradient_variance(net: LayerProtocol, loss: Loss) -> Callable[..., Params]:
     ) -> Params:
         squares, cache, cotangents = _moments(net, loss, params, x, targets, state, mask)
         batch = cotangents.shape[0]
-        mean = net.backward(params, cache, cotangents / batch)[0]
-        return jax.tree_util.tree_map(lambda s, m: jnp.maximum(s / batch - m * m, 0.0), squares, mean)
+        return variance(squares, net.backward(params, cache, cotangents / batch)[0], batch)
 
     return gradient_variance_fn
+
+
+def variance(squares: Params, mean: Params, batch: int) -> Params:
+    """``squares / batch - mean^2`` leaf by leaf (``squares`` the sum of the per-example gradients squared, ``mean``
+    their mean), clipped at zero where rounding leaves a coordinate whose gradients all agree a hair below it."""
+    return jax.tree_util.tree_map(lambda s, m: jnp.maximum(s / batch - m * m, 0.0), squares, mean)

@@ -26,11 +26,12 @@ from mnet.quantities.ggn import (
     DIAG_GGN,
     PER_EXAMPLE_DIAG_GGN,
     check_samples,
+    diag_ggn,
     loss_square_root,
     per_example_diag_ggn,
-    summed_diag_ggn,
 )
-from mnet.quantities.gradient_moments import gradient_variance, sum_grad_squared
+from mnet.quantities.gradient import grad
+from mnet.quantities.gradient_moments import gradient_variance, sum_grad_squared, variance
 from mnet.quantities.per_example import (
     PER_EXAMPLE_BACKWARD,
     PER_EXAMPLE_SQ_NORMS,
@@ -77,9 +78,7 @@ def walks(net, params, x, cache, c, S, names) -> dict[str, Any]:
     if {"sum_grad_squared", "gradient_variance"} & set(names):
         found["sum_grad_squared"] = DIAG_GGN.run(net, params, cache, c[None])[0]
     if "gradient_variance" in names:
-        found["gradient_variance"] = jax.tree_util.tree_map(
-            lambda s, m: jnp.maximum(s / n - m * m, 0.0), found["sum_grad_squared"], found["grad"]
-        )
+        found["gradient_variance"] = variance(found["sum_grad_squared"], found["grad"], n)
     if "diag_ggn" in names:
         found["diag_ggn"] = scaled(DIAG_GGN.run(net, params, cache, S)[0], 1 / n)
     if "per_example_diag_ggn" in names:
@@ -91,20 +90,19 @@ def separately(net, loss, mc_samples, params, x, targets, key, state, mask, name
     """Each quantity by its own driver: for a network with a layer that has no per-example rule, where those
     drivers fall back to one example at a time."""
     drivers: dict[str, Callable[..., Any]] = {
+        "grad": grad(net, loss),
         "per_example_grads": per_example_grads(net, loss),
         "per_example_grad_norms": per_example_grad_norms(net, loss),
         "sum_grad_squared": sum_grad_squared(net, loss),
         "gradient_variance": gradient_variance(net, loss),
+        "diag_ggn": diag_ggn(net, loss, mc_samples),
+        "per_example_diag_ggn": per_example_diag_ggn(net, loss, mc_samples),
     }
-    found: dict[str, Any] = {}
-    for name in names:
-        if name in drivers:
-            found[name] = drivers[name](params, x, targets, state=state, mask=mask)
-        elif name == "per_example_diag_ggn":
-            found[name] = per_example_diag_ggn(net, loss, mc_samples)(
-                params, x, targets, key=key, state=state, mask=mask
-            )
-    return found
+    sampled = {"key": key} if mc_samples is not None else {}
+    return {
+        name: drivers[name](params, x, targets, state=state, mask=mask, **(sampled if "diag_ggn" in name else {}))
+        for name in names
+    }
 
 
 def one_pass(
@@ -146,10 +144,6 @@ def one_pass(
             found = walks(net, params, x, cache, c, S, names)
         except MissingRule:
             found = separately(net, loss, mc_samples, params, x, targets, key, state, mask, names)
-            if {"grad", "gradient_variance"} & set(names):
-                found["grad"] = scaled(BACKWARD.run(net, params, cache, c)[0], 1 / x.shape[0])
-            if "diag_ggn" in names and S is not None:
-                found["diag_ggn"] = scaled(summed_diag_ggn(net, params, x, cache, S, mask), 1 / x.shape[0])
         return {"value": masked_loss.value(outputs, masked_targets), **{name: found[name] for name in names}}
 
     return one_pass_fn

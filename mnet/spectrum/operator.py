@@ -64,8 +64,9 @@ class CurvatureOperator:
         return self.matvec(v) if v.ndim == 1 else self.matmat(v)
 
     def dense(self) -> Array:
-        """The ``(size, size)`` matrix, column by column (for small blocks and for checking)."""
-        return jax.vmap(self.matvec)(jnp.eye(self.size, dtype=self.dtype)).T
+        """The ``(size, size)`` matrix, column by column, 256 products at a time (for small blocks and for
+        checking)."""
+        return jax.lax.map(self.matvec, jnp.eye(self.size, dtype=self.dtype), batch_size=min(self.size, 256)).T
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,11 @@ class FlatLayout:
         return jnp.concatenate([parts[i].reshape(-1).astype(self.dtype) for i in self.chosen])
 
 
-def flat_layout(params: Params, chosen: Callable[[str], bool] | list[int] | None = None) -> FlatLayout:
+def flat_layout(
+    params: Params, chosen: Callable[[str], bool] | list[int] | None = None, refusal: str = "no parameter is chosen"
+) -> FlatLayout:
     """The layout of the leaves of ``params`` that ``chosen`` picks (a test of a leaf's name, or leaf indices in the
-    order wanted; None for all); refused when it picks none."""
+    order wanted; None for all); refused with ``refusal`` and the parameters' names when it picks none."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = tuple(leaf_name(path) for path, _ in leaves)
     if chosen is None or callable(chosen):
@@ -112,7 +115,7 @@ def flat_layout(params: Params, chosen: Callable[[str], bool] | list[int] | None
     else:
         picked = list(chosen)
     if not picked:
-        raise SettingError(f"no parameter is chosen; the parameters are {', '.join(names)}")
+        raise SettingError(f"{refusal}; the parameters are {', '.join(names)}")
     arrays = tuple(jnp.asarray(leaf) for _, leaf in leaves)
     return FlatLayout(arrays, treedef, tuple(picked), tuple(names[i] for i in picked))
 
@@ -190,11 +193,7 @@ def curvature_operator(
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise SettingError(f"batch_size must be a positive int or None, got {batch_size!r}")
     check_data(x, targets, batches, "curvature_operator")
-    try:
-        layout = flat_layout(params, lambda name: in_block(name, block))
-    except SettingError:
-        names = ", ".join(leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-        raise SettingError(f"block {block!r} names no parameter; the parameters are {names}") from None
+    layout = flat_layout(params, lambda name: in_block(name, block), f"block {block!r} names no parameter")
     product: Callable[..., Params] = (hessian_vector_product if curvature == "hessian" else ggn_vector_product)(
         net, loss
     )

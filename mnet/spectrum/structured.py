@@ -56,6 +56,7 @@ from mnet.spectrum.operator import (
     curvature_operator,
     flat_layout,
     in_block,
+    leaf_name,
     read_batches,
 )
 
@@ -176,7 +177,8 @@ def structured(blocks: tuple, block_names: tuple, layout: FlatLayout, curvature:
 
 def leaves_under(params: Params, prefix: str) -> list[int]:
     """The indices of the leaves of ``params`` under ``prefix`` (a whole-key prefix), in tree order."""
-    return [i for i, name in enumerate(flat_layout(params).names) if in_block(name, prefix)]
+    names = (leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    return [i for i, name in enumerate(names) if in_block(name, prefix)]
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -265,11 +267,9 @@ def kronecker_operator(
     check_data(x, targets, batches, "kronecker_operator")
     data = data_batches(x, targets, batch_size, batches, mask)
     factors = mean_factors(net, loss, params, data, kind, mc_samples, key, state)
-    entries = [
-        (".".join(map(str, path)), node)
-        for path, node in flatten_with_keys(factors, is_leaf=lambda node: is_factor_pair(node) or node is None)
-        if chosen(".".join(map(str, path)), block)
-    ]
+    every = flatten_with_keys(factors, is_leaf=lambda node: is_factor_pair(node) or node is None)
+    named = [(".".join(map(str, path)), node) for path, node in every]
+    entries = [(name, node) for name, node in named if chosen(name, block)]
     if not entries:
         raise SettingError(f"kronecker_operator: block {block!r} names no layer with parameters")
     missing = [name for name, node in entries if node is None]
@@ -338,7 +338,7 @@ def block_diagonal(
             batches=batches,
             state=state,
         )
-        matrix = jax.lax.map(op.matvec, jnp.eye(op.size, dtype=op.dtype), batch_size=min(op.size, 256))
+        matrix = op.dense()
         values, vectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
         dense_blocks.append(DenseBlock(values, vectors))
         indices.extend(leaves_under(params, name))

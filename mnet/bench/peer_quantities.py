@@ -33,6 +33,7 @@ from mnet.quantities.gradient import value_and_grad
 from mnet.quantities.gradient_moments import gradient_variance, sum_grad_squared
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.kronecker import is_factor_pair, kfac_factors
+from mnet.quantities.one_pass import one_pass
 from mnet.quantities.per_example import per_example_grad_norms, per_example_grads
 
 #: Draws per example in the agreement check of a sampled quantity: its relative error against the exact quantity
@@ -171,6 +172,7 @@ def mlp_quantities(problem: TorchProblem, available: dict) -> Quantities:
         **first_order_quantities(problem, available),
         **curvature_quantities(problem, available),
         **moment_quantities(problem, available),
+        **combined_quantities(problem, available),
     }
 
 
@@ -268,6 +270,46 @@ def moment_quantities(problem: TorchProblem, available: dict) -> Quantities:
             peers.backpack(problem, "Variance", "variance", undo_scale),
         )
     return quantities
+
+
+#: The quantities of the one-call row, as :func:`mnet.one_pass` names them.
+COMBINED = ("grad", "per_example_grad_norms", "diag_ggn")
+
+
+def combined_quantities(problem: TorchProblem, available: dict) -> Quantities:
+    """The gradient, the per-example gradients' norms and the exact GGN diagonal together: mnet's one call
+    (:func:`mnet.one_pass`), mnet's three separate calls (the sum it should beat), and BackPACK's ``BatchL2Grad`` and
+    ``DiagGGNExact`` riding on one backward pass (BackPACK's own way to several quantities)."""
+    net, params, x, y = problem.net, problem.params, problem.x, problem.labels
+    calls = [
+        jax.jit(value_and_grad(net, LOSS)),
+        jax.jit(per_example_grad_norms(net, LOSS)),
+        jax.jit(diag_ggn(net, LOSS)),
+    ]
+
+    def three_calls() -> tuple:
+        return tuple(call(params, x, y) for call in calls)
+
+    found = {
+        "mnet": (
+            "mnet",
+            jax_contender(one_pass(net, LOSS, COMBINED), params, x, y, lambda o: tuple(o[q] for q in COMBINED)),
+        ),
+        "three calls": ("mnet", Contender(three_calls, lambda o: (o[0][1], *o[1:]))),
+    }
+    if installed(available, "BackPACK"):
+        n = x.shape[0]  # BackPACK's per-example gradients are those of l_b / n
+
+        def convert(out: dict) -> tuple:
+            norms = n * np.sqrt(sum(t.numpy() for t in out["batch_l2"]))
+            return problem.layout(out["grad"]), norms, problem.layout(out["diag_ggn_exact"])
+
+        extensions = {"BatchL2Grad": "batch_l2", "DiagGGNExact": "diag_ggn_exact"}
+        found["BackPACK BatchL2Grad + DiagGGNExact, one backward"] = (
+            "torch",
+            peers.backpack_together(problem, extensions, convert),
+        )
+    return {"gradient, norms and diag GGN together": found}
 
 
 def tanh_quantities(problem: TorchProblem, available: dict) -> Quantities:

@@ -214,19 +214,29 @@ def autograd_gradient(problem: TorchProblem) -> Contender:
 def backpack(problem: TorchProblem, extension: str, attribute: str, convert: Callable, **options: Any) -> Contender:
     """One of BackPACK's extensions (``DiagGGNExact``, ``BatchL2Grad``, ...) in one backward pass of an extended
     copy of the model, the result read from each parameter's ``attribute``; ``convert`` takes the list of them."""
+    return backpack_together(problem, {extension: attribute}, lambda out: convert(out[attribute]), **options)
+
+
+def backpack_together(
+    problem: TorchProblem, extensions: dict[str, str], convert: Callable, **options: Any
+) -> Contender:
+    """Several of BackPACK's extensions (``{extension: attribute}``) and the gradient from one backward pass of an
+    extended copy of the model: ``call()`` returns ``{"grad": [...], attribute: [...]}``, a list per parameter."""
     import torch  # optional: a peer (pip install '.[peers]')
     from backpack import backpack as backpack_context  # optional: a peer (pip install '.[peers]')
-    from backpack import extend, extensions  # optional: a peer (pip install '.[peers]')
+    from backpack import extend  # optional: a peer (pip install '.[peers]')
+    from backpack import extensions as known  # optional: a peer (pip install '.[peers]')
 
     model = extend(copy.deepcopy(problem.model))
     loss = extend(torch.nn.CrossEntropyLoss())
-    chosen = getattr(extensions, extension)(**options)
+    chosen = [getattr(known, extension)(**options) for extension in extensions]
 
-    def call() -> list:
+    def call() -> dict:
         model.zero_grad(set_to_none=True)
-        with backpack_context(chosen):
+        with backpack_context(*chosen):
             loss(model(problem.X), problem.y).backward()
-        return [getattr(p, attribute) for p in model.parameters()]
+        found = {attribute: [getattr(p, attribute) for p in model.parameters()] for attribute in extensions.values()}
+        return {"grad": [p.grad for p in model.parameters()], **found}
 
     return Contender(call, convert)
 

@@ -166,7 +166,7 @@ def markdown_table(row: dict) -> str:
     for name, framework in frameworks.items():
         quantity, contender = name.split(" · ", 1)
         cell = f"{seconds[name] * 1e3:,.1f} ms ({own[name]:.2f} g)"
-        cell = cell if framework == "mnet" else f"{contender} {cell}"
+        cell = cell if contender == "mnet" else f"{contender} {cell}"
         columns.setdefault(quantity, {"mnet": [], "jax": [], "torch": []})[framework].append(cell)
     lines = ["| quantity | mnet | autodiff in JAX | PyTorch peers |", "| --- | --- | --- | --- |"]
     for quantity, cells in columns.items():

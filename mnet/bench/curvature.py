@@ -258,6 +258,9 @@ def row_kfac_step(widths: list[int], batch: int, rounds: int, period: int = 10) 
         f"K-FAC (kflr), {period} steps, inverses once": periodic(
             kfac(net, LOSS, (widths[0],), inverse_every=period, kind="kflr")
         ),
+        f"K-FAC (kfac), {period} steps, factors and inverses once": periodic(
+            kfac(net, LOSS, (widths[0],), inverse_every=period, factors_every=period)
+        ),
         f"K-FAC (kfac), {period} steps, inverses every step": periodic(kfac(net, LOSS, (widths[0],), inverse_every=1)),
         f"EK-FAC (kfac), {period} steps, bases once": periodic(
             kfac(net, LOSS, (widths[0],), inverse_every=period, eigenvalue_correction=True)

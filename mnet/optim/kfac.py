@@ -8,7 +8,10 @@ Grosse 2015). The block's inverse applied to the gradient is two small solves, n
 
 The preconditioner keeps, in a plain pytree state:
 
-* the factors averaged over steps, ``F <- decay F + (1 - decay) F_batch`` (the first step takes ``F_batch``);
+* the factors averaged over steps, ``F <- decay F + (1 - decay) F_batch`` (the first step takes ``F_batch``),
+  computed every ``factors_every`` steps (step 0 included; every step by default) and held in between, as PyTorch's
+  K-FAC (``factor_update_steps``) does: at a small batch the factors cost as much as the gradient again, and the
+  curvature moves slowly;
 * their damped inverses, refreshed every ``inverse_every`` steps (step 0 included) and reused in between. Damping is
   factored Tikhonov damping: ``A + pi sqrt(damping) I`` and ``G + sqrt(damping) / pi I`` with
   ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, which keeps ``kron`` of the damped factors within a factor of two
@@ -108,13 +111,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_settings(damping: float, decay: float, inverse_every: int, kind: str) -> None:
+def _check_settings(damping: float, decay: float, inverse_every: int, factors_every: int, kind: str) -> None:
     if not (_is_number(damping) and damping > 0):
         raise SettingError(f"kfac: damping must be > 0 (it keeps the factors invertible), got {damping!r}")
     if not (_is_number(decay) and 0 <= decay < 1):
         raise SettingError(f"kfac: decay must be in [0, 1) (the weight kept by the moving average), got {decay!r}")
     if not (isinstance(inverse_every, int) and inverse_every >= 1):
         raise SettingError(f"kfac: inverse_every must be a positive int, got {inverse_every!r}")
+    if not (isinstance(factors_every, int) and factors_every >= 1):
+        raise SettingError(f"kfac: factors_every must be a positive int, got {factors_every!r}")
+    if inverse_every % factors_every:
+        # a refresh between two factor updates would invert factors it has already inverted
+        raise SettingError(
+            f"kfac: inverse_every ({inverse_every}) must be a multiple of factors_every ({factors_every}), so that "
+            "every refresh of the inverses follows fresh factors"
+        )
     if kind not in KRONECKER_KINDS:
         raise SettingError(f"kfac: kind must be one of {KRONECKER_KINDS}, got {kind!r}")
 
@@ -138,6 +149,12 @@ def _zero_factors(structure: Any) -> Any:
     )
 
 
+def _when(condition: Array, compute: Any, held: Any, period: int) -> Any:
+    """``compute()`` on the steps where ``condition`` holds, else ``held``; with ``period == 1`` it always holds, and
+    the program carries no conditional."""
+    return compute() if period == 1 else jax.lax.cond(condition, compute, lambda: held)
+
+
 def _kl_clipped(direction: Params, grads: Params, kl_clip: float, learning_rate: float) -> Params:
     """Ba et al. (2017): the direction shrunk (never grown) so that the step's quadratic form under the curvature,
     ``lr^2 <direction, F direction> ~ lr^2 <direction, grads>``, stays below ``kl_clip``."""
@@ -156,6 +173,7 @@ def kfac_preconditioner(
     damping: float = 1e-2,
     decay: float = 0.95,
     inverse_every: int = 10,
+    factors_every: int = 1,
     kind: str = "kfac",
     pi_correction: bool = True,
     kl_clip: float | None = None,
@@ -176,7 +194,10 @@ def kfac_preconditioner(
         input_shape: one example's shape (no batch axis), as ``net.init`` takes it: the factors' sizes follow.
         damping: Tikhonov damping ``lambda > 0`` (factored; see the module docstring).
         decay: weight kept by the factors' moving average per step.
-        inverse_every: steps between refreshes of the damped inverses.
+        inverse_every: steps between refreshes of the damped inverses (a multiple of ``factors_every``).
+        factors_every: steps between computations of the batch's factors (and, for EK-FAC, its corrected
+            eigenvalues); the moving average takes one ``decay`` per computation. Between them a step costs the
+            preconditioning alone.
         kind: ``"kfac"`` (one sampled column of the loss Hessian's square root per example: cheap, needs
             ``key=`` in ``update``), ``"kflr"`` (the exact square root: ``C`` columns) or ``"empirical"`` (each
             example's gradient at its label: the empirical Fisher).
@@ -195,7 +216,7 @@ def kfac_preconditioner(
     Raises:
         ValueError: for a bad setting, or (at ``init``) a network without any Kronecker-factored layer.
     """
-    _check_settings(damping, decay, inverse_every, kind)
+    _check_settings(damping, decay, inverse_every, factors_every, kind)
     factors_fn = kfac_factors(net, loss, kind)
     correction_fn = eigen_correction(net, loss, kind)
 
@@ -227,28 +248,38 @@ def kfac_preconditioner(
         key = extra.get("key")
         if kind == "kfac" and key is None:
             raise SettingError('kfac: kind="kfac" samples the loss Hessian\'s square root: pass key= to update')
-        batch = factors_fn(params, extra["inputs"], extra["targets"], key=key, mask=extra.get("mask"))
-        kept = jnp.where(state.step == 0, 0.0, decay)
-        factors = _map_pairs(
-            lambda old, new: old if not is_factor_pair(old) else {k: kept * old[k] + (1 - kept) * new[k] for k in old},
-            state.factors,
-            batch,
-        )
+        inputs, targets, mask = extra["inputs"], extra["targets"], extra.get("mask")
+        fresh = state.step % factors_every == 0
         refresh = state.step % inverse_every == 0
+
+        def averaged_factors() -> Any:
+            batch = factors_fn(params, inputs, targets, key=key, mask=mask)
+            kept = jnp.where(state.step == 0, 0.0, decay)
+            return _map_pairs(
+                lambda old, new: (
+                    old if not is_factor_pair(old) else {k: kept * old[k] + (1 - kept) * new[k] for k in old}
+                ),
+                state.factors,
+                batch,
+            )
+
+        factors = _when(fresh, averaged_factors, state.factors, factors_every)
         if eigenvalue_correction:
             bases = jax.lax.cond(refresh, lambda: eigenbases(factors), lambda: state.inverses)
-            batch_scales = correction_fn(
-                params, extra["inputs"], extra["targets"], bases, key=key, mask=extra.get("mask")
-            )
-            kept_scales = jnp.where(refresh, 0.0, decay)
-            scales = _map_pairs(
-                lambda old, new, basis: (
-                    new if not is_factor_pair(basis) else kept_scales * old + (1 - kept_scales) * new
-                ),
-                state.scales,
-                batch_scales,
-                bases,
-            )
+
+            def averaged_scales() -> Any:
+                batch_scales = correction_fn(params, inputs, targets, bases, key=key, mask=mask)
+                kept_scales = jnp.where(refresh, 0.0, decay)
+                return _map_pairs(
+                    lambda old, new, basis: (
+                        new if not is_factor_pair(basis) else kept_scales * old + (1 - kept_scales) * new
+                    ),
+                    state.scales,
+                    batch_scales,
+                    bases,
+                )
+
+            scales = _when(fresh, averaged_scales, state.scales, factors_every)
             direction = precondition_in_eigenbases(bases, scales, grads, damping)
             inverses = bases
         else:
@@ -284,7 +315,8 @@ def kfac(
         net, loss, input_shape: as :func:`kfac_preconditioner`.
         learning_rate, momentum: the step along the natural-gradient direction.
         kl_clip: bounds every step's quadratic form (see :func:`kfac_preconditioner`); None switches it off.
-        **preconditioner: ``damping``, ``decay``, ``inverse_every``, ``kind``, ``pi_correction``, ``input_dtype``,
+        **preconditioner: ``damping``, ``decay``, ``inverse_every``, ``factors_every``, ``kind``, ``pi_correction``,
+            ``input_dtype``,
             ``eigenvalue_correction`` (True for EK-FAC).
 
     Returns:

@@ -59,6 +59,22 @@ def test_corrected_eigenvalues_average_within_a_period_and_restart_at_a_refresh(
     np.testing.assert_allclose(third.scales[2], eigen_correction(NET, CE)(params, x, y, bases)[2], rtol=1e-10)
 
 
+def test_factors_every_holds_the_corrected_eigenvalues_between_their_computations():
+    params, x, y = problem(1)
+    _, x2, y2 = problem(2)
+    _, x3, y3 = problem(3)
+    options = {"kind": "kflr", "decay": 0.7, "inverse_every": 4, "factors_every": 2, "eigenvalue_correction": True}
+    pre = mnet.kfac_preconditioner(NET, CE, (4,), **options)
+    grads = mnet.grad(NET, CE)(params, x, y)
+    _, first = pre.update(grads, pre.init(params), params, inputs=x, targets=y)
+    _, second = pre.update(grads, first, params, inputs=x2, targets=y2)
+    assert_trees_close((second.factors, second.scales), (first.factors, first.scales), 0)  # step 1 reads nothing
+    _, third = pre.update(grads, second, params, inputs=x3, targets=y3)  # step 2: fresh scales in the held bases
+    assert_trees_close(third.inverses, first.inverses, 0)
+    S3 = eigen_correction(NET, CE)(params, x3, y3, first.inverses)
+    np.testing.assert_allclose(third.scales[0], 0.7 * first.scales[0] + 0.3 * S3[0], rtol=1e-10)
+
+
 def test_ekfac_trains_digits_without_autodiff():
     digits = mnet.data.load_digits()
     dataset = mnet.data.Dataset(digits.x_train[:600], digits.y_train[:600], digits.x_test, digits.y_test, 10, "digits")

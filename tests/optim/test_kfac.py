@@ -65,6 +65,32 @@ def test_moving_average_and_inverse_period():
     assert not np.allclose(third.inverses["A"], second.inverses["A"])  # step 2 refreshes them
 
 
+def test_factors_every_holds_the_factors_between_updates_and_averages_at_them():
+    net, params, x, y = one_layer_problem()
+    batches = [one_layer_problem(seed=s)[2:] for s in range(1, 5)]
+    pre = jax.jit(
+        mnet.kfac_preconditioner(net, CE, (4,), kind="kflr", decay=0.8, factors_every=2, inverse_every=4).update
+    )
+    grads = mnet.grad(net, CE)(params, x, y)
+    factors_of = mnet.kfac_factors(net, CE)
+    state = mnet.kfac_preconditioner(net, CE, (4,), factors_every=2, inverse_every=4).init(params)
+    states = []
+    for inputs, targets in [(x, y), *batches]:
+        direction, state = pre(grads, state, params, inputs=inputs, targets=targets)
+        states.append((direction, state))
+    f0, f2, f4 = factors_of(params, x, y), factors_of(params, *batches[1]), factors_of(params, *batches[3])
+    assert_trees_close(states[0][1].factors, f0, 1e-12)
+    assert_trees_close(states[1][1].factors, states[0][1].factors, 0)  # step 1 holds them: its batch is not read
+    average = jax.tree_util.tree_map(lambda a, b: 0.8 * a + 0.2 * b, f0, f2)
+    assert_trees_close(states[2][1].factors, average, 1e-12)  # one decay per computation, not per step
+    assert_trees_close(states[3][1].factors, states[2][1].factors, 0)
+    assert_trees_close(states[3][1].inverses, states[0][1].inverses, 0)  # inverses refreshed every 4 steps
+    assert_trees_close(states[4][1].factors, jax.tree_util.tree_map(lambda a, b: 0.8 * a + 0.2 * b, average, f4), 1e-12)
+    # step 4 refreshes the inverses from those factors: its direction is their closed form
+    expected = closed_form(states[4][1].factors["A"], states[4][1].factors["G"], grads, 1e-2, True)
+    np.testing.assert_allclose(states[4][0]["W"], expected[:-1], rtol=1e-9)
+
+
 def small_digits(n=600):
     full = data.load_digits(0)
     return data.Dataset(full.x_train[:n], full.y_train[:n], full.x_test[:300], full.y_test[:300], 10, "digits-small")
@@ -126,6 +152,8 @@ def test_cli_trains_with_kfac(capsys, name):
         ({"damping": -1.0}, "damping must be > 0"),
         ({"decay": 1.0}, "decay must be in"),
         ({"inverse_every": 0}, "inverse_every must be a positive int"),
+        ({"factors_every": 0}, "factors_every must be a positive int"),
+        ({"factors_every": 3, "inverse_every": 10}, r"inverse_every \(10\) must be a multiple of factors_every \(3\)"),
         ({"kind": "exact"}, "kind must be one of"),
     ],
 )

@@ -172,16 +172,19 @@ class Recurrent(Layer):
                 )
 
     def _input_projection(self, params: Params, x: Array) -> Array:
-        """``A = x W_ih + b_ih`` for every step in one product, time-major ``(T, batch, G*hidden)``."""
-        return jnp.einsum("btf,fg->tbg", x, params["W_ih"]) + params["b_ih"]
+        """``x W_ih`` for every step in one product, time-major ``(T, batch, G*hidden)``; ``b_ih`` is added inside
+        each step, where it fuses with the step's other additions instead of costing a pass over the whole array.
+        The input is made time-major first (it is the narrow side): a product that emits the time-major result from
+        batch-major rows makes XLA write it transposed and copy it twice more, a tenth of the LSTM row's step."""
+        return jnp.einsum("tbf,fg->tbg", _time_major(x), params["W_ih"])
 
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
         self._check(params, x)
-        W_hh, b_hh = params["W_hh"], params["b_hh"]
+        W_hh, b_ih, b_hh = params["W_hh"], params["b_ih"], params["b_hh"]
         zero = jnp.zeros((x.shape[0], self.hidden), jnp.result_type(x.dtype, W_hh.dtype))
 
         def step(state: State, a: Array) -> tuple[State, tuple[State, Array]]:
-            p = self.pre(a, state[0] @ W_hh + b_hh)
+            p = self.pre(a + b_ih, state[0] @ W_hh + b_hh)
             return self.cell(p, state), (state, p)
 
         last, (previous, pre) = jax.lax.scan(step, (zero,) * self.state_count, self._input_projection(params, x))
@@ -251,7 +254,7 @@ class Recurrent(Layer):
         ih, hh = self.columns()
         grads = {"W_hh": take_columns(jnp.einsum("tbh,tbg->hg", h_prev, stored), hh)}
         if x is not None:
-            grads["W_ih"] = take_columns(jnp.einsum("btf,tbg->fg", x, stored), ih)
+            grads["W_ih"] = take_columns(jnp.einsum("tbf,tbg->fg", _time_major(x), stored), ih)
         if biases:
             sums = jnp.sum(stored, axis=(0, 1))
             grads["b_ih"], grads["b_hh"] = take_columns(sums, ih), take_columns(sums, hh)

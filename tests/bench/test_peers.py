@@ -94,6 +94,10 @@ def test_absent_peers_are_skipped_with_their_reason(monkeypatch):
         markdown[2].startswith("| gradient | ") and " g) | jax.grad " in markdown[2] and markdown[2].endswith(" | - |")
     )
     assert markdown[3].startswith("| diag Hessian | ") and markdown[3].endswith(" | - | - |")
+    # a quantity with two mnet contenders names the second: one_pass's line holds "three calls" beside it
+    together = next(line for line in versus.markdown_table(rows["P1"]).splitlines() if "together" in line)
+    mnet_cell = together.split(" | ")[1]
+    assert mnet_cell.count(" ms (") == 2 and "; three calls " in mnet_cell and not mnet_cell.startswith("three")
     table = run_mnet("bench", "--quick", "--peers", "--rows", "P2")
     assert table.returncode == 0 and "BackPACK skipped: BackPACK cannot be imported" in table.stdout
     refused = run_mnet("bench", "--quick", "--peers", "--rows", "P3")

@@ -151,7 +151,7 @@ def _zero_factors(structure: Any) -> Any:
 
 def _when(condition: Array, compute: Any, held: Any, period: int) -> Any:
     """``compute()`` on the steps where ``condition`` holds, else ``held``; with ``period == 1`` it always holds, and
-    the program carries no conditional."""
+    the program carries no conditional (an untaken ``lax.cond`` still copies what it holds)."""
     return compute() if period == 1 else jax.lax.cond(condition, compute, lambda: held)
 
 
@@ -265,7 +265,7 @@ def kfac_preconditioner(
 
         factors = _when(fresh, averaged_factors, state.factors, factors_every)
         if eigenvalue_correction:
-            bases = jax.lax.cond(refresh, lambda: eigenbases(factors), lambda: state.inverses)
+            bases = _when(refresh, lambda: eigenbases(factors), state.inverses, inverse_every)
 
             def averaged_scales() -> Any:
                 batch_scales = correction_fn(params, inputs, targets, bases, key=key, mask=mask)
@@ -283,13 +283,14 @@ def kfac_preconditioner(
             direction = precondition_in_eigenbases(bases, scales, grads, damping)
             inverses = bases
         else:
-            inverses = jax.lax.cond(
+            inverses = _when(
                 refresh,
                 lambda: _map_pairs(
                     lambda pair: _damped_inverses(pair, damping, pi_correction) if is_factor_pair(pair) else pair,
                     factors,
                 ),
-                lambda: state.inverses,
+                state.inverses,
+                inverse_every,
             )
             direction, scales = precondition(inverses, grads), None
         if kl_clip is not None:
@@ -316,8 +317,7 @@ def kfac(
         learning_rate, momentum: the step along the natural-gradient direction.
         kl_clip: bounds every step's quadratic form (see :func:`kfac_preconditioner`); None switches it off.
         **preconditioner: ``damping``, ``decay``, ``inverse_every``, ``factors_every``, ``kind``, ``pi_correction``,
-            ``input_dtype``,
-            ``eigenvalue_correction`` (True for EK-FAC).
+            ``input_dtype``, ``eigenvalue_correction`` (True for EK-FAC).
 
     Returns:
         ``optax.chain(kfac_preconditioner(...), optax.sgd(learning_rate, momentum))``; to use another step rule,

@@ -68,12 +68,10 @@ def test_moving_average_and_inverse_period():
 def test_factors_every_holds_the_factors_between_updates_and_averages_at_them():
     net, params, x, y = one_layer_problem()
     batches = [one_layer_problem(seed=s)[2:] for s in range(1, 5)]
-    pre = jax.jit(
-        mnet.kfac_preconditioner(net, CE, (4,), kind="kflr", decay=0.8, factors_every=2, inverse_every=4).update
-    )
+    preconditioner = mnet.kfac_preconditioner(net, CE, (4,), kind="kflr", decay=0.8, factors_every=2, inverse_every=4)
+    pre, state = jax.jit(preconditioner.update), preconditioner.init(params)
     grads = mnet.grad(net, CE)(params, x, y)
     factors_of = mnet.kfac_factors(net, CE)
-    state = mnet.kfac_preconditioner(net, CE, (4,), factors_every=2, inverse_every=4).init(params)
     states = []
     for inputs, targets in [(x, y), *batches]:
         direction, state = pre(grads, state, params, inputs=inputs, targets=targets)

@@ -84,6 +84,7 @@ from mnet.quantities.gradient import grad, value_and_grad, value_grad_and_state,
 from mnet.quantities.gradient_moments import gradient_variance, sum_grad_squared
 from mnet.quantities.hessian_vector import hessian_vector_product
 from mnet.quantities.jacobian import jacobian
+from mnet.quantities.kfac_direction import kfac_direction
 from mnet.quantities.kronecker import kfac_factors
 from mnet.quantities.ntk import ntk
 from mnet.quantities.one_pass import one_pass
@@ -178,6 +179,7 @@ __all__ = [
     "jvp",
     "kfac",
     "kfac_factors",
+    "kfac_direction",
     "ekfac_factors",
     "eigen_correction",
     "Influence",

@@ -73,7 +73,7 @@ def run(quick: bool = False, only: set[str] | None = None, large: bool = False, 
         "matmul_peak_by_size": {str(n): g for n, g in peaks.items()},
         "matmul_peak_gflops_by_dtype": {"float32": max(peaks.values()), **other_peaks},
         "quick": quick,
-        "rows": [{**asdict(row), "ratios": row.ratios()} for row in rows],
+        "rows": [{**asdict(row), "ratios": row.ratios(), "work": row.work()} for row in rows],
     }
 
 
@@ -110,7 +110,7 @@ def format_table(result: dict) -> str:
     ]
     # The contender column as wide as its longest name, so that no name runs into the figures after it.
     width = max([len(name) + 2 for row in result["rows"] for name in row["seconds"]] + [22])
-    header = f"{'row':<5}{'contender':<{width}}{'median':>12}{'speed-up':>10}{'temp MB':>10}{'peak MB':>10}  notes"
+    header = f"{'row':<5}{'contender':<{width}}{'median':>12}{'speed-up':>10}{'flops':>8}{'temp MB':>10}{'peak MB':>10}  notes"
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
         lines.append(f"{row['name']} {row['description']}")  # a space whatever the name's length (W1bf16, M1-256)
@@ -123,9 +123,11 @@ def format_table(result: dict) -> str:
             time_text, note = contender_figures(row, name, peaks)
             memory = row.get("memory", {}).get(name, NOT_AVAILABLE)
             temp, peak_bytes = (_megabytes(memory[key]) for key in ("temp_bytes", "peak_bytes"))
+            work = row.get("work", {}).get(name, "n/a")
+            work_text = f"{work:.2f}x" if isinstance(work, float) else work
             lines.append(
-                f"{'':<5}{name:<{width}}{time_text:>12}{row['ratios'][name]:>9.2f}x{temp:>10}{peak_bytes:>10}  "
-                f"{note}".rstrip()
+                f"{'':<5}{name:<{width}}{time_text:>12}{row['ratios'][name]:>9.2f}x{work_text:>8}{temp:>10}"
+                f"{peak_bytes:>10}  {note}".rstrip()
             )
     return "\n".join(lines)
 

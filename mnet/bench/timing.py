@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
-from mnet.compiled import NOT_AVAILABLE, compiled_memory
+from mnet.compiled import NOT_AVAILABLE, compiled_flops, compiled_memory
 
 
 @dataclass
@@ -36,11 +36,25 @@ class Row:
     #: Each contender's XLA memory analysis (:func:`mnet.compiled.compiled_memory`): ``temp_bytes`` and
     #: ``peak_bytes``, or "n/a" (a contender that is not one compiled program, or a backend without the analysis).
     memory: dict = field(default_factory=dict)
+    #: Each contender's floating-point operations by XLA's cost analysis (:func:`mnet.compiled.compiled_flops`), or
+    #: "n/a" where it is no single compiled program.
+    flops: dict = field(default_factory=dict)
 
     def ratios(self) -> dict[str, float]:
         """Each contender's speed-up over the baseline (baseline time / contender time)."""
         base = self.seconds[self.baseline]
         return {name: base / s for name, s in self.seconds.items()}
+
+    def work(self) -> dict[str, float | str]:
+        """Each contender's flops as a multiple of the baseline's ("n/a" where either has no count): set beside
+        the time ratio, it tells more arithmetic from less efficient arithmetic."""
+        base = self.flops.get(self.baseline, "n/a")
+        return {
+            name: self.flops[name] / base
+            if isinstance(base, float) and isinstance(self.flops.get(name), float)
+            else "n/a"
+            for name in self.seconds
+        }
 
 
 #: Each timing sample lasts at least this long (as timeit's autorange): a single call of a millisecond-scale
@@ -91,32 +105,35 @@ def _ahead_of_time(name: str, fn: Callable[[], object]) -> Callable[[], object]:
     analysis of exactly the program being timed is read without compiling it twice; it is recorded for the row
     being run. Any other contender (a Python loop, another framework) is timed as it is, its memory "n/a"."""
     memory: dict[str, int | str] = dict(NOT_AVAILABLE)
+    flops: float | str = "n/a"
     timed = fn
     if isinstance(fn, functools.partial) and hasattr(fn.func, "lower"):
         try:
             compiled = fn.func.lower(*fn.args, **fn.keywords).compile()
             candidate = functools.partial(compiled, *fn.args, **fn.keywords)
             jax.block_until_ready(candidate())
-            memory, timed = compiled_memory(compiled), candidate
+            memory, flops, timed = compiled_memory(compiled), compiled_flops(compiled), candidate
         except Exception:  # static arguments or donation the executable cannot take: time the jitted call
             pass
     recorder = _ROW_MEMORY.get()
     if recorder is not None:
-        recorder[name] = memory
+        recorder[name] = (memory, flops)
     return timed
 
 
 def with_memory(plan: Callable[[], Row]) -> Row:
-    """Run one row's plan, then attach the memory analysis of each of its contenders: what the row set itself, else
-    what its timing recorded, else "n/a" (a contender that is no single compiled program, such as a Python loop of
-    steps or another framework)."""
+    """Run one row's plan, then attach the memory and cost analyses of each of its contenders: what the row set
+    itself, else what its timing recorded, else "n/a" (a contender that is no single compiled program, such as a
+    Python loop of steps or another framework)."""
     token = _ROW_MEMORY.set({})
     try:
         row = plan()
         recorded = _ROW_MEMORY.get() or {}
     finally:
         _ROW_MEMORY.reset(token)
-    row.memory = {name: row.memory.get(name, recorded.get(name, NOT_AVAILABLE)) for name in row.seconds}
+    missing = (NOT_AVAILABLE, "n/a")
+    row.memory = {name: row.memory.get(name, recorded.get(name, missing)[0]) for name in row.seconds}
+    row.flops = {name: row.flops.get(name, recorded.get(name, missing)[1]) for name in row.seconds}
     return row
 
 

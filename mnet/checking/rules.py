@@ -26,6 +26,7 @@ from mnet.quantities.diag_hessian import DIAG_HESSIAN
 from mnet.quantities.ekfac import EigenCorrection
 from mnet.quantities.ggn import DIAG_GGN, PER_EXAMPLE_DIAG_GGN
 from mnet.quantities.hessian_vector import HESSIAN_VECTOR
+from mnet.quantities.kfac_direction import KroneckerDirection
 from mnet.quantities.kronecker import KRONECKER_FACTORS
 from mnet.quantities.ntk import NTK
 from mnet.quantities.per_example import PER_EXAMPLE_BACKWARD, PER_EXAMPLE_SQ_NORMS
@@ -42,6 +43,7 @@ RULES = (
     DIAG_GGN.rule,
     KRONECKER_FACTORS.rule,
     EigenCorrection.rule,
+    KroneckerDirection.direction_rule,
     DIAG_HESSIAN.rule,
     "initial_state",
     "updated_state",
@@ -96,7 +98,8 @@ def rule_table() -> str:
         "- **linear**: `curvature_free = True` (linear in its input and parameters jointly): the second-order rules",
         "  pass through `backward`;",
         "- **default**: the quantity's default, derived from the rules the layer has (for `diag_hessian`: a",
-        "  parameterless layer's own curvature built from its `backward_tangent`, exact but one pass per input entry);",
+        "  parameterless layer's own curvature built from its `backward_tangent`, exact but one pass per input entry;",
+        "  for `kronecker_direction`: K-FAC's dense form, the layer's gradient times its factors' inverses);",
         "- **none**: no rule and no default: `hessian_vector_product` and `diag_hessian` refuse the layer with an",
         "  error naming it; its `kfac_factors` entry is `None` (a layer without parameters has `()` there);",
         "- blank: the layer keeps no state.",

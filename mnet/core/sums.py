@@ -87,3 +87,24 @@ def rotated_gradient_squares(inputs: Array, columns: Array) -> Array:
         return jnp.sum(jnp.einsum("bsi,bsj->bij", inputs, column) ** 2, axis=0)
 
     return jnp.sum(jax.lax.map(one_column, columns), axis=0) / batch
+
+
+def factored_preconditioned_gradient(
+    inputs: Array, cotangents: Array, left: Array, right: Array
+) -> tuple[Array, Array] | None:
+    """``D = left inputs^T cotangents right`` for ``inputs`` ``(rows, n_in)`` and ``cotangents`` ``(rows, n_out)``
+    (every example's positions as rows) and symmetric ``left`` and ``right``: a Kronecker-factored preconditioner
+    applied to the gradient ``g = inputs^T cotangents`` without building it, as ``(inputs left)^T (cotangents
+    right)``; and ``<D, g>``, the gradient's quadratic form under the preconditioner, as
+    ``sum((inputs left inputs^T) * (cotangents right cotangents^T))`` (two ``(rows, rows)`` Grams, again no ``g``).
+    That costs ``rows (n_in^2 + n_out^2 + n_in n_out)`` multiply-adds against ``n_in n_out (rows + n_in + n_out)``
+    for the gradient and its two products, so it is taken only where it is the cheaper (few rows against wide
+    factors: an MLP's batch, not a convolution's windows); None where it is not. Shapes are static, so the choice is
+    made once, when the program is traced."""
+    rows, n_in = inputs.shape
+    n_out = cotangents.shape[1]
+    if rows * (n_in * n_in + n_out * n_out + n_in * n_out) >= n_in * n_out * (rows + n_in + n_out):
+        return None
+    left_rows = inputs @ left.astype(inputs.dtype)
+    right_rows = cotangents @ right.astype(inputs.dtype)
+    return left_rows.T @ right_rows, jnp.sum((left_rows @ inputs.T) * (right_rows @ cotangents.T))

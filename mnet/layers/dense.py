@@ -12,7 +12,7 @@ from mnet import initializers
 from mnet.core.curvature import Columns, Curvature, Group, WeightedRows, next_origin, signed_square_sum
 from mnet.core.layer import Layer, describe, positive_int
 from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
-from mnet.core.sums import kept_weights, rotated_gradient_squares, sum_stack
+from mnet.core.sums import factored_preconditioned_gradient, kept_weights, rotated_gradient_squares, sum_stack
 from mnet.errors import SettingError
 
 
@@ -288,6 +288,19 @@ class Dense(Layer):
         if self.use_bias:
             xs = jnp.concatenate([xs, jnp.ones(xs.shape[:2] + (1,), xs.dtype)], axis=-1)
         return rotated_gradient_squares(xs @ basis["A"].astype(xs.dtype), Ss @ basis["G"].astype(xs.dtype))
+
+    def kronecker_direction(self, params: Params, x: Cache, dz: Array, inverses: Params) -> tuple[Array, Array] | None:
+        """K-FAC's direction ``D = A^-1 dW' G^-1`` for ``W' = [W; b]`` (``inverses = {"A": A^-1, "G": G^-1}``)
+        from the operands of the gradient ``dW' = [X, 1]^T dZ`` (positions as rows), never the gradient itself:
+        ``([X, 1] A^-1)^T (dZ G^-1)``, both inverses symmetric; with it ``<D, dW'>``. Exact for any inverses; None
+        where the dense form is the cheaper (:func:`mnet.core.sums.factored_preconditioned_gradient`)."""
+        dtype = params["W"].dtype
+        rows = x.reshape(-1, x.shape[-1]).astype(dtype)
+        if self.use_bias:
+            rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), dtype)], axis=-1)
+        return factored_preconditioned_gradient(
+            rows, dz.reshape(-1, self.out_dim).astype(dtype), inverses["A"], inverses["G"]
+        )
 
     def diag_hessian(self, params: Params, x: Cache, curvature: Curvature) -> tuple[Params, Curvature]:
         """The Hessian diagonal for ``W`` and ``b`` from the Hessian at ``z`` (:mod:`mnet.core.curvature`).

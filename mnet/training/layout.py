@@ -121,7 +121,7 @@ def make_epoch(
     if is_stateful(net):
         update = make_stateful_step(stateful_gradient_function(net, loss, grad), optimizer)
     else:
-        stateless = make_step(gradient_function(net, loss, grad), optimizer)
+        stateless = make_step(gradient_function(net, loss, grad), optimizer, batch_gradient=not callable(grad))
 
         def update(params, opt_state, state, x, y, optimizer_key=None, **extra):
             if isinstance(y, tuple):  # padded sequences: (labels, mask), the mask for the gradient and the optimizer

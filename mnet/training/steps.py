@@ -5,6 +5,7 @@ pure function of the parameters, the optimizer state and a batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -42,18 +43,27 @@ def stateful_gradient_function(net: Layer, loss: losses.Loss, grad: str | Callab
     )
 
 
-def make_step(value_and_grad_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+def make_step(
+    value_and_grad_fn: Callable, optimizer: optax.GradientTransformation, batch_gradient: bool = False
+) -> Callable:
     """One optimizer step ``(params, opt_state, x, y, optimizer_key=None, **kwargs) -> (params, opt_state, loss
     value)``; keyword arguments (a dropout key, ``train=True``) go to the gradient function. An optimizer that takes
     extra arguments (``optax.GradientTransformationExtraArgs``, such as :func:`mnet.kfac`) also gets the batch,
     ``inputs=x, targets=y``, its padding ``mask=`` if it has one, and ``key=optimizer_key``; optax's own
-    transformations ignore them."""
+    transformations ignore them.
+
+    ``batch_gradient=True`` says that ``value_and_grad_fn`` is the gradient of the batch's mean loss
+    (:func:`mnet.value_and_grad` or its autodiff reference); such an optimizer is then told
+    ``batch_gradient=True`` on every step whose keywords leave it so (none, or a padding ``mask`` alone: not a
+    dropout draw, nor the row weights of Poisson sampling), and K-FAC computes its direction in factored form."""
 
     def step(params, opt_state, x, y, optimizer_key=None, **kwargs):
         value, grads = value_and_grad_fn(params, x, y, **kwargs)
         # A Poisson-sampled batch's rows are a buffer: the optimizer (DP noise) is told the batch it stands for; a
         # padded batch's mask goes on too (K-FAC's factors leave the padding out).
-        sampled = {name: kwargs[name] for name in ("expected_batch", "mask") if name in kwargs}
+        sampled: dict[str, Any] = {name: kwargs[name] for name in ("expected_batch", "mask") if name in kwargs}
+        if batch_gradient and set(kwargs) <= {"mask"}:
+            sampled["batch_gradient"] = True
         return (*_apply_update(optimizer, grads, params, opt_state, x, y, optimizer_key, **sampled), value)
 
     return step

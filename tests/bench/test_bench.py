@@ -41,6 +41,13 @@ def test_bench_quick_json():
                 assert set(memory.values()) == {"n/a"}, (row["name"], name)
             else:
                 assert memory["temp_bytes"] > 0 and memory["peak_bytes"] > memory["temp_bytes"], (row["name"], name)
+        # XLA's flop count beside every compiled contender's time, and the work as a multiple of the baseline's
+        assert set(row["flops"]) == set(row["work"]) == set(row["seconds"]), row
+        counted = {name for name, flops in row["flops"].items() if flops != "n/a"}
+        assert all(row["flops"][name] > 0 for name in counted), row
+        if row["baseline"] in counted:
+            assert row["work"][row["baseline"]] == 1.0
+            assert all(row["work"][name] == row["flops"][name] / row["flops"][row["baseline"]] for name in counted)
 
 
 def test_bench_bad_row_name_is_one_line():

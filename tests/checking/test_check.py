@@ -151,6 +151,33 @@ def test_memory_analysis_never_reports_a_zero():
     }
 
 
+def test_flop_counts_are_given_only_where_xla_counts_them_right():
+    """A product counts ``2 m k n``; a loop's body (counted once whatever its trip count), a conditional's branches
+    (all summed) and a solver (counted as nothing) make the count "n/a", and a loop without products (a random draw)
+    leaves it as it is."""
+    from mnet.compiled import compiled_flops
+
+    a = jnp.ones((16, 24), jnp.float32)
+    b = jnp.ones((24, 8), jnp.float32)
+
+    def count(fn, *args):
+        return compiled_flops(jax.jit(fn).lower(*args).compile())
+
+    assert count(lambda x: x @ b, a) == 2 * 16 * 24 * 8
+    square = jnp.eye(8)
+    assert count(lambda x: jax.lax.scan(lambda c, _: (c @ square, None), x, None, length=3)[0], square) == "n/a"
+    assert count(lambda p, x: jax.lax.cond(p, lambda: x @ b, lambda: x[:, :8]), True, a) == "n/a"
+    assert count(jnp.linalg.cholesky, square + 2 * jnp.eye(8)) == "n/a"
+    drawn = count(lambda x, key: x @ b + jax.random.gamma(key, 2.0, (16, 8)), a, jax.random.key(0))
+    assert isinstance(drawn, float) and drawn >= 2 * 16 * 24 * 8
+
+    class Missing:
+        def cost_analysis(self):
+            raise NotImplementedError
+
+    assert compiled_flops(Missing()) == "n/a"
+
+
 def run_cli(*args):
     return run_mnet(*args)
 

@@ -89,6 +89,38 @@ def test_factors_every_holds_the_factors_between_updates_and_averages_at_them():
     np.testing.assert_allclose(states[4][0]["W"], expected[:-1], rtol=1e-9)
 
 
+def test_factored_steps_equal_dense_ones_and_need_the_batch_gradient():
+    """Three training steps through make_step, K-FAC's direction in factored form (told the gradient is the batch's)
+    and in the dense form: the same parameters and state, KL clipping included; the refusals of a factored form that
+    could not be exact."""
+    rng = np.random.default_rng(4)
+    net = mnet.serial(mnet.Dense(12), mnet.Tanh(), mnet.LayerNorm(), mnet.Dense(3))
+    _, params = net.init(jax.random.key(0), (10,), jnp.float64)
+    batches = [(jnp.asarray(rng.normal(size=(4, 10))), jnp.asarray(rng.integers(0, 3, 4))) for _ in range(3)]
+    grads_fn = mnet.value_and_grad(net, CE)
+    results = {}
+    for factored in (True, False):
+        optimizer = mnet.kfac(net, CE, (10,), kind="kflr", inverse_every=2, kl_clip=1e-4, factored=factored)
+        step = jax.jit(train.make_step(grads_fn, optimizer, batch_gradient=True))
+        p, state = params, optimizer.init(params)
+        for x, y in batches:
+            p, state, _ = step(p, state, x, y)
+        results[factored] = (p, state)
+    assert_trees_close(results[True], results[False], 1e-9)
+    assert not np.allclose(results[True][0][0]["W"], params[0]["W"])
+    x, y = batches[0]
+    pre = mnet.kfac_preconditioner(net, CE, (10,), kind="kflr", factored=True)
+    with pytest.raises(mnet.SettingError, match=r"update must be told that grads are that gradient"):
+        pre.update(grads_fn(params, x, y)[1], pre.init(params), params, inputs=x, targets=y)
+    # a dropout draw makes the step's gradient another network's: make_step does not vouch for it
+    dropped = mnet.serial(mnet.Dense(12), mnet.Dropout(0.5), mnet.Dense(3))
+    _, dropped_params = dropped.init(jax.random.key(0), (10,), jnp.float64)
+    optimizer = mnet.kfac(dropped, CE, (10,), kind="kflr", factored=True)
+    step = train.make_step(mnet.value_and_grad(dropped, CE), optimizer, batch_gradient=True)
+    with pytest.raises(mnet.SettingError, match="batch_gradient=True"):
+        step(dropped_params, optimizer.init(dropped_params), x, y, key=jax.random.key(1), train=True)
+
+
 def small_digits(n=600):
     full = data.load_digits(0)
     return data.Dataset(full.x_train[:n], full.y_train[:n], full.x_test[:300], full.y_test[:300], 10, "digits-small")
@@ -153,6 +185,8 @@ def test_cli_trains_with_kfac(capsys, name):
         ({"factors_every": 0}, "factors_every must be a positive int"),
         ({"factors_every": 3, "inverse_every": 10}, r"inverse_every \(10\) must be a multiple of factors_every \(3\)"),
         ({"kind": "exact"}, "kind must be one of"),
+        ({"factored": "yes"}, "factored must be True, False or None"),
+        ({"factored": True, "eigenvalue_correction": True}, "factored=True has no form for EK-FAC"),
     ],
 )
 def test_bad_settings_are_refused(options, message):

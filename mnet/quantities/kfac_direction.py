@@ -75,6 +75,13 @@ class KroneckerDirection(Backward):
         self.quadratic = self.quadratic + tree_vdot(direction, grads)
         return direction, down
 
+    def tie(self, layer, first, second):
+        """A matrix used twice has no inverses (:meth:`mnet.quantities.kronecker.KroneckerFactors.tie`), so both uses' shares are its plain
+        gradients ``g1, g2``: the entry is ``g1 + g2``, and the quadratic form, which counted ``<g1, g1> + <g2,
+        g2>``, gains the cross term ``2 <g1, g2>``."""
+        self.quadratic = self.quadratic + 2 * tree_vdot(first, second)
+        return super().tie(layer, first, second)
+
 
 def tree_vdot(a: Params, b: Params) -> Array:
     """``<a, b>`` over every leaf of two trees of one structure."""

@@ -99,6 +99,16 @@ def test_positions_attention_and_a_padded_sequence():
     check_direction(decoder, CE, params, x, y, inverses)
 
 
+def test_a_tied_table_keeps_its_plain_gradient_and_its_cross_term():
+    """A GPT whose read-out reuses the embedding: the table has no inverses, its entry is the sum of its two uses'
+    gradients, and the quadratic form holds their cross term (it once counted each use alone)."""
+    rng = np.random.default_rng(3)
+    net = mnet.models.gpt(11, 4, 8, 1, 2, num_kv_heads=1, tie_embeddings=True)
+    _, params = net.init(jax.random.key(0), (4,), jnp.float64)
+    ids, y = (jnp.asarray(rng.integers(0, 11, (2, 4))) for _ in range(2))
+    check_direction(net, CE, params, ids, y, random_inverses(factors_of(net, CE)(params, ids, y), rng))
+
+
 def test_the_factored_form_is_taken_where_it_is_cheaper_and_is_exact():
     rng = np.random.default_rng(0)
     left, right = (jnp.asarray(m @ m.T) for m in (rng.normal(size=(7, 7)), rng.normal(size=(5, 5))))

@@ -163,8 +163,8 @@ def _dense_or_factored(
     if factored and not batch_gradient:
         raise SettingError(
             "kfac: factored=True computes the batch's own gradient in factored form, so update must be told that grads "
-            "are that gradient (batch_gradient=True); mnet.fit tells it for grad='manual' or 'autodiff' without "
-            "dropout or row weights"
+            "are that gradient (batch_gradient=True); mnet.fit tells it for grad='manual' without dropout or row "
+            "weights"
         )
     if not (batch_gradient if factored is None else factored):
         direction = precondition(inverses, grads)
@@ -228,10 +228,11 @@ def kfac_preconditioner(
             given ``grads``. ``True``: the batch's own direction by hand (:func:`mnet.quantities.kfac_direction.
             kfac_direction`: one forward pass and one walk of the loss gradient), each dense-like layer's as
             ``([X, 1] A^-1)^T (dZ G^-1)`` where that costs less (a batch narrower than the layer: 1.06 gradients
-            against 3.4 for an MLP's 785 x 512 layer at batch 128); the given ``grads`` are then read by
-            ``kl_clip`` alone, so they must be the gradient of the batch's mean loss, and ``update`` must be told
-            so with ``batch_gradient=True`` (:func:`mnet.fit` and :func:`mnet.training.make_step` say so for a
-            hand-derived or autodiff gradient without dropout or row weights). ``None`` (the default): factored
+            against 3.4 for an MLP's 785 x 512 layer at batch 128); the given ``grads`` are then not read (KL
+            clipping's quadratic form comes from the same operands), so they must be the gradient of the batch's
+            mean loss, and ``update`` must be told so with ``batch_gradient=True`` (:func:`mnet.fit` says so for
+            ``grad="manual"``, :func:`mnet.training.make_step` with ``batch_gradient=True``, both only on steps
+            without dropout or row weights). ``None`` (the default): factored
             on the updates told ``batch_gradient=True``, dense on the others. K-FAC only: EK-FAC's direction
             rotates the gradient itself.
 

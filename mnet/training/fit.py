@@ -131,7 +131,9 @@ def fit(
         seed: seeds every epoch's shuffle (``fold_in(seed, epoch)``).
         grad: ``"manual"`` (hand-derived, the default) or ``"autodiff"`` (``jax.value_and_grad``), through the
             same loop; or a function ``(params, x, targets) -> (value, grads)`` such as
-            :func:`mnet.clipped_value_and_grad` for DP-SGD.
+            :func:`mnet.clipped_value_and_grad` for DP-SGD. With ``"manual"`` an optimizer that takes extra
+            arguments is told ``batch_gradient=True`` (:func:`mnet.training.make_step`), so :func:`mnet.kfac`
+            computes its direction in factored form.
         checkpoint_path: if given, a training checkpoint (params, optimizer state, the model state of a network
             with BatchNorm, epoch, seed, history, ``config``) is written atomically after every epoch whose loss is
             finite: one safetensors file, or with a path ending in ``.orbax`` a sharded orbax checkpoint directory

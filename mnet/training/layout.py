@@ -121,7 +121,13 @@ def make_epoch(
     if is_stateful(net):
         update = make_stateful_step(stateful_gradient_function(net, loss, grad), optimizer)
     else:
-        stateless = make_step(gradient_function(net, loss, grad), optimizer, batch_gradient=not callable(grad))
+        stateless = make_step(
+            # K-FAC may then compute the hand-derived gradient's direction in factored form; a user who asked for
+            # autodiff's gradient, or gave a function of their own, gets their gradient preconditioned as it is.
+            gradient_function(net, loss, grad),
+            optimizer,
+            batch_gradient=grad == "manual",
+        )
 
         def update(params, opt_state, state, x, y, optimizer_key=None, **extra):
             if isinstance(y, tuple):  # padded sequences: (labels, mask), the mask for the gradient and the optimizer

@@ -126,6 +126,19 @@ def small_digits(n=600):
     return data.Dataset(full.x_train[:n], full.y_train[:n], full.x_test[:300], full.y_test[:300], 10, "digits-small")
 
 
+def test_fit_vouches_for_the_hand_derived_gradient_only():
+    """fit tells K-FAC that the gradient is the batch's for grad="manual"; autodiff's gradient is preconditioned as
+    it is, so a K-FAC that insists on the factored form is refused there."""
+    dataset = small_digits(64)
+    net = mnet.serial(mnet.Dense(16), mnet.Relu(), mnet.Dense(10))
+    _, params = net.init(jax.random.key(0), (64,))
+    optimizer = mnet.kfac(net, CE, (64,), factored=True)
+    trained = train.fit(net, CE, params, dataset, epochs=1, optimizer=optimizer, batch_size=32)
+    assert np.isfinite(trained.history.train_loss[0])
+    with pytest.raises(mnet.SettingError, match="batch_gradient=True"):
+        train.fit(net, CE, params, dataset, epochs=1, optimizer=optimizer, batch_size=32, grad="autodiff")
+
+
 def test_kfac_trains_digits_and_resumes_exactly(tmp_path):
     dataset = small_digits()
     net = mnet.serial(mnet.Dense(32), mnet.Relu(), mnet.Dense(10))

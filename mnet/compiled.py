@@ -1,5 +1,5 @@
-"""What XLA says about a compiled program (its memory and cost analyses) and how long it takes (the median of timed calls),
-shared by the checks, the benchmarks and training.
+"""What XLA says about a compiled program (its memory and cost analyses) and how long it takes (the median of
+timed calls), shared by the checks, the benchmarks and training.
 """
 
 from __future__ import annotations
@@ -46,6 +46,17 @@ def compiled_memory(compiled: Any) -> dict[str, int | str]:
     return {"temp_bytes": temp, "peak_bytes": temp + arguments + outputs - aliased, "argument_bytes": arguments}
 
 
+def cost_analysis(compiled: Any) -> dict:
+    """XLA's cost analysis of a compiled program as one dict (``flops``, ``bytes accessed``, ...): some versions
+    return a list of one; empty where the backend has none."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return {}
+    cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
+    return cost if isinstance(cost, dict) else {}
+
+
 #: A solver XLA's cost analysis counts as nothing: a LAPACK or cuSOLVER custom call, a triangular solve, a Cholesky.
 SOLVER = re.compile(r"\b(triangular-solve|cholesky)\(|custom_call_target=\"(?![^\"]*(gemm|matmul))")
 #: Where the analysis counts a computation other than once: a loop's body (once, whatever its trip count) and a
@@ -84,12 +95,10 @@ def compiled_flops(compiled: Any) -> float | str:
     times is one of work or of efficiency. ``"n/a"`` where the backend has no analysis, and where its count would
     be wrong: a solver, or a product inside a loop or a conditional (a random draw's loop leaves the count right)."""
     try:
-        cost = compiled.cost_analysis()
         text = compiled.as_text() or ""
     except Exception:  # some backends do not implement it
         return "n/a"
-    cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
-    flops = cost.get("flops") if isinstance(cost, dict) else None
+    flops = cost_analysis(compiled).get("flops")
     if not isinstance(flops, int | float) or flops <= 0 or _miscounted(text):
         return "n/a"
     return float(flops)

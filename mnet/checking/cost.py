@@ -13,7 +13,7 @@ from typing import Any
 import jax
 
 from mnet.checking.reference import autodiff_value_and_grad
-from mnet.compiled import compiled_flops, compiled_memory, median_seconds
+from mnet.compiled import compiled_flops, compiled_memory, cost_analysis, median_seconds
 from mnet.core.protocol import Array, LayerProtocol, Params
 from mnet.losses import Loss
 from mnet.quantities.gradient import value_and_grad
@@ -25,7 +25,8 @@ def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Arra
     """The compiled hand-derived and autodiff gradient functions side by side in this process.
 
     Returns a dict with, for ``"hand"`` and ``"autodiff"``: XLA's cost analysis (``flops``, NaN where its count
-    would be wrong, as for a scan's products: :func:`mnet.compiled.compiled_flops`; ``bytes_accessed``), its memory analysis (``temp_bytes``, ``peak_bytes``: see :func:`compiled_memory`),
+    would be wrong, as for a scan's products: :func:`mnet.compiled.compiled_flops`; ``bytes_accessed``), its
+    memory analysis (``temp_bytes``, ``peak_bytes``: see :func:`compiled_memory`),
     ``compile_seconds``, and ``seconds`` (median of ``repeats`` timed calls after a warm-up, the two contenders
     interleaved so that machine noise hits both alike); ``time_ratio`` (hand / autodiff; below 1 means the
     hand-derived path is faster) and ``memory_ratio`` (hand / autodiff temporary bytes, or ``"n/a"``).
@@ -37,12 +38,10 @@ def compare_cost(net: Layer, loss: Loss, params: Params, x: Array, targets: Arra
         start = time.perf_counter()
         compiled[name] = jax.jit(fn).lower(params, x, targets).compile()
         compile_seconds = time.perf_counter() - start
-        cost = compiled[name].cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
         flops = compiled_flops(compiled[name])
         result[name] = {
             "flops": flops if isinstance(flops, float) else math.nan,
-            "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
+            "bytes_accessed": float(cost_analysis(compiled[name]).get("bytes accessed", math.nan)),
             "compile_seconds": compile_seconds,
             **compiled_memory(compiled[name]),
         }

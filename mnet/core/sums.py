@@ -21,6 +21,12 @@ def add_trees(a: Params, b: Params) -> Params:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
+def tree_vdot(a: Params, b: Params) -> Array:
+    """``<a, b>`` over every leaf of two trees of one structure."""
+    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    return jnp.asarray(sum((jnp.vdot(u, v) for u, v in leaves), 0.0))
+
+
 def add_tangents(a: Array | None, b: Array | None) -> Array | None:
     """``a + b`` for tangents that may be None (zero)."""
     return b if a is None else a if b is None else a + b

@@ -227,6 +227,13 @@ class Dense(Layer):
         """``(batch, s, n_in)``: every example's positions (1 for flat inputs), in the parameters' dtype."""
         return x.reshape(x.shape[0], -1, x.shape[-1]).astype(params["W"].dtype)
 
+    def _with_bias_column(self, inputs: Array) -> Array:
+        """``[x, 1]`` along the last axis with a bias, ``x`` without: the rows the Kronecker factor ``A`` and the
+        stacked matrix ``[W; b]`` act on."""
+        if not self.use_bias:
+            return inputs
+        return jnp.concatenate([inputs, jnp.ones(inputs.shape[:-1] + (1,), inputs.dtype)], axis=-1)
+
     def per_example_diag_ggn(self, params: Params, x: Cache, S: Array) -> Params:
         """``diag(J_b^T H_b J_b)`` for ``W`` and ``b``, from the columns ``S[c]`` reaching ``z``. Column ``c``'s
         per-example gradient is ``x_b S[c, b]^T``, so its square summed over ``c`` is ``x_b^2 (sum_c S[c, b]^2)^T``:
@@ -268,8 +275,7 @@ class Dense(Layer):
         positions, the factor that the cross-position terms, which a Kronecker product cannot hold, leave out.
         Under a padding mask (``kept``) the means run over the kept positions only."""
         xs, Ss = self._curvature_operands(params, x, S)
-        if self.use_bias:
-            xs = jnp.concatenate([xs, jnp.ones(xs.shape[:2] + (1,), xs.dtype)], axis=-1)
+        xs = self._with_bias_column(xs)
         weights = kept_weights(kept, xs.shape[0], xs.shape[1], xs.dtype, self)[..., None]
         kept_xs, kept_Ss = (xs, Ss) if kept is None else (xs * weights, Ss * weights)
         rows = jnp.maximum(jnp.sum(weights), 1)
@@ -285,8 +291,7 @@ class Dense(Layer):
         operands rotated before the product; ``mean_b sum_c`` of its squares is the exact diagonal of the layer's
         GGN block in that basis (:func:`mnet.core.sums.rotated_gradient_squares`)."""
         xs, Ss = self._curvature_operands(params, x, S)
-        if self.use_bias:
-            xs = jnp.concatenate([xs, jnp.ones(xs.shape[:2] + (1,), xs.dtype)], axis=-1)
+        xs = self._with_bias_column(xs)
         return rotated_gradient_squares(xs @ basis["A"].astype(xs.dtype), Ss @ basis["G"].astype(xs.dtype))
 
     def kronecker_direction(self, params: Params, x: Cache, dz: Array, inverses: Params) -> tuple[Array, Array] | None:
@@ -295,9 +300,7 @@ class Dense(Layer):
         ``([X, 1] A^-1)^T (dZ G^-1)``, both inverses symmetric; with it ``<D, dW'>``. Exact for any inverses; None
         where the dense form is the cheaper (:func:`mnet.core.sums.factored_preconditioned_gradient`)."""
         dtype = params["W"].dtype
-        rows = x.reshape(-1, x.shape[-1]).astype(dtype)
-        if self.use_bias:
-            rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), dtype)], axis=-1)
+        rows = self._with_bias_column(x.reshape(-1, x.shape[-1]).astype(dtype))
         return factored_preconditioned_gradient(
             rows, dz.reshape(-1, self.out_dim).astype(dtype), inverses["A"], inverses["G"]
         )

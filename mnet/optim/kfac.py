@@ -41,11 +41,12 @@ import optax
 
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward, has_params
 from mnet.core.protocol import input_dtype as network_input_dtype
+from mnet.core.sums import tree_vdot
 from mnet.core.walk import walk
 from mnet.errors import SettingError
 from mnet.losses import Loss
 from mnet.quantities.ekfac import eigen_correction, eigenbases, eigenbasis_solve
-from mnet.quantities.kfac_direction import kfac_direction, precondition, tree_vdot
+from mnet.quantities.kfac_direction import kfac_direction, precondition
 from mnet.quantities.kronecker import (
     KRONECKER_FACTORS,
     KRONECKER_KINDS,

@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from mnet.core.protocol import Array, LayerProtocol, Params, call_forward, has_params
+from mnet.core.sums import tree_vdot
 from mnet.core.walk import Backward, own_rule, walk
 from mnet.losses import Loss, with_mask
 from mnet.quantities.ekfac import bases_in_visit_order
@@ -76,18 +76,11 @@ class KroneckerDirection(Backward):
         return direction, down
 
     def tie(self, layer, first, second):
-        """A matrix used twice has no inverses (:meth:`mnet.quantities.kronecker.KroneckerFactors.tie`), so both uses' shares are its plain
-        gradients ``g1, g2``: the entry is ``g1 + g2``, and the quadratic form, which counted ``<g1, g1> + <g2,
-        g2>``, gains the cross term ``2 <g1, g2>``."""
+        """A matrix used twice has no inverses (:meth:`mnet.quantities.kronecker.KroneckerFactors.tie`), so both
+        uses' shares are its plain gradients ``g1, g2``: the entry is ``g1 + g2``, and the quadratic form, which
+        counted ``<g1, g1> + <g2, g2>``, gains the cross term ``2 <g1, g2>``."""
         self.quadratic = self.quadratic + 2 * tree_vdot(first, second)
         return super().tie(layer, first, second)
-
-
-def tree_vdot(a: Params, b: Params) -> Array:
-    """``<a, b>`` over every leaf of two trees of one structure."""
-    return jnp.asarray(
-        sum((jnp.vdot(u, v) for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))), 0.0)
-    )
 
 
 def kfac_direction(net: LayerProtocol, loss: Loss) -> Callable[..., tuple[Array, Params, Array]]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import mnet
-from mnet.core.sums import factored_preconditioned_gradient
-from mnet.quantities.kfac_direction import kfac_direction, precondition, tree_vdot
+from mnet.core.sums import factored_preconditioned_gradient, tree_vdot
+from mnet.quantities.kfac_direction import kfac_direction, precondition
 from mnet.quantities.kronecker import is_factor_pair
 from tests.helpers import assert_trees_close, no_autodiff, random_targets
 

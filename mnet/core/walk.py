@@ -13,6 +13,7 @@ quantity lives in its own module of :mod:`mnet.quantities`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -74,6 +75,10 @@ class Quantity:
     rules every layer has. :meth:`finish` turns the tree of shares into the quantity (a sum, for norms)."""
 
     rule = ""
+    # Whether every carried value is a cotangent (or a stack of them along leading axes) that each unit passes down
+    # as its ``backward`` does: a compound layer may then pass it with a faster map of its own (its
+    # ``input_cotangent``) that equals its inner network's.
+    carries_cotangents = False
 
     def skips(self, layer: Any) -> bool:
         """Whether the walk passes ``layer`` by whole (its share ``()``, the carried values unchanged): only for a
@@ -132,6 +137,8 @@ class StackedQuantity(Quantity):
     down through its ``backward``, one entry at a time (``jax.vmap``); its share comes from its own rule, which
     takes ``(params, *caches, *stacks)``, or from :meth:`share`, the default built from the per-example rule."""
 
+    carries_cotangents = True
+
     def at_unit(self, layer, params, caches, carried):
         down = tuple(
             jax.vmap(lambda dy, cache=cache: layer.backward(params, cache, dy)[1])(stack)
@@ -154,6 +161,7 @@ class Backward(Quantity):
     """The gradient: every unit's ``backward``. Its shares are the parameter gradients."""
 
     rule = "backward"
+    carries_cotangents = True
 
     def at_unit(self, layer, params, caches, carried):
         share, dx = super().at_unit(layer, params, caches, carried)
@@ -189,7 +197,14 @@ class Composite(Layer):
 class Compound(Composite):
     """A layer that is an inner network with a parameter layout of its own: Conv2D is windows followed by a dense
     product; attention is three projections, a core and an output projection. Subclasses say what the inner
-    network is and how the two parameter layouts correspond; every walk goes through the inner network."""
+    network is and how the two parameter layouts correspond; every walk goes through the inner network.
+
+    A subclass may also define ``input_cotangent(params, cache, dy) -> dx``, its input cotangent for an output
+    cotangent ``dy`` with any leading axes, computed faster than the inner network's walk computes it (Conv2D: one
+    transposed convolution instead of the window gradient and ``col2im``). For the quantities that carry plain
+    cotangents it replaces the walk's own, which ``jit`` then never computes."""
+
+    input_cotangent: Callable[..., Array] | None = None
 
     def network(self, cache: Cache) -> Any:
         """The inner network that produced ``cache`` (its sizes may be read from the cache's shapes)."""
@@ -204,8 +219,10 @@ class Compound(Composite):
         raise NotImplementedError
 
     def walk(self, quantity, params, caches, carried):
-        shares, carried = walk(self.network(caches[0]), quantity, self.to_network(params), caches, carried)
-        return self.from_network(shares), carried
+        shares, down = walk(self.network(caches[0]), quantity, self.to_network(params), caches, carried)
+        if quantity.carries_cotangents and self.input_cotangent is not None:
+            down = tuple(self.input_cotangent(params, cache, dy) for cache, dy in zip(caches, carried))
+        return self.from_network(shares), down
 
     def tangent_walk(self, params, cache, dparams, dx):
         inner = self.network(cache)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mnet import initializers
 from mnet.core.layer import check_param_keys, positive_int
@@ -13,7 +14,15 @@ from mnet.core.protocol import Array, Cache, Params, Shape, default_float_dtype
 from mnet.core.walk import Compound
 from mnet.layers.combinators import Serial
 from mnet.layers.dense import Dense, Policy
-from mnet.layers.windows import Windows, check_image_input, check_padding, image_geometry, pair
+from mnet.layers.windows import (
+    Geometry,
+    Windows,
+    check_image_input,
+    check_padding,
+    image_geometry,
+    pair,
+    transposed_convolution,
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -31,6 +40,11 @@ class Conv2D(Compound):
         dW   = cols^T dZ           (one product; sums every position of every example)
         db   = sum of dZ over batch and positions
         dX   = col2im(dZ W^T)      (each window's input gradient added back where the window was read)
+
+    and ``col2im(dZ W^T)`` is itself one transposed convolution of ``dZ`` (the kernel flipped, its channels
+    swapped), which :meth:`input_cotangent` computes without the ``kh * kw`` times larger window gradient: the walk of
+    every quantity that carries plain cotangents (the gradient, per-example quantities, the GGN's columns) hands that
+    down instead of the inner network's own (:class:`mnet.core.walk.Compound`).
 
     Parameter layout: ``{"W": (kh * kw * c_in, c_out), "b": (c_out,)}``, rows ordered (kernel row, kernel column,
     input channel), so ``W.reshape(kh, kw, c_in, c_out)`` is the HWIO kernel that
@@ -117,3 +131,19 @@ class Conv2D(Compound):
     def forward(self, params: Params, x: Array) -> tuple[Array, Cache]:
         self._check(x, params)
         return self.network().forward(self.to_network(params), x)
+
+    def input_cotangent(self, params: Params, cache: Cache, dz: Array) -> Array:
+        """``dX = col2im(dZ W^T)`` as one transposed convolution (:func:`mnet.layers.windows.transposed_convolution`),
+        for ``dz`` with any leading axes (a stack of columns): what the inner network's walk computes, without the
+        window gradient ``dZ W^T``. Under a policy in its compute dtype, accumulated in the parameters', and returned
+        in the dtype of the cached windows, as :class:`mnet.Dense` returns its input gradient."""
+        record, windows = cache
+        kh, kw = self.kernel_size
+        W = params["W"]
+        kernel = W.reshape(kh, kw, -1, self.out_channels)
+        accumulate = None
+        if self.policy is not None:
+            compute = jnp.dtype(self.policy.compute_dtype)
+            kernel, dz, accumulate = kernel.astype(compute), dz.astype(compute), W.dtype
+        geometry = Geometry.of(tuple(record.shape[1:3]), self.kernel_size, self.stride, self.padding)
+        return transposed_convolution(dz, kernel, geometry, accumulate).astype(windows.dtype)

@@ -32,6 +32,7 @@ class PerExampleBackward(Quantity):
     with parameters needs its own rule (there is no per-example gradient in ``backward``'s sum over examples)."""
 
     rule = "per_example_backward"
+    carries_cotangents = True
 
     def tie(self, layer, first, second):
         return add_trees(first, second)  # each example's gradient of a tied parameter: the sum over its uses
@@ -48,6 +49,7 @@ class PerExampleSqNorms(Quantity):
     part. Default: from the per-example gradients."""
 
     rule = "per_example_sq_norms"
+    carries_cotangents = True
 
     def default(self, layer, params, caches, carried):
         grads, (dx,) = PER_EXAMPLE_BACKWARD.at_unit(layer, params, caches, carried)

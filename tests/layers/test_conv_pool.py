@@ -2,18 +2,22 @@
 backwards against jax.vjp in float64 over random shapes, strides and paddings; a CNN with every derivative
 function; bad configurations; and a CNN that learns the digits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import mnet
+from mnet.core.walk import BACKWARD, walk
 from mnet.errors import LayerError
 from mnet.layers.windows import Geometry
 from tests.helpers import (
     assert_trees_close,
     check_all,
     check_value_and_grad,
+    no_autodiff,
     random_params,
     reference_norms,
     reference_per_example_grads,
@@ -292,3 +296,37 @@ def test_tiling_windows_are_the_strided_slices_and_col2im_their_transpose(image,
     cols = jnp.asarray(rng.normal(size=(2, oh, ow, kh * kw, 3)))
     _, transpose = jax.vjp(lambda image_: im2col(image_, g), x)
     np.testing.assert_allclose(col2im(cols, g), transpose(cols)[0], rtol=1e-14, atol=1e-14)
+
+
+def inner_walk_cotangent(layer, params, cache, dy):
+    """The input cotangent as the inner network's own walk computes it: the window gradient ``dy W^T`` and
+    ``col2im``."""
+    return walk(layer.network(cache), BACKWARD, layer.to_network(params), (cache,), (dy,))[1][0]
+
+
+def test_the_input_cotangent_is_one_transposed_convolution_equal_to_the_inner_walk():
+    """For the quantities that carry cotangents, Conv2D hands its input cotangent down as one transposed convolution
+    (``input_cotangent``) instead of the window gradient and ``col2im``: for a stack of columns on random
+    geometries (strides, every padding) it equals the inner network's own walk and ``jax.vjp``, in float64 and
+    without autodiff; under a policy it runs in the compute dtype, as the inner walk does."""
+    rng = np.random.default_rng(7)
+    for layer, shape in random_conv_cases(8, 7):
+        params = random_params(layer, shape, jnp.float64, rng)
+        x = jnp.asarray(rng.normal(size=(3, *shape)))
+        y, cache = layer.forward(params, x)
+        stack = jnp.asarray(rng.normal(size=(4, *y.shape)))
+        with no_autodiff():
+            fused = layer.input_cotangent(params, cache, stack)
+            inner = jax.vmap(functools.partial(inner_walk_cotangent, layer, params, cache))(stack)
+        _, vjp = jax.vjp(functools.partial(layer.apply, params), x)
+        reference = jax.vmap(lambda dy, vjp=vjp: vjp(dy)[0])(stack)
+        np.testing.assert_allclose(fused, inner, rtol=1e-12, atol=1e-12, err_msg=repr(layer))
+        np.testing.assert_allclose(fused, reference, rtol=1e-12, atol=1e-12, err_msg=repr(layer))
+    layer = mnet.Conv2D(4, 3, stride=2, padding="SAME", policy=mnet.Policy("bfloat16", output_dtype="float32"))
+    _, params = layer.init(jax.random.key(0), (9, 9, 3), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 3), jnp.float32)
+    y, cache = layer.forward(params, x)
+    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float32)
+    fused, inner = layer.input_cotangent(params, cache, dy), inner_walk_cotangent(layer, params, cache, dy)
+    assert fused.dtype == inner.dtype == jnp.bfloat16
+    np.testing.assert_allclose(fused.astype(jnp.float32), inner.astype(jnp.float32), rtol=2e-2, atol=2e-2)

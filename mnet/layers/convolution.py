@@ -135,15 +135,17 @@ class Conv2D(Compound):
     def input_cotangent(self, params: Params, cache: Cache, dz: Array) -> Array:
         """``dX = col2im(dZ W^T)`` as one transposed convolution (:func:`mnet.layers.windows.transposed_convolution`),
         for ``dz`` with any leading axes (a stack of columns): what the inner network's walk computes, without the
-        window gradient ``dZ W^T``. Under a policy in its compute dtype, accumulated in the parameters', and returned
-        in the dtype of the cached windows, as :class:`mnet.Dense` returns its input gradient."""
+        window gradient ``dZ W^T``. In the promoted dtype of ``dz`` and ``W`` as the product would be; under a policy in
+        its compute dtype, accumulated in the parameters', and returned in the dtype of the cached windows, as
+        :class:`mnet.Dense` returns its input gradient."""
         record, windows = cache
         kh, kw = self.kernel_size
         W = params["W"]
         kernel = W.reshape(kh, kw, -1, self.out_channels)
-        accumulate = None
-        if self.policy is not None:
-            compute = jnp.dtype(self.policy.compute_dtype)
-            kernel, dz, accumulate = kernel.astype(compute), dz.astype(compute), W.dtype
         geometry = Geometry.of(tuple(record.shape[1:3]), self.kernel_size, self.stride, self.padding)
-        return transposed_convolution(dz, kernel, geometry, accumulate).astype(windows.dtype)
+        if self.policy is None:  # promoted as the inner walk's product dz W^T promotes (float64 dz, float32 W)
+            common = jnp.result_type(dz, kernel)
+            return transposed_convolution(dz.astype(common), kernel.astype(common), geometry)
+        compute = jnp.dtype(self.policy.compute_dtype)
+        dx = transposed_convolution(dz.astype(compute), kernel.astype(compute), geometry, W.dtype)
+        return dx.astype(windows.dtype)

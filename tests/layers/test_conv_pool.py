@@ -330,3 +330,11 @@ def test_the_input_cotangent_is_one_transposed_convolution_equal_to_the_inner_wa
     fused, inner = layer.input_cotangent(params, cache, dy), inner_walk_cotangent(layer, params, cache, dy)
     assert fused.dtype == inner.dtype == jnp.bfloat16
     np.testing.assert_allclose(fused.astype(jnp.float32), inner.astype(jnp.float32), rtol=2e-2, atol=2e-2)
+    # float32 weights under a float64 cotangent (a float64 loss): promoted, as the inner walk's product promotes
+    layer = mnet.Conv2D(4, 3, padding="SAME")
+    _, params = layer.init(jax.random.key(3), (6, 6, 2), jnp.float32)
+    y, cache = layer.forward(params, jax.random.normal(jax.random.key(4), (2, 6, 6, 2), jnp.float32))
+    dy = jnp.asarray(rng.normal(size=y.shape))
+    fused, inner = layer.input_cotangent(params, cache, dy), inner_walk_cotangent(layer, params, cache, dy)
+    assert fused.dtype == inner.dtype == jnp.float64
+    np.testing.assert_allclose(fused, inner, rtol=1e-12, atol=1e-12)

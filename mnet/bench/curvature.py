@@ -5,6 +5,7 @@ Like :mod:`mnet.bench`, this module calls JAX's autodiff: it is a contender."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -231,28 +232,34 @@ def row_forward_mode(widths: list[int], batch: int, rounds: int) -> Row:
     )
 
 
+def scanned_steps(grads: Callable, optimizer: Any, period: int) -> Callable:
+    """``period`` training steps of ``optimizer`` in one jitted ``lax.scan`` from a fresh optimizer state, told that
+    ``grads`` are the batch's (as :func:`mnet.fit` does, so K-FAC takes its factored direction where it is the
+    cheaper): ``(params, inputs, labels) -> the last step's loss``."""
+    step = make_step(grads, optimizer, batch_gradient=True)
+
+    def run(p, inputs, labels):
+        def body(carry, key):
+            p, state = carry
+            p, state, value = step(p, state, inputs, labels, key)
+            return (p, state), value
+
+        keys = jax.random.split(jax.random.key(SEED), period)
+        return jax.lax.scan(body, (p, optimizer.init(p)), keys)[1][-1]
+
+    return jax.jit(run)
+
+
 def row_kfac_step(widths: list[int], batch: int, rounds: int, period: int = 10) -> Row:
     """A K-FAC training step against an Adam step, both with hand-derived gradients, each timed as ``period``
-    steps in one ``lax.scan`` (so K-FAC's inverse refresh, once per period, is amortised as in training). The
-    steps say the gradient is the batch's, as :func:`mnet.fit` does, so K-FAC takes its factored direction where it
-    is the cheaper; one contender keeps the dense form for comparison."""
+    steps in one ``lax.scan`` (so K-FAC's inverse refresh, once per period, is amortised as in training); one
+    contender keeps the dense form for comparison."""
 
     net, params, x, y = mlp_problem(widths, batch)
     grads = value_and_grad(net, LOSS)
 
     def periodic(optimizer):
-        step = make_step(grads, optimizer, batch_gradient=True)
-
-        def run(p, inputs, labels):
-            def body(carry, key):
-                p, state = carry
-                p, state, value = step(p, state, inputs, labels, key)
-                return (p, state), value
-
-            keys = jax.random.split(jax.random.key(SEED), period)
-            return jax.lax.scan(body, (p, optimizer.init(p)), keys)[1][-1]
-
-        return jax.jit(run)
+        return scanned_steps(grads, optimizer, period)
 
     contenders = {
         f"Adam, {period} steps": periodic(optax.adam(1e-3)),
@@ -277,10 +284,47 @@ def row_kfac_step(widths: list[int], batch: int, rounds: int, period: int = 10) 
     return Row(
         "K1",
         f"K-FAC against Adam, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}, {period} training steps per "
-        "call (time as a multiple of Adam's: 1 / speed-up)",
+        f"call (time as a multiple of Adam's: 1 / speed-up){lapack_threads()}",
         seconds,
         f"Adam, {period} steps",
     )
+
+
+def row_kfac_amortised(widths: list[int], batch: int, rounds: int, period: int, factors_every: int) -> Row:
+    """K-FAC as a run trains with it: ``period`` steps per call holding one refresh of the inverses, the batch's
+    factors every ``factors_every`` steps, KL clipping on (and off, for comparison), against as many Adam steps.
+    Its ratio is the amortised cost of a K-FAC step."""
+    net, params, x, y = mlp_problem(widths, batch)
+    grads = value_and_grad(net, LOSS)
+    schedule = {"inverse_every": period, "factors_every": factors_every, "learning_rate": 1e-3}
+    contenders = {
+        f"Adam, {period} steps": scanned_steps(grads, optax.adam(1e-3), period),
+        f"K-FAC (kfac), {period} steps, KL clipping": scanned_steps(
+            grads, kfac(net, LOSS, (widths[0],), kl_clip=1e-3, **schedule), period
+        ),
+        f"K-FAC (kfac), {period} steps, no clipping": scanned_steps(
+            grads, kfac(net, LOSS, (widths[0],), **schedule), period
+        ),
+    }
+    seconds = interleaved_medians(
+        {name: functools.partial(fn, params, x, y) for name, fn in contenders.items()}, rounds
+    )
+    return Row(
+        "K2",
+        f"K-FAC amortised, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}: {period} steps per call, the "
+        f"inverses refreshed once, the factors every {factors_every} steps (time as a multiple of Adam's)"
+        f"{lapack_threads()}",
+        seconds,
+        f"Adam, {period} steps",
+    )
+
+
+def lapack_threads() -> str:
+    """On a CPU, the OpenBLAS threads that JAX's Cholesky and solves run on (they compete with XLA's for the cores:
+    ``docs/guide/performance.md``), for K1's title; nothing elsewhere."""
+    if jax.default_backend() != "cpu":
+        return ""
+    return f"; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
 
 
 def plans(quick: bool, rounds: int) -> dict[str, Any]:
@@ -300,6 +344,9 @@ def plans(quick: bool, rounds: int) -> dict[str, Any]:
     }
     rows["J1"] = lambda: row_forward_mode(small if quick else [784, 512, 512, 10], 32 if quick else 128, rounds)
     rows["K1"] = lambda: row_kfac_step(small if quick else [784, 512, 512, 10], 32 if quick else 128, few)
+    rows["K2"] = lambda: row_kfac_amortised(
+        small if quick else [784, 512, 512, 10], 32 if quick else 128, min(rounds, 5), *((4, 2) if quick else (100, 10))
+    )
     if not quick:  # the same code as G1 at a larger batch
         rows["G1b"] = lambda: row_mlp_curvature([784, 512, 512, 10], 512, rounds, "G1b")
         rows["G1v"] = lambda: row_autodiff_diag_ggn([784, 512, 512, 10], 128, min(rounds, 3))

@@ -45,6 +45,7 @@ from mnet.core.sums import tree_vdot
 from mnet.core.walk import walk
 from mnet.errors import SettingError
 from mnet.losses import Loss
+from mnet.optim.inverse import spd_inverse
 from mnet.quantities.ekfac import eigen_correction, eigenbases, eigenbasis_solve
 from mnet.quantities.kfac_direction import kfac_direction, precondition
 from mnet.quantities.kronecker import (
@@ -84,12 +85,8 @@ def _damped_inverses(pair: dict, damping: float, pi_correction: bool) -> dict:
     root = jnp.sqrt(jnp.asarray(damping, A.dtype))
 
     def inverse(M: Array, shift: Array) -> Array:
-        damped = M + shift * jnp.eye(M.shape[0], dtype=M.dtype)
-        factor = jax.scipy.linalg.cho_factor(damped)
-        solved = jax.scipy.linalg.cho_solve(factor, jnp.eye(M.shape[0], dtype=M.dtype))
-        # Symmetric to the last bit, as the factored direction assumes; and the triangular solves leave a
-        # column-major array, which the held inverses would otherwise be copied out of at every step.
-        return (solved + solved.T) / 2
+        # Products in XLA rather than LAPACK's Cholesky, whose OpenBLAS threads compete with XLA's on a CPU
+        return spd_inverse(M + shift * jnp.eye(M.shape[0], dtype=M.dtype))
 
     return {"A": inverse(A, pi * root), "G": inverse(G, root / pi)}
 

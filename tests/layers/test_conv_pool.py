@@ -304,37 +304,51 @@ def inner_walk_cotangent(layer, params, cache, dy):
     return walk(layer.network(cache), BACKWARD, layer.to_network(params), (cache,), (dy,))[1][0]
 
 
+def fused_and_inner_cotangents(layer, params, x, dy):
+    """``(input_cotangent, the inner walk's)`` for the cotangents ``dy`` (any leading axes), from one forward."""
+    _, cache = layer.forward(params, x)
+    inner = functools.partial(inner_walk_cotangent, layer, params, cache)
+    for _ in range(dy.ndim - cache[0].ndim):
+        inner = jax.vmap(inner)
+    return layer.input_cotangent(params, cache, dy), inner(dy)
+
+
 def test_the_input_cotangent_is_one_transposed_convolution_equal_to_the_inner_walk():
     """For the quantities that carry cotangents, Conv2D hands its input cotangent down as one transposed convolution
     (``input_cotangent``) instead of the window gradient and ``col2im``: for a stack of columns on random
     geometries (strides, every padding) it equals the inner network's own walk and ``jax.vjp``, in float64 and
-    without autodiff; under a policy it runs in the compute dtype, as the inner walk does."""
+    without autodiff; under a policy it runs in the compute dtype, as the inner walk does; a float64 cotangent on
+    float32 weights is promoted, as the inner walk's product promotes it."""
     rng = np.random.default_rng(7)
+    cases = []
     for layer, shape in random_conv_cases(8, 7):
         params = random_params(layer, shape, jnp.float64, rng)
         x = jnp.asarray(rng.normal(size=(3, *shape)))
-        y, cache = layer.forward(params, x)
-        stack = jnp.asarray(rng.normal(size=(4, *y.shape)))
-        with no_autodiff():
-            fused = layer.input_cotangent(params, cache, stack)
-            inner = jax.vmap(functools.partial(inner_walk_cotangent, layer, params, cache))(stack)
-        _, vjp = jax.vjp(functools.partial(layer.apply, params), x)
-        reference = jax.vmap(lambda dy, vjp=vjp: vjp(dy)[0])(stack)
+        stack = jnp.asarray(rng.normal(size=(4, *jax.eval_shape(layer.apply, params, x).shape)))
+        cases.append((layer, params, x, stack))
+    with no_autodiff():  # compiled under the guard, one program per geometry
+        hand = [jax.jit(functools.partial(fused_and_inner_cotangents, case[0]))(*case[1:]) for case in cases]
+
+    def vjp_of_each(layer, params, x, stack):
+        return jax.vmap(lambda dy: jax.vjp(functools.partial(layer.apply, params), x)[1](dy)[0])(stack)
+
+    for (layer, *arrays), (fused, inner) in zip(cases, hand):
+        reference = jax.jit(functools.partial(vjp_of_each, layer))(*arrays)
         np.testing.assert_allclose(fused, inner, rtol=1e-12, atol=1e-12, err_msg=repr(layer))
         np.testing.assert_allclose(fused, reference, rtol=1e-12, atol=1e-12, err_msg=repr(layer))
-    layer = mnet.Conv2D(4, 3, stride=2, padding="SAME", policy=mnet.Policy("bfloat16", output_dtype="float32"))
-    _, params = layer.init(jax.random.key(0), (9, 9, 3), jnp.float32)
-    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 3), jnp.float32)
-    y, cache = layer.forward(params, x)
-    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float32)
-    fused, inner = layer.input_cotangent(params, cache, dy), inner_walk_cotangent(layer, params, cache, dy)
-    assert fused.dtype == inner.dtype == jnp.bfloat16
-    np.testing.assert_allclose(fused.astype(jnp.float32), inner.astype(jnp.float32), rtol=2e-2, atol=2e-2)
-    # float32 weights under a float64 cotangent (a float64 loss): promoted, as the inner walk's product promotes
-    layer = mnet.Conv2D(4, 3, padding="SAME")
-    _, params = layer.init(jax.random.key(3), (6, 6, 2), jnp.float32)
-    y, cache = layer.forward(params, jax.random.normal(jax.random.key(4), (2, 6, 6, 2), jnp.float32))
-    dy = jnp.asarray(rng.normal(size=y.shape))
-    fused, inner = layer.input_cotangent(params, cache, dy), inner_walk_cotangent(layer, params, cache, dy)
-    assert fused.dtype == inner.dtype == jnp.float64
-    np.testing.assert_allclose(fused, inner, rtol=1e-12, atol=1e-12)
+    for layer, dtype, dy_dtype, expected, tolerance in (
+        (
+            mnet.Conv2D(4, 3, 2, "SAME", policy=mnet.Policy("bfloat16", output_dtype="float32")),
+            jnp.float32,
+            jnp.float32,
+            jnp.bfloat16,
+            2e-2,
+        ),
+        (mnet.Conv2D(4, 3, padding="SAME"), jnp.float32, jnp.float64, jnp.float64, 1e-12),
+    ):
+        _, params = layer.init(jax.random.key(0), (9, 9, 3), dtype)
+        x = jax.random.normal(jax.random.key(1), (2, 9, 9, 3), dtype)
+        dy = jnp.asarray(rng.normal(size=jax.eval_shape(layer.apply, params, x).shape), dy_dtype)
+        fused, inner = jax.jit(functools.partial(fused_and_inner_cotangents, layer))(params, x, dy)
+        assert fused.dtype == inner.dtype == expected
+        np.testing.assert_allclose(fused.astype(jnp.float64), inner.astype(jnp.float64), rtol=tolerance, atol=tolerance)

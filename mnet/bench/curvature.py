@@ -320,8 +320,8 @@ def row_kfac_amortised(widths: list[int], batch: int, rounds: int, period: int, 
 
 
 def lapack_threads() -> str:
-    """On a CPU, the OpenBLAS threads that JAX's Cholesky and solves run on (they compete with XLA's for the cores:
-    ``docs/guide/performance.md``), for K1's title; nothing elsewhere."""
+    """On a CPU, the OpenBLAS threads that JAX's LAPACK calls run on (EK-FAC's ``eigh`` here; they compete with XLA's
+    for the cores: ``docs/guide/performance.md``), for the K rows' titles; nothing elsewhere."""
     if jax.default_backend() != "cpu":
         return ""
     return f"; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"

@@ -71,11 +71,13 @@ SEED = 0
 
 
 def _timed(net, params, x, y, contenders: dict[str, Any], rounds: int) -> dict[str, float]:
-    calls: dict[str, Callable[[], object]] = {
-        "gradient (hand)": functools.partial(jax.jit(value_and_grad(net, LOSS)), params, x, y)
-    }
-    calls.update({name: functools.partial(fn, params, x, y) for name, fn in contenders.items()})
-    return interleaved_medians(calls, rounds)
+    """The contenders' medians with the hand gradient first, as the baseline."""
+    return _medians({"gradient (hand)": jax.jit(value_and_grad(net, LOSS)), **contenders}, params, x, y, rounds)
+
+
+def _medians(contenders: dict[str, Any], params, x, y, rounds: int) -> dict[str, float]:
+    """Each contender called on ``(params, x, y)``, timed in interleaved rounds."""
+    return interleaved_medians({name: functools.partial(fn, params, x, y) for name, fn in contenders.items()}, rounds)
 
 
 def _with_key(fn):
@@ -258,9 +260,7 @@ def row_kfac_step(widths: list[int], batch: int, rounds: int, period: int = 10) 
     net, params, x, y = mlp_problem(widths, batch)
     grads = value_and_grad(net, LOSS)
 
-    def periodic(optimizer):
-        return scanned_steps(grads, optimizer, period)
-
+    periodic = functools.partial(scanned_steps, grads, period=period)
     contenders = {
         f"Adam, {period} steps": periodic(optax.adam(1e-3)),
         f"K-FAC (kfac), {period} steps, inverses once": periodic(kfac(net, LOSS, (widths[0],), inverse_every=period)),
@@ -278,9 +278,7 @@ def row_kfac_step(widths: list[int], batch: int, rounds: int, period: int = 10) 
             kfac(net, LOSS, (widths[0],), inverse_every=period, eigenvalue_correction=True)
         ),
     }
-    seconds = interleaved_medians(
-        {name: functools.partial(fn, params, x, y) for name, fn in contenders.items()}, rounds
-    )
+    seconds = _medians(contenders, params, x, y, rounds)
     return Row(
         "K1",
         f"K-FAC against Adam, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}, {period} training steps per "
@@ -306,9 +304,7 @@ def row_kfac_amortised(widths: list[int], batch: int, rounds: int, period: int, 
             grads, kfac(net, LOSS, (widths[0],), **schedule), period
         ),
     }
-    seconds = interleaved_medians(
-        {name: functools.partial(fn, params, x, y) for name, fn in contenders.items()}, rounds
-    )
+    seconds = _medians(contenders, params, x, y, rounds)
     return Row(
         "K2",
         f"K-FAC amortised, MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}: {period} steps per call, the "
